@@ -1,0 +1,136 @@
+"""A GPT in the style of nanoGPT: token and position embeddings, pre-norm transformer blocks, a
+final norm and a language-model head, optionally tied to the token embedding.
+
+Small by default so that it profiles on a CPU in seconds; scale it with factory arguments:
+
+    planner profile models/gpt.py:build --arg n_layer=24 --arg d_model=1024 --arg n_head=16 \\
+        --arg vocab=50257 --arg seq=1024
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planner.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int = 12
+    d_model: int = 128
+    n_head: int = 4
+    vocab: int = 2048
+    seq: int = 128
+    dropout: float = 0.0
+    tied: bool = False
+
+
+class Embeddings(nn.Module):
+    """Token plus position embedding; positions are made here so that the model traces."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)  # (seq,)
+        return self.drop(self.wte(idx) + self.wpe(pos))  # (mb, seq, d)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.d_model % cfg.n_head == 0, "d_model must be a multiple of n_head"
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        # (mb, heads, seq, head_dim)
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
+        self.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            emb=Embeddings(cfg),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.d_model),
+        ))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.tied:
+            self.lm_head.weight = self.transformer.emb.wte.weight
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.emb(idx)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))  # (mb, seq, vocab)
+
+
+def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def build(n_layer: int = 12, d_model: int = 128, n_head: int = 4, vocab: int = 2048, seq: int = 128,
+          dropout: float = 0.0, tied: bool = False, seed: int = 0) -> ModelSpec:
+    cfg = GPTConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, vocab=vocab, seq=seq,
+                    dropout=dropout, tied=tied)
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+
+    def batch(size: int, gen: torch.Generator):
+        tokens = torch.randint(0, vocab, (size, seq + 1), generator=gen)
+        return (tokens[:, :-1],), tokens[:, 1:]
+
+    return ModelSpec(model=model, batch=batch, loss=lm_loss, name="gpt-tied" if tied else "gpt")

@@ -1,0 +1,109 @@
+"""Cluster presets and the ``--cluster`` syntax.
+
+    h100x8                  one node of 8 H100-80GB on NVLink
+    2xh100x8                two such nodes on InfiniBand
+    a100-80gbx4+a100-40gbx4 a node of 4 A100-80GB and a node of 4 A100-40GB
+    cpu2                    two CPU processes (gloo), for tests and laptops
+    path/to/cluster.json    anything else, in the cluster format
+
+Bandwidths are per direction, per GPU, from the vendors' datasheets; latencies are typical
+small-message NCCL point-to-point latencies. CPU links were measured with gloo on loopback.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.errors import InputError
+from planner.formats import Cluster, DeviceSpec, Link, NodeSpec, load_cluster_file
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    device: DeviceSpec
+    intra: Link  # between devices of one node
+    inter: Link  # between nodes, per device
+    reserved_bytes: int  # runtime context and communication buffers
+
+
+# NVLink 4 (H100 SXM): 900 GB/s bidirectional per GPU; NDR InfiniBand: 400 Gb/s per GPU.
+_H100 = DeviceKind(DeviceSpec(name="H100-80GB", type="cuda", memory_bytes=81559 * MiB),
+                   Link(bandwidth_bytes_per_s=450e9, latency_s=10e-6),
+                   Link(bandwidth_bytes_per_s=50e9, latency_s=20e-6), 1 * GiB)
+# NVLink 3 (A100 SXM): 600 GB/s bidirectional per GPU; HDR InfiniBand: 200 Gb/s per GPU.
+_A100_40 = DeviceKind(DeviceSpec(name="A100-40GB", type="cuda", memory_bytes=40960 * MiB),
+                      Link(bandwidth_bytes_per_s=300e9, latency_s=10e-6),
+                      Link(bandwidth_bytes_per_s=25e9, latency_s=20e-6), 1 * GiB)
+_A100_80 = DeviceKind(DeviceSpec(name="A100-80GB", type="cuda", memory_bytes=81920 * MiB),
+                      _A100_40.intra, _A100_40.inter, 1 * GiB)
+# PCIe 4.0 x16: 16 GT/s x 16 lanes with 128b/130b encoding = 31.5 GB/s per direction; consumer
+# cards have no peer-to-peer, so a transfer crosses host memory. 10 GbE between nodes.
+_RTX4090 = DeviceKind(DeviceSpec(name="RTX4090-24GB", type="cuda", memory_bytes=24564 * MiB),
+                      Link(bandwidth_bytes_per_s=31.5e9, latency_s=20e-6),
+                      Link(bandwidth_bytes_per_s=1.25e9, latency_s=50e-6), 1 * GiB)
+# gloo over loopback between two processes, measured on a 2-core machine (benchmarks/links.py).
+_CPU = DeviceKind(DeviceSpec(name="cpu", type="cpu", memory_bytes=4 * GiB),
+                  Link(bandwidth_bytes_per_s=2.0e9, latency_s=100e-6),
+                  Link(bandwidth_bytes_per_s=1.25e9, latency_s=100e-6), 0)
+
+KINDS: dict[str, DeviceKind] = {
+    "h100": _H100, "h100-80gb": _H100,
+    "a100": _A100_40, "a100-40gb": _A100_40, "a100-80gb": _A100_80,
+    "rtx4090": _RTX4090, "4090": _RTX4090, "consumer24": _RTX4090,
+    "cpu": _CPU,
+}
+
+PRESETS = {
+    "h100x8": "a node of 8 H100-80GB on NVLink",
+    "a100-40gbx8": "a node of 8 A100-40GB on NVLink",
+    "a100-80gbx8": "a node of 8 A100-80GB on NVLink",
+    "rtx4090x4": "a workstation of 4 RTX 4090 24 GB on PCIe",
+    "cpu2": "two CPU processes (gloo)",
+    "2xh100x8": "two nodes of 8 H100-80GB on InfiniBand",
+}
+
+_TERM = re.compile(r"^(?:(\d+)x)?([a-z0-9][a-z0-9-]*?)x?(\d+)$")
+
+
+def _term(text: str) -> tuple[int, DeviceKind, int]:
+    """'2xh100x8' -> (2 nodes, H100, 8 per node); 'cpu2' -> (1, CPU, 2)."""
+    m = _TERM.match(text)
+    if not m or m.group(2) not in KINDS:
+        known = ", ".join(sorted(set(KINDS)))
+        raise InputError(f"unknown cluster {text!r}: write [NODESx]DEVICExCOUNT with DEVICE one of "
+                         f"{known} (e.g. h100x8, 2xh100x8, cpu2), or give a cluster JSON file")
+    nodes = int(m.group(1) or 1)
+    count = int(m.group(3))
+    if nodes < 1 or count < 1:
+        raise InputError(f"cluster {text!r}: node and device counts must be at least 1")
+    if nodes * count > 65536:
+        raise InputError(f"cluster {text!r}: {nodes * count} devices is more than planner handles")
+    return nodes, KINDS[m.group(2)], count
+
+
+def from_spec(spec: str, *, memory_bytes: int | None = None) -> Cluster:
+    """A cluster from a preset expression or a JSON file path."""
+    spec = spec.strip()
+    path = Path(spec)
+    if spec.endswith(".json") or path.is_file():
+        return load_cluster_file(path)
+    nodes: list[NodeSpec] = []
+    kinds: list[DeviceKind] = []
+    for text in spec.lower().split("+"):
+        n, kind, count = _term(text)
+        dev = kind.device
+        if memory_bytes is not None:
+            dev = dev.model_copy(update={"memory_bytes": memory_bytes})
+        for _ in range(n):
+            nodes.append(NodeSpec(name=f"node{len(nodes)}", devices=[dev] * count))
+            kinds.append(kind)
+    intra = min((k.intra for k in kinds), key=lambda link: link.bandwidth_bytes_per_s)
+    inter = min((k.inter for k in kinds), key=lambda link: link.bandwidth_bytes_per_s)
+    return Cluster(name=spec.lower(), nodes=nodes, intra_node=intra,
+                   inter_node=inter if len(nodes) > 1 else None,
+                   reserved_bytes=max(k.reserved_bytes for k in kinds))

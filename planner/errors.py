@@ -1,0 +1,57 @@
+"""Errors raised by the library. Only ``cli.py`` turns them into a message and an exit code.
+
+Exit codes are the same for every command:
+
+    0  success
+    1  a check failed (the plan is stale, no longer fits, or a better one exists)
+    2  bad input (missing or malformed file, unknown name, invalid combination)
+    3  infeasible (nothing fits the devices' memory)
+    4  measured outside tolerance
+    5  execution failed (a worker raised, ran out of memory, was killed or timed out)
+"""
+
+from __future__ import annotations
+
+
+class PlannerError(Exception):
+    """Base class: a message for one line, and the exit code that goes with it."""
+
+    exit_code = 2
+
+
+class InputError(PlannerError):
+    """Bad input: a missing or malformed file, an unknown name, an invalid combination."""
+
+    exit_code = 2
+
+
+class ScheduleError(InputError):
+    """A schedule that cannot be built for the given stages and micro-batches."""
+
+
+class InfeasibleError(PlannerError):
+    """No configuration fits the devices' memory."""
+
+    exit_code = 3
+
+
+class CheckFailed(PlannerError):
+    """`planner check` found a stale, over-memory or beaten plan."""
+
+    exit_code = 1
+
+
+class ToleranceError(PlannerError):
+    """Measured step time or memory differs from the prediction by more than allowed."""
+
+    exit_code = 4
+
+
+class ExecutionError(PlannerError):
+    """A worker failed: raised, ran out of memory, was killed or timed out."""
+
+    exit_code = 5
+
+
+class ModelError(InputError):
+    """A model factory that cannot be imported, raises, or does not trace."""

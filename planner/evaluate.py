@@ -1,0 +1,210 @@
+"""Price one configuration: a partition of the layers under a schedule on a cluster.
+
+Pipeline rank r with data-parallel replica d runs on cluster device ``r * dp + d``: replicas of a
+stage sit next to each other, so gradient all-reduce stays inside a node where it can and the
+pipeline's smaller point-to-point transfers cross nodes (Megatron-LM's rank order, data parallel
+inside pipeline parallel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from planner import __version__
+from planner.cost import CostTable, Segment, ring_allreduce_time
+from planner.errors import InputError
+from planner.formats import (
+    BaselineResult, Cluster, Microbatch, Parallel, Plan, Prediction, Profile,
+    Provenance, ScheduleSpec, Stage, StageCost, StagePrediction, Training,
+)
+from planner.schedules import Schedule, build, weight_versions
+from planner.simulate import CutLink, SimResult, peak_memory, simulate, step_time
+
+
+@dataclass(frozen=True)
+class Config:
+    pp: int
+    dp: int
+    mbs: int
+    m: int
+    schedule: str
+    v: int = 1
+    training: Training = Training()
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.v
+
+    @property
+    def global_batch(self) -> int:
+        return self.mbs * self.m * self.dp
+
+    def describe(self) -> str:
+        v = f" v={self.v}" if self.v > 1 else ""
+        return f"pp={self.pp} dp={self.dp} mbs={self.mbs} m={self.m} {self.schedule}{v}"
+
+
+@dataclass(frozen=True)
+class RankDevice:
+    devices: list[int]
+    capacity_bytes: int  # usable memory: the smallest replica's, less the reserve
+    speed: float  # the slowest replica's
+
+
+def rank_devices(cluster: Cluster, pp: int, dp: int) -> list[RankDevice]:
+    devs = cluster.devices
+    if pp * dp > len(devs):
+        raise InputError(f"pp {pp} x dp {dp} = {pp * dp} devices, the cluster has {len(devs)}")
+    out = []
+    for r in range(pp):
+        ids = [r * dp + d for d in range(dp)]
+        out.append(RankDevice(ids, min(devs[i].memory_bytes for i in ids) - cluster.reserved_bytes,
+                              min(devs[i].speed for i in ids)))
+    return out
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    config: Config
+    segments: list[Segment]
+    schedule: Schedule
+    costs: list[StageCost]
+    cuts: list[CutLink]
+    step_time_s: float
+    peak_memory_bytes: list[int]  # per rank
+    ranks: list[RankDevice]
+    sim: SimResult | None = None  # the whole timeline, when asked for
+
+    @property
+    def fits(self) -> bool:
+        return all(p <= r.capacity_bytes for p, r in zip(self.peak_memory_bytes, self.ranks))
+
+    @property
+    def overflow(self) -> list[tuple[int, int]]:
+        """(rank, bytes over capacity) for every rank that does not fit."""
+        return [(r, p - d.capacity_bytes) for r, (p, d) in
+                enumerate(zip(self.peak_memory_bytes, self.ranks)) if p > d.capacity_bytes]
+
+    def detailed(self) -> Evaluation:
+        """The same evaluation with its full simulated timeline."""
+        if self.sim is not None:
+            return self
+        sim = simulate(self.schedule, self.costs, self.cuts)
+        return replace(self, sim=sim)
+
+    @property
+    def throughput(self) -> float:
+        return self.config.global_batch / self.step_time_s if self.step_time_s > 0 else 0.0
+
+
+def _allreduce(table: CostTable, cluster: Cluster, seg: Segment, rank: RankDevice) -> float:
+    grad_bytes = table.param_bytes(seg)  # gradients are kept in the parameter dtype
+    devs = rank.devices
+    link = cluster.link(devs[0], devs[-1])
+    return ring_allreduce_time(grad_bytes, len(devs), link)
+
+
+def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[Segment], *,
+             detail: bool = True) -> Evaluation:
+    """Cost, simulate and check memory of one partition under one configuration. Without
+    ``detail`` only the step time and peak memory are computed (what the solver ranks by)."""
+    if len(segments) != config.n_stages:
+        raise InputError(f"{len(segments)} stages given, the configuration needs {config.n_stages}")
+    schedule = build(config.schedule, config.pp, config.m, config.v)
+    ranks = rank_devices(cluster, config.pp, config.dp)
+    place = schedule.stage_rank
+    bounds = [s.start for s in segments]
+    tied_extra = [0.0] * len(segments)
+    for stages, nbytes in table.tied_split(bounds):
+        # each copy of a tied weight is summed with the others after backward (Megatron-LM's
+        # embedding group): a ring over the stages' ranks
+        a, b = ranks[place[stages[0]]].devices[0], ranks[place[stages[-1]]].devices[0]
+        t = ring_allreduce_time(nbytes, len(stages), cluster.link(a, b))
+        for s in stages:
+            tied_extra[s] += t
+    costs = []
+    for s, seg in enumerate(segments):
+        rank = ranks[place[s]]
+        costs.append(table.stage_cost(
+            seg, config.m, config.training, speed=rank.speed,
+            allreduce_s=_allreduce(table, cluster, seg, rank) + tied_extra[s],
+            weight_versions=weight_versions(config.schedule, config.pp, place[s])))
+    cuts = []
+    for s in range(len(segments) - 1):
+        a, b = ranks[place[s]].devices[0], ranks[place[s + 1]].devices[0]
+        if place[s] == place[s + 1]:
+            cuts.append(CutLink())
+            continue
+        link = cluster.link(a, b)
+        nbytes = table.cut[segments[s].stop]
+        cuts.append(CutLink(busy_s=nbytes / link.bandwidth_bytes_per_s, latency_s=link.latency_s))
+    if detail:
+        sim = simulate(schedule, costs, cuts)
+        return Evaluation(config, segments, schedule, costs, cuts, sim.step_time_s,
+                          sim.peak_memory_bytes, ranks, sim)
+    return Evaluation(config, segments, schedule, costs, cuts, step_time(schedule, costs, cuts),
+                      peak_memory(schedule, costs), ranks)
+
+
+def segments_from_bounds(bounds: list[int], n_layers: int, recompute: str = "none") -> list[Segment]:
+    """Stage segments from their start positions (bounds[0] == 0)."""
+    ends = list(bounds[1:]) + [n_layers]
+    return [Segment(a, b, recompute) for a, b in zip(bounds, ends)]  # type: ignore[arg-type]
+
+
+def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
+            baselines: list[BaselineResult] | None = None, solver: dict | None = None) -> Plan:
+    """The plan file for an evaluated configuration."""
+    ev = ev.detailed()
+    cfg = ev.config
+    names = [layer.name for layer in profile.layers]
+    stages = []
+    for s, (seg, cost) in enumerate(zip(ev.segments, ev.costs)):
+        r = ev.schedule.stage_rank[s]
+        m = cfg.m
+        compute = m * (cost.fwd_s + cost.bwd_input_s + cost.bwd_weight_s)
+        stages.append(Stage(
+            index=s, layers=names[seg.start:seg.stop], rank=r, devices=ev.ranks[r].devices,
+            recompute=seg.recompute, recompute_layers=[names[i] for i in seg.recompute_layers],
+            cost=cost,
+            predicted=StagePrediction(compute_s=compute, peak_memory_bytes=ev.sim.peak_memory_bytes[r])))
+    return Plan(
+        model=profile.model, cluster=cluster,
+        parallel=Parallel(pp=cfg.pp, dp=cfg.dp),
+        microbatch=Microbatch(size=cfg.mbs, count=cfg.m, global_batch=cfg.global_batch),
+        schedule=ScheduleSpec(name=cfg.schedule, virtual_stages=cfg.v),
+        training=cfg.training, stages=stages,
+        predicted=Prediction(step_time_s=ev.step_time_s, throughput_samples_per_s=ev.throughput,
+                             bubble_fraction=ev.sim.bubble_fraction,
+                             peak_memory_bytes=max(ev.sim.peak_memory_bytes)),
+        baselines=baselines or [],
+        provenance=Provenance(profile_fingerprint=profile_fingerprint(profile),
+                              planner_version=__version__, solver=solver or {}),
+    )
+
+
+def profile_fingerprint(profile: Profile) -> str:
+    """The model's structure fingerprint plus a hash of the measured numbers."""
+    import hashlib
+
+    digest = hashlib.sha256(profile.model_dump_json(exclude={"measurement"}).encode()).hexdigest()
+    return f"{profile.model.fingerprint}+{digest[:16]}"
+
+
+def replay_plan(plan: Plan) -> SimResult:
+    """Simulate a plan from the stage costs it carries (no profile needed)."""
+    schedule = build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count,
+                     plan.schedule.virtual_stages)
+    if tuple(st.rank for st in plan.stages) != schedule.stage_rank:
+        raise InputError(f"plan places stages on ranks {[st.rank for st in plan.stages]}, "
+                         f"{plan.schedule.name} places them on {list(schedule.stage_rank)}")
+    cuts = []
+    for s in range(len(plan.stages) - 1):
+        a, b = plan.stages[s], plan.stages[s + 1]
+        if a.rank == b.rank:
+            cuts.append(CutLink())
+            continue
+        link = plan.cluster.link(a.devices[0], b.devices[0])
+        cuts.append(CutLink(busy_s=a.cost.send_bytes / link.bandwidth_bytes_per_s, latency_s=link.latency_s))
+    return simulate(schedule, [st.cost for st in plan.stages], cuts)
+

@@ -1,0 +1,458 @@
+"""The three file formats (profile, cluster, plan): typed, versioned, validated on load.
+
+Each model is frozen and forbids unknown keys, so a typo in a hand-edited plan fails when the file
+is loaded, naming the file and the field. ``kind`` tells the formats apart so that passing a
+profile where a plan is expected says so. Units are in the names: ``_s`` seconds, ``_bytes`` bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from planner.errors import InputError
+
+SCHEMA_VERSION = 1
+INPUT = "@input"  # pseudo-layer: the batch handed to the first stage
+LOSS = "@loss"  # pseudo-layer: the loss function on the last stage
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+JsonScalar = int | float | str | bool | None
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------- profile
+
+
+class ModelRef(_Frozen):
+    """Which model, how to build it again, and a fingerprint of its structure."""
+
+    name: str
+    factory: str = Field(description="'path/to/file.py:function' or 'package.module:function'")
+    args: dict[str, JsonScalar] = Field(default_factory=dict)
+    fingerprint: str = Field(description="sha256 of module paths, types and parameter shapes")
+
+
+class DeviceInfo(_Frozen):
+    type: Literal["cpu", "cuda"]
+    name: str
+    memory_bytes: int = Field(ge=0)
+
+
+class LayerCost(_Frozen):
+    """One layer at one micro-batch size. Times are medians; ``*_spread`` is (p90 - p10) / median."""
+
+    fwd_s: float = Field(ge=0)
+    bwd_s: float = Field(ge=0, description="whole backward: input and weight gradients")
+    bwd_input_s: float | None = Field(default=None, ge=0)
+    bwd_weight_s: float | None = Field(default=None, ge=0)
+    act_bytes: int = Field(ge=0, description="bytes the layer creates and saves for backward")
+    out_bytes: int = Field(ge=0)
+    peak_bytes: int = Field(default=0, ge=0, description="transient bytes above inputs, forward or backward")
+    fwd_spread: float = Field(default=0.0, ge=0)
+    bwd_spread: float = Field(default=0.0, ge=0)
+
+
+class Layer(_Frozen):
+    name: str = Field(description="module path, e.g. 'transformer.h.3'")
+    param_bytes: int = Field(ge=0)
+    by_mbs: dict[str, LayerCost]
+
+
+class Edge(_Frozen):
+    """A tensor flowing from one layer to another. One edge per (tensor, consumer)."""
+
+    src: str
+    dst: str
+    bytes_per_sample: int = Field(ge=0)
+    tensor: int = Field(default=0, ge=0, description="which output of src")
+    saved: bool = Field(default=False, description="dst keeps this tensor for its backward")
+
+
+class TiedGroup(_Frozen):
+    """Parameters shared by several layers (e.g. embedding and LM head); counted in each layer."""
+
+    layers: list[str] = Field(min_length=2)
+    param_bytes: int = Field(ge=0)
+
+
+class WholeCost(_Frozen):
+    """The whole model timed at once, and the scale that makes the layer sum agree with it."""
+
+    fwd_s: float = Field(ge=0)
+    bwd_s: float = Field(ge=0)
+    optimizer_s: float = Field(default=0.0, ge=0)
+    layer_sum_s: float = Field(ge=0, description="sum of layer and loss fwd_s + bwd_s, unscaled")
+    scale: float = Field(gt=0, description="multiply layer times by this to match the whole")
+    launch_bound: bool = False
+
+
+class LossCost(_Frozen):
+    by_mbs: dict[str, LayerCost]
+
+
+class Measurement(_Frozen):
+    timer: str
+    repeats: int = Field(ge=1)
+    warmup: int = Field(ge=0)
+    threads: int | None = None
+
+
+class BatchInfo(_Frozen):
+    input_bytes_per_sample: int = Field(ge=0)
+    target_bytes_per_sample: int = Field(ge=0)
+
+
+class Profile(_Frozen):
+    kind: Literal["profile"] = "profile"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model: ModelRef
+    device: DeviceInfo
+    dtype: Dtype
+    layers: list[Layer] = Field(min_length=1)
+    edges: list[Edge] = Field(default_factory=list)
+    loss: LossCost | None = None
+    tied: list[TiedGroup] = Field(default_factory=list)
+    batch: BatchInfo = BatchInfo(input_bytes_per_sample=0, target_bytes_per_sample=0)
+    whole: dict[str, WholeCost] = Field(default_factory=dict)
+    measurement: Measurement | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"layer name {dup!r} appears twice")
+        sizes = set(self.layers[0].by_mbs)
+        if not sizes:
+            raise ValueError("layers[0].by_mbs is empty")
+        for key in sizes:
+            if not key.isdigit() or int(key) < 1:
+                raise ValueError(f"by_mbs key {key!r} is not a positive integer")
+        for i, layer in enumerate(self.layers):
+            if set(layer.by_mbs) != sizes:
+                raise ValueError(f"layers[{i}] ({layer.name}) has micro-batch sizes "
+                                 f"{sorted(layer.by_mbs)}, layers[0] has {sorted(sizes)}")
+        index = {n: i for i, n in enumerate(names)}
+        for k, e in enumerate(self.edges):
+            if e.src != INPUT and e.src not in index:
+                raise ValueError(f"edges[{k}].src {e.src!r} is not a layer")
+            if e.dst != LOSS and e.dst not in index:
+                raise ValueError(f"edges[{k}].dst {e.dst!r} is not a layer")
+            if index.get(e.src, -1) >= index.get(e.dst, len(names)):
+                raise ValueError(f"edges[{k}] goes from {e.src!r} back to {e.dst!r}: "
+                                 "layers must be in topological order")
+        for k, group in enumerate(self.tied):
+            for name in group.layers:
+                if name not in index:
+                    raise ValueError(f"tied[{k}] names unknown layer {name!r}")
+        if self.loss is not None and set(self.loss.by_mbs) != sizes:
+            raise ValueError("loss.by_mbs sizes differ from the layers'")
+        return self
+
+    @property
+    def mbs_sizes(self) -> list[int]:
+        return sorted(int(k) for k in self.layers[0].by_mbs)
+
+
+# --------------------------------------------------------------------------------------- cluster
+
+
+class Link(_Frozen):
+    bandwidth_bytes_per_s: float = Field(gt=0)
+    latency_s: float = Field(ge=0)
+
+
+class DeviceSpec(_Frozen):
+    name: str
+    type: Literal["cpu", "cuda"] = "cuda"
+    memory_bytes: int = Field(gt=0)
+    speed: float = Field(default=1.0, gt=0, description="throughput relative to the profiled device")
+
+
+class NodeSpec(_Frozen):
+    name: str = ""
+    devices: list[DeviceSpec] = Field(min_length=1)
+
+
+class Cluster(_Frozen):
+    kind: Literal["cluster"] = "cluster"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    nodes: list[NodeSpec] = Field(min_length=1)
+    intra_node: Link
+    inter_node: Link | None = None
+    reserved_bytes: int = Field(default=0, ge=0,
+                                description="per device, not available to tensors (runtime context)")
+
+    @model_validator(mode="after")
+    def _inter_node_link(self) -> Cluster:
+        if len(self.nodes) > 1 and self.inter_node is None:
+            raise ValueError("a cluster of several nodes needs an inter_node link")
+        return self
+
+    @property
+    def devices(self) -> list[DeviceSpec]:
+        return [d for node in self.nodes for d in node.devices]
+
+    @property
+    def node_of(self) -> list[int]:
+        return [n for n, node in enumerate(self.nodes) for _ in node.devices]
+
+    def node(self, device: int) -> int:
+        return _node_index(tuple(len(n.devices) for n in self.nodes), device)
+
+    def link(self, a: int, b: int) -> Link:
+        """The link between global device indices a and b."""
+        if self.inter_node is None or self.node(a) == self.node(b):
+            return self.intra_node
+        return self.inter_node
+
+
+@lru_cache(maxsize=4096)
+def _starts(sizes: tuple[int, ...]) -> list[int]:
+    out, total = [], 0
+    for n in sizes:
+        out.append(total)
+        total += n
+    return out
+
+
+def _node_index(sizes: tuple[int, ...], device: int) -> int:
+    return bisect.bisect_right(_starts(sizes), device) - 1
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+class Parallel(_Frozen):
+    pp: int = Field(ge=1)
+    dp: int = Field(ge=1)
+
+
+class Microbatch(_Frozen):
+    size: int = Field(ge=1)
+    count: int = Field(ge=1)
+    global_batch: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _global(self) -> Microbatch:
+        if self.global_batch % (self.size * self.count):
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of "
+                             f"size x count = {self.size * self.count}")
+        return self
+
+
+class ScheduleSpec(_Frozen):
+    name: str
+    virtual_stages: int = Field(default=1, ge=1)
+
+
+class Training(_Frozen):
+    """What the optimizer keeps per parameter. 'param': gradients and states in the parameter
+    dtype (plain PyTorch). 'mixed': fp32 master weights and states beside low-precision
+    parameters (Megatron-LM, DeepSpeed)."""
+
+    optimizer: Literal["sgd", "sgd-momentum", "adam"] = "adam"
+    precision: Literal["param", "mixed"] = "param"
+
+
+class StageCost(_Frozen):
+    """Per micro-batch, on the stage's device, as the simulator consumes it."""
+
+    fwd_s: float = Field(ge=0)
+    bwd_input_s: float = Field(ge=0, description="input-gradient part of backward, recompute included")
+    bwd_weight_s: float = Field(ge=0)
+    send_bytes: int = Field(ge=0, description="bytes sent to the next stage per micro-batch")
+    act_bytes: int = Field(ge=0, description="held per micro-batch in flight")
+    static_bytes: int = Field(ge=0, description="weights, gradients, optimizer state")
+    transient_bytes: int = Field(ge=0, description="workspace while one micro-batch computes")
+    param_bytes: int = Field(ge=0)
+    batch_bytes: int = Field(default=0, ge=0, description="inputs/targets of all micro-batches held")
+    optimizer_s: float = Field(default=0.0, ge=0)
+    allreduce_s: float = Field(default=0.0, ge=0)
+
+
+class StagePrediction(_Frozen):
+    compute_s: float = Field(ge=0)
+    peak_memory_bytes: int = Field(ge=0)
+
+
+class Stage(_Frozen):
+    index: int = Field(ge=0)
+    layers: list[str] = Field(min_length=1)
+    rank: int = Field(ge=0, description="pipeline rank holding this stage")
+    devices: list[int] = Field(min_length=1, description="cluster device per data-parallel replica")
+    recompute: Literal["none", "full", "selective"] = "none"
+    recompute_layers: list[str] = Field(default_factory=list)
+    cost: StageCost
+    predicted: StagePrediction
+
+
+class Prediction(_Frozen):
+    step_time_s: float = Field(ge=0)
+    throughput_samples_per_s: float = Field(ge=0)
+    bubble_fraction: float = Field(ge=0, le=1)
+    peak_memory_bytes: int = Field(ge=0)
+
+
+class BaselineResult(_Frozen):
+    name: str
+    layers_per_stage: list[int]
+    step_time_s: float | None = Field(description="None when the split does not fit")
+    peak_memory_bytes: int
+    fits: bool
+
+
+class Provenance(_Frozen):
+    profile_fingerprint: str
+    planner_version: str
+    solver: dict[str, Any] = Field(default_factory=dict)
+
+
+class Plan(_Frozen):
+    kind: Literal["plan"] = "plan"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model: ModelRef
+    cluster: Cluster
+    parallel: Parallel
+    microbatch: Microbatch
+    schedule: ScheduleSpec
+    training: Training = Training()
+    stages: list[Stage] = Field(min_length=1)
+    predicted: Prediction
+    baselines: list[BaselineResult] = Field(default_factory=list)
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _stages(self) -> Plan:
+        want = self.parallel.pp * self.schedule.virtual_stages
+        if len(self.stages) != want:
+            raise ValueError(f"{len(self.stages)} stages, but pp x virtual_stages = {want}")
+        for i, stage in enumerate(self.stages):
+            if stage.index != i:
+                raise ValueError(f"stages[{i}].index is {stage.index}")
+            if stage.rank >= self.parallel.pp:
+                raise ValueError(f"stages[{i}].rank {stage.rank} >= pp {self.parallel.pp}")
+            if len(stage.devices) != self.parallel.dp:
+                raise ValueError(f"stages[{i}] has {len(stage.devices)} devices, dp is {self.parallel.dp}")
+            n = len(self.cluster.devices)
+            if any(d >= n for d in stage.devices):
+                raise ValueError(f"stages[{i}] names a device beyond the cluster's {n}")
+        if self.microbatch.global_batch != self.microbatch.size * self.microbatch.count * self.parallel.dp:
+            raise ValueError("microbatch.global_batch must equal size x count x dp")
+        return self
+
+
+# ---------------------------------------------------------------------------------- load / dump
+
+KINDS: dict[str, type[BaseModel]] = {"profile": Profile, "cluster": Cluster, "plan": Plan}
+M = TypeVar("M", bound=BaseModel)
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = len(err.errors()) - 1
+    return f"field {loc}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def parse(data: Any, model: type[M], source: str) -> M:
+    """Validate already-decoded JSON as ``model``; ``source`` names it in errors."""
+    kind = model.model_fields["kind"].default
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a JSON object, found {type(data).__name__}")
+    found = data.get("kind")
+    if found is not None and found != kind and found in KINDS:
+        raise InputError(f"{source}: this is a planner {found}, not a {kind}")
+    version = data.get("schema_version")
+    if version is not None and version != SCHEMA_VERSION:
+        raise InputError(f"{source}: schema_version {version!r} is not supported "
+                         f"(this planner reads {kind} schema_version {SCHEMA_VERSION})")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise InputError(f"{source}: {_describe(err)}") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, expected a JSON file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{p}: cannot read: {err}") from None
+    if not text.strip():
+        raise InputError(f"{p}: file is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{p}: not valid JSON (line {err.lineno}, column {err.colno}): "
+                         f"{err.msg}") from None
+
+
+def load(path: str | os.PathLike, model: type[M]) -> M:
+    return parse(read_json(path), model, str(path))
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    return load(path, Profile)
+
+
+def load_cluster_file(path: str | os.PathLike) -> Cluster:
+    return load(path, Cluster)
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    return load(path, Plan)
+
+
+def to_json(obj: BaseModel) -> str:
+    return obj.model_dump_json(indent=1, exclude_none=False) + "\n"
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{p}: folder {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump(obj: BaseModel, path: str | os.PathLike) -> None:
+    write_atomic(path, to_json(obj))
+
+
+def json_schema(kind: str) -> dict[str, Any]:
+    """The JSON Schema of a format, generated from the models above."""
+    if kind not in KINDS:
+        raise InputError(f"unknown format {kind!r}: choose one of {', '.join(KINDS)}")
+    schema = KINDS[kind].model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://planner.dev/schemas/{kind}-v{SCHEMA_VERSION}.json"
+    return schema

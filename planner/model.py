@@ -1,0 +1,134 @@
+"""The model factory protocol, and loading a factory named on the command line.
+
+A factory is a function that builds a model and says how to feed it::
+
+    def build(n_layer: int = 12, d_model: int = 768) -> ModelSpec:
+        model = GPT(n_layer, d_model)
+        return ModelSpec(
+            model=model,
+            batch=lambda size, gen: ((tokens(size, gen),), targets(size, gen)),
+            loss=lambda logits, target: F.cross_entropy(logits.flatten(0, 1), target.flatten()),
+        )
+
+``batch(size, generator)`` returns ``(inputs, target)``: a tuple of input tensors for
+``model(*inputs)`` and the target given to ``loss(output, target)``; it must be deterministic for
+a given generator. Set ``layers`` to a list of module paths to describe the model explicitly as a
+sequence (each layer called on the previous layer's output, DeepSpeed ``PipelineModule`` style)
+when its ``forward`` does not trace. A plain dict with the same keys works too.
+
+This module does not import torch; the factory it loads does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from planner.errors import ModelError
+
+
+@dataclass
+class ModelSpec:
+    model: Any  # torch.nn.Module
+    batch: Callable[[int, Any], tuple[tuple, Any]]
+    loss: Callable[[Any, Any], Any]
+    layers: list[str] | None = None
+    name: str | None = None
+
+
+def parse_args(pairs: list[str]) -> dict[str, Any]:
+    """``["n_layer=24", "tied=false"]`` -> ``{"n_layer": 24, "tied": False}`` (JSON scalars, else str)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ModelError(f"--arg {pair!r}: write NAME=VALUE")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        if not key.isidentifier():
+            raise ModelError(f"--arg {pair!r}: {key!r} is not a valid argument name")
+        low = raw.strip().lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = value if isinstance(value, (int, float, str, bool)) or value is None else raw
+    return out
+
+
+def _import_file(path: Path):
+    name = f"planner_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"{path}: cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ModelError(f"{path}: importing it raised {type(e).__name__}: {e}") from None
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def load_factory(ref: str) -> Callable[..., Any]:
+    """'path/to/file.py:fn' or 'package.module:fn' -> the function."""
+    if ":" not in ref:
+        raise ModelError(f"model {ref!r}: write path/to/file.py:factory or package.module:factory")
+    where, fn_name = ref.rsplit(":", 1)
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise ModelError(f"{path}: no such file")
+        module = _import_file(path)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ModelError(f"cannot import module {where!r}: {e}") from None
+        except Exception as e:
+            raise ModelError(f"importing {where!r} raised {type(e).__name__}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise ModelError(f"{where} has no function {fn_name!r}"
+                         + (f" (it has: {', '.join(found)})" if found else ""))
+    return fn
+
+
+def build_spec(ref: str, args: dict[str, Any]) -> ModelSpec:
+    """Call the factory and check what it returns."""
+    fn = load_factory(ref)
+    try:
+        result = fn(**args)
+    except TypeError as e:
+        raise ModelError(f"factory {ref} does not accept these arguments: {e}") from None
+    except Exception as e:
+        raise ModelError(f"factory {ref} raised {type(e).__name__}: {e}") from None
+    if isinstance(result, dict):
+        unknown = set(result) - {"model", "batch", "loss", "layers", "name"}
+        if unknown:
+            raise ModelError(f"factory {ref} returned unknown keys {sorted(unknown)}")
+        try:
+            result = ModelSpec(**result)
+        except TypeError as e:
+            raise ModelError(f"factory {ref} returned an incomplete spec: {e}") from None
+    if not isinstance(result, ModelSpec):
+        raise ModelError(f"factory {ref} returned {type(result).__name__}; expected a ModelSpec "
+                         "(model, batch, loss) or a dict with those keys")
+    for field in ("batch", "loss"):
+        if not callable(getattr(result, field)):
+            raise ModelError(f"factory {ref}: '{field}' is not callable")
+    if result.name is None:
+        result.name = Path(ref.split(":")[0]).stem if ".py" in ref else ref.split(":")[0].rsplit(".", 1)[-1]
+    return result

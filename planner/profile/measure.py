@@ -1,0 +1,147 @@
+"""Measuring one module's forward, backward and memory: timers, saved-tensor accounting and a
+live-tensor tracker for devices without allocator statistics."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def tensors(value) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+class Timer:
+    """Seconds spent in a region: CUDA events on a GPU (after synchronising), a monotonic clock
+    on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class Stat:
+    median: float
+    spread: float  # (p90 - p10) / median
+
+
+def stat(samples: list[float]) -> Stat:
+    s = sorted(samples)
+    med = statistics.median(s)
+    if len(s) < 3 or med <= 0:
+        return Stat(med, 0.0)
+    lo, hi = s[int(0.1 * (len(s) - 1))], s[int(round(0.9 * (len(s) - 1)))]
+    return Stat(med, (hi - lo) / med)
+
+
+# ---------------------------------------------------------------------------- saved tensors
+
+
+def saved_storages(run: Callable[[], object], ignore: set[int]) -> tuple[object, dict[int, int]]:
+    """Run a forward and return its result and the storages it saved for backward (key -> bytes),
+    ignoring ``ignore`` (parameters and buffers, which live anyway)."""
+    found: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        key = storage_key(t)
+        if key not in ignore and nbytes(t):
+            found[key] = nbytes(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = run()
+    return result, found
+
+
+# --------------------------------------------------------------------------- live tensors
+
+
+class LiveTensors(TorchDispatchMode):
+    """Counts the bytes of tensor storages created inside the region that are still alive, and
+    their peak. Works on any device; on CUDA the allocator's own statistics are used instead."""
+
+    def __init__(self, ignore: Iterable[int] = ()):
+        super().__init__()
+        self.ignore = set(ignore)
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.total = 0
+        self.peak = 0
+
+    def sweep(self) -> None:
+        for key, (ref, n) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.total -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.sweep()
+        for t in tensors(out):
+            s = t.untyped_storage()
+            key = s.data_ptr()
+            if key and key not in self.live and key not in self.ignore and s.nbytes():
+                self.live[key] = (StorageWeakRef(s), s.nbytes())
+                self.total += s.nbytes()
+        self.peak = max(self.peak, self.total)
+        return out
+
+
+class MemoryProbe:
+    """Peak and final bytes allocated inside a region, above what existed before it."""
+
+    def __init__(self, device: torch.device, ignore: Iterable[int] = ()):
+        self.device = device
+        self.ignore = ignore
+        self.peak = 0
+        self.final = 0
+
+    def __enter__(self) -> MemoryProbe:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._mode = LiveTensors(self.ignore)
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            self.final = torch.cuda.memory_allocated(self.device) - self._base
+        else:
+            self._mode.__exit__(*exc)
+            self._mode.sweep()
+            self.peak, self.final = self._mode.peak, self._mode.total

@@ -1,0 +1,127 @@
+"""Human-readable output: number formatting and rich tables. Nothing here computes a cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from planner.formats import Plan, Profile
+from planner.simulate import SimResult
+
+
+def fmt_bytes(n: float) -> str:
+    n = float(n)
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def layer_span(layers: list[str]) -> str:
+    if len(layers) == 1:
+        return layers[0]
+    return f"{layers[0]} .. {layers[-1]} ({len(layers)})"
+
+
+def simulation_summary(plan: Plan, sim: SimResult) -> dict[str, Any]:
+    """The prediction of a plan as plain data (``planner simulate --json``)."""
+    stages = []
+    for st in plan.stages:
+        r = st.rank
+        cap = plan.cluster.devices[st.devices[0]].memory_bytes - plan.cluster.reserved_bytes
+        stages.append({
+            "index": st.index, "rank": r, "layers": st.layers, "recompute": st.recompute,
+            "compute_s": sim.compute_s[r], "idle_s": sim.idle_s[r],
+            "utilization": sim.compute_s[r] / sim.step_time_s if sim.step_time_s else 0.0,
+            "peak_memory_bytes": sim.peak_memory_bytes[r], "capacity_bytes": cap,
+        })
+    return {
+        "step_time_s": sim.step_time_s,
+        "throughput_samples_per_s": plan.microbatch.global_batch / sim.step_time_s if sim.step_time_s else 0.0,
+        "bubble_fraction": sim.bubble_fraction,
+        "peak_memory_bytes": max(sim.peak_memory_bytes),
+        "bottleneck_rank": sim.bottleneck_rank,
+        "stages": stages,
+    }
+
+
+def simulation_table(plan: Plan, sim: SimResult) -> Table:
+    summary = simulation_summary(plan, sim)
+    sched = plan.schedule.name + (f" (v={plan.schedule.virtual_stages})" if plan.schedule.virtual_stages > 1 else "")
+    title = (f"{plan.model.name}: {sched}, pp={plan.parallel.pp} dp={plan.parallel.dp}, "
+             f"{plan.microbatch.count} x {plan.microbatch.size} per replica")
+    table = Table(title=title, title_justify="left")
+    for col in ("stage", "rank", "layers", "recompute", "compute/step", "util.", "peak memory", "of device"):
+        table.add_column(col, justify="right" if col not in ("layers", "recompute") else "left")
+    bottleneck = summary["bottleneck_rank"]
+    for st in summary["stages"]:
+        style = "bold red" if st["rank"] == bottleneck else None
+        over = st["peak_memory_bytes"] > st["capacity_bytes"]
+        table.add_row(str(st["index"]), str(st["rank"]), layer_span(st["layers"]), st["recompute"],
+                      fmt_time(st["compute_s"]), f"{st['utilization']:.0%}",
+                      ("[red]" if over else "") + fmt_bytes(st["peak_memory_bytes"]),
+                      fmt_bytes(st["capacity_bytes"]), style=style)
+    table.caption = (f"step {fmt_time(summary['step_time_s'])}, "
+                     f"{summary['throughput_samples_per_s']:.1f} samples/s, "
+                     f"bubble {summary['bubble_fraction']:.1%}, "
+                     f"peak {fmt_bytes(summary['peak_memory_bytes'])}; bottleneck: rank {bottleneck}")
+    table.caption_justify = "left"
+    return table
+
+
+@contextmanager
+def progress(console: Console):
+    """A progress bar; yields a callback ``(label, done, total)``."""
+    with Progress(TextColumn("{task.description:<40}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=1)
+
+        def update(label: str, done: int, total: int) -> None:
+            bar.update(task, description=label[:40], completed=done, total=total)
+
+        yield update
+
+
+def profile_table(prof: Profile) -> Table:
+    """Per-layer costs at the largest profiled micro-batch size, the heaviest highlighted."""
+    size = str(prof.mbs_sizes[-1])
+    whole = prof.whole.get(size)
+    scale = whole.scale if whole else 1.0
+    rows = [(layer.name, layer.param_bytes, layer.by_mbs[size]) for layer in prof.layers]
+    heaviest = max(range(len(rows)), key=lambda i: rows[i][2].fwd_s + rows[i][2].bwd_s)
+    table = Table(title=f"{prof.model.name} on {prof.device.name} ({prof.dtype}), micro-batch {size}",
+                  title_justify="left")
+    for col in ("layer", "params", "fwd", "bwd", "saved act.", "output"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for i, (name, pbytes, c) in enumerate(rows):
+        table.add_row(name, fmt_bytes(pbytes), fmt_time(c.fwd_s * scale), fmt_time(c.bwd_s * scale),
+                      fmt_bytes(c.act_bytes), fmt_bytes(c.out_bytes),
+                      style="bold yellow" if i == heaviest else None)
+    total_params = sum(layer.param_bytes for layer in prof.layers) - sum(g.param_bytes * (len(g.layers) - 1)
+                                                                     for g in prof.tied)
+    notes = [f"{len(rows)} layers, {fmt_bytes(total_params)} of parameters"]
+    if whole:
+        notes.append(f"layer sum / whole model = {1 / scale:.2f} (times above are calibrated to the whole)")
+        if whole.launch_bound:
+            notes.append("launch-bound: layers timed alone are slower than inside the model; "
+                         "the calibration corrects for it")
+    if prof.tied:
+        notes.append("tied: " + "; ".join(" = ".join(g.layers) for g in prof.tied))
+    table.caption = "\n".join(notes)
+    table.caption_justify = "left"
+    return table

@@ -1,0 +1,377 @@
+"""Pipeline schedules as per-rank action lists: the one description of a schedule.
+
+The simulator times these lists, the timeline draws them, and the executor loads them into
+PyTorch's pipeline runtime, so what is predicted is what runs. An action is a forward ``F``, a
+whole backward ``B``, or a backward split into its input-gradient part ``I`` and its
+weight-gradient part ``W`` (zero-bubble schedules), of one stage on one micro-batch. Transfers
+between ranks are implied: a stage's forward output goes to the next stage, its input gradient to
+the previous one.
+
+Stage ``s`` lives on rank ``stage_rank[s]``: a loop placement (``s % pp``) for the classic and
+interleaved schedules, a V placement (rank r holds stages r and 2pp-1-r) for ZB-V and DualPipeV.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import Callable, NamedTuple
+
+from planner.errors import ScheduleError
+
+
+class Action(NamedTuple):
+    kind: str  # "F", "B", "I" or "W"
+    stage: int
+    mb: int
+
+    def __str__(self) -> str:  # the engine's notation: stage, kind, micro-batch ("2F0")
+        return f"{self.stage}{self.kind}{self.mb}"
+
+
+@dataclass(frozen=True, eq=False)  # built once per (name, pp, m, v): compare by identity
+class Schedule:
+    name: str
+    pp: int
+    virtual_stages: int
+    microbatches: int
+    stage_rank: tuple[int, ...]
+    ranks: tuple[tuple[Action, ...], ...]
+    split_backward: bool
+    executable: bool  # PyTorch's engine can run it
+    stream: bool = False  # asynchronous: no flush between steps (PipeDream)
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stage_rank)
+
+    def stages_of(self, rank: int) -> list[int]:
+        return self._stages[rank]
+
+    @cached_property
+    def _stages(self) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(self.pp)]
+        for s, r in enumerate(self.stage_rank):
+            out[r].append(s)
+        return out
+
+    @property
+    def n_actions(self) -> int:
+        return sum(len(a) for a in self.ranks)
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    name: str
+    summary: str
+    reference: str
+    executable: bool
+    placement: str  # "loop" or "v"
+    split_backward: bool
+
+
+SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
+    ScheduleInfo("naive", "one batch, no micro-batching: one stage busy at a time",
+                 "naive model parallelism", True, "loop", False),
+    ScheduleInfo("gpipe", "all forwards, then all backwards",
+                 "Huang et al., GPipe, NeurIPS 2019", True, "loop", False),
+    ScheduleInfo("1f1b", "PipeDream-Flush: warm-up forwards, then one forward one backward",
+                 "Narayanan et al., PipeDream-2BW, ICML 2021 (PipeDream-Flush)", True, "loop", False),
+    ScheduleInfo("interleaved-1f1b", "1F1B over v model chunks per rank",
+                 "Narayanan et al., Megatron-LM, SC 2021, section 2.2", True, "loop", False),
+    ScheduleInfo("zb-h1", "1F1B with backward split into input and weight gradients",
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024 (ZB-H1)", True, "loop", True),
+    ScheduleInfo("zb-v", "V placement, split backward, 1F1B's activation memory",
+                 "Qi et al., Pipeline Parallelism with Controllable Memory, NeurIPS 2024 (ZB-V)",
+                 True, "v", True),
+    ScheduleInfo("dualpipe-v", "V placement, split backward, deeper warm-up than ZB-V",
+                 "DeepSeek-AI, DeepSeek-V3 technical report, 2024 (DualPipe, cut in half)",
+                 True, "v", True),
+    ScheduleInfo("pipedream", "asynchronous 1F1B with weight stashing (model only)",
+                 "Narayanan et al., PipeDream, SOSP 2019", False, "loop", False),
+    ScheduleInfo("pipedream-2bw", "asynchronous 1F1B with two weight versions (model only)",
+                 "Narayanan et al., PipeDream-2BW, ICML 2021", False, "loop", False),
+]}
+
+ALIASES = {
+    "pipedream-flush": "1f1b", "1f1b-flush": "1f1b", "interleaved": "interleaved-1f1b",
+    "interleaved1f1b": "interleaved-1f1b", "i1f1b": "interleaved-1f1b", "zbh1": "zb-h1",
+    "zero-bubble": "zb-h1", "zbv": "zb-v", "dualpipev": "dualpipe-v", "dualpipe": "dualpipe-v",
+    "2bw": "pipedream-2bw", "pipedream2bw": "pipedream-2bw", "none": "naive",
+}
+
+
+def canonical(name: str) -> str:
+    key = name.strip().lower().replace("_", "-")
+    key = ALIASES.get(key, key)
+    if key not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+    return key
+
+
+def weight_versions(name: str, pp: int, rank: int) -> int:
+    """Weight copies a rank keeps: PipeDream stashes one per micro-batch in flight (pp - rank),
+    2BW keeps two (Narayanan et al., 2019 section 3.3; 2021 section 3.1)."""
+    if name == "pipedream":
+        return pp - rank
+    if name == "pipedream-2bw":
+        return 2
+    return 1
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_combination(name: str, pp: int, m: int, v: int) -> None:
+    """Refuse combinations a schedule cannot run, with the reason."""
+    info = SCHEDULES[name]
+    if pp < 1 or m < 1 or v < 1:
+        raise ScheduleError(f"{name}: pp, micro-batches and virtual stages must be >= 1")
+    if name == "naive" and m != 1:
+        raise ScheduleError(f"naive runs one batch without micro-batching: micro-batches must be 1, got {m}")
+    if info.placement == "v" and v != 2:
+        raise ScheduleError(f"{name} places two chunks per rank in a V: virtual stages must be 2, got {v}")
+    if name == "interleaved-1f1b" and v < 2:
+        raise ScheduleError("interleaved-1f1b needs at least 2 virtual stages per rank (use 1f1b for 1)")
+    if v > 1 and info.placement == "loop":
+        if name not in ("interleaved-1f1b", "zb-h1"):
+            raise ScheduleError(f"{name} runs one stage per rank: virtual stages must be 1, got {v}")
+        if pp < 2:
+            raise ScheduleError(f"{name} with virtual stages needs pp >= 2")
+        if m < pp or m % pp:
+            raise ScheduleError(f"{name} with {v} virtual stages needs the micro-batch count to be a "
+                                f"multiple of pp (Megatron-LM's rule): got {m} micro-batches, pp {pp}")
+
+
+def validate(schedule: Schedule) -> None:
+    """Every stage runs every micro-batch's F, then B (or I then W), on its own rank."""
+    S, m = schedule.n_stages, schedule.microbatches
+    seen: dict[tuple[str, int, int], int] = {}
+    for rank, actions in enumerate(schedule.ranks):
+        for pos, a in enumerate(actions):
+            if schedule.stage_rank[a.stage] != rank:
+                raise ScheduleError(f"rank {rank} runs {a}, but stage {a.stage} is on rank "
+                                    f"{schedule.stage_rank[a.stage]}")
+            if (a.kind, a.stage, a.mb) in seen:
+                raise ScheduleError(f"rank {rank} runs {a} twice")
+            need = {"B": "F", "I": "F", "W": "I"}.get(a.kind)
+            if need and (need, a.stage, a.mb) not in seen:
+                raise ScheduleError(f"rank {rank} runs {a} before {Action(need, a.stage, a.mb)}")
+            seen[(a.kind, a.stage, a.mb)] = pos
+    for s in range(S):
+        for k in range(m):
+            if ("F", s, k) not in seen:
+                raise ScheduleError(f"stage {s} never runs the forward of micro-batch {k}")
+            if ("B", s, k) not in seen and ("W", s, k) not in seen:
+                raise ScheduleError(f"stage {s} never runs the backward of micro-batch {k}")
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _loop(pp: int, v: int) -> tuple[int, ...]:
+    return tuple(s % pp for s in range(pp * v))
+
+
+def _vee(pp: int) -> tuple[int, ...]:
+    return tuple(range(pp)) + tuple(reversed(range(pp)))
+
+
+def _gpipe(pp: int, m: int) -> list[list[Action]]:
+    # Huang et al. 2019: every forward, then every backward (in micro-batch order, as the engine does)
+    return [[Action("F", r, k) for k in range(m)] + [Action("B", r, k) for k in range(m)]
+            for r in range(pp)]
+
+
+def _one_f_one_b(pp: int, m: int, split: bool) -> list[list[Action]]:
+    """Rank r runs min(pp - r, m) warm-up forwards, then alternates backward and forward, so it
+    holds at most pp - r micro-batches (Narayanan et al. 2021, PipeDream-Flush). With ``split``,
+    each backward is I then W (ZB-H1, Qi et al. 2024: the input gradient leaves W earlier)."""
+    out = []
+    for r in range(pp):
+        warm = min(pp - r, m)
+        acts = [Action("F", r, k) for k in range(warm)]
+        for k in range(m):
+            acts += [Action("I", r, k), Action("W", r, k)] if split else [Action("B", r, k)]
+            if warm + k < m:
+                acts.append(Action("F", r, warm + k))
+        out.append(acts)
+    return out
+
+
+def _interleaved(pp: int, v: int, m: int, split: bool) -> list[list[Action]]:
+    """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, section 2.2): micro-batches run in
+    groups of pp through chunk 0, then chunk 1, ...; rank r warms up with (pp - r - 1) * 2 +
+    (v - 1) * pp forwards, then alternates forward and backward."""
+    total = v * m
+    out = []
+    for r in range(pp):
+        def order(n: int, backward: bool) -> tuple[int, int]:
+            group, within = divmod(n, pp * v)
+            chunk = within // pp
+            if backward:
+                chunk = v - 1 - chunk
+            return chunk * pp + r, group * pp + within % pp
+
+        fwd = [Action("F", *order(n, False)) for n in range(total)]
+        bwd = [order(n, True) for n in range(total)]
+        warm = min((pp - r - 1) * 2 + (v - 1) * pp, total)
+        acts = fwd[:warm]
+
+        def backward(n: int) -> list[Action]:
+            s, k = bwd[n]
+            return [Action("I", s, k), Action("W", s, k)] if split else [Action("B", s, k)]
+
+        for n in range(total - warm):
+            acts.append(fwd[warm + n])
+            acts += backward(n)
+        for n in range(total - warm, total):
+            acts += backward(n)
+        out.append(acts)
+    return out
+
+
+def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
+            first_forward_priority: Callable[[int, int], bool]) -> list[list[Action]]:
+    """List-schedule split-backward actions on unit costs (F = I = W = 1).
+
+    Each rank takes, among the actions it could start earliest, a backward input gradient
+    first, then a forward (later stages first), then a deferred weight gradient: deferred W fill
+    what would be idle time (the zero-bubble idea, Qi et al. 2024). A rank starts a new
+    micro-batch on its first stage only while fewer than ``cap`` stage-micro-batches are in
+    flight on it, which bounds activation memory. ``first_forward_priority(rank, started)`` lets
+    a policy put forwards ahead of backwards during warm-up. The order found on unit costs is
+    kept for any stage costs: it is a valid order whatever the durations.
+    """
+    S = len(stage_rank)
+    stages = [[s for s in range(S) if stage_rank[s] == r] for r in range(pp)]
+    end: dict[tuple[str, int, int], int] = {}
+    next_f, next_i = [0] * S, [0] * S
+    clock, inflight, started = [0] * pp, [0] * pp, [0] * pp
+    pending_w: list[deque] = [deque() for _ in range(pp)]
+    lists: list[list[Action]] = [[] for _ in range(pp)]
+    remaining = 3 * S * m
+
+    def ready(kind: str, s: int, k: int) -> int | None:
+        if kind == "F":
+            return 0 if s == 0 else end.get(("F", s - 1, k))
+        own = end.get(("F", s, k))
+        if own is None:
+            return None
+        if s == S - 1:
+            return own
+        nxt = end.get(("I", s + 1, k))
+        return None if nxt is None else max(own, nxt)
+
+    def best(r: int):
+        options = []  # (start, priority, action)
+        first = stages[r][0]
+        for s in sorted(stages[r], reverse=True):
+            if next_i[s] < m and (t := ready("I", s, next_i[s])) is not None:
+                options.append((max(clock[r], t), 0, Action("I", s, next_i[s])))
+            if next_f[s] < m and (s != first or inflight[r] < cap):
+                if (t := ready("F", s, next_f[s])) is not None:
+                    prio = -1 if first_forward_priority(r, started[r]) else 1
+                    options.append((max(clock[r], t), prio, Action("F", s, next_f[s])))
+        if pending_w[r]:
+            options.append((clock[r], 2, pending_w[r][0]))
+        return min(options, key=lambda o: (o[0], o[1], -o[2].stage)) if options else None
+
+    # Each rank's best option is cached in a heap and recomputed only when an action that
+    # could change it completes (its own, or a neighbour stage's).
+    heap: list[tuple[int, int, int, int, Action]] = []
+    version = [0] * pp
+
+    def push(r: int) -> None:
+        version[r] += 1
+        b = best(r)
+        if b is not None:
+            heapq.heappush(heap, (b[0], b[1], r, version[r], b[2]))
+
+    for r in range(pp):
+        push(r)
+    while remaining:
+        while heap and heap[0][3] != version[heap[0][2]]:
+            heapq.heappop(heap)
+        if not heap:
+            raise ScheduleError(f"schedule builder deadlocked (pp={pp}, m={m}, cap={cap})")
+        start, _, r, _, a = heapq.heappop(heap)
+        finish = start + 1
+        clock[r] = finish
+        lists[r].append(a)
+        end[(a.kind, a.stage, a.mb)] = finish
+        remaining -= 1
+        if a.kind == "F":
+            next_f[a.stage] += 1
+            inflight[r] += 1
+            if a.stage == stages[r][0]:
+                started[r] += 1
+        elif a.kind == "I":
+            next_i[a.stage] += 1
+            pending_w[r].append(Action("W", a.stage, a.mb))
+        else:
+            pending_w[r].popleft()
+            inflight[r] -= 1
+        touched = {r}
+        if a.stage + 1 < S:
+            touched.add(stage_rank[a.stage + 1])
+        if a.stage > 0:
+            touched.add(stage_rank[a.stage - 1])
+        for q in touched:
+            push(q)
+    return lists
+
+
+@lru_cache(maxsize=256)
+def build(name: str, pp: int, m: int, v: int = 1) -> Schedule:
+    """The per-rank action lists of schedule ``name`` for pp ranks, m micro-batches and v chunks."""
+    name = canonical(name)
+    check_combination(name, pp, m, v)
+    info = SCHEDULES[name]
+    if name in ("naive", "gpipe"):
+        ranks, placement = _gpipe(pp, m), _loop(pp, 1)
+    elif name in ("1f1b", "pipedream", "pipedream-2bw"):
+        ranks, placement = _one_f_one_b(pp, m, split=False), _loop(pp, 1)
+    elif name == "zb-h1" and v == 1:
+        ranks, placement = _one_f_one_b(pp, m, split=True), _loop(pp, 1)
+    elif name in ("interleaved-1f1b", "zb-h1"):
+        ranks, placement = _interleaved(pp, v, m, split=info.split_backward), _loop(pp, v)
+    elif name == "zb-v":
+        # ZB-V keeps 1F1B's peak activation memory: pp micro-batches of the whole per-rank model,
+        # i.e. 2 * pp stage-micro-batches of half the size (Qi et al. 2024, section 4).
+        placement = _vee(pp)
+        ranks = _greedy(pp, placement, m, cap=2 * pp, first_forward_priority=lambda r, n: False)
+    else:  # dualpipe-v: warm-up of 2(pp - r) - 1 first-chunk forwards before any backward
+        placement = _vee(pp)
+        ranks = _greedy(pp, placement, m, cap=2 * pp + 1,
+                        first_forward_priority=lambda r, n: n < 2 * (pp - r) - 1)
+    schedule = Schedule(name=name, pp=pp, virtual_stages=v if info.placement == "loop" else 2,
+                        microbatches=m, stage_rank=placement,
+                        ranks=tuple(tuple(a) for a in ranks), split_backward=info.split_backward,
+                        executable=info.executable, stream=name.startswith("pipedream"))
+    return schedule  # every builder is checked by validate() in the tests
+
+
+# ------------------------------------------------------------------------------ analysis
+
+
+def inflight_peaks(schedule: Schedule) -> list[int]:
+    """For each stage, the most micro-batches whose activations it holds at once, counting the
+    one being computed. It depends only on the order of actions, not on their durations."""
+    peak = [0] * schedule.n_stages
+    for actions in schedule.ranks:
+        held = [0] * schedule.n_stages
+        for a in actions:
+            if a.kind == "F":
+                held[a.stage] += 1
+                peak[a.stage] = max(peak[a.stage], held[a.stage])
+            elif a.kind == "B" or a.kind == "W":
+                held[a.stage] -= 1
+    return peak
+
+
+def to_engine_csv(schedule: Schedule) -> str:
+    """The compute-only CSV (one row per rank) that PyTorch's _PipelineScheduleRuntime loads."""
+    return "\n".join(",".join(str(a) for a in actions) for actions in schedule.ranks) + "\n"

@@ -1,0 +1,274 @@
+"""Run per-rank action lists against stage costs: step time, idle time, memory, timeline.
+
+Each rank executes its list in order. An action starts when its rank is free and its inputs have
+arrived: a forward needs the previous stage's forward of the same micro-batch, a backward the
+next stage's backward, a weight gradient its own input gradient. A transfer between ranks starts
+when its producer finishes and the link is free (one transfer at a time per direction), and
+arrives after its bandwidth time plus the link latency; compute and transfers overlap, as they do
+with the engine's asynchronous sends. After its last action a rank all-reduces its gradients
+across data-parallel replicas and steps its optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from planner.errors import ScheduleError
+from planner.formats import StageCost
+from planner.schedules import Action, Schedule, build
+
+
+@dataclass(frozen=True)
+class Event:
+    rank: int
+    action: Action
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class Transfer:
+    src_rank: int
+    dst_rank: int
+    kind: str  # "act" (forward output) or "grad" (input gradient)
+    stage: int  # the receiving stage
+    mb: int
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class CutLink:
+    """Transfer cost across the cut after stage s: seconds the link is busy, plus latency."""
+
+    busy_s: float = 0.0
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class SimResult:
+    step_time_s: float
+    compute_s: list[float]  # per rank: F, B, I, W time
+    tail_s: list[float]  # per rank: gradient all-reduce and optimizer step after the last action
+    idle_s: list[float]
+    bubble_fraction: float
+    peak_memory_bytes: list[int]  # per rank
+    events: list[Event]
+    transfers: list[Transfer]
+
+    @property
+    def bottleneck_rank(self) -> int:
+        return max(range(len(self.compute_s)), key=lambda r: self.compute_s[r] + self.tail_s[r])
+
+
+@dataclass(frozen=True, eq=False)
+class Compiled:
+    """A schedule as a DAG in one topological order, independent of durations.
+
+    Node n is a compute action (``action[n]`` set) or a transfer between ranks. It starts when
+    ``prev[n]`` (the previous action on its rank, or the previous transfer on its link) has
+    ended and its data ``dep[n]`` has arrived (a transfer arrives ``latency`` after it ends).
+    """
+
+    action: list[Action | None]
+    rank: list[int]  # compute: its rank; transfer: the sending rank
+    prev: list[int]
+    dep: list[int]
+    cut: list[int]  # transfer: index of the cut it crosses, else -1
+    receiver: list[int]  # transfer: receiving rank, else -1
+    kind: list[str]  # transfer: "act" or "grad"; compute: the action kind
+    slot: list[int]  # index into the duration table: 4 * stage + (F, B, I, W), or 4 * S + cut
+    last: list[int]  # each rank's last action
+
+
+@lru_cache(maxsize=512)
+def compile_schedule(schedule: Schedule) -> Compiled:
+    S = schedule.n_stages
+    place = schedule.stage_rank
+    action: list[Action | None] = []
+    rank, prev, dep, cut, receiver, kind = [], [], [], [], [], []
+    node_of: dict[tuple[str, int, int], int] = {}
+    arrival: dict[tuple[str, int, int], int] = {}  # transfer node delivering to (kind, stage, mb)
+    last_on_rank = [-1] * schedule.pp
+    last_on_link: dict[tuple[int, int], int] = {}
+
+    def add(a, r, p, d, c, rcv, k) -> int:
+        action.append(a); rank.append(r); prev.append(p); dep.append(d)
+        cut.append(c); receiver.append(rcv); kind.append(k)
+        return len(action) - 1
+
+    def data(a: Action) -> int | None:
+        """The node whose end (plus latency, for a transfer) makes a's input ready; -1: none."""
+        s, k = a.stage, a.mb
+        if a.kind == "F":
+            if s == 0:
+                return -1
+            return node_of.get(("F", s - 1, k)) if place[s - 1] == place[s] else arrival.get(("act", s, k))
+        if a.kind == "W":
+            return node_of.get(("I", s, k))
+        own = node_of.get(("F", s, k))
+        if own is None:
+            return None
+        if s == S - 1:
+            return own
+        if place[s + 1] == place[s]:
+            nxt = node_of.get(("B", s + 1, k), node_of.get(("I", s + 1, k)))
+        else:
+            nxt = arrival.get(("grad", s, k))
+        return nxt  # the own forward precedes a on this rank already
+
+    pos = [0] * schedule.pp
+    left = sum(len(x) for x in schedule.ranks)
+    while left:
+        moved = False
+        for r, acts in enumerate(schedule.ranks):
+            while pos[r] < len(acts):
+                a = acts[pos[r]]
+                d = data(a)
+                if d is None:
+                    break
+                n = add(a, r, last_on_rank[r], d, -1, -1, a.kind)
+                last_on_rank[r] = n
+                node_of[(a.kind, a.stage, a.mb)] = n
+                pos[r] += 1
+                left -= 1
+                moved = True
+                s = a.stage
+                if a.kind == "F" and s < S - 1 and place[s + 1] != r:
+                    dst = place[s + 1]
+                    t = add(None, r, last_on_link.get((r, dst), -1), n, s, dst, "act")
+                    last_on_link[(r, dst)] = t
+                    arrival[("act", s + 1, a.mb)] = t
+                elif a.kind in ("B", "I") and s > 0 and place[s - 1] != r:
+                    dst = place[s - 1]
+                    t = add(None, r, last_on_link.get((r, dst), -1), n, s - 1, dst, "grad")
+                    last_on_link[(r, dst)] = t
+                    arrival[("grad", s - 1, a.mb)] = t
+        if not moved:
+            stuck = {r: str(acts[pos[r]]) for r, acts in enumerate(schedule.ranks) if pos[r] < len(acts)}
+            raise ScheduleError(f"schedule deadlocks: ranks wait forever at {stuck}")
+    kind_slot = {"F": 0, "B": 1, "I": 2, "W": 3}
+    slot = [4 * a.stage + kind_slot[a.kind] if a is not None else 4 * S + c
+            for a, c in zip(action, cut)]
+    return Compiled(action, rank, prev, dep, cut, receiver, kind, slot, last_on_rank)
+
+
+def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[list[float], list[float]]:
+    """Start and end of every node; a transfer ends when its link frees up and its data
+    arrives a latency later."""
+    dur, lat = [], []
+    for x in costs:
+        dur += [x.fwd_s, x.bwd_input_s + x.bwd_weight_s, x.bwd_input_s, x.bwd_weight_s]
+        lat += [0.0, 0.0, 0.0, 0.0]
+    for link in cuts:
+        dur.append(link.busy_s)
+        lat.append(link.latency_s)
+    n = len(c.slot)
+    start = [0.0] * n
+    end = [0.0] * n
+    arrive = [0.0] * n
+    prev, dep, slot = c.prev, c.dep, c.slot
+    for i in range(n):
+        p, d, k = prev[i], dep[i], slot[i]
+        t = end[p] if p >= 0 else 0.0
+        if d >= 0 and arrive[d] > t:
+            t = arrive[d]
+        e = t + dur[k]
+        start[i] = t
+        end[i] = e
+        arrive[i] = e + lat[k]
+    return start, end
+
+
+@lru_cache(maxsize=512)
+def memory_states(schedule: Schedule) -> list[list[tuple[int, tuple[int, ...]]]]:
+    """Per rank, the distinct (running stage, micro-batches held per own stage) at each action,
+    counting the one a forward is building. Memory changes only at a rank's own actions, so
+    these states, weighed by stage sizes, give the peak for any costs."""
+    out = []
+    for r, actions in enumerate(schedule.ranks):
+        mine = schedule.stages_of(r)
+        where = {s: k for k, s in enumerate(mine)}
+        held = [0] * len(mine)
+        states = set()
+        for a in actions:
+            k = where[a.stage]
+            if a.kind == "F":
+                held[k] += 1
+            states.add((k, tuple(held)))
+            if a.kind in ("B", "W"):
+                held[k] -= 1
+        out.append(sorted(states))
+    return out
+
+
+def peak_memory(schedule: Schedule, costs: list[StageCost]) -> list[int]:
+    """Peak bytes per rank: static memory of its stages, plus activations of the micro-batches in
+    flight, plus the transient workspace of the action running."""
+    peaks = []
+    for r, states in enumerate(memory_states(schedule)):
+        mine = [costs[s] for s in schedule.stages_of(r)]
+        base = sum(c.static_bytes + c.batch_bytes for c in mine)
+        top = max(sum(n * c.act_bytes for n, c in zip(held, mine)) + mine[k].transient_bytes
+                  for k, held in states)
+        peaks.append(base + top)
+    return peaks
+
+
+def step_time(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink]) -> float:
+    """The step time alone (what the solver ranks by); ``simulate`` gives the whole picture."""
+    compiled = compile_schedule(schedule)
+    _, end = _times(compiled, costs, cuts)
+    pp = schedule.pp
+    tails = [sum(costs[s].allreduce_s + costs[s].optimizer_s for s in schedule.stages_of(r)) for r in range(pp)]
+    if schedule.stream:
+        longer = build(schedule.name, pp, 3 * schedule.microbatches, schedule.virtual_stages)
+        _, end3 = _times(compile_schedule(longer), costs, cuts)
+        return (max(end3) - max(end)) / 2 + max(tails)
+    return max(end[n] + t for n, t in zip(compiled.last, tails))
+
+
+def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | None = None) -> SimResult:
+    """Time ``schedule`` with per-stage ``costs`` and per-cut transfer costs ``cuts``
+    (len n_stages - 1; omitted: free transfers)."""
+    S = schedule.n_stages
+    if len(costs) != S:
+        raise ScheduleError(f"{len(costs)} stage costs for a schedule of {S} stages")
+    cuts = cuts if cuts is not None else [CutLink()] * (S - 1)
+    if len(cuts) != S - 1:
+        raise ScheduleError(f"{len(cuts)} cut links for {S} stages (need {S - 1})")
+
+    compiled = compile_schedule(schedule)
+    start, end = _times(compiled, costs, cuts)
+    pp = schedule.pp
+    clock = [0.0] * pp
+    compute = [0.0] * pp
+    events: list[Event] = []
+    transfers: list[Transfer] = []
+    for i, a in enumerate(compiled.action):
+        r = compiled.rank[i]
+        if a is not None:
+            events.append(Event(r, a, start[i], end[i]))
+            compute[r] += end[i] - start[i]
+            clock[r] = max(clock[r], end[i])
+        else:
+            link = cuts[compiled.cut[i]]
+            dst_stage = compiled.cut[i] + 1 if compiled.kind[i] == "act" else compiled.cut[i]
+            mb = compiled.action[compiled.dep[i]].mb
+            transfers.append(Transfer(r, compiled.receiver[i], compiled.kind[i], dst_stage, mb,
+                                      start[i], end[i] + link.latency_s))
+    tails = [sum(costs[s].allreduce_s + costs[s].optimizer_s for s in schedule.stages_of(r)) for r in range(pp)]
+    if schedule.stream:
+        # Asynchronous schedules never flush: the step time is the steady-state time of m
+        # micro-batches, measured between the m-th and 3m-th micro-batch of a longer stream.
+        longer = build(schedule.name, pp, 3 * schedule.microbatches, schedule.virtual_stages)
+        _, end3 = _times(compile_schedule(longer), costs, cuts)
+        step = (max(end3) - max(end)) / 2 + max(tails)
+    else:
+        step = max(c + t for c, t in zip(clock, tails))
+    idle = [max(step - c - t, 0.0) for c, t in zip(compute, tails)]
+    bubble = sum(idle) / (pp * step) if step > 0 else 0.0
+    return SimResult(step_time_s=step, compute_s=compute, tail_s=tails, idle_s=idle,
+                     bubble_fraction=min(max(bubble, 0.0), 1.0),
+                     peak_memory_bytes=peak_memory(schedule, costs), events=events, transfers=transfers)

@@ -1,0 +1,167 @@
+"""Per-stage lower bounds on the simulated step time, and stage memory, for whole arrays of
+segments at once.
+
+For stage s holding layers [i, j), ``g_s(i, j)`` is a time no schedule run can beat once stage s
+holds exactly those layers, whatever the other stages hold:
+
+    g = head + m * work + gap + max(tail, after)
+
+* head: the first micro-batch must cross every earlier layer before stage s can start;
+* m * work: stage s itself computes every micro-batch's forward and backward;
+* gap (one-stage-per-rank schedules only): after its first forward, stage s waits for that
+  micro-batch to cross every later layer and come back, and meanwhile can run only the forwards
+  its schedule puts in between (k - 1 of them for 1F1B, where k is its in-flight limit; none for
+  GPipe, whose first backward waits for the last forward to come back);
+* tail: after stage s's last backward, earlier layers still run that micro-batch's backward;
+  after: its own gradient all-reduce and optimizer step. Either may end the step.
+
+Prefix terms use the fastest rank's speed and the smallest link latency, so the bound holds
+whatever the other stages hold. ``tests/test_solve.py`` checks the bound against the simulator
+on random partitions. The bound is what the dynamic program minimises; the simulator then
+settles which partition is fastest (``planner.solve.exact``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.cost import CostTable, bytes_per_param
+from planner.evaluate import Config, RankDevice
+from planner.formats import DTYPE_BYTES, Cluster
+from planner.schedules import Schedule, inflight_peaks, weight_versions
+
+NONE, FULL = 0, 1
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which recomputation a stage may use: 'none', 'full', or 'auto' (none if it fits, else full)."""
+
+    name: str = "auto"
+
+    def options(self) -> tuple[int, ...]:
+        return {"none": (NONE,), "full": (FULL,), "auto": (NONE, FULL)}[self.name]
+
+
+class StageBounds:
+    def __init__(self, table: CostTable, cluster: Cluster, config: Config, schedule: Schedule,
+                 ranks: list[RankDevice], policy: Policy = Policy(), share: float = 1.0):
+        """``share``: the fraction of its rank's memory a stage may use. 1 is a relaxation (a
+        rank with several stages needs them all to fit at once); 1 / chunks a restriction."""
+        self.t = table
+        self.cfg = config
+        self.schedule = schedule
+        self.ranks = ranks
+        self.policy = policy
+        self.n = table.n
+        self.S = schedule.n_stages
+        self.m = config.m
+        self.k = inflight_peaks(schedule)
+        place = schedule.stage_rank
+        self.speed = [ranks[place[s]].speed for s in range(self.S)]
+        self.cap = [ranks[place[s]].capacity_bytes * share for s in range(self.S)]
+        self.vmax = max(r.speed for r in ranks)
+        links = [cluster.intra_node] + ([cluster.inter_node] if cluster.inter_node else [])
+        self.lat = min(link.latency_s for link in links) if len(ranks) > 1 else 0.0
+        self.bpp = bytes_per_param(config.training, table.profile.dtype) / DTYPE_BYTES[table.profile.dtype]
+        self.versions = [weight_versions(config.schedule, config.pp, place[s]) for s in range(self.S)]
+        self.split = schedule.split_backward
+        self.one_chunk = schedule.n_stages == schedule.pp
+        # data-parallel all-reduce is linear in gradient bytes: seconds = a * bytes + c
+        self.ar = []
+        for s in range(self.S):
+            devs = ranks[place[s]].devices
+            link = cluster.link(devs[0], devs[-1])
+            d = len(devs)
+            if d > 1:
+                self.ar.append((2 * (d - 1) / d / link.bandwidth_bytes_per_s, 2 * (d - 1) * link.latency_s))
+            else:
+                self.ar.append((0.0, 0.0))
+        total_params = table.PARAMS[-1] or 1.0
+        self.opt_per_byte = table.optimizer_s / total_params
+
+    # ------------------------------------------------------------------------ pieces
+
+    def params(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        t = self.t
+        out = t.PARAMS[j] - t.PARAMS[i]
+        for members, nbytes in t._tied:
+            inside = sum(((i <= mbr) & (mbr < j)).astype(float) for mbr in members)
+            out = out - np.maximum(inside - 1, 0) * nbytes
+        return out
+
+    def memory(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
+        """Peak bytes of stage s's rank if it held only this stage (exact for one chunk per rank)."""
+        t = self.t
+        params = self.params(i, j)
+        static = params * self.bpp + (self.versions[s] - 1) * params
+        static = static + self.m * (t.cut[i] + t.cut[j])  # receive buffers, per micro-batch
+        batch = np.where(i == 0, self.m * t.input_batch, 0.0) + np.where(j == self.n, self.m * t.target_batch, 0.0)
+        if choice == FULL:
+            held = t.PRODUCED[j] - t.PRODUCED[i]
+            transient = t.recompute_peak_max[i, j]
+        else:
+            held = t.ACT[j] - t.ACT[i] + t.held_extra[i, j]
+            transient = t.peak_max[i, j]
+        return static + batch + self.k[s] * held + transient + t.cut[i]
+
+    def work(self, s: int, i, j, choice: int):
+        """Seconds stage s computes in a step: every micro-batch's forward and backward."""
+        t = self.t
+        f = (t.F[j] - t.F[i]) / self.speed[s]
+        b = (t.B[j] - t.B[i]) / self.speed[s]
+        if choice == FULL:
+            b = b + f
+        return self.m * (f + b)
+
+    def head(self, s: int, i):
+        """Earliest start of stage s: the first micro-batch crosses every earlier layer."""
+        return self.t.F[i] / self.vmax + s * self.lat
+
+    def tail(self, s: int, i):
+        """After stage s's last backward, earlier layers still run it (unless W may come last)."""
+        return 0.0 if self.split else self.t.B[i] / self.vmax + s * self.lat
+
+    def bound(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
+        t, n = self.t, self.n
+        work = self.work(s, i, j, choice)
+        f = (t.F[j] - t.F[i]) / self.speed[s]
+        if self.schedule.stream:  # steady state: no fill or drain
+            return work + self._after(s, i, j)
+        head = self.head(s, i)
+        tail = self.tail(s, i)
+        gap = 0.0
+        if self.one_chunk:
+            back = t.BI if self.split else t.B
+            rest = (t.F[n] - t.F[j] + back[n] - back[j]) / self.vmax + 2 * (self.S - 1 - s) * self.lat
+            if self.cfg.schedule in ("gpipe", "naive"):
+                gap = rest
+            else:
+                gap = np.maximum(rest - (self.k[s] - 1) * f, 0.0)
+        return head + work + gap + np.maximum(tail, self._after(s, i, j))
+
+    def _after(self, s: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        params = self.params(i, j)
+        a, c = self.ar[s]
+        ar = np.where(params > 0, a * params + c, 0.0)
+        return ar + self.opt_per_byte * params / self.speed[s]
+
+    # ------------------------------------------------------------------------ combined
+
+    def eval(self, s: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bound, choice) for segments [i, j) as stage s; bound is inf where nothing fits."""
+        best = np.full(i.shape, np.inf)
+        choice = np.full(i.shape, -1, dtype=np.int8)
+        for c in self.policy.options():
+            fits = self.memory(s, i, j, c) <= self.cap[s]
+            g = np.where(fits, self.bound(s, i, j, c), np.inf)
+            better = g < best
+            best = np.where(better, g, best)
+            choice = np.where(better, c, choice)
+        return best, choice
+
+    def min_memory(self, s: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Least memory stage s can need for [i, j) under the policy (for 'nothing fits' reports)."""
+        return np.minimum.reduce([self.memory(s, i, j, c) for c in self.policy.options()])

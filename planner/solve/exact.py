@@ -1,0 +1,277 @@
+"""The exact inner partitioner: a dynamic program over contiguous cuts, then branch and bound
+with the simulator.
+
+1. The DP finds the partition whose largest per-stage lower bound ``g_s`` (``bounds.py``) is
+   smallest, every stage fitting its rank's memory: ``best[s][j] = min_i max(best[s-1][i],
+   g_s(i, j))`` over the layers' topological order, vectorised over segments.
+2. That partition is simulated. No partition can beat the DP's value, so when the simulation
+   meets it the partition is optimal. Otherwise every partition whose bound is below the best
+   simulated time is enumerated (depth first, cheapest stages first, pruned by what the rest of
+   the layers can still achieve) and simulated; the best one wins. An exhausted budget is
+   reported as a gap, never hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planner.cost import Segment
+from planner.solve.bounds import FULL, StageBounds
+
+EPS = 1e-12
+Evaluator = Callable[[list[Segment]], tuple[float, bool, object]]
+
+
+@dataclass
+class InnerResult:
+    lower_bound_s: float  # no partition of this configuration beats it
+    segments: list[Segment] | None  # best found, None if nothing fits
+    step_time_s: float  # simulated, inf if nothing fits
+    proven: bool
+    evaluations: int = 0
+    payload: object = field(default=None, repr=False)  # the Evaluation of the best partition
+
+    @property
+    def gap(self) -> float:
+        if self.segments is None or self.step_time_s <= 0:
+            return 0.0
+        return max(self.step_time_s - self.lower_bound_s, 0.0) / self.step_time_s
+
+
+def _segments(stages: list[tuple[int, int, int]]) -> list[Segment]:
+    return [Segment(i, j, "full" if c == FULL else "none") for i, j, c in stages]
+
+
+def lb_partition(b: StageBounds, ub: float = np.inf, fixed: list[int] | None = None,
+                 cost: Callable | None = None) -> tuple[float, list[tuple[int, int, int]] | None]:
+    """Minimise the largest stage cost (by default the bound ``g_s``; ``cost(s, i, j) -> (value,
+    choice)`` for another one, e.g. memory). ``fixed`` pins the stage starts."""
+    cost = cost or b.eval
+    n, S = b.n, b.S
+    if fixed is not None:
+        starts = list(fixed) + [n]
+        worst, stages = 0.0, []
+        for s in range(S):
+            g, c = cost(s, np.array([starts[s]]), np.array([starts[s + 1]]))
+            if not np.isfinite(g[0]):
+                return np.inf, None
+            worst = max(worst, float(g[0]))
+            stages.append((starts[s], starts[s + 1], int(c[0])))
+        return worst, stages
+    if S > n:
+        return np.inf, None
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    args: list[np.ndarray] = []
+    choices: list[np.ndarray] = []
+    cols = np.arange(n + 1)
+    for s in range(S):
+        i, j = _segments_of(b, s, best < ub, ub)
+        longest = int((j - i).max()) if len(i) else 1
+        # band[d - 1, j]: the best max(bound so far, this stage) ending at j with length d
+        band = np.full((longest, n + 1), np.inf)
+        picks = np.full((longest, n + 1), -1, dtype=np.int8)
+        if len(i):
+            g, c = cost(s, i, j)
+            band[j - i - 1, j] = np.maximum(best[i], g)
+            picks[j - i - 1, j] = c
+        d = band.argmin(axis=0)
+        best = band[d, cols]
+        args.append(cols - d - 1)
+        choices.append(picks[d, cols])
+    if not np.isfinite(best[n]):
+        return np.inf, None
+    stages, j = [], n
+    for s in reversed(range(S)):
+        i = int(args[s][j])
+        stages.append((i, j, int(choices[s][j])))
+        j = i
+    return float(best[n]), stages[::-1]
+
+
+def _segments_of(b: StageBounds, s: int, start_ok: np.ndarray, ub: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every (start, end) stage s may take: it starts where the earlier stages can end
+    (``start_ok``), leaves a layer for each later stage, and its own work stays below ``ub``."""
+    n, S = b.n, b.S
+    starts = np.flatnonzero(start_ok[: n - (S - 1 - s)])
+    starts = starts[starts >= s]
+    if not len(starts):
+        return starts, starts
+    hi_j = n - (S - 1 - s)
+    longest = _longest(b, s, ub)
+    d = np.arange(1, longest + 1)
+    i = np.repeat(starts, len(d))
+    j = i + np.tile(d, len(starts))
+    keep = j <= hi_j
+    return i[keep], j[keep]
+
+
+def _longest(b: StageBounds, s: int, ub: float) -> int:
+    """The longest segment whose work alone can stay below ``ub`` (all of them if ub is inf)."""
+    n = b.n
+    if not np.isfinite(ub):
+        return n
+    t = b.t
+    lo, hi = 1, n
+    while lo < hi:  # the lightest window of length d gets heavier as d grows
+        mid = (lo + hi + 1) // 2
+        work = (t.F[mid:] - t.F[:-mid] + t.B[mid:] - t.B[:-mid]) * b.m / b.speed[s]
+        if work.min() <= ub:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _reachable(b: StageBounds, tau: float) -> list[np.ndarray]:
+    """reach[s][i]: layers [i, n) split into stages s..S-1, each bound below tau and fitting."""
+    n, S = b.n, b.S
+    reach = [np.zeros(n + 1, dtype=bool) for _ in range(S + 1)]
+    reach[S][n] = True
+    for s in reversed(range(S)):
+        i, j = _segments_of(b, s, np.ones(n + 1, dtype=bool), tau)
+        ok = reach[s + 1][j]
+        i, j = i[ok], j[ok]
+        if len(i):
+            g, _ = b.eval(s, i, j)
+            reach[s][i[g < tau]] = True
+    return reach
+
+
+def first_solution(b: StageBounds, evaluate: Evaluator, *, ub: float = np.inf,
+                   fixed: list[int] | None = None, floor: float = 0.0,
+                   warm: list[int] | None = None) -> InnerResult:
+    """The DP's partition, simulated; proven optimal when the simulation meets the bound.
+    ``floor``: another valid lower bound on the step time, kept if higher. ``warm``: stage
+    starts of a partition to try first; its time, if it fits, narrows the DP's search."""
+    incumbent: tuple[float, list[Segment] | None, object] = (np.inf, None, None)
+    count = 0
+    if warm is not None and fixed is None:
+        _, stages = lb_partition(b, fixed=warm)
+        if stages is not None:
+            step, fits, payload = evaluate(_segments(stages))
+            count += 1
+            if fits:
+                incumbent = (step, _segments(stages), payload)
+    lb, stages = lb_partition(b, min(ub, incumbent[0]), fixed)
+    if stages is None:
+        # nothing beats the incumbent (or ub): the incumbent is optimal, if there is one
+        lb = max(min(ub, incumbent[0]), floor) if np.isfinite(min(ub, incumbent[0])) else lb
+        return InnerResult(lb, incumbent[1], incumbent[0], proven=True, evaluations=count,
+                           payload=incumbent[2])
+    lb = max(lb, floor)
+    step, fits, payload = evaluate(_segments(stages))
+    count += 1
+    if fits and step < incumbent[0]:
+        incumbent = (step, _segments(stages), payload)
+    tight = incumbent[0] <= lb * (1 + 1e-9) + EPS
+    return InnerResult(lb, incumbent[1], incumbent[0], proven=fixed is not None or tight,
+                       evaluations=count, payload=incumbent[2])
+
+
+def refine(b: StageBounds, evaluate: Evaluator, found: InnerResult, *, ub: float = np.inf,
+           budget: int = 400, nodes: int = 20000, deadline: float | None = None) -> InnerResult:
+    """Branch and bound over every partition whose bound is below the best simulated time (or
+    ``ub``), cheapest stages first. Stops, unproven, after ``budget`` simulations, ``nodes``
+    search nodes or at ``deadline``."""
+    if found.proven:
+        return found
+    best_step = found.step_time_s
+    best = (found.segments, found.payload)
+    tau = min(best_step, ub)
+    if not np.isfinite(tau):
+        tau = np.inf
+    reach = _reachable(b, tau)
+    count, visited = found.evaluations, 0
+    proven = True
+    path: list[tuple[int, int, int]] = []
+    multi = b.S > b.schedule.pp
+    place = b.schedule.stage_rank
+    first_stage = {r: min(b.schedule.stages_of(r)) for r in range(b.schedule.pp)}
+    rank_speed = {r: b.speed[first_stage[r]] for r in range(b.schedule.pp)}
+    later_ranks = [sorted(set(place[s + 1:])) for s in range(b.S)]
+    busy = [0.0] * b.schedule.pp  # seconds of work assigned to each rank so far
+    edge = [0.0] * b.schedule.pp  # head + tail of each rank's first stage
+    total = b.t.F[-1] + b.t.B[-1]
+    cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def options(s: int, i: int):
+        key = (s, i)
+        if key not in cache:
+            j = np.arange(i + 1, b.n - (b.S - 1 - s) + 1)
+            j = j[reach[s + 1][j]]
+            g, c = b.eval(s, np.full(len(j), i), j)
+            order = np.argsort(g, kind="stable")
+            cache[key] = (j[order], g[order], c[order])
+        return cache[key]
+
+    def rank_prunes(s: int, j: int) -> bool:
+        """With several stages per rank: a rank's assigned work alone already reaches tau, or
+        the layers left do not fit in what the ranks still to come can absorb below tau."""
+        r = place[s]
+        if edge[r] + busy[r] >= tau:
+            return True
+        left = (total - b.t.F[j] - b.t.B[j]) * b.m
+        room = sum((tau - edge[q] - busy[q]) * rank_speed[q] for q in later_ranks[s])
+        return left > room * (1 + 1e-9)
+
+    def dfs(s: int, i: int) -> None:
+        nonlocal best_step, best, count, tau, proven, visited
+        if not proven:
+            return
+        visited += 1
+        if visited > nodes or count >= budget or (deadline is not None and time.perf_counter() > deadline):
+            proven = False
+            return
+        if s == b.S:
+            segs = _segments(path)
+            step_, fits_, payload_ = evaluate(segs)
+            count += 1
+            if fits_ and step_ < best_step:
+                best_step, best = step_, (segs, payload_)
+                tau = min(tau, best_step)
+            return
+        js, gs, cs = options(s, i)
+        r = place[s]
+        for jk, gk, ck in zip(js.tolist(), gs.tolist(), cs.tolist()):
+            if gk >= tau * (1 - 1e-12) or not proven:
+                break
+            if multi:
+                added = float(b.work(s, i, jk, ck))
+                first = s == first_stage[r]
+                if first:
+                    edge[r] = float(b.head(s, i) + b.tail(s, i))
+                busy[r] += added
+                pruned = s < b.S - 1 and rank_prunes(s, jk)
+            else:
+                pruned = False
+            if not pruned:
+                path.append((i, jk, ck))
+                dfs(s + 1, jk)
+                path.pop()
+            if multi:
+                busy[r] -= added
+                if first:
+                    edge[r] = 0.0
+
+    dfs(0, 0)
+    lb = found.lower_bound_s
+    if proven and best[0] is not None:
+        lb = max(lb, min(best_step, ub))  # nothing below the best (or ub) remains
+    return InnerResult(lb, best[0], best_step, proven=proven, evaluations=count, payload=best[1])
+
+
+def solve_inner(b: StageBounds, evaluate: Evaluator, *, ub: float = np.inf,
+                fixed: list[int] | None = None, budget: int = 400, nodes: int = 20000,
+                deadline: float | None = None) -> InnerResult:
+    """Best partition by simulated step time: the DP's, then branch and bound if needed.
+    ``evaluate(segments) -> (step, fits, payload)``. ``ub``: a step time achieved elsewhere;
+    partitions whose bound reaches it are not considered."""
+    found = first_solution(b, evaluate, ub=ub, fixed=fixed)
+    if found.segments is None and not np.isfinite(found.lower_bound_s):
+        return found
+    return refine(b, evaluate, found, ub=ub, budget=budget, nodes=nodes, deadline=deadline)

@@ -1,0 +1,391 @@
+"""The outer search: every configuration (pp, dp, micro-batch size and count, schedule, virtual
+stages), best first by an upper bound on its throughput, each solved exactly by the inner
+partitioner, stopping when no remaining configuration can enter the top K."""
+
+from __future__ import annotations
+
+import time
+from math import comb
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from planner.cost import CostTable, Segment
+from planner.errors import InfeasibleError, InputError, ScheduleError
+from planner.cost import bytes_per_param
+from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices
+from planner.formats import DTYPE_BYTES, Cluster, Profile, Training
+from planner.graph import LayerGraph
+from planner.schedules import SCHEDULES, build, canonical, check_combination
+from planner.solve import baselines as bl
+from planner.solve.bounds import Policy, StageBounds
+from planner.solve.exact import InnerResult, first_solution, lb_partition, refine
+
+VIRTUAL = (2, 4)  # chunks per rank tried for interleaved schedules
+MAX_ACTIONS = 400_000  # configurations whose schedule is larger are not simulated (noted)
+SMALL_CLUSTER = 64  # up to this many devices every pp is tried, above it the divisors
+ENUMERABLE = 100_000  # partitions: above this, multi-chunk configurations are not branched on
+
+
+@dataclass(frozen=True)
+class Settings:
+    global_batch: int | None = None
+    pp: int | None = None
+    dp: int | None = None
+    mbs: int | None = None
+    microbatches: int | None = None
+    schedules: tuple[str, ...] | None = None  # None: every schedule the engine runs
+    virtual_stages: int | None = None
+    recompute: str = "auto"  # none | full | auto (per stage) | selective (per layer, ILP)
+    training: Training = Training()
+    fix_cuts: tuple[int, ...] | None = None  # stage start positions after the first
+    top: int = 5
+    include_model_only: bool = False
+    budget: int = 400  # simulations per configuration in branch and bound
+    time_limit_s: float = 10.0
+
+
+@dataclass
+class Candidate:
+    config: Config
+    inner: InnerResult
+
+    @property
+    def evaluation(self) -> Evaluation:
+        return self.inner.payload  # type: ignore[return-value]
+
+    @property
+    def throughput(self) -> float:
+        return self.config.global_batch / self.inner.step_time_s if self.inner.segments else 0.0
+
+
+@dataclass
+class SolveResult:
+    best: Candidate
+    ranked: list[Candidate]
+    baselines: list[tuple[str, list[int] | None, Evaluation | None]]
+    proven: bool
+    configs_total: int
+    configs_solved: int
+    elapsed_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------- configurations
+
+
+def _schedules(settings: Settings) -> list[str]:
+    if settings.schedules:
+        return [canonical(s) for s in settings.schedules]
+    return [name for name, info in SCHEDULES.items() if info.executable or settings.include_model_only]
+
+
+def _virtuals(name: str, pp: int, n_layers: int, settings: Settings) -> list[int]:
+    info = SCHEDULES[name]
+    if info.placement == "v":
+        return [2]
+    if settings.virtual_stages is not None:
+        return [settings.virtual_stages]
+    if name == "interleaved-1f1b":
+        return [v for v in VIRTUAL if pp * v <= n_layers]
+    if name == "zb-h1":
+        return [1] + [v for v in VIRTUAL if pp * v <= n_layers]
+    return [1]
+
+
+def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> Iterator[Config]:
+    n_dev = len(cluster.devices)
+    n_layers = len(profile.layers)
+    sizes = [settings.mbs] if settings.mbs else profile.mbs_sizes
+    if settings.mbs and settings.mbs not in profile.mbs_sizes:
+        raise InputError(f"--mbs {settings.mbs} was not profiled (profiled: "
+                         f"{', '.join(map(str, profile.mbs_sizes))}); profile it with --mbs")
+    if settings.pp:
+        pps = [settings.pp]
+    elif n_dev <= SMALL_CLUSTER:
+        pps = list(range(1, min(n_layers, n_dev) + 1))
+    else:  # large clusters: pipeline degrees that use every device
+        pps = [p for p in range(1, min(n_layers, n_dev) + 1) if n_dev % p == 0]
+    names = _schedules(settings)
+    for pp in pps:
+        if pp * (settings.virtual_stages or 1) > n_layers:
+            continue
+        if settings.dp:
+            dps = [settings.dp]
+        elif n_dev <= SMALL_CLUSTER:  # using fewer devices can pay off when all-reduce is costly
+            dps = sorted({n_dev // pp, max(n_dev // pp // 2, 1)}, reverse=True)
+        else:
+            dps = [n_dev // pp]
+        for dp in dps:
+            if pp * dp > n_dev:
+                continue
+            for mbs in sizes:
+                if settings.global_batch:
+                    per_replica, rem = divmod(settings.global_batch, dp)
+                    if rem or per_replica % mbs:
+                        continue
+                    m = per_replica // mbs
+                    if settings.microbatches and settings.microbatches != m:
+                        continue
+                else:
+                    m = settings.microbatches or 4 * pp
+                for name in names:
+                    if (m == 1) != (name == "naive") and not settings.schedules:
+                        continue  # with one micro-batch every schedule is the naive one
+                    for v in _virtuals(name, pp, n_layers, settings):
+                        try:
+                            check_combination(name, pp, m, v)
+                        except ScheduleError:
+                            continue
+                        yield Config(pp=pp, dp=dp, mbs=mbs, m=m, schedule=name, v=v,
+                                     training=settings.training)
+
+
+# ----------------------------------------------------------------------------------- search
+
+
+class Search:
+    def __init__(self, profile: Profile, cluster: Cluster, settings: Settings,
+                 progress: Callable[[str, int, int], None] | None = None):
+        self.profile = profile
+        self.cluster = cluster
+        self.settings = settings
+        self.progress = progress
+        self.graph = LayerGraph(profile)
+        self.tables: dict[int, CostTable] = {}
+        self._ranks: dict[tuple[int, int], list[RankDevice]] = {}
+        self.policy = Policy("auto" if settings.recompute in ("auto", "selective") else settings.recompute)
+
+    def table(self, mbs: int) -> CostTable:
+        if mbs not in self.tables:
+            self.tables[mbs] = CostTable(self.profile, mbs, self.graph)
+        return self.tables[mbs]
+
+    def bounds(self, cfg: Config, share: float = 1.0) -> StageBounds:
+        schedule = build(cfg.schedule, cfg.pp, cfg.m, cfg.v)
+        return StageBounds(self.table(cfg.mbs), self.cluster, cfg, schedule,
+                           self.ranks(cfg.pp, cfg.dp), self.policy, share)
+
+    def _evaluator(self, cfg: Config):
+        table = self.table(cfg.mbs)
+
+        def run(segments: list[Segment]):
+            ev = evaluate(table, self.cluster, cfg, segments, detail=False)
+            return ev.step_time_s, ev.fits, ev
+        return run
+
+    def ranks(self, pp: int, dp: int) -> list[RankDevice]:
+        key = (pp, dp)
+        if key not in self._ranks:
+            self._ranks[key] = rank_devices(self.cluster, pp, dp)
+        return self._ranks[key]
+
+    def may_fit(self, cfg: Config) -> bool:
+        """A necessary condition: some rank holds at least 1/pp of the weights, gradients and
+        optimizer state, and some rank holds the largest layer's."""
+        t = self.table(cfg.mbs)
+        per_byte = bytes_per_param(cfg.training, self.profile.dtype) / DTYPE_BYTES[self.profile.dtype]
+        cap = max(r.capacity_bytes for r in self.ranks(cfg.pp, cfg.dp))
+        return t.PARAMS[-1] * per_byte / cfg.pp <= cap and float(t.params.max()) * per_byte <= cap
+
+    def quick_bound(self, cfg: Config) -> float:
+        """A step time no partition of cfg beats, from totals alone: all work spread evenly
+        over the ranks; for one-stage-per-rank schedules with whole backwards, also the least
+        max_s(prefix_s + m * work_s) over any split, W / (1 - (1 - 1/m)^pp) (stages equalised)."""
+        t = self.table(cfg.mbs)
+        vmax = max(r.speed for r in self.ranks(cfg.pp, cfg.dp))
+        work = (t.F[-1] + t.B[-1]) / vmax
+        if cfg.schedule.startswith("pipedream"):
+            return cfg.m * work / cfg.pp
+        heaviest = float((t.fwd + t.bwd).max()) / vmax  # the stage holding it runs it m times
+        bound = max(cfg.m * work / cfg.pp, work, cfg.m * heaviest)
+        if cfg.v == 1 and not SCHEDULES[cfg.schedule].split_backward:
+            bound = max(bound, work / (1 - (1 - 1 / cfg.m) ** cfg.pp))
+        return bound
+
+    def _fixed(self, cfg: Config) -> list[int] | None:
+        cuts = self.settings.fix_cuts
+        if cuts is None or len(cuts) != cfg.n_stages - 1:
+            return None
+        return [0, *cuts]
+
+    def run(self) -> SolveResult:
+        start = time.perf_counter()
+        s = self.settings
+        configs = list(configurations(self.profile, self.cluster, s))
+        if s.fix_cuts is not None:
+            configs = [c for c in configs if c.n_stages == len(s.fix_cuts) + 1]
+            if not configs:
+                raise InputError(f"--fix-cuts gives {len(s.fix_cuts) + 1} stages; no configuration "
+                                 "matches (pin --pp and --virtual-stages to agree)")
+        if not configs:
+            raise InputError("no configuration to search: check --pp, --dp, --mbs, --microbatches, "
+                             "--global-batch and --schedule against the profile and cluster")
+        fitting = [c for c in configs if self.may_fit(c)]
+        if not fitting:
+            raise InfeasibleError(self.explain_infeasible(configs))
+        upper = {c: c.global_batch / max(self.quick_bound(c), 1e-30) for c in fitting}
+        ranked = sorted(fitting, key=lambda c: -upper[c])
+        deadline = start + s.time_limit_s
+        results: dict[Config, Candidate] = {}
+        open_: list[tuple[Config, StageBounds, InnerResult]] = []  # solved but not yet proven
+        unresolved: list[float] = []  # throughput upper bounds of configurations left undecided
+        too_big: list[Config] = []
+        solved = 0
+        # Phase 1: every configuration that could enter the top K gets the DP and one simulation.
+        for k, cfg in enumerate(ranked):
+            if self.progress:
+                self.progress(cfg.describe(), k, len(ranked))
+            kth = self._kth_throughput(results.values())
+            if upper[cfg] <= kth:
+                break  # sorted by this bound: nothing later can enter the top K
+            if time.perf_counter() > deadline:
+                unresolved += [upper[c] for c in ranked[k:]]
+                break
+            if cfg.pp * cfg.m * cfg.v * 3 > MAX_ACTIONS:
+                too_big.append(cfg)
+                unresolved.append(upper[cfg])
+                continue
+            b = self.bounds(cfg)
+            t = self.table(cfg.mbs)
+            warm = bl.min_max(t.fwd + t.bwd, cfg.n_stages)
+            floor = self.quick_bound(cfg)
+            if cfg.n_stages > cfg.pp and comb(t.n - 1, cfg.n_stages - 1) > ENUMERABLE:
+                # Several stages per rank on a large instance: the per-stage bound is weaker than
+                # the floor, so the DP only looks for a good partition, each stage within its
+                # share of the rank's memory, over stages no heavier than twice an even share.
+                finder = self.bounds(cfg, share=1 / cfg.v)
+                inner = first_solution(finder, self._evaluator(cfg), ub=min(self._step_ub(cfg, kth), 2 * floor),
+                                       fixed=self._fixed(cfg), floor=floor, warm=warm)
+                inner.lower_bound_s = floor if inner.segments is not None or self._step_ub(cfg, kth) > 2 * floor \
+                    else inner.lower_bound_s
+                inner.proven = inner.proven and inner.step_time_s <= floor * (1 + 1e-9)
+            else:
+                inner = first_solution(b, self._evaluator(cfg), ub=self._step_ub(cfg, kth), fixed=self._fixed(cfg),
+                                       floor=floor, warm=warm)
+            solved += 1
+            if inner.segments is not None:
+                results[cfg] = Candidate(cfg, inner)
+            if not inner.proven:
+                open_.append((cfg, b, inner))
+        # Phase 2: branch and bound where a configuration's bound says it could still do better,
+        # most promising first. Bounds are tight for one stage per rank and loose for several, so
+        # those get a smaller search each.
+        open_.sort(key=lambda item: item[2].step_time_s / item[0].global_batch)
+        for cfg, b, inner in open_:
+            kth = self._kth_throughput(results.values())
+            if cfg.global_batch / max(inner.lower_bound_s, 1e-30) <= kth:
+                continue
+            if time.perf_counter() > deadline:
+                unresolved.append(cfg.global_batch / max(inner.lower_bound_s, 1e-30))
+                continue
+            if cfg.n_stages > cfg.pp and comb(b.n - 1, b.S - 1) > ENUMERABLE:
+                # several stages per rank: the bounds are too loose for branch and bound to
+                # finish on a large instance, so the configuration stays open with its bound
+                unresolved.append(cfg.global_batch / max(inner.lower_bound_s, 1e-30))
+                continue
+            done = refine(b, self._evaluator(cfg), inner, ub=self._step_ub(cfg, kth), budget=s.budget,
+                          deadline=deadline)
+            if done.segments is not None:
+                results[cfg] = Candidate(cfg, done)
+            if not done.proven:
+                unresolved.append(cfg.global_batch / max(done.lower_bound_s, 1e-30))
+        if self.progress:
+            self.progress("done", len(ranked), len(ranked))
+        if not results:
+            if unresolved:
+                raise InfeasibleError("no plan found within the time limit; raise --time-limit")
+            raise InfeasibleError(self.explain_infeasible(configs))
+        ordered = sorted(results.values(), key=self._rank_key)
+        best = ordered[0]
+        bound = max(unresolved, default=0.0)
+        notes = []
+        if too_big:
+            notes.append(f"{len(too_big)} configuration(s) with over {MAX_ACTIONS:,} scheduled actions "
+                         "were not simulated (e.g. " + too_big[0].describe() + ")")
+        if bound > best.throughput:
+            notes.append(f"not proven optimal: the bounds of {len(unresolved)} configuration(s) still allow "
+                         f"up to {bound / best.throughput - 1:.1%} more throughput (raise --time-limit "
+                         "or --budget to search further)")
+        return SolveResult(best=best, ranked=ordered[: s.top], baselines=self.baselines(best.config),
+                           proven=bound <= best.throughput, configs_total=len(configs),
+                           configs_solved=solved, elapsed_s=time.perf_counter() - start, notes=notes)
+
+    @staticmethod
+    def _rank_key(c: Candidate):
+        """Fastest first; among equals the one needing less memory, then the simpler schedule."""
+        ev = c.evaluation
+        return (-round(c.throughput, 9), max(ev.peak_memory_bytes), list(SCHEDULES).index(c.config.schedule),
+                c.config.v, c.config.pp)
+
+    @staticmethod
+    def _step_ub(cfg: Config, kth: float) -> float:
+        return cfg.global_batch / kth if kth > 0 else np.inf
+
+    def _kth_throughput(self, results) -> float:
+        """The throughput to beat: the best so far. (The top-K table lists the best
+        configurations evaluated, not a proven top K.)"""
+        return max((c.throughput for c in results), default=0.0)
+
+    # ------------------------------------------------------------------------- baselines
+
+    def baselines(self, cfg: Config) -> list[tuple[str, list[int] | None, Evaluation | None]]:
+        t = self.table(cfg.mbs)
+        names = [layer.name for layer in self.profile.layers]
+        S = cfg.n_stages
+        out = []
+        for label, starts in (
+            ("equal layers (Megatron-LM, DeepSpeed uniform)", bl.equal_blocks(names, S)),
+            ("parameter-balanced (DeepSpeed parameters)", bl.min_max(t.params + 1e-9, S)),
+            ("time-balanced (torchgpipe balance_by_time)", bl.min_max(t.fwd + t.bwd, S)),
+        ):
+            if starts is None:
+                out.append((label, None, None))
+                continue
+            b = self.bounds(cfg)
+            _, stages = lb_partition(b, fixed=starts)
+            if stages is None:  # does not fit: price it without recomputation to show by how much
+                segs = [Segment(a, z) for a, z in zip(starts, [*starts[1:], t.n])]
+            else:
+                segs = [Segment(a, z, "full" if c == 1 else "none") for a, z, c in stages]
+            out.append((label, starts, evaluate(t, self.cluster, cfg, segs)))
+        return out
+
+    # ------------------------------------------------------------------------ infeasible
+
+    def explain_infeasible(self, configs: list[Config]) -> str:
+        """The least memory any configuration needs, where it overflows, and the ways out."""
+        from planner.report import fmt_bytes
+
+        best = None
+        for cfg in configs:
+            b = StageBounds(self.table(cfg.mbs), self.cluster, cfg, build(cfg.schedule, cfg.pp, cfg.m, cfg.v),
+                            rank_devices(self.cluster, cfg.pp, cfg.dp), Policy("full"))
+
+            def mem(s, i, j, b=b):
+                return b.min_memory(s, i, j) - b.cap[s], np.zeros(i.shape, dtype=np.int8)
+
+            over, stages = lb_partition(b, cost=mem)
+            if stages is not None and (best is None or over < best[0]):
+                best = (over, cfg, stages, b)
+        if best is None:
+            return "nothing fits: no configuration has enough layers for its stages"
+        over, cfg, stages, b = best
+        worst = max(range(len(stages)), key=lambda s: float(b.min_memory(
+            s, np.array([stages[s][0]]), np.array([stages[s][1]]))[0]) - b.cap[s])
+        i, j, _ = stages[worst]
+        need = float(b.min_memory(worst, np.array([i]), np.array([j]))[0])
+        cap = b.cap[worst]
+        return (f"nothing fits: the least memory any plan needs is {fmt_bytes(need)} on one device "
+                f"({cfg.describe()}, full recomputation, stage {worst} holding "
+                f"{self.profile.layers[i].name}..{self.profile.layers[j - 1].name}); devices have "
+                f"{fmt_bytes(cap)} usable, {fmt_bytes(need - cap)} short. Ways out: more devices "
+                "(--cluster with more GPUs or nodes), --recompute full, a smaller micro-batch "
+                "(profile --mbs 1), a smaller --global-batch, or a cluster with more memory per "
+                "device (e.g. a100-80gbx8 or h100x8)")
+
+
+def solve(profile: Profile, cluster: Cluster, settings: Settings,
+          progress: Callable[[str, int, int], None] | None = None) -> SolveResult:
+    return Search(profile, cluster, settings, progress).run()

@@ -1,0 +1,336 @@
+"""A torch model cut into named layers, and stage modules built from any run of those layers.
+
+Shared by the profiler (which times one-layer stages) and the executor (which runs the plan's
+stages), so the layers that are measured are exactly the layers that run.
+
+Two ways to name layers:
+
+* traced: ``torch.fx`` traces ``model.forward`` with the chosen modules as leaves; every other
+  operation joins the first layer that uses its result. Any cut is then valid, skip connections
+  included: a stage takes every tensor alive across its first cut and returns every tensor alive
+  across its last, so tensors it does not use pass through it (the engine connects only adjacent
+  stages).
+* explicit: a list of module paths called one after the other, each on the previous output
+  (DeepSpeed ``PipelineModule`` style), for models whose forward does not trace.
+
+A stage's inputs and outputs are ordered by (producing layer, output index): stage k's outputs
+are stage k+1's inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from planner.errors import ModelError
+
+INPUT = -1
+
+
+@dataclass(frozen=True)
+class FlowTensor:
+    """A tensor flowing between layers: produced by ``producer`` (INPUT for a model input),
+    consumed by ``consumers`` (``n_layers`` stands for the loss)."""
+
+    producer: int
+    index: int
+    consumers: tuple[int, ...]
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.producer, self.index)
+
+    @property
+    def last(self) -> int:
+        return max(self.consumers)
+
+
+def _is_sequence(m: nn.Module) -> bool:
+    return isinstance(m, (nn.ModuleList, nn.Sequential))
+
+
+def _holds_sequence(m: nn.Module) -> bool:
+    return any(_is_sequence(c) or isinstance(c, nn.ModuleDict) for c in m.modules())
+
+
+def choose_layers(model: nn.Module, depth: int | None = None) -> list[str]:
+    """Module paths to treat as layers, in registration order.
+
+    Default: the natural repeated blocks (the elements of a ModuleList / Sequential) and every
+    module beside them that holds no such container. With ``depth``: the modules that many
+    levels below the model (shallower leaves as they are).
+    """
+    out: list[str] = []
+
+    def visit(prefix: str, m: nn.Module, level: int) -> None:
+        for name, child in m.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if depth is not None:
+                if level + 1 >= depth or not list(child.children()):
+                    out.append(path)
+                else:
+                    visit(path, child, level + 1)
+            elif _is_sequence(m) or not _holds_sequence(child):
+                out.append(path)
+            else:
+                visit(path, child, level + 1)
+
+    visit("", model, 0)
+    if not out:
+        raise ModelError("the model has no submodules to use as layers: describe layers explicitly")
+    return out
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or (super().is_leaf_module(m, qualname) and
+                                           not any(leaf.startswith(qualname + ".") for leaf in self.leaves))
+
+
+class LayeredModel:
+    """Layers of a model and the tensors between them; ``stage(a, b)`` builds layers [a, b)."""
+
+    names: list[str]
+    tensors: list[FlowTensor]
+    n_inputs: int
+    mode: str
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.names)
+
+    def crossing(self, k: int) -> list[FlowTensor]:
+        """Tensors alive across cut k, in stage input/output order. Cut 0: the model inputs."""
+        if k == 0:
+            return [t for t in self.tensors if t.producer == INPUT]
+        return [t for t in self.tensors if t.producer < k <= t.last]
+
+    def stage(self, a: int, b: int) -> nn.Module:
+        raise NotImplementedError
+
+    def layer_params(self, i: int) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------- traced
+
+
+class TracedModel(LayeredModel):
+    mode = "traced"
+
+    def __init__(self, model: nn.Module, layers: list[str]):
+        self.model = model
+        modules = dict(model.named_modules())
+        missing = [n for n in layers if n not in modules]
+        if missing:
+            raise ModelError(f"no module named {missing[0]!r} in the model")
+        try:
+            graph = _LeafTracer(set(layers)).trace(model)
+        except Exception as e:
+            raise ModelError(f"the model's forward does not trace with torch.fx ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); describe its layers "
+                             "explicitly with ModelSpec(layers=[...])") from None
+        self.gm = fx.GraphModule(model, graph)
+        self._assign(layers)
+
+    def _assign(self, wanted: list[str]) -> None:
+        nodes = list(self.gm.graph.nodes)
+        calls = [n for n in nodes if n.op == "call_module" and n.target in set(wanted)]
+        seen: set[str] = set()
+        for n in calls:
+            if n.target in seen:
+                raise ModelError(f"module {n.target!r} is called more than once in forward; "
+                                 "planner needs each layer called once (describe layers explicitly)")
+            seen.add(n.target)
+        unused = [w for w in wanted if w not in seen]
+        self.names = [n.target for n in calls]
+        if unused and not self.names:
+            raise ModelError("none of the chosen layers is called in forward")
+        index = {n.target: i for i, n in enumerate(calls)}
+        last = len(self.names) - 1
+        layer: dict[fx.Node, int] = {}
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        self.n_inputs = len(placeholders)
+        for n in placeholders:
+            layer[n] = INPUT
+        for n in calls:
+            layer[n] = index[n.target]
+        # Unpacking a layer's tuple output belongs to that layer: tensors, not tuples, cross cuts.
+        for n in nodes:
+            if n.op == "call_function" and n.target is operator.getitem and n.args[0] in layer \
+                    and layer[n.args[0]] != INPUT:
+                layer[n] = layer[n.args[0]]
+        # Every other operation joins the earliest layer that uses its result.
+        for n in reversed(nodes):
+            if n in layer or n.op in ("output", "get_attr"):
+                continue
+            users = [layer.get(u, last) if u.op != "output" else last for u in n.users]
+            layer[n] = min(users) if users else last
+        self.node_layer = layer
+        self.output_node = next(n for n in nodes if n.op == "output")
+
+        produced: dict[fx.Node, FlowTensor] = {}
+        counters: dict[int, int] = {}
+        n_layers = len(self.names)
+        for n in nodes:
+            if n.op in ("output", "get_attr"):
+                continue
+            consumers = set()
+            for u in n.users:
+                if u.op == "output":
+                    consumers.add(n_layers)
+                elif u.op != "get_attr" and layer[u] != layer[n]:
+                    consumers.add(layer[u])
+            if n.op == "placeholder" or consumers:
+                k = counters.get(layer[n], 0)
+                counters[layer[n]] = k + 1
+                produced[n] = FlowTensor(layer[n], k, tuple(sorted(consumers)) or (0,))
+        self.node_of = {t.key: n for n, t in produced.items()}
+        self.tensors = sorted(produced.values(), key=lambda t: t.key)
+
+    def check_tensors(self, values: dict[tuple[int, int], object]) -> None:
+        """Refuse cuts that would have to carry something other than a tensor."""
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                node = self.node_of[key]
+                src = "the input" if key[0] == INPUT else f"layer {self.names[key[0]]}"
+                raise ModelError(f"{node.name} ({type(value).__name__}) computed in {src} is used by a "
+                                 "later layer; only tensors can pass between stages: compute it inside "
+                                 "the layer that uses it, or describe layers explicitly")
+
+    def stage(self, a: int, b: int) -> nn.Module:
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for t in self.crossing(a):
+            src = self.node_of[t.key]
+            env[src] = g.placeholder(f"in_{src.name}")
+        for n in self.gm.graph.nodes:
+            if n.op in ("placeholder", "output"):
+                continue
+            if n.op == "get_attr":
+                continue  # copied on first use below
+            if a <= self.node_layer[n] < b:
+                def arg(x: fx.Node) -> fx.Node:
+                    if x not in env:
+                        if x.op != "get_attr":
+                            raise ModelError(f"stage [{a}, {b}) needs {x.name}, which does not cross its cut")
+                        env[x] = g.get_attr(x.target)
+                    return env[x]
+                env[n] = g.node_copy(n, arg)
+        if b >= self.n_layers:
+            result = fx.map_arg(self.output_node.args[0], lambda x: env[x])
+            g.output(result)
+        else:
+            g.output(tuple(env[self.node_of[t.key]] for t in self.crossing(b)))
+        g.lint()
+        return fx.GraphModule(self.gm, g, class_name=f"Stage_{a}_{b}")
+
+    def layer_params(self, i: int) -> dict[str, nn.Parameter]:
+        module = self.stage(i, i + 1)
+        return dict(module.named_parameters())
+
+
+# --------------------------------------------------------------------------------- explicit
+
+
+class _Sequence(nn.Module):
+    def __init__(self, names: list[str], modules: list[nn.Module], last: bool):
+        super().__init__()
+        self.names = names
+        self.layers = nn.ModuleList(modules)
+        self.last = last
+
+    def forward(self, *x):
+        for layer in self.layers:
+            x = layer(*x) if isinstance(x, tuple) else layer(x)
+        if not self.last and not isinstance(x, tuple):
+            x = (x,)
+        return x
+
+
+class SequentialModel(LayeredModel):
+    """Explicit layers, each called on the previous one's output (tuples are unpacked)."""
+
+    mode = "explicit"
+
+    def __init__(self, model: nn.Module, layers: list[str], n_inputs: int, n_outputs: list[int]):
+        modules = dict(model.named_modules())
+        missing = [n for n in layers if n not in modules]
+        if missing:
+            raise ModelError(f"explicit layer {missing[0]!r} is not a module of the model")
+        self.model = model
+        self.names = list(layers)
+        self.modules_ = [modules[n] for n in layers]
+        self.n_inputs = n_inputs
+        L = len(layers)
+        tensors = [FlowTensor(INPUT, k, (0,)) for k in range(n_inputs)]
+        for i, count in enumerate(n_outputs):
+            tensors += [FlowTensor(i, k, (i + 1,)) for k in range(count)]
+        self.tensors = [t for t in tensors if t.producer < L]
+
+    def stage(self, a: int, b: int) -> nn.Module:
+        return _Sequence(self.names[a:b], self.modules_[a:b], last=b >= self.n_layers)
+
+    def layer_params(self, i: int) -> dict[str, nn.Parameter]:
+        return {f"{self.names[i]}.{k}": p for k, p in self.modules_[i].named_parameters()}
+
+
+def _count_outputs(value) -> int:
+    return len(value) if isinstance(value, tuple) else 1
+
+
+def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
+            depth: int | None = None) -> LayeredModel:
+    """Cut ``model`` into layers: explicit when ``layers`` is given, else traced."""
+    if layers is not None:
+        modules = dict(model.named_modules())
+        counts = []
+        x = inputs
+        with torch.no_grad():
+            for name in layers:
+                if name not in modules:
+                    raise ModelError(f"explicit layer {name!r} is not a module of the model")
+                try:
+                    x = modules[name](*x) if isinstance(x, tuple) else modules[name](x)
+                except Exception as e:
+                    raise ModelError(f"explicit layer {name} raised {type(e).__name__}: {e}") from None
+                counts.append(_count_outputs(x))
+        return SequentialModel(model, layers, len(inputs), counts)
+    traced = TracedModel(model, choose_layers(model, depth))
+    traced.check_tensors(run_values(traced, inputs))
+    return traced
+
+
+def run_values(traced: TracedModel, inputs: tuple) -> dict[tuple[int, int], object]:
+    """The value of every flowing tensor for one batch (one forward, no grad)."""
+    env: dict[fx.Node, object] = {}
+    interp = fx.Interpreter(traced.gm)
+    with torch.no_grad():
+        it = iter(inputs)
+        for n in traced.gm.graph.nodes:
+            if n.op == "placeholder":
+                env[n] = next(it)
+            elif n.op != "output":
+                args = fx.map_arg(n.args, env.__getitem__)
+                kwargs = fx.map_arg(n.kwargs, env.__getitem__)
+                env[n] = getattr(interp, n.op)(n.target, args, kwargs)
+    return {key: env[node] for key, node in traced.node_of.items()}
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of module paths and types and parameter names and shapes: same structure, same
+    fingerprint, whatever the weights or dtype."""
+    h = hashlib.sha256()
+    for name, m in model.named_modules():
+        h.update(f"{name}:{type(m).__name__};".encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    return "sha256:" + h.hexdigest()
