@@ -121,6 +121,87 @@ def profile(
     out.print(f"profile written to {output}")
 
 
+@app.command()
+def solve(
+    profile_file: Path = typer.Argument(..., metavar="PROFILE", help="profile JSON from planner profile"),
+    cluster: str = typer.Option(..., "--cluster", "-c", help="preset (h100x8, 2xh100x8, cpu2, ...) or cluster JSON"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="plan JSON to write"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan JSON to stdout"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", min=1, help="samples per step (default 16 per device)"),
+    pp: Optional[int] = typer.Option(None, "--pp", min=1, help="pin the pipeline degree"),
+    dp: Optional[int] = typer.Option(None, "--dp", min=1, help="pin the data-parallel degree"),
+    mbs: Optional[int] = typer.Option(None, "--mbs", min=1, help="pin the micro-batch size"),
+    microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, help="pin the micro-batch count"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="pin schedules, comma separated (gpipe,1f1b,...)"),
+    virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages", min=1, help="pin chunks per rank"),
+    recompute: str = typer.Option("auto", "--recompute", help="none, full, auto (per stage) or selective (per layer)"),
+    optimizer: str = typer.Option("adam", "--optimizer", help="sgd, sgd-momentum or adam"),
+    precision: str = typer.Option("param", "--precision", help="param (states in the parameter dtype) or mixed (fp32 master)"),
+    fix_cuts: Optional[str] = typer.Option(None, "--fix-cuts", help="pin stage starts: layer indices or names, e.g. 4,10,17"),
+    top: int = typer.Option(5, "--top", min=1, help="candidates to list"),
+    include_model_only: bool = typer.Option(False, "--include-model-only", help="also rank PipeDream schedules the engine cannot run"),
+    time_limit: float = typer.Option(10.0, "--time-limit", min=0.1, help="seconds before the search stops and reports its gap"),
+    ilp: bool = typer.Option(False, "--ilp", help="also bound interleaved and V configurations with the ILP (slower, tighter)"),
+) -> None:
+    """Find the fastest plan that fits (does not need torch)."""
+    from planner import report
+    from planner.clusters import from_spec
+    from planner.errors import InputError
+    from planner.formats import Training, dump, load_profile, to_json
+    from planner.solve import Settings, solve as run_solve
+    from planner.solve.plan import make_plan
+
+    try:
+        prof = load_profile(profile_file)
+        clu = from_spec(cluster)
+        if recompute not in ("none", "full", "auto", "selective"):
+            raise InputError(f"--recompute {recompute!r}: choose none, full, auto or selective")
+        if optimizer not in ("sgd", "sgd-momentum", "adam") or precision not in ("param", "mixed"):
+            raise InputError("--optimizer must be sgd, sgd-momentum or adam; --precision param or mixed")
+        names = [layer.name for layer in prof.layers]
+        settings = Settings(
+            global_batch=global_batch or (None if microbatches else 16 * len(clu.devices)),
+            pp=pp, dp=dp, mbs=mbs, microbatches=microbatches,
+            schedules=tuple(x for x in schedule.split(",") if x) if schedule else None,
+            virtual_stages=virtual_stages, recompute=recompute,
+            training=Training(optimizer=optimizer, precision=precision),  # type: ignore[arg-type]
+            fix_cuts=_cuts(fix_cuts, names) if fix_cuts else None, top=top,
+            include_model_only=include_model_only, time_limit_s=time_limit, ilp=ilp)
+        with report.progress(err) as bar:
+            result = run_solve(prof, clu, settings, progress=bar)
+        plan = make_plan(prof, clu, result, settings)
+        if output is not None:
+            dump(plan, output)
+    except PlannerError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(to_json(plan))
+        return
+    for line in report.solve_report(prof, clu, result, plan):
+        out.print(line)
+    if output is not None:
+        out.print(f"plan written to {output}")
+
+
+def _cuts(text: str, names: list[str]) -> tuple[int, ...]:
+    from planner.errors import InputError
+
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        if item.isdigit():
+            k = int(item)
+        elif item in names:
+            k = names.index(item)
+        else:
+            raise InputError(f"--fix-cuts: {item!r} is neither a layer index nor a layer name")
+        if not 0 < k < len(names):
+            raise InputError(f"--fix-cuts: {item} is not between 1 and {len(names) - 1} (the layers a stage can start at)")
+        out.append(k)
+    if out != sorted(set(out)):
+        raise InputError("--fix-cuts: stage starts must increase")
+    return tuple(out)
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     from planner.errors import InputError
 

@@ -456,3 +456,11 @@ def json_schema(kind: str) -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"https://planner.dev/schemas/{kind}-v{SCHEMA_VERSION}.json"
     return schema
+
+
+if __name__ == "__main__":  # regenerate the shipped schemas: python -m planner.formats
+    here = Path(__file__).resolve().parent / "schemas"
+    here.mkdir(exist_ok=True)
+    for name in KINDS:
+        write_atomic(here / f"{name}.schema.json", json.dumps(json_schema(name), indent=1) + "\n")
+        print(f"wrote {here / name}.schema.json")

@@ -125,3 +125,51 @@ def profile_table(prof: Profile) -> Table:
     table.caption = "\n".join(notes)
     table.caption_justify = "left"
     return table
+
+
+def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
+    """What `planner solve` prints: candidates, the chosen plan per stage, the baselines."""
+    from planner.evaluate import replay_plan
+
+    out: list = []
+    if prof.device.type != (cluster.devices[0].type if cluster.devices else prof.device.type):
+        out.append(f"[yellow]note:[/] the profile was measured on {prof.device.type} ({prof.device.name}); "
+                   f"{cluster.name} has {cluster.devices[0].type} devices: times are the profile's, "
+                   "divided by each device's relative speed")
+    cand = Table(title=f"top configurations ({result.configs_solved} of {result.configs_total} solved, "
+                       f"{result.elapsed_s:.2f} s)", title_justify="left")
+    for col in ("#", "pp", "dp", "mbs", "m", "schedule", "recompute", "step", "samples/s", "bubble", "peak mem"):
+        cand.add_column(col, justify="right" if col not in ("schedule", "recompute") else "left")
+    for k, c in enumerate(result.ranked, 1):
+        ev = c.evaluation.detailed()
+        cfg = c.config
+        sched = cfg.schedule + (f" v={cfg.v}" if cfg.v > 1 else "")
+        rec = sorted({s.recompute for s in ev.segments})
+        cand.add_row(str(k), str(cfg.pp), str(cfg.dp), str(cfg.mbs), str(cfg.m), sched, "/".join(rec),
+                     fmt_time(ev.step_time_s), f"{c.throughput:.1f}", f"{ev.sim.bubble_fraction:.1%}",
+                     fmt_bytes(max(ev.peak_memory_bytes)), style="bold green" if k == 1 else None)
+    out.append(cand)
+    out.append(simulation_table(plan, replay_plan(plan)))
+    base = Table(title="against today's splits (same configuration, same cost model)", title_justify="left")
+    for col in ("partition", "layers per stage", "step", "vs planner", "peak mem"):
+        base.add_column(col, justify="left" if col in ("partition", "layers per stage") else "right")
+    mine = plan.predicted.step_time_s
+    sizes = [len(st.layers) for st in plan.stages]
+    base.add_row("planner", _sizes(sizes), fmt_time(mine), "1.00x", fmt_bytes(plan.predicted.peak_memory_bytes),
+                 style="bold green")
+    for b in plan.baselines:
+        ratio = f"{b.step_time_s / mine:.2f}x slower" if b.step_time_s else "does not fit"
+        base.add_row(b.name, _sizes(b.layers_per_stage), fmt_time(b.step_time_s), ratio,
+                     fmt_bytes(b.peak_memory_bytes))
+    out.append(base)
+    if result.proven:
+        out.append("[green]proven optimal[/] under the cost model: no configuration or partition "
+                   "searched can be faster")
+    for note in result.notes:
+        out.append(f"[yellow]note:[/] {note}")
+    return out
+
+
+def _sizes(sizes: list[int]) -> str:
+    text = ", ".join(map(str, sizes))
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from planner.errors import ScheduleError
 from planner.formats import StageCost
-from planner.schedules import Action, Schedule, build
+from planner.schedules import Action, Schedule
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,15 @@ def peak_memory(schedule: Schedule, costs: list[StageCost]) -> list[int]:
     return peaks
 
 
+def _steady_state(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink], tails: list[float]) -> float:
+    """Asynchronous schedules never flush: in steady state every stage runs one forward and one
+    backward per micro-batch, so the slowest stage (or link) sets the pace (Narayanan et al.,
+    PipeDream, SOSP 2019, section 3.1)."""
+    per_mb = max(c.fwd_s + c.bwd_input_s + c.bwd_weight_s for c in costs)
+    per_mb = max([per_mb] + [link.busy_s for link in cuts])
+    return schedule.microbatches * per_mb + max(tails)
+
+
 def step_time(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink]) -> float:
     """The step time alone (what the solver ranks by); ``simulate`` gives the whole picture."""
     compiled = compile_schedule(schedule)
@@ -223,9 +232,7 @@ def step_time(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink]) -
     pp = schedule.pp
     tails = [sum(costs[s].allreduce_s + costs[s].optimizer_s for s in schedule.stages_of(r)) for r in range(pp)]
     if schedule.stream:
-        longer = build(schedule.name, pp, 3 * schedule.microbatches, schedule.virtual_stages)
-        _, end3 = _times(compile_schedule(longer), costs, cuts)
-        return (max(end3) - max(end)) / 2 + max(tails)
+        return _steady_state(schedule, costs, cuts, tails)
     return max(end[n] + t for n, t in zip(compiled.last, tails))
 
 
@@ -260,11 +267,7 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
                                       start[i], end[i] + link.latency_s))
     tails = [sum(costs[s].allreduce_s + costs[s].optimizer_s for s in schedule.stages_of(r)) for r in range(pp)]
     if schedule.stream:
-        # Asynchronous schedules never flush: the step time is the steady-state time of m
-        # micro-batches, measured between the m-th and 3m-th micro-batch of a longer stream.
-        longer = build(schedule.name, pp, 3 * schedule.microbatches, schedule.virtual_stages)
-        _, end3 = _times(compile_schedule(longer), costs, cuts)
-        step = (max(end3) - max(end)) / 2 + max(tails)
+        step = _steady_state(schedule, costs, cuts, tails)
     else:
         step = max(c + t for c, t in zip(clock, tails))
     idle = [max(step - c - t, 0.0) for c, t in zip(compute, tails)]

@@ -35,6 +35,11 @@ class InnerResult:
     evaluations: int = 0
     payload: object = field(default=None, repr=False)  # the Evaluation of the best partition
 
+    def __post_init__(self) -> None:  # plain Python numbers, whatever numpy handed over
+        self.lower_bound_s = float(self.lower_bound_s)
+        self.step_time_s = float(self.step_time_s)
+        self.proven = bool(self.proven)
+
     @property
     def gap(self) -> float:
         if self.segments is None or self.step_time_s <= 0:

@@ -25,6 +25,8 @@ from planner.solve.exact import InnerResult, first_solution, lb_partition, refin
 VIRTUAL = (2, 4)  # chunks per rank tried for interleaved schedules
 MAX_ACTIONS = 400_000  # configurations whose schedule is larger are not simulated (noted)
 SMALL_CLUSTER = 64  # up to this many devices every pp is tried, above it the divisors
+ILP_VARIABLES = 2000  # with --ilp: layers x stages up to which multi-chunk configurations get it
+ILP_SECONDS = 5.0  # per configuration
 ENUMERABLE = 100_000  # partitions: above this, multi-chunk configurations are not branched on
 
 
@@ -43,6 +45,7 @@ class Settings:
     top: int = 5
     include_model_only: bool = False
     budget: int = 400  # simulations per configuration in branch and bound
+    ilp: bool = False  # bound interleaved / V configurations with the ILP (slower, tighter)
     time_limit_s: float = 10.0
 
 
@@ -281,16 +284,19 @@ class Search:
                 unresolved.append(cfg.global_batch / max(inner.lower_bound_s, 1e-30))
                 continue
             if cfg.n_stages > cfg.pp and comb(b.n - 1, b.S - 1) > ENUMERABLE:
-                # several stages per rank: the bounds are too loose for branch and bound to
-                # finish on a large instance, so the configuration stays open with its bound
-                unresolved.append(cfg.global_batch / max(inner.lower_bound_s, 1e-30))
-                continue
-            done = refine(b, self._evaluator(cfg), inner, ub=self._step_ub(cfg, kth), budget=s.budget,
-                          deadline=deadline)
+                # Several stages per rank on a large instance: the DP's per-stage bounds are too
+                # loose for branch and bound, so the ILP's rank-level bound decides, where the
+                # program is small enough; otherwise the configuration stays open.
+                done = self._by_ilp(cfg, inner, kth, deadline)
+            else:
+                done = refine(b, self._evaluator(cfg), inner, ub=self._step_ub(cfg, kth), budget=s.budget,
+                              deadline=deadline)
             if done.segments is not None:
                 results[cfg] = Candidate(cfg, done)
             if not done.proven:
                 unresolved.append(cfg.global_batch / max(done.lower_bound_s, 1e-30))
+        if s.recompute == "selective":
+            self._selective(results, deadline)
         if self.progress:
             self.progress("done", len(ranked), len(ranked))
         if not results:
@@ -309,8 +315,38 @@ class Search:
                          f"up to {bound / best.throughput - 1:.1%} more throughput (raise --time-limit "
                          "or --budget to search further)")
         return SolveResult(best=best, ranked=ordered[: s.top], baselines=self.baselines(best.config),
-                           proven=bound <= best.throughput, configs_total=len(configs),
+                           proven=bool(bound <= best.throughput), configs_total=len(configs),
                            configs_solved=solved, elapsed_s=time.perf_counter() - start, notes=notes)
+
+    def _by_ilp(self, cfg: Config, inner: InnerResult, kth: float, deadline: float) -> InnerResult:
+        from planner.solve.ilp import solve_ilp
+
+        b = self.bounds(cfg)
+        left = deadline - time.perf_counter()
+        if not self.settings.ilp or b.n * b.S > ILP_VARIABLES or left < 1:
+            return inner
+        mode = "auto" if self.policy.name == "auto" else self.policy.name
+        found, first = solve_ilp(b, self._evaluator(cfg), mode, time_limit=min(ILP_SECONDS, left), rounds=20,
+                                 stop_at=self._step_ub(cfg, kth))
+        lower = max(inner.lower_bound_s, first.bound, found.lower_bound_s)
+        if found.segments is not None and found.step_time_s < inner.step_time_s:
+            return InnerResult(lower, found.segments, found.step_time_s, found.proven, found.evaluations, found.payload)
+        return InnerResult(lower, inner.segments, inner.step_time_s, found.proven or inner.proven,
+                           inner.evaluations + found.evaluations, inner.payload)
+
+    def _selective(self, results: dict[Config, Candidate], deadline: float) -> None:
+        """Per-layer recomputation with the cuts, by the ILP, for the best configurations."""
+        from planner.solve.ilp import solve_ilp
+
+        for cand in sorted(results.values(), key=self._rank_key)[: self.settings.top]:
+            left = deadline - time.perf_counter()
+            if left < 1:
+                break
+            cfg = cand.config
+            found, _ = solve_ilp(self.bounds(cfg), self._evaluator(cfg), "selective",
+                                 time_limit=min(ILP_SECONDS, left), rounds=10)
+            if found.segments is not None and found.step_time_s < cand.inner.step_time_s:
+                results[cfg] = Candidate(cfg, found)
 
     @staticmethod
     def _rank_key(c: Candidate):

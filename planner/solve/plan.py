@@ -1,0 +1,41 @@
+"""Turn a search result into the plan file: the chosen configuration, its baselines, and how it
+was found."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from planner.evaluate import profile_fingerprint, to_plan
+from planner.formats import BaselineResult, Cluster, Plan, Profile
+from planner.solve.search import Settings, SolveResult
+
+
+def baseline_results(result: SolveResult, n_layers: int) -> list[BaselineResult]:
+    out = []
+    for name, starts, ev in result.baselines:
+        if starts is None or ev is None:
+            continue
+        sizes = [b - a for a, b in zip(starts, [*starts[1:], n_layers])]
+        out.append(BaselineResult(name=name, layers_per_stage=sizes,
+                                  step_time_s=ev.step_time_s if ev.fits else None,
+                                  peak_memory_bytes=max(ev.peak_memory_bytes), fits=ev.fits))
+    return out
+
+
+def make_plan(profile: Profile, cluster: Cluster, result: SolveResult, settings: Settings) -> Plan:
+    best = result.best
+    solver = {
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("training", "progress")},
+        "proven_optimal": result.proven,
+        "lower_bound_s": best.inner.lower_bound_s,
+        "configurations": result.configs_total,
+        "configurations_solved": result.configs_solved,
+        "notes": result.notes,
+    }
+    solver["settings"]["fix_cuts"] = list(settings.fix_cuts) if settings.fix_cuts else None
+    solver["settings"]["schedules"] = list(settings.schedules) if settings.schedules else None
+    return to_plan(profile, cluster, best.evaluation,
+                   baselines=baseline_results(result, len(profile.layers)), solver=solver)
+
+
+__all__ = ["make_plan", "baseline_results", "profile_fingerprint"]

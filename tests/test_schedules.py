@@ -1,0 +1,77 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner.errors import ScheduleError
+from planner.schedules import SCHEDULES, build, canonical, inflight_peaks, to_engine_csv, validate
+
+
+@given(pp=st.integers(1, 6), m=st.integers(1, 12))
+@settings(max_examples=60, deadline=None)
+def test_one_chunk_schedules_are_valid(pp, m):
+    for name in ("gpipe", "1f1b", "zb-h1", "pipedream", "pipedream-2bw"):
+        validate(build(name, pp, m))
+
+
+@given(pp=st.integers(2, 5), rounds=st.integers(1, 3), v=st.integers(2, 3))
+@settings(max_examples=30, deadline=None)
+def test_interleaved_schedules_are_valid(pp, rounds, v):
+    for name in ("interleaved-1f1b", "zb-h1"):
+        validate(build(name, pp, pp * rounds, v))
+
+
+@given(pp=st.integers(1, 6), m=st.integers(1, 12))
+@settings(max_examples=40, deadline=None)
+def test_v_schedules_are_valid(pp, m):
+    for name in ("zb-v", "dualpipe-v"):
+        s = build(name, pp, m, 2)
+        validate(s)
+        assert s.stage_rank == tuple(range(pp)) + tuple(reversed(range(pp)))
+
+
+def test_one_f_one_b_holds_p_minus_i_in_flight():
+    # Narayanan et al. 2021: stage i of p keeps p - i micro-batches
+    assert inflight_peaks(build("1f1b", 4, 8)) == [4, 3, 2, 1]
+    assert inflight_peaks(build("zb-h1", 4, 8)) == [4, 3, 2, 1]
+
+
+def test_gpipe_holds_every_micro_batch():
+    assert inflight_peaks(build("gpipe", 3, 5)) == [5, 5, 5]
+
+
+def test_first_ranks_of_1f1b_by_hand():
+    s = build("1f1b", 2, 3)
+    assert [str(a) for a in s.ranks[0]] == ["0F0", "0F1", "0B0", "0F2", "0B1", "0B2"]
+    assert [str(a) for a in s.ranks[1]] == ["1F0", "1B0", "1F1", "1B1", "1F2", "1B2"]
+
+
+def test_engine_csv_has_one_row_per_rank():
+    csv = to_engine_csv(build("gpipe", 2, 2))
+    assert csv == "0F0,0F1,0B0,0B1\n1F0,1F1,1B0,1B1\n"
+
+
+@pytest.mark.parametrize("name,pp,m,v,match", [
+    ("naive", 2, 4, 1, "micro-batches must be 1"),
+    ("interleaved-1f1b", 4, 2, 2, "multiple of pp"),
+    ("interleaved-1f1b", 4, 6, 2, "multiple of pp"),
+    ("interleaved-1f1b", 4, 8, 1, "at least 2 virtual stages"),
+    ("zb-v", 4, 8, 3, "virtual stages must be 2"),
+    ("gpipe", 4, 8, 2, "virtual stages must be 1"),
+])
+def test_invalid_combinations_are_refused(name, pp, m, v, match):
+    with pytest.raises(ScheduleError, match=match):
+        build(name, pp, m, v)
+
+
+def test_names_and_aliases():
+    assert canonical("PipeDream-Flush") == "1f1b"
+    assert canonical("zbv") == "zb-v"
+    assert set(SCHEDULES) >= {"naive", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v",
+                              "dualpipe-v", "pipedream", "pipedream-2bw"}
+    with pytest.raises(ScheduleError, match="unknown schedule 'ring'"):
+        canonical("ring")
+
+
+def test_model_only_schedules_are_flagged():
+    assert not SCHEDULES["pipedream"].executable and not SCHEDULES["pipedream-2bw"].executable
+    assert all(SCHEDULES[n].executable for n in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v", "dualpipe-v"))

@@ -1,0 +1,162 @@
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from planner.clusters import from_spec
+from planner.errors import InfeasibleError
+from planner.evaluate import Config
+from planner.solve import Settings, solve
+from planner.solve.baselines import equal_blocks, min_max
+from planner.solve.brute import all_partitions, brute_force
+from planner.solve.exact import lb_partition, solve_inner
+from planner.solve.ilp import ilp_partition, solve_ilp
+from planner.synthetic import chain_profile
+from tests.conftest import setup
+
+GiB = 2**30
+
+
+def test_min_max_partition_like_torchgpipe():
+    assert min_max([1, 2, 3, 4, 5, 6], 2) == [0, 4]  # [1, 2, 3, 4] | [5, 6]
+    assert min_max([5, 1, 1, 1, 1, 1], 3) == [0, 1, 3]
+
+
+def test_equal_blocks_like_megatron():
+    names = ["emb"] + [f"h.{i}" for i in range(24)] + ["ln_f", "head"]
+    assert equal_blocks(names, 4) == [0, 7, 13, 19]  # six blocks each, ends on the end stages
+
+
+def instances():
+    return st.fixed_dictionaries({
+        "n": st.integers(3, 7),
+        "seed": st.integers(0, 10**6),
+        "schedule": st.sampled_from([("1f1b", 1), ("gpipe", 1), ("zb-h1", 1), ("interleaved-1f1b", 2),
+                                     ("zb-v", 2), ("pipedream", 1)]),
+        "pp": st.integers(1, 3),
+        "m": st.sampled_from([1, 2, 4]),
+        "memory": st.sampled_from([6, 12, 40]),
+        "skip": st.booleans(),
+        "tied": st.booleans(),
+    })
+
+
+def build_instance(d):
+    rng = np.random.default_rng(d["seed"])
+    n = d["n"]
+    prof = chain_profile(list(rng.uniform(0.2, 3.0, n)), list(rng.uniform(0.2, 6.0, n)),
+                         act_bytes=[int(x) for x in rng.integers(1, 6, n) * 2**28],
+                         param_bytes=[int(x) for x in rng.integers(1, 6, n) * 2**26],
+                         out_bytes_per_sample=2**24,
+                         skips=[(0, n - 1, 2**25)] if d["skip"] else [],
+                         tied=[([0, n - 1], 2**26)] if d["tied"] else [],
+                         bwd_input_fraction=float(rng.uniform(0.3, 0.7)))
+    name, v = d["schedule"]
+    pp = 2 if v == 2 else d["pp"]
+    m = d["m"]
+    if name == "interleaved-1f1b":
+        m = max(pp, m - m % pp)
+    if pp * v > n:
+        return None
+    cfg = Config(pp=pp, dp=1, mbs=1, m=m, schedule=name, v=v)
+    return setup(prof, "h100x4", cfg, memory_bytes=d["memory"] * GiB + 2**30)
+
+
+@given(instances())
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+def test_exact_solver_matches_brute_force(d):
+    inst = build_instance(d)
+    if inst is None:
+        return
+    b, run = inst
+    expected, _ = brute_force(b, run)
+    got = solve_inner(b, run, budget=10**6, nodes=10**7)
+    assert got.proven
+    if np.isfinite(expected):
+        assert got.step_time_s == pytest.approx(expected, rel=1e-12)
+    else:
+        assert got.segments is None
+
+
+@given(instances())
+@settings(max_examples=80, deadline=None)
+def test_stage_bound_never_exceeds_the_simulation(d):
+    inst = build_instance(d)
+    if inst is None:
+        return
+    b, run = inst
+    for starts in all_partitions(b.n, b.S):
+        _, stages = lb_partition(b, fixed=starts)
+        if stages is None:
+            continue
+        from planner.solve.exact import _segments
+        step, fits, _ = run(_segments(stages))
+        bound = max(float(b.eval(s, np.array([i]), np.array([j]))[0][0]) for s, (i, j, _) in enumerate(stages))
+        assert bound <= step * (1 + 1e-9)
+
+
+@given(instances())
+@settings(max_examples=40, deadline=None)
+def test_dp_and_ilp_minimise_the_same_bound(d):
+    inst = build_instance(d)
+    if inst is None or d["schedule"][1] != 1:
+        return
+    b, _ = inst
+    lb, stages = lb_partition(b)
+    sol = ilp_partition(b, "auto")
+    if stages is None:
+        assert sol.segments is None
+    else:
+        assert sol.status == "Optimal" and sol.gap == 0
+        assert sol.objective == pytest.approx(lb, rel=1e-6, abs=1e-9)
+
+
+def test_ilp_with_simulation_matches_brute_force():
+    prof = chain_profile([1.0, 3.0, 1.0, 2.0, 2.0], act_bytes=2**29, param_bytes=2**27)
+    b, run = setup(prof, "h100x4", Config(pp=2, dp=1, mbs=1, m=4, schedule="interleaved-1f1b", v=2),
+                   memory_bytes=13 * GiB)
+    expected, _ = brute_force(b, run)
+    got, first = solve_ilp(b, run, "auto", rounds=100)
+    assert got.proven and got.step_time_s == pytest.approx(expected)
+    assert first.bound <= expected
+
+
+def test_selective_recomputation_fits_where_none_does_not():
+    prof = chain_profile([1.0] * 4, act_bytes=[2**30, 2**28, 2**30, 2**28], param_bytes=2**20)
+    # GPipe holds all four micro-batches: 4 x 2.5 GiB does not fit in 4 GiB, 4 x 0.5 GiB does
+    b, run = setup(prof, "h100x4", Config(pp=1, dp=1, mbs=1, m=4, schedule="gpipe"), memory_bytes=5 * GiB)
+    assert lb_partition(b)[1][0][2] == 1  # the DP must recompute the whole stage
+    got, _ = solve_ilp(b, run, "selective")
+    assert got.segments[0].recompute == "selective"
+    assert set(got.segments[0].recompute_layers) <= {0, 2}  # only the big ones are worth it
+
+
+def gpt2_medium():
+    # Measured on an H100 80GB (bf16, micro-batch 8): 2.4 ms embedding, 4.0 ms per block,
+    # 27 ms for final norm, LM head and loss, forward plus backward.
+    tot = [2.4e-3] + [4.0e-3] * 24 + [27e-3]
+    return chain_profile([t / 3 / 8 for t in tot], [2 * t / 3 / 8 for t in tot],
+                         names=["emb"] + [f"h.{i}" for i in range(24)] + ["head"],
+                         act_bytes=[2**20] + [36 * 2**20] * 24 + [200 * 2**20],
+                         param_bytes=[2 * 50257 * 1024] + [2 * 12 * 2**20] * 24 + [2 * 50257 * 1024],
+                         out_bytes_per_sample=2 * 2**20, mbs=(8,), dtype="bfloat16")
+
+
+def test_beats_the_equal_split_by_40_percent_on_gpt2_medium():
+    r = solve(gpt2_medium(), from_spec("h100x4"), Settings(global_batch=64, pp=4, dp=1))
+    equal = r.baselines[0][2]
+    assert equal.step_time_s / r.best.inner.step_time_s >= 1.4
+    for _, _, ev in r.baselines:
+        assert ev.step_time_s >= r.best.inner.step_time_s * (1 - 1e-12)
+
+
+def test_fixed_cuts_price_the_users_split():
+    r = solve(gpt2_medium(), from_spec("h100x4"),
+              Settings(global_batch=64, pp=4, dp=1, schedules=("1f1b",), fix_cuts=(7, 13, 19)))
+    assert [s.start for s in r.best.inner.segments] == [0, 7, 13, 19]
+
+
+def test_nothing_fits_says_by_how_much():
+    prof = chain_profile([1.0] * 4, act_bytes=2**30, param_bytes=2**33)
+    with pytest.raises(InfeasibleError, match=r"nothing fits: the least memory any plan needs is .* GiB .* short"):
+        solve(prof, from_spec("rtx4090x4"), Settings(global_batch=8))
