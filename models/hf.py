@@ -13,7 +13,8 @@ Needs transformers (``pip install 'planner[hf]'``). Small by default so that it 
 CPU in seconds; scale it with factory arguments, and pass any other configuration field as is:
 
     planner profile models/hf.py:build --arg model_type=llama --arg n_layer=16 \\
-        --arg d_model=2048 --arg n_head=32 --arg vocab=32000 --arg seq=2048 --arg num_key_value_heads=8
+        --arg d_model=2048 --arg n_head=32 --arg num_key_value_heads=8 --arg vocab=32000 \\
+        --arg seq=2048
 """
 
 from __future__ import annotations
@@ -61,8 +62,6 @@ class Block(nn.Module):
         accepted = inspect.signature(block.forward).parameters
         self.pass_position_ids = "position_ids" in accepted
         self.pass_use_cache = "use_cache" in accepted
-        if rotary is not None and "position_embeddings" not in accepted:
-            raise ValueError(f"{type(block).__name__} takes no position_embeddings")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         kwargs = {}
@@ -141,6 +140,9 @@ def wrap(hf_model: nn.Module, model_type: str = "?") -> CausalLM:
                                            f"{name} ({type(child).__name__})")
     if norm is None:
         raise _unsupported(model_type, "no final norm found beside the decoder blocks")
+    if rotary is not None and \
+            "position_embeddings" not in inspect.signature(block_list[0].forward).parameters:
+        raise _unsupported(model_type, f"{type(block_list[0]).__name__} takes no position_embeddings")
     blocks = [Block(b, rotary) for b in block_list]
     return CausalLM(hf_model, Embed(tokens, positions, drop), blocks, norm, lm_head)
 

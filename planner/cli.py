@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from planner.errors import PlannerError
 
@@ -27,7 +28,7 @@ err = Console(stderr=True, highlight=False)
 
 
 def _fail(e: PlannerError) -> None:
-    err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
     raise typer.Exit(e.exit_code)
 
 
@@ -63,9 +64,8 @@ def simulate(
 ) -> None:
     """Predict a plan's step time, bubble and memory, and draw its timeline."""
     from planner import report
-    from planner.evaluate import replay_plan
+    from planner.evaluate import plan_schedule, replay_plan
     from planner.formats import load_plan
-    from planner.schedules import build
 
     try:
         plan = load_plan(plan_file)
@@ -73,9 +73,7 @@ def simulate(
         if timeline is not None:
             from planner import timeline as tl
 
-            sched = build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count,
-                          plan.schedule.virtual_stages)
-            tl.write(timeline, sched, sim, f"{plan.model.name} on {plan.cluster.name}")
+            tl.write(timeline, plan_schedule(plan), sim, f"{plan.model.name} on {plan.cluster.name}")
     except PlannerError as e:
         _fail(e)
     if as_json:
@@ -183,6 +181,70 @@ def solve(
         out.print(f"plan written to {output}")
 
 
+@app.command()
+def execute(
+    plan_file: Path = typer.Argument(..., metavar="PLAN", help="plan JSON"),
+    mode: str = typer.Option("auto", "--mode", help="auto, distributed, single or replay"),
+    steps: int = typer.Option(5, "--steps", min=1, help="measured steps (median reported)"),
+    warmup: int = typer.Option(2, "--warmup", min=1, help="steps before measuring"),
+    tolerance: str = typer.Option("10%", "--tolerance", help="allowed relative error, e.g. 10% or 0.1"),
+    report_file: Optional[Path] = typer.Option(None, "--report", help="write the verification as JSON"),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="write a profile with measured costs (needs --profile)"),
+    profile_file: Optional[Path] = typer.Option(None, "--profile", help="the profile the plan was solved from"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="skip the single-process reference check"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (single and replay modes)"),
+    timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds before workers are stopped"),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="torchrun: number of nodes"),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="torchrun: this node's rank"),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="torchrun: rendezvous host"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="torchrun: rendezvous port (default: a free one)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="where workers write their reports"),
+) -> None:
+    """Run a plan with PyTorch's pipeline engine; report measured against predicted (needs torch)."""
+    from planner import report
+    from planner.execute import Options, execute as run_execute, raise_on_failure
+
+    try:
+        tol = _fraction(tolerance, "--tolerance")
+        opts = Options(mode=mode, steps=steps, warmup=warmup, tolerance=tol, verify=not no_verify,
+                       timeout_s=timeout, device=device, nnodes=nnodes, node_rank=node_rank,
+                       master_addr=master_addr, master_port=master_port,
+                       run_dir=str(run_dir) if run_dir else None)
+        if calibrate is not None and profile_file is None:
+            from planner.errors import InputError
+
+            raise InputError("--calibrate needs --profile (the profile the plan was solved from)")
+        with report.progress(err) as bar:
+            ver = run_execute(plan_file, opts, progress=bar)
+        out.print(report.verification_table(ver))
+        if report_file is not None:
+            from planner.formats import write_atomic
+
+            write_atomic(report_file, json.dumps(ver.to_json(), indent=1) + "\n")
+            out.print(f"report written to {report_file}")
+        if calibrate is not None:
+            from planner.calibrate import calibrated_profile
+            from planner.formats import dump, load_plan, load_profile
+
+            dump(calibrated_profile(load_profile(profile_file), load_plan(plan_file), ver), calibrate)
+            out.print(f"calibrated profile written to {calibrate}")
+        raise_on_failure(ver)
+    except PlannerError as e:
+        _fail(e)
+
+
+def _fraction(text: str, flag: str) -> float:
+    from planner.errors import InputError
+
+    try:
+        value = float(text.strip().rstrip("%")) / (100 if text.strip().endswith("%") else 1)
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: write a percentage like 10% or a fraction like 0.1") from None
+    if value < 0:
+        raise InputError(f"{flag} must not be negative")
+    return value
+
+
 def _cuts(text: str, names: list[str]) -> tuple[int, ...]:
     from planner.errors import InputError
 
@@ -221,12 +283,12 @@ def main() -> None:
         err.print("[bold red]interrupted[/]")
         sys.exit(130)
     except PlannerError as e:  # raised outside a command's own handling
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug: one line, and the traceback only when asked for
         if os.environ.get("PLANNER_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} "
+        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} "
                   "(set PLANNER_DEBUG=1 for the traceback)", soft_wrap=True)
         sys.exit(70)
 

@@ -46,10 +46,12 @@ _A100_80 = DeviceKind(DeviceSpec(name="A100-80GB", type="cuda", memory_bytes=819
 _RTX4090 = DeviceKind(DeviceSpec(name="RTX4090-24GB", type="cuda", memory_bytes=24564 * MiB),
                       Link(bandwidth_bytes_per_s=31.5e9, latency_s=20e-6),
                       Link(bandwidth_bytes_per_s=1.25e9, latency_s=50e-6), 1 * GiB)
-# gloo over loopback between two processes, measured on a 2-core machine (benchmarks/links.py).
-_CPU = DeviceKind(DeviceSpec(name="cpu", type="cpu", memory_bytes=4 * GiB),
-                  Link(bandwidth_bytes_per_s=2.0e9, latency_s=100e-6),
-                  Link(bandwidth_bytes_per_s=1.25e9, latency_s=100e-6), 0)
+# gloo over loopback between two processes, measured on a 2-core machine (benchmarks/links.py):
+# 90 us latency, 3.2 GB/s, and about 250 us of the receiving thread per message; the engine
+# spends about 50 us of Python per action.
+_CPU = DeviceKind(DeviceSpec(name="cpu", type="cpu", memory_bytes=4 * GiB, action_overhead_s=50e-6),
+                  Link(bandwidth_bytes_per_s=3.2e9, latency_s=90e-6, cpu_s=250e-6),
+                  Link(bandwidth_bytes_per_s=1.25e9, latency_s=100e-6, cpu_s=250e-6), 0)
 
 KINDS: dict[str, DeviceKind] = {
     "h100": _H100, "h100-80gb": _H100,

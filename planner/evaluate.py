@@ -125,10 +125,12 @@ def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[
     costs = []
     for s, seg in enumerate(segments):
         rank = ranks[place[s]]
-        costs.append(table.stage_cost(
+        cost = table.stage_cost(
             seg, config.m, config.training, speed=rank.speed,
             allreduce_s=_allreduce(table, cluster, seg, rank) + tied_extra[s],
-            weight_versions=weight_versions(config.schedule, config.pp, place[s])))
+            weight_versions=weight_versions(config.schedule, config.pp, place[s]))
+        overhead = max(cluster.devices[d].action_overhead_s for d in rank.devices)
+        costs.append(cost.model_copy(update={"overhead_s": overhead}) if overhead else cost)
     cuts = []
     for s in range(len(segments) - 1):
         a, b = ranks[place[s]].devices[0], ranks[place[s + 1]].devices[0]
@@ -137,7 +139,7 @@ def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[
             continue
         link = cluster.link(a, b)
         nbytes = table.cut[segments[s].stop]
-        cuts.append(CutLink(busy_s=nbytes / link.bandwidth_bytes_per_s, latency_s=link.latency_s))
+        cuts.append(CutLink(busy_s=nbytes / link.bandwidth_bytes_per_s, latency_s=link.latency_s, cpu_s=link.cpu_s))
     if detail:
         sim = simulate(schedule, costs, cuts)
         return Evaluation(config, segments, schedule, costs, cuts, sim.step_time_s,
@@ -173,7 +175,7 @@ def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
         parallel=Parallel(pp=cfg.pp, dp=cfg.dp),
         microbatch=Microbatch(size=cfg.mbs, count=cfg.m, global_batch=cfg.global_batch),
         schedule=ScheduleSpec(name=cfg.schedule, virtual_stages=cfg.v),
-        training=cfg.training, stages=stages,
+        training=cfg.training, dtype=profile.dtype, stages=stages,
         predicted=Prediction(step_time_s=ev.step_time_s, throughput_samples_per_s=ev.throughput,
                              bubble_fraction=ev.sim.bubble_fraction,
                              peak_memory_bytes=max(ev.sim.peak_memory_bytes)),
@@ -191,20 +193,27 @@ def profile_fingerprint(profile: Profile) -> str:
     return f"{profile.model.fingerprint}+{digest[:16]}"
 
 
-def replay_plan(plan: Plan) -> SimResult:
-    """Simulate a plan from the stage costs it carries (no profile needed)."""
-    schedule = build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count,
-                     plan.schedule.virtual_stages)
-    if tuple(st.rank for st in plan.stages) != schedule.stage_rank:
-        raise InputError(f"plan places stages on ranks {[st.rank for st in plan.stages]}, "
-                         f"{plan.schedule.name} places them on {list(schedule.stage_rank)}")
+def plan_cuts(plan: Plan) -> list[CutLink]:
+    """Transfer costs between a plan's consecutive stages, from the plan's own cluster."""
     cuts = []
-    for s in range(len(plan.stages) - 1):
-        a, b = plan.stages[s], plan.stages[s + 1]
+    for a, b in zip(plan.stages, plan.stages[1:]):
         if a.rank == b.rank:
             cuts.append(CutLink())
             continue
         link = plan.cluster.link(a.devices[0], b.devices[0])
-        cuts.append(CutLink(busy_s=a.cost.send_bytes / link.bandwidth_bytes_per_s, latency_s=link.latency_s))
-    return simulate(schedule, [st.cost for st in plan.stages], cuts)
+        cuts.append(CutLink(busy_s=a.cost.send_bytes / link.bandwidth_bytes_per_s, latency_s=link.latency_s,
+                            cpu_s=link.cpu_s))
+    return cuts
 
+
+def plan_schedule(plan: Plan) -> Schedule:
+    return build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count, plan.schedule.virtual_stages)
+
+
+def replay_plan(plan: Plan, costs: list[StageCost] | None = None) -> SimResult:
+    """Simulate a plan from the stage costs it carries (or ``costs`` in their place)."""
+    schedule = plan_schedule(plan)
+    if tuple(st.rank for st in plan.stages) != schedule.stage_rank:
+        raise InputError(f"plan places stages on ranks {[st.rank for st in plan.stages]}, "
+                         f"{plan.schedule.name} places them on {list(schedule.stage_rank)}")
+    return simulate(schedule, costs or [st.cost for st in plan.stages], plan_cuts(plan))

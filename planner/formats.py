@@ -41,6 +41,7 @@ class ModelRef(_Frozen):
     name: str
     factory: str = Field(description="'path/to/file.py:function' or 'package.module:function'")
     args: dict[str, JsonScalar] = Field(default_factory=dict)
+    depth: int | None = Field(default=None, description="module depth layers were cut at (None: natural blocks)")
     fingerprint: str = Field(description="sha256 of module paths, types and parameter shapes")
 
 
@@ -172,6 +173,8 @@ class Profile(_Frozen):
 class Link(_Frozen):
     bandwidth_bytes_per_s: float = Field(gt=0)
     latency_s: float = Field(ge=0)
+    cpu_s: float = Field(default=0.0, ge=0, description="time the receiving rank's own thread spends per "
+                         "message (gloo receives on the calling thread; NCCL works on the GPU: 0)")
 
 
 class DeviceSpec(_Frozen):
@@ -179,6 +182,8 @@ class DeviceSpec(_Frozen):
     type: Literal["cpu", "cuda"] = "cuda"
     memory_bytes: int = Field(gt=0)
     speed: float = Field(default=1.0, gt=0, description="throughput relative to the profiled device")
+    action_overhead_s: float = Field(default=0.0, ge=0, description="the engine's bookkeeping per action on "
+                                     "the rank's thread (hidden behind GPU kernels: 0 on GPUs)")
 
 
 class NodeSpec(_Frozen):
@@ -282,6 +287,7 @@ class StageCost(_Frozen):
     batch_bytes: int = Field(default=0, ge=0, description="inputs/targets of all micro-batches held")
     optimizer_s: float = Field(default=0.0, ge=0)
     allreduce_s: float = Field(default=0.0, ge=0)
+    overhead_s: float = Field(default=0.0, ge=0, description="runtime bookkeeping per action")
 
 
 class StagePrediction(_Frozen):
@@ -330,6 +336,7 @@ class Plan(_Frozen):
     microbatch: Microbatch
     schedule: ScheduleSpec
     training: Training = Training()
+    dtype: Dtype = "float32"
     stages: list[Stage] = Field(min_length=1)
     predicted: Prediction
     baselines: list[BaselineResult] = Field(default_factory=list)

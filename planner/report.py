@@ -173,3 +173,23 @@ def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
 def _sizes(sizes: list[int]) -> str:
     text = ", ".join(map(str, sizes))
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def verification_table(ver) -> Table:
+    """Measured against predicted, with the correctness checks beneath."""
+    table = Table(title=f"measured against predicted ({ver.mode} on {ver.device})", title_justify="left")
+    for col in ("", "predicted", "measured", "error", "note"):
+        table.add_column(col, justify="left" if col in ("", "note") else "right")
+    worst = ver.worst()
+    for r in ver.rows:
+        fmt = fmt_time if r.unit == "s" else fmt_bytes if r.unit == "bytes" else (lambda v: f"{v:.1f}")
+        err_text = f"{r.error:+.1%}" if r.checked else f"({r.error:+.1%})"
+        bad = r.checked and abs(r.error) > ver.tolerance
+        style = "bold red" if bad else ("bold" if r is worst else None)
+        table.add_row(r.what, fmt(r.predicted), fmt(r.measured), err_text, r.note, style=style)
+    lines = [f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  {name}: {detail}" for name, ok, detail in ver.checks]
+    verdict = ("[green]within tolerance[/]" if ver.within() else "[red]outside tolerance[/]") + \
+        f" ({ver.tolerance:.0%}; errors in parentheses are reported, not checked)"
+    table.caption = "\n".join(lines + [verdict] + ver.notes)
+    table.caption_justify = "left"
+    return table

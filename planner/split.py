@@ -80,9 +80,14 @@ def choose_layers(model: nn.Module, depth: int | None = None) -> list[str]:
                 visit(path, child, level + 1)
 
     visit("", model, 0)
-    if not out:
-        raise ModelError("the model has no submodules to use as layers: describe layers explicitly")
-    return out
+    modules = dict(model.named_modules())
+    # Modules without state (activations, dropout, reshapes) join their neighbours: a layer of
+    # its own would hold nothing to place, and such modules may be called more than once.
+    stateful = [p for p in out if any(True for _ in modules[p].parameters()) or
+                any(True for _ in modules[p].buffers())]
+    if not stateful:
+        raise ModelError("the model has no submodules with parameters to use as layers: describe layers explicitly")
+    return stateful
 
 
 class _LeafTracer(fx.Tracer):

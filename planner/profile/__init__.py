@@ -427,7 +427,7 @@ def _assemble(spec, factory, args, opts, device, lm, stages, sizes, per_mbs, los
                                   scale=scale, launch_bound=scale < LAUNCH_BOUND_SCALE)
     loss = LossCost(by_mbs={str(b): cost(loss_results[b], 0) for b in sizes})
     return Profile(
-        model=ModelRef(name=spec.name or "model", factory=factory, args=args,
+        model=ModelRef(name=spec.name or "model", factory=factory, args=args, depth=opts.depth,
                        fingerprint=fingerprint(spec.model)),
         device=_device_info(device), dtype=opts.dtype, layers=layers, edges=edges, loss=loss,
         tied=tied, batch=batch_info, whole=whole,

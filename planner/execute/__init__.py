@@ -1,0 +1,232 @@
+"""``planner execute``: run a plan with PyTorch's pipeline engine and compare with its prediction.
+
+Three ways to run, one entry point:
+
+* distributed: pp x dp workers through torchrun (NCCL on GPUs, gloo on CPU processes);
+* single: every stage in this process on one device, checked against a plain run;
+* replay: each pipeline rank's action list alone on the local device, to measure its memory and
+  action times; the simulator composes the measured times into a measured-basis step time.
+
+``auto`` runs distributed when the devices exist, else single plus replay.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from planner.errors import ExecutionError, InputError
+from planner.formats import Plan, load_plan
+
+__all__ = ["Options", "Verification", "execute"]
+
+
+@dataclass
+class Options:
+    mode: str = "auto"  # auto | distributed | single | replay
+    steps: int = 5
+    warmup: int = 2
+    tolerance: float = 0.10
+    verify: bool = True
+    timeout_s: float = 600.0
+    device: str = "auto"
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    run_dir: str | None = None
+
+
+@dataclass
+class Row:
+    what: str
+    predicted: float
+    measured: float
+    unit: str  # "s" or "bytes"
+    note: str = ""
+    checked: bool = True  # counts against the tolerance
+
+    @property
+    def error(self) -> float:
+        return (self.measured - self.predicted) / self.predicted if self.predicted else math.inf
+
+
+@dataclass
+class Verification:
+    mode: str
+    device: str
+    rows: list[Row] = field(default_factory=list)
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (name, ok, detail)
+    notes: list[str] = field(default_factory=list)
+    tolerance: float = 0.10
+
+    def worst(self) -> Row | None:
+        rows = [r for r in self.rows if r.checked]
+        return max(rows, key=lambda r: abs(r.error), default=None)
+
+    def within(self) -> bool:
+        w = self.worst()
+        return w is None or abs(w.error) <= self.tolerance
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["rows"] = [dict(asdict(r), relative_error=r.error) for r in self.rows]
+        data["within_tolerance"] = self.within()
+        return data
+
+
+def _device(name: str, plan: Plan):
+    import torch
+
+    from planner.profile import resolve_device
+
+    if name == "auto":
+        want_cuda = plan.cluster.devices[0].type == "cuda"
+        return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+    return resolve_device(name)
+
+
+def _choose_mode(plan: Plan, opts: Options) -> str:
+    import torch
+
+    if opts.mode != "auto":
+        return opts.mode
+    world = plan.parallel.pp * plan.parallel.dp
+    if plan.cluster.devices[0].type == "cpu":
+        return "distributed" if world > 1 else "single"
+    if torch.cuda.is_available() and torch.cuda.device_count() * opts.nnodes >= world:
+        return "distributed"
+    return "single+replay"
+
+
+def execute(plan_path: Path, opts: Options, progress=None) -> Verification:
+    from planner.schedules import SCHEDULES
+
+    plan = load_plan(plan_path)
+    if not SCHEDULES[plan.schedule.name].executable:
+        raise InputError(f"{plan.schedule.name} is modelled only: PyTorch's pipeline engine has no "
+                         "asynchronous PipeDream schedules (no weight stashing); solve without it")
+    if opts.mode not in ("auto", "distributed", "single", "replay", "single+replay"):
+        raise InputError(f"--mode {opts.mode!r}: choose auto, distributed, single or replay")
+    if opts.steps < 1:
+        raise InputError("--steps must be at least 1")
+    mode = _choose_mode(plan, opts)
+    device = _device(opts.device, plan)
+    ver = Verification(mode=mode, device=str(device), tolerance=opts.tolerance)
+    if "distributed" in mode:
+        _distributed(plan, plan_path, opts, ver, progress)
+    if "single" in mode:
+        _single(plan, device, opts, ver, progress)
+    if "replay" in mode:
+        _replay(plan, device, ver, progress)
+    return ver
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def _single(plan: Plan, device, opts: Options, ver: Verification, progress) -> None:
+    from planner.execute.single import run_single
+
+    if progress:
+        progress("single device: all stages in one process", 0, 1)
+    r = run_single(plan, device, steps=opts.steps, warmup=opts.warmup)
+    _record_checks(ver, "single device", r.loss, r.reference_loss, r.max_grad_error, r.grad_message, plan.dtype)
+    ver.notes.append(f"single device: every stage in one process took {r.step_s * 1e3:.1f} ms per step; "
+                     "this checks correctness, not the plan's speed")
+
+
+def _replay(plan: Plan, device, ver: Verification, progress) -> None:
+    from planner.evaluate import replay_plan
+    from planner.execute.replay import measured_costs, replay_all
+
+    if progress:
+        progress(f"replay: {plan.parallel.pp} ranks one at a time on {device}", 0, 1)
+    replays = replay_all(plan, device)
+    predicted_sim = replay_plan(plan)
+    kind = "allocated" if device.type == "cuda" else "live tensor bytes"
+    for r in replays:
+        pred = predicted_sim.peak_memory_bytes[r.rank]
+        note = f"CUDA {kind}" + (f", reserved {r.reserved_bytes}" if r.reserved_bytes else "") if device.type == "cuda" \
+            else "CPU: live tensor bytes counted by planner (no allocator statistics on CPU)"
+        ver.rows.append(Row(f"rank {r.rank} peak memory (replay)", pred, r.peak_bytes, "bytes", note,
+                            checked=device.type == "cuda"))
+    step = replay_plan(plan, measured_costs(plan, replays)).step_time_s
+    same_kind = (device.type == plan.cluster.devices[0].type)
+    ver.rows.append(Row("step time (replayed actions, simulated)", plan.predicted.step_time_s, step, "s",
+                        "each rank's actions timed alone, composed by the simulator"
+                        + ("" if same_kind else f"; measured on {device.type}, planned for "
+                           f"{plan.cluster.devices[0].type}: not comparable"), checked=same_kind))
+
+
+def _distributed(plan: Plan, plan_path: Path, opts: Options, ver: Verification, progress) -> None:
+    import torch
+
+    from planner.evaluate import replay_plan
+    from planner.execute.launch import Rendezvous, launch
+
+    world = plan.parallel.pp * plan.parallel.dp
+    use_cuda = plan.cluster.devices[0].type == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ExecutionError("the plan's devices are GPUs and none is present: use --mode single or replay")
+    if progress:
+        progress(f"distributed: {world} workers through torchrun ({'nccl' if use_cuda else 'gloo'})", 0, 1)
+    run_dir = Path(opts.run_dir) if opts.run_dir else Path(tempfile.mkdtemp(prefix="planner-run-"))
+    result = launch(plan, plan_path.resolve(), run_dir, steps=opts.steps, warmup=opts.warmup, verify=opts.verify,
+                    timeout_s=opts.timeout_s, use_cuda=use_cuda,
+                    rdzv=Rendezvous(opts.nnodes, opts.node_rank, opts.master_addr, opts.master_port))
+    reports = result.reports
+    steps = [max(r["step_times"][k] for r in reports) for k in range(min(len(r["step_times"]) for r in reports))]
+    steps.sort()
+    measured = steps[len(steps) // 2]
+    ver.rows.append(Row("step time", plan.predicted.step_time_s, measured, "s",
+                        f"median of {len(steps)} steps, slowest rank each step"))
+    ver.rows.append(Row("throughput (samples/s)", plan.predicted.throughput_samples_per_s,
+                        plan.microbatch.global_batch / measured, "1/s", checked=False))
+    sim = replay_plan(plan)
+    for r in reports:
+        if r["dp_rank"] != 0:
+            continue
+        pred = sim.peak_memory_bytes[r["pp_rank"]]
+        if "peak_allocated_bytes" in r:
+            ver.rows.append(Row(f"rank {r['pp_rank']} peak memory", pred, r["peak_allocated_bytes"], "bytes",
+                                f"CUDA allocated; reserved {r['peak_reserved_bytes']}"))
+        elif "cpu_live_peak_bytes" in r:
+            ver.rows.append(Row(f"rank {r['pp_rank']} peak memory", pred, r["cpu_live_peak_bytes"], "bytes",
+                                "CPU: live tensor bytes counted by planner during two steps (process RSS "
+                                f"{r['max_rss_bytes'] / 2**20:.0f} MiB includes Python and torch)", checked=False))
+    if opts.verify:
+        last = [r for r in reports if r.get("loss") is not None]
+        worst = max((r["max_grad_error"] or 0.0) for r in reports)
+        messages = [r["grad_message"] for r in reports if r.get("grad_message")]
+        loss = last[0]["loss"] if last else float("nan")
+        ref = last[0]["reference_loss"] if last else float("nan")
+        _record_checks(ver, "distributed", loss, ref, worst, messages[0] if messages else "", plan.dtype)
+    ver.notes.append(f"worker reports and the launcher log are in {run_dir}")
+
+
+def _record_checks(ver: Verification, where: str, loss: float, ref: float, grad_err: float, message: str,
+                   dtype: str) -> None:
+    from planner.execute.train import TOLERANCE
+
+    rtol, atol = TOLERANCE[dtype]
+    loss_ok = math.isfinite(loss) and abs(loss - ref) <= atol + rtol * abs(ref)
+    ver.checks.append((f"{where}: loss equals the single-process reference", loss_ok,
+                       f"{loss:.6f} vs {ref:.6f}"))
+    ver.checks.append((f"{where}: gradients equal the reference (rtol {rtol:g}, atol {atol:g})", not message,
+                       message or f"largest difference {grad_err:.2e}"))
+
+
+def raise_on_failure(ver: Verification) -> None:
+    """Exit codes: a failed correctness check is a failed execution (5), a prediction outside
+    tolerance is 4."""
+    from planner.errors import ToleranceError
+
+    bad = [c for c in ver.checks if not c[1]]
+    if bad:
+        raise ExecutionError(f"{bad[0][0]} failed: {bad[0][2]}")
+    if not ver.within():
+        w = ver.worst()
+        raise ToleranceError(f"{w.what} is {w.error:+.1%} off the prediction (tolerance {ver.tolerance:.0%})")

@@ -1,0 +1,204 @@
+"""Per-device replay: one pipeline rank's action list, alone on the local device, with its real
+stage modules and real tensor shapes, to measure what that rank would hold at peak and how long
+its actions take. One GPU can check the memory of a plan written for eight.
+
+The model is built on the meta device; only the replayed rank's stages get real (random)
+weights. Inputs from the previous rank and gradients from the next are random tensors of the
+shapes that cross those cuts, kept like the engine keeps them: one receive buffer per
+micro-batch for activations and one for gradients, for the whole step. Two steps run (the
+optimizer's state exists from the first on, as in training); the second is measured.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from planner.errors import ExecutionError
+from planner.execute.stages import build_model, build_stages
+from planner.execute.train import DTYPES, batch_seed, make_batch, optimizer_for, stage_parameters
+from planner.formats import Plan, StageCost
+from planner.profile.measure import MemoryProbe
+from planner.schedules import build
+
+
+@dataclass
+class RankReplay:
+    rank: int
+    stages: list[int]
+    peak_bytes: int  # CUDA: allocated; CPU: live tensor bytes
+    reserved_bytes: int | None
+    action_s: dict[tuple[int, str], float]  # (stage, kind) -> median seconds
+
+
+def _shapes(built, inputs: tuple) -> dict[int, list[torch.Tensor]]:
+    """Meta tensors crossing each cut, for one micro-batch."""
+    out = {}
+    x = tuple(t.to("meta") if torch.is_tensor(t) else t for t in inputs)
+    lm = built.lm
+    with torch.no_grad():
+        for k in range(1, lm.n_layers):
+            x = lm.stage(k - 1, k)(*x)
+            out[k] = list(x)
+    return out
+
+
+def _materialise(module: nn.Module, device: torch.device) -> None:
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point():
+                p.normal_(0.0, 0.02)
+        for b in module.buffers():
+            b.zero_()
+
+
+def replay_rank(plan: Plan, rank: int, device: torch.device, repeats: int = 2) -> RankReplay:
+    dtype = DTYPES[plan.dtype]
+    m, size = plan.microbatch.count, plan.microbatch.size
+    schedule = build(plan.schedule.name, plan.parallel.pp, m, plan.schedule.virtual_stages)
+    mine = schedule.stages_of(rank)
+    with torch.device("meta"):
+        spec = build_model(plan, device=torch.device("meta"), dtype=dtype)
+    inputs, target = make_batch(spec, size, batch_seed(0, 0, 1), torch.device("cpu"), dtype)
+    built = build_stages(plan, spec, tuple(t.to("meta") if torch.is_tensor(t) else t for t in inputs))
+    cut_values = _shapes(built, inputs)
+    modules = {s: built.modules[s] for s in mine}
+    n = built.lm.n_layers
+    S = len(plan.stages)
+    peak, reserved = 0, None
+    timings: dict[tuple[int, str], list[float]] = {}
+    probe = MemoryProbe(device)
+    with probe:
+        for module in modules.values():
+            _materialise(module, device)
+        params = list(stage_parameters(modules).values())
+        opt = optimizer_for(plan, params)
+        buffers = {}
+        for s in mine:  # the engine's receive buffers: activations in, gradients of outputs
+            a, b = built.bounds[s]
+            ins = [] if a == 0 else [torch.randn(t.shape, dtype=t.dtype, device=device) if t.is_floating_point()
+                                     else torch.zeros(t.shape, dtype=t.dtype, device=device) for t in cut_values[a]]
+            outs = [] if b == n else [torch.randn(t.shape, dtype=t.dtype, device=device) if t.is_floating_point()
+                                      else None for t in cut_values[b]]
+            buffers[s] = ([list(ins) if k == 0 else [x.clone() for x in ins] for k in range(m)],
+                          [list(outs) if k == 0 else [None if x is None else x.clone() for x in outs]
+                           for k in range(m)])
+        first_inputs = tuple(t.to(device) if torch.is_tensor(t) else t for t in inputs)
+        target = target.to(device) if torch.is_tensor(target) else target
+        for rep in range(repeats):
+            if rep == repeats - 1 and device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            _run_actions(schedule.ranks[rank], modules, buffers, first_inputs, target, spec.loss, m, S,
+                         device, timings if rep == repeats - 1 else None)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+            reserved = torch.cuda.max_memory_reserved(device)
+    if device.type != "cuda":
+        peak = probe.peak
+    medians = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
+    return RankReplay(rank, mine, int(peak), reserved, medians)
+
+
+def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S, device, timings) -> None:
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    saved: dict[tuple[int, int], tuple] = {}
+    groups: dict[tuple[int, int], list] = {}
+    local_out: dict[tuple[int, int], tuple] = {}
+
+    def timed(key, fn):
+        if timings is None:
+            return fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings.setdefault(key, []).append(time.perf_counter() - t0)
+        return result
+
+    for a in actions:
+        s, k = a.stage, a.mb
+        mod = modules[s]
+        if a.kind == "F":
+            if s == 0:
+                xs = first_inputs
+            elif (s - 1, k) in local_out:  # the previous stage is on this rank
+                xs = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in local_out.pop((s - 1, k)))
+            else:
+                xs = tuple(t.requires_grad_(t.is_floating_point()) for t in buffers[s][0][k])
+            out = timed((s, "F"), lambda: mod(*xs))
+            if s == S - 1:
+                out = (loss_fn(out, target) / m,)
+            elif not isinstance(out, tuple):
+                out = (out,)
+            saved[(s, k)] = (xs, out)
+            if s + 1 in modules:
+                local_out[(s, k)] = out
+            continue
+        if a.kind == "W":
+            timed((s, "W"), lambda: stage_backward_weight(iter(p for p in mod.parameters()), groups.pop((s, k))))
+            saved.pop((s, k), None)
+            continue
+        xs, out = saved[(s, k)]
+        grads = None if s == S - 1 else [g for g in buffers[s][1][k]]
+        outs = [o for o in out if o.requires_grad]
+        grads = None if grads is None else [g for o, g in zip(out, grads) if o.requires_grad]
+        if a.kind == "B":
+            timed((s, "B"), lambda: torch.autograd.backward(outs, grads))
+            saved.pop((s, k))
+        else:
+            params = [p for p in mod.parameters() if p.requires_grad]
+            ins = [x for x in xs if torch.is_tensor(x) and x.requires_grad]
+            _, pg = timed((s, "I"), lambda: stage_backward_input(outs, grads, ins, iter(params)))
+            groups[(s, k)] = pg
+
+
+def measured_costs(plan: Plan, replays: list[RankReplay]) -> list[StageCost]:
+    """The plan's stage costs with the replayed action times in place of the predicted ones."""
+    costs = []
+    by_stage = {}
+    for r in replays:
+        for (s, kind), t in r.action_s.items():
+            by_stage[(s, kind)] = t
+    for st in plan.stages:
+        c = st.cost
+        f = by_stage.get((st.index, "F"), c.fwd_s)
+        if (st.index, "B") in by_stage:
+            total = by_stage[(st.index, "B")]
+            share = c.bwd_input_s / (c.bwd_input_s + c.bwd_weight_s) if c.bwd_input_s + c.bwd_weight_s else 0.5
+            bi, bw = total * share, total * (1 - share)
+        else:
+            bi = by_stage.get((st.index, "I"), c.bwd_input_s)
+            bw = by_stage.get((st.index, "W"), c.bwd_weight_s)
+        costs.append(c.model_copy(update={"fwd_s": f, "bwd_input_s": bi, "bwd_weight_s": bw}))
+    return costs
+
+
+def replay_all(plan: Plan, device: torch.device, ranks: list[int] | None = None) -> list[RankReplay]:
+    out = []
+    for r in ranks if ranks is not None else range(plan.parallel.pp):
+        try:
+            out.append(replay_rank(plan, r, device))
+        except torch.cuda.OutOfMemoryError as e:
+            from planner.report import fmt_bytes
+
+            st = next(s for s in plan.stages if s.rank == r)
+            raise ExecutionError(f"replay of rank {r} (stage {st.index}) ran out of memory: predicted "
+                                 f"{fmt_bytes(st.predicted.peak_memory_bytes)}, device has "
+                                 f"{fmt_bytes(torch.cuda.get_device_properties(device).total_memory)}, "
+                                 f"measured peak before failure {fmt_bytes(torch.cuda.max_memory_allocated(device))} "
+                                 f"({str(e).splitlines()[0]})") from None
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out

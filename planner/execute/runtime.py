@@ -1,0 +1,51 @@
+"""Drive PyTorch's pipeline engine with planner's own action lists.
+
+``_PipelineScheduleRuntime`` is private API of ``torch.distributed.pipelining``: it takes a
+compute-only action list per rank and inserts the sends and receives itself. planner loads the
+same lists the simulator timed, so what runs is what was predicted. Tested against the torch
+range in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import _Action, _ComputationType, _PipelineScheduleRuntime
+
+from planner.schedules import Schedule
+from planner.simulate import compile_schedule
+
+_KIND = {
+    "F": _ComputationType.FORWARD,
+    "B": _ComputationType.FULL_BACKWARD,
+    "I": _ComputationType.BACKWARD_INPUT,
+    "W": _ComputationType.BACKWARD_WEIGHT,
+}
+
+
+def engine_actions(schedule: Schedule, single: bool = False) -> dict[int, list[_Action]]:
+    """The engine's per-rank action lists. ``single``: every stage on rank 0, in the order the
+    simulator executes the plan's actions (a valid order of the whole pipeline)."""
+    if single:
+        order = [a for a in compile_schedule(schedule).action if a is not None]
+        return {0: [_Action(a.stage, _KIND[a.kind], a.mb) for a in order]}
+    return {r: [_Action(a.stage, _KIND[a.kind], a.mb) for a in actions]
+            for r, actions in enumerate(schedule.ranks)}
+
+
+def make_runtime(modules: dict[int, nn.Module], n_stages: int, device: torch.device,
+                 actions: dict[int, list[_Action]], m: int, loss: Callable,
+                 group=None) -> _PipelineScheduleRuntime:
+    """A runtime for this rank's stages (``modules``: stage index -> module)."""
+    stages = [PipelineStage(mod, s, n_stages, device, group=group) for s, mod in sorted(modules.items())]
+
+    def scaled(output, target):  # the mean over micro-batches, applied once per micro-batch: tied
+        return loss(output, target) / m  # weights shared by two local stages are not rescaled twice
+
+    runtime = _PipelineScheduleRuntime(stages, m, loss_fn=scaled, scale_grads=False)
+    runtime.pipeline_order = actions
+    runtime._prepare_schedule_with_comms(actions)
+    return runtime

@@ -1,0 +1,96 @@
+"""Single-device mode: every stage of the plan in this process, driven by the engine on one
+rank (adjacent stages hand tensors over directly), checked against a single-process run of the
+whole model. This proves the plan is correct; its speed says nothing about the plan's devices."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from planner.errors import ExecutionError
+from planner.execute.runtime import engine_actions, make_runtime
+from planner.execute.stages import build_model, build_stages
+from planner.execute.worker import RETURN_NOTHING
+from planner.execute.train import (
+    DTYPES, Reference, batch_seed, compare_grads, make_batch, optimizer_for, stage_parameters,
+)
+from planner.formats import Plan
+from planner.schedules import build
+
+
+@dataclass
+class SingleResult:
+    loss: float
+    reference_loss: float
+    max_grad_error: float
+    grad_message: str  # empty: every gradient matched
+    step_s: float  # median, all stages on one device
+    steps: int
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_rank_group() -> bool:
+    """A process group of one, for the engine; False if one already exists."""
+    if dist.is_initialized():
+        return False
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    return True
+
+
+def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1) -> SingleResult:
+    dtype = DTYPES[plan.dtype]
+    torch.manual_seed(0)
+    spec = build_model(plan, device=device, dtype=dtype)
+    schedule = build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count, plan.schedule.virtual_stages)
+    m, size = plan.microbatch.count, plan.microbatch.size
+    inputs, target = make_batch(spec, size * m, batch_seed(0, 0, 1), device, dtype)
+    reference = Reference.of(spec.model)
+    built = build_stages(plan, spec, tuple(x[:size] if torch.is_tensor(x) else x for x in inputs))
+    modules = dict(enumerate(built.modules))
+    owned = _one_rank_group()
+    try:
+        runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule, single=True),
+                               m, spec.loss)
+        params = list(stage_parameters(modules).values())
+        opt = optimizer_for(plan, params)
+        reference.run(spec, inputs, target)
+        losses: list = []
+        try:
+            runtime.step(*inputs, target=target, losses=losses, **RETURN_NOTHING)
+        except torch.cuda.OutOfMemoryError as e:
+            raise ExecutionError(f"single-device mode ran out of memory: the whole model does not fit on "
+                                 f"{device} ({str(e).splitlines()[0]})") from None
+        loss = float(sum(float(x.detach()) for x in losses))
+        worst, message = compare_grads(stage_parameters(modules), reference, plan.dtype)
+        opt.step()
+        times = []
+        for step in range(1, warmup + steps + 1):
+            opt.zero_grad(set_to_none=True)
+            inputs, target = make_batch(spec, size * m, batch_seed(step, 0, 1), device, dtype)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runtime.step(*inputs, target=target, losses=[], **RETURN_NOTHING)
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step > warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+    times.sort()
+    return SingleResult(loss=loss, reference_loss=reference.loss, max_grad_error=worst, grad_message=message,
+                        step_s=times[len(times) // 2] if times else float("nan"), steps=len(times))

@@ -1,0 +1,209 @@
+"""One worker of a distributed run, started by torchrun: ``python -m planner.execute.worker``.
+
+Pipeline rank r and data-parallel replica d run as global rank ``r * dp + d`` (the plan's
+placement). The worker builds the whole model with the same seed as every other worker, keeps
+its stages, runs the plan's action list on the engine, sums tied-weight gradients across the
+ranks that share them, averages gradients across replicas, steps the optimizer, and writes what
+it measured (or why it failed) to ``<run-dir>/rank<R>.json``. It always destroys its process
+group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
+
+from planner.execute.runtime import engine_actions, make_runtime
+from planner.execute.stages import build_model, build_stages, tied_groups
+from planner.execute.train import (
+    DTYPES, Reference, batch_seed, compare_grads, make_batch, optimizer_for, stage_parameters,
+)
+from planner.formats import load_plan
+from planner.profile.measure import LiveTensors
+from planner.schedules import build
+
+# Without this the last stage keeps every micro-batch's output for the step's return value.
+RETURN_NOTHING = {"return_outputs": False} if "return_outputs" in inspect.signature(
+    _PipelineScheduleRuntime.step).parameters else {}
+FAULT = "PLANNER_FAULT"  # testing aid: "raise@R", "kill@R" or "oom@R" makes global rank R fail
+
+
+class OutOfMemory(RuntimeError):
+    pass
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _inject(rank: int) -> None:
+    fault = os.environ.get(FAULT, "")
+    if "@" not in fault:
+        return
+    kind, where = fault.split("@", 1)
+    if int(where) != rank:
+        return
+    if kind == "raise":
+        raise RuntimeError("injected failure (PLANNER_FAULT)")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "oom":
+        raise OutOfMemory("injected out-of-memory (PLANNER_FAULT)")
+
+
+def _sync(params: list[torch.nn.Parameter], group, average: int = 0) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    if average:
+        flat /= average
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m planner.execute.worker")
+    ap.add_argument("--plan", required=True)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--verify", action="store_true")
+    ap.add_argument("--timeout", type=float, default=300)
+    args = ap.parse_args(argv)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    out = Path(args.run_dir) / f"rank{rank}.json"
+    plan = load_plan(args.plan)
+    pp, dp = plan.parallel.pp, plan.parallel.dp
+    pp_rank, dp_rank = divmod(rank, dp)
+    mine = [st.index for st in plan.stages if st.rank == pp_rank]
+    report: dict = {"rank": rank, "pp_rank": pp_rank, "dp_rank": dp_rank, "stages": mine}
+    use_cuda = plan.cluster.devices[0].type == "cuda" and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    report["device"] = str(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=args.timeout))
+    try:
+        report.update(_run(plan, args, rank, pp_rank, dp_rank, mine, device))
+        _write(out, report)
+        return 0
+    except BaseException as e:  # report why, then fail so torchrun stops the others
+        oom = isinstance(e, (OutOfMemory, torch.cuda.OutOfMemoryError))
+        report.update(error=type(e).__name__, message=str(e).splitlines()[0] if str(e) else "",
+                      oom=oom, traceback=traceback.format_exc(limit=6),
+                      peak_before_failure=torch.cuda.max_memory_allocated(device) if use_cuda else None)
+        _write(out, report)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
+    pp, dp = plan.parallel.pp, plan.parallel.dp
+    dtype = DTYPES[plan.dtype]
+    m, size = plan.microbatch.count, plan.microbatch.size
+    # every process creates every group, in the same order
+    pp_groups = [dist.new_group([r * dp + d for r in range(pp)]) for d in range(dp)]
+    dp_groups = [dist.new_group([r * dp + d for d in range(dp)]) for r in range(pp)]
+    torch.manual_seed(0)
+    spec = build_model(plan, device=torch.device("cpu"), dtype=dtype)
+    inputs, target = make_batch(spec, size * m, batch_seed(0, dp_rank, dp), torch.device("cpu"), dtype)
+    reference = Reference.of(spec.model) if args.verify else None
+    built = build_stages(plan, spec, tuple(x[:size] if torch.is_tensor(x) else x for x in inputs))
+    tied = []
+    for stages, names in tied_groups(plan, built.lm, spec.model):
+        ranks = sorted({plan.stages[s].rank for s in stages})
+        groups = [dist.new_group([r * dp + d for r in ranks]) for d in range(dp)] if len(ranks) > 1 else None
+        if groups and pp_rank in ranks:
+            tied.append((groups[dp_rank], names))
+    modules = {s: built.modules[s].to(device) for s in mine}
+    schedule = build(plan.schedule.name, pp, m, plan.schedule.virtual_stages)
+    runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, spec.loss,
+                           group=pp_groups[dp_rank])
+    named = stage_parameters(modules)
+    params = list(named.values())
+    by_name = {n: p for n, p in spec.model.named_parameters(remove_duplicate=False)}
+    own = {id(p) for p in params}
+    tied_params = [([by_name[n] for n in names if n in by_name and id(by_name[n]) in own], g) for g, names in tied]
+    opt = optimizer_for(plan, params)
+    first = 0 in mine
+    last = len(plan.stages) - 1 in mine
+    result: dict = {"loss": None, "reference_loss": None, "max_grad_error": None, "grad_message": ""}
+    cpu_tracker = LiveTensors(ignore=[p.untyped_storage().data_ptr() for p in params]) if device.type == "cpu" else None
+    times = []
+    total = args.warmup + args.steps
+    for step in range(total + 1):
+        inputs, target = make_batch(spec, size * m, batch_seed(step, dp_rank, dp), torch.device("cpu"), dtype)
+        inputs = tuple(x.to(device) if torch.is_tensor(x) else x for x in inputs)
+        target = target.to(device) if torch.is_tensor(target) else target
+        if step == 1:
+            _inject(rank)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        if step == 0 and reference is not None:  # before the tracker: its tensors are not ours
+            reference.run(spec, tuple(x.cpu() if torch.is_tensor(x) else x for x in inputs),
+                          target.cpu() if torch.is_tensor(target) else target)
+        if step == 0 and cpu_tracker is not None:
+            cpu_tracker.__enter__()
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        losses: list = []
+        step_args = inputs if first else ()
+        runtime.step(*step_args, target=target if last else None, losses=losses if last else None,
+                     **RETURN_NOTHING)
+        for group_params, group in tied_params:
+            _sync(group_params, group)
+        if step == 0 and reference is not None:
+            worst, message = compare_grads(named, reference, plan.dtype)
+            result.update(max_grad_error=worst, grad_message=message, reference_loss=reference.loss)
+            if last:
+                result["loss"] = float(sum(float(x.detach()) for x in losses))
+        if dp > 1:
+            _sync(params, dp_groups[pp_rank], average=dp)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        if step == 1 and cpu_tracker is not None:
+            cpu_tracker.__exit__(None, None, None)
+            cpu_tracker.sweep()
+            result["cpu_live_peak_bytes"] = cpu_tracker.peak + sum(p.numel() * p.element_size() for p in params)
+            cpu_tracker = None
+        if step > args.warmup:
+            times.append(elapsed)
+    result["step_times"] = times
+    if device.type == "cuda":
+        result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
