@@ -233,6 +233,75 @@ def execute(
         _fail(e)
 
 
+@app.command()
+def check(
+    plans: List[Path] = typer.Argument(..., metavar="PLAN...", help="plan JSON files (e.g. plans/*.json)"),
+    profile_file: Optional[Path] = typer.Option(None, "--profile", help="compare with this profile's model"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="rebuild each model on the meta device and compare (needs torch)"),
+    resolve: bool = typer.Option(False, "--resolve", help="search again (needs --profile); fail if a better plan exists"),
+    tolerance: str = typer.Option("5%", "--tolerance", help="how much better a new plan must be to fail the check"),
+) -> None:
+    """CI check: each plan valid, fitting, fresh (and still best). Exit 0 ok, 1 stale/over/beaten, 2 bad input."""
+    from planner.check import check_one, summary
+    from planner.formats import load_profile
+
+    try:
+        tol = _fraction(tolerance, "--tolerance")
+        prof = load_profile(profile_file) if profile_file else None
+    except PlannerError as e:
+        _fail(e)
+    worst = 0
+    for path in plans:
+        result = check_one(path, profile=prof, profile_path=str(profile_file) if profile_file else None,
+                           rebuild=rebuild, resolve=resolve, tolerance=tol)
+        if result.code == 0:
+            out.print(f"[green]ok[/]     {path}: {escape(summary(str(path)))}")
+        else:
+            tag = "[red]bad[/]   " if result.code == 2 else "[red]failed[/]"
+            out.print(f"{tag} {path}: {escape(result.lines[0])}")
+        for line in result.lines[1 if result.code else 0:]:
+            out.print(f"         {escape(line)}")
+        worst = 2 if 2 in (worst, result.code) else max(worst, result.code)
+    raise typer.Exit(worst)
+
+
+@app.command()
+def export(
+    plan_file: Path = typer.Argument(..., metavar="PLAN"),
+    fmt: str = typer.Option(..., "--format", "-f", help="megatron, deepspeed, torchtitan or torch"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
+) -> None:
+    """Translate a plan for Megatron-LM, DeepSpeed, torchtitan or torch.distributed.pipelining."""
+    from planner.export import export as run_export
+    from planner.formats import load_plan, write_atomic
+
+    try:
+        text = run_export(load_plan(plan_file), fmt)
+        if output is not None:
+            write_atomic(output, text)
+    except PlannerError as e:
+        _fail(e)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        out.print(f"{fmt} export written to {output}")
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("planner-demo"), "--out", help="folder for the profile, plan and picture"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+) -> None:
+    """Profile the bundled GPT, solve, compare with today's splits, draw, execute, verify."""
+    from planner.demo import run_demo
+
+    try:
+        code = run_demo(out_dir, device, out, err)
+    except PlannerError as e:
+        _fail(e)
+    raise typer.Exit(code)
+
+
 def _fraction(text: str, flag: str) -> float:
     from planner.errors import InputError
 

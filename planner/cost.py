@@ -89,7 +89,10 @@ class CostTable:
 
         self.fwd = np.array([c.fwd_s for c in costs]) * t
         self.bwd = np.array([c.bwd_s for c in costs]) * t
-        self.bwd_input = np.array([_input_share(c) for c in costs]) * self.bwd
+        # The split backward (zero-bubble schedules) as measured with the engine's own functions:
+        # input and weight parts together usually cost more than one whole backward.
+        self.bwd_input = np.array([_split(c)[0] for c in costs]) * t
+        self.bwd_weight = np.array([_split(c)[1] for c in costs]) * t
         self.act = np.array([c.act_bytes for c in costs], dtype=float)
         self.peak = np.array([c.peak_bytes for c in costs], dtype=float)
         self.params = np.array([layer.param_bytes for layer in profile.layers], dtype=float)
@@ -97,10 +100,9 @@ class CostTable:
             loss = profile.loss.by_mbs[key]
             self.fwd[-1] += loss.fwd_s * t
             self.bwd[-1] += loss.bwd_s * t
-            self.bwd_input[-1] += loss.bwd_s * t
+            self.bwd_input[-1] += loss.bwd_s * t  # the loss has no weights
             self.act[-1] += loss.act_bytes
             self.peak[-1] = max(self.peak[-1], loss.peak_bytes)
-        self.bwd_weight = self.bwd - self.bwd_input
         self.optimizer_s = (whole.optimizer_s * t) if whole else 0.0
 
         self.cut = np.array(self.graph.cut_bytes_per_sample(), dtype=float) * mbs  # (n + 1,)
@@ -126,6 +128,16 @@ class CostTable:
     @cached_property
     def BI(self) -> np.ndarray:
         return self._prefix(self.bwd_input)
+
+    @cached_property
+    def BW(self) -> np.ndarray:
+        return self._prefix(self.bwd_weight)
+
+    @cached_property
+    def BMIN(self) -> np.ndarray:
+        """Prefix of the cheaper of the whole and the split backward: for bounds that hold
+        under every schedule."""
+        return self._prefix(np.minimum(self.bwd, self.bwd_input + self.bwd_weight))
 
     @cached_property
     def ACT(self) -> np.ndarray:
@@ -201,14 +213,17 @@ class CostTable:
     def param_bytes(self, seg: Segment) -> float:
         return self.PARAMS[seg.stop] - self.PARAMS[seg.start] - self.tied_dedup(seg.start, seg.stop)
 
-    def times(self, seg: Segment, speed: float = 1.0) -> tuple[float, float, float]:
-        """(fwd, bwd_input, bwd_weight) seconds per micro-batch; recomputation repeats the forward
-        of the recomputed layers inside the input-gradient part (Chen et al., 2016)."""
+    def times(self, seg: Segment, speed: float = 1.0) -> tuple[float, float, float, float]:
+        """(fwd, bwd_input, bwd_weight, bwd) seconds per micro-batch: bwd is the whole backward,
+        bwd_input and bwd_weight its split parts. Recomputation repeats the forward of the
+        recomputed layers before their backward (Chen et al., 2016)."""
         i, j = seg.start, seg.stop
+        again = sum(self.fwd[l] for l in seg.recomputed())
         f = self.F[j] - self.F[i]
-        bi = self.BI[j] - self.BI[i] + sum(self.fwd[l] for l in seg.recomputed())
-        bw = (self.B[j] - self.B[i]) - (self.BI[j] - self.BI[i])
-        return float(f) / speed, float(bi) / speed, float(max(bw, 0.0)) / speed
+        bi = self.BI[j] - self.BI[i] + again
+        bw = self.BW[j] - self.BW[i]
+        b = self.B[j] - self.B[i] + again
+        return float(f) / speed, float(bi) / speed, float(bw) / speed, float(b) / speed
 
     def held_bytes(self, seg: Segment) -> float:
         """Bytes held per micro-batch in flight (from its forward until its backward frees it)."""
@@ -247,7 +262,7 @@ class CostTable:
 
     def stage_cost(self, seg: Segment, m: int, training: Training, *, speed: float = 1.0,
                    allreduce_s: float = 0.0, weight_versions: int = 1) -> StageCost:
-        f, bi, bw = self.times(seg, speed)
+        f, bi, bw, b = self.times(seg, speed)
         params = self.param_bytes(seg)
         n_params = params / DTYPE_BYTES[self.profile.dtype]
         static = n_params * bytes_per_param(training, self.profile.dtype)
@@ -255,7 +270,7 @@ class CostTable:
         static += self.buffer_bytes(seg, m)
         total_params = self.PARAMS[-1] or 1.0
         return StageCost.model_construct(  # the solver builds thousands: skip re-validation
-            fwd_s=f, bwd_input_s=bi, bwd_weight_s=bw,
+            fwd_s=f, bwd_input_s=bi, bwd_weight_s=bw, bwd_s=b,
             send_bytes=int(self.cut[seg.stop]),
             act_bytes=int(round(self.held_bytes(seg))),
             static_bytes=int(round(static)),
@@ -267,13 +282,12 @@ class CostTable:
         )
 
 
-def _input_share(c) -> float:
-    """Fraction of the backward that computes input gradients. Measured parts are normalised to
-    the whole backward; unmeasured, half (the two matrix products of a linear layer's backward)."""
+def _split(c) -> tuple[float, float]:
+    """Input- and weight-gradient seconds: as measured, else the whole backward halved (the two
+    matrix products of a linear layer's backward)."""
     if c.bwd_input_s is None or c.bwd_weight_s is None:
-        return 0.5
-    total = c.bwd_input_s + c.bwd_weight_s
-    return c.bwd_input_s / total if total > 0 else 0.5
+        return c.bwd_s / 2, c.bwd_s / 2
+    return c.bwd_input_s, c.bwd_weight_s
 
 
 def _range_max(a: np.ndarray) -> np.ndarray:

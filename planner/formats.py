@@ -279,6 +279,8 @@ class StageCost(_Frozen):
     fwd_s: float = Field(ge=0)
     bwd_input_s: float = Field(ge=0, description="input-gradient part of backward, recompute included")
     bwd_weight_s: float = Field(ge=0)
+    bwd_s: float | None = Field(default=None, ge=0, description="whole backward, recompute included "
+                                "(None: input plus weight parts)")
     send_bytes: int = Field(ge=0, description="bytes sent to the next stage per micro-batch")
     act_bytes: int = Field(ge=0, description="held per micro-batch in flight")
     static_bytes: int = Field(ge=0, description="weights, gradients, optimizer state")

@@ -171,7 +171,8 @@ def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[li
     dur, lat = [], []
     for x in costs:
         o = x.overhead_s
-        dur += [x.fwd_s + o, x.bwd_input_s + x.bwd_weight_s + o, x.bwd_input_s + o, x.bwd_weight_s + o]
+        b = x.bwd_s if x.bwd_s is not None else x.bwd_input_s + x.bwd_weight_s
+        dur += [x.fwd_s + o, b + o, x.bwd_input_s + o, x.bwd_weight_s + o]
         lat += [0.0, 0.0, 0.0, 0.0]
     for link in cuts:
         dur.append(link.busy_s)
@@ -236,7 +237,7 @@ def _steady_state(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink
     """Asynchronous schedules never flush: in steady state every stage runs one forward and one
     backward per micro-batch, so the slowest stage (or link) sets the pace (Narayanan et al.,
     PipeDream, SOSP 2019, section 3.1)."""
-    per_mb = max(c.fwd_s + c.bwd_input_s + c.bwd_weight_s for c in costs)
+    per_mb = max(c.fwd_s + (c.bwd_s if c.bwd_s is not None else c.bwd_input_s + c.bwd_weight_s) for c in costs)
     per_mb = max([per_mb] + [link.busy_s for link in cuts])
     return schedule.microbatches * per_mb + max(tails)
 

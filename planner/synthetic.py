@@ -21,13 +21,15 @@ def chain_profile(
     skips: Sequence[tuple[int, int, int]] = (),
     tied: Sequence[tuple[Sequence[int], int]] = (),
     bwd_input_fraction: float = 0.5,
+    split_cost: float = 1.0,
     name: str = "synthetic",
     names: Sequence[str] | None = None,
     dtype: str = "float32",
     device_memory_bytes: int = 80 * 1024**3,
 ) -> Profile:
     """A sequential model of ``len(fwd_s)`` layers; costs at micro-batch size 1 scale linearly
-    with the size. ``skips`` adds (src, dst, bytes_per_sample) tensors between layers."""
+    with the size. ``skips`` adds (src, dst, bytes_per_sample) tensors between layers; the split
+    backward costs ``split_cost`` times the whole one."""
     n = len(fwd_s)
     bwd_s = list(bwd_s) if bwd_s is not None else [2 * f for f in fwd_s]
     names = list(names) if names is not None else [f"layers.{i}" for i in range(n)]
@@ -40,8 +42,8 @@ def chain_profile(
         by = {}
         for b in mbs:
             bw = bwd_s[i] * b
-            by[str(b)] = LayerCost(fwd_s=fwd_s[i] * b, bwd_s=bw, bwd_input_s=bw * bwd_input_fraction,
-                                   bwd_weight_s=bw * (1 - bwd_input_fraction),
+            by[str(b)] = LayerCost(fwd_s=fwd_s[i] * b, bwd_s=bw, bwd_input_s=bw * bwd_input_fraction * split_cost,
+                                   bwd_weight_s=bw * (1 - bwd_input_fraction) * split_cost,
                                    act_bytes=per(act_bytes, i) * b,
                                    out_bytes=per(out_bytes_per_sample, i) * b)
         layers.append(Layer(name=names[i], param_bytes=per(param_bytes, i), by_mbs=by))

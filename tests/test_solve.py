@@ -50,7 +50,8 @@ def build_instance(d):
                          out_bytes_per_sample=2**24,
                          skips=[(0, n - 1, 2**25)] if d["skip"] else [],
                          tied=[([0, n - 1], 2**26)] if d["tied"] else [],
-                         bwd_input_fraction=float(rng.uniform(0.3, 0.7)))
+                         bwd_input_fraction=float(rng.uniform(0.3, 0.7)),
+                         split_cost=float(rng.uniform(0.8, 1.4)))
     name, v = d["schedule"]
     pp = 2 if v == 2 else d["pp"]
     m = d["m"]

@@ -111,7 +111,10 @@ class StageBounds:
         """Seconds stage s computes in a step: every micro-batch's forward and backward."""
         t = self.t
         f = (t.F[j] - t.F[i]) / self.speed[s]
-        b = (t.B[j] - t.B[i]) / self.speed[s]
+        if self.split:  # input and weight gradients as separate actions
+            b = (t.BI[j] - t.BI[i] + t.BW[j] - t.BW[i]) / self.speed[s]
+        else:
+            b = (t.B[j] - t.B[i]) / self.speed[s]
         if choice == FULL:
             b = b + f
         return self.m * (f + b)

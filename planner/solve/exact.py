@@ -124,7 +124,7 @@ def _longest(b: StageBounds, s: int, ub: float) -> int:
     lo, hi = 1, n
     while lo < hi:  # the lightest window of length d gets heavier as d grows
         mid = (lo + hi + 1) // 2
-        work = (t.F[mid:] - t.F[:-mid] + t.B[mid:] - t.B[:-mid]) * b.m / b.speed[s]
+        work = (t.F[mid:] - t.F[:-mid] + t.BMIN[mid:] - t.BMIN[:-mid]) * b.m / b.speed[s]
         if work.min() <= ub:
             lo = mid
         else:
@@ -201,7 +201,7 @@ def refine(b: StageBounds, evaluate: Evaluator, found: InnerResult, *, ub: float
     later_ranks = [sorted(set(place[s + 1:])) for s in range(b.S)]
     busy = [0.0] * b.schedule.pp  # seconds of work assigned to each rank so far
     edge = [0.0] * b.schedule.pp  # head + tail of each rank's first stage
-    total = b.t.F[-1] + b.t.B[-1]
+    total = b.t.F[-1] + b.t.BMIN[-1]
     cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def options(s: int, i: int):
@@ -220,7 +220,7 @@ def refine(b: StageBounds, evaluate: Evaluator, found: InnerResult, *, ub: float
         r = place[s]
         if edge[r] + busy[r] >= tau:
             return True
-        left = (total - b.t.F[j] - b.t.B[j]) * b.m
+        left = (total - b.t.F[j] - b.t.BMIN[j]) * b.m
         room = sum((tau - edge[q] - busy[q]) * rank_speed[q] for q in later_ranks[s])
         return left > room * (1 + 1e-9)
 

@@ -105,7 +105,8 @@ class _Model:
         tau = pulp.LpVariable("tau", lowBound=0)
         self.tau = tau
         prob += tau
-        f_l, b_l, bi_l = t.fwd, t.bwd, t.bwd_input
+        f_l, bi_l = t.fwd, t.bwd_input
+        b_l = t.bwd_input + t.bwd_weight if b.split else t.bwd
         back = bi_l if b.split else b_l
         lat = b.lat
         work, after, head_tail = [], [], []

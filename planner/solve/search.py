@@ -198,10 +198,10 @@ class Search:
         max_s(prefix_s + m * work_s) over any split, W / (1 - (1 - 1/m)^pp) (stages equalised)."""
         t = self.table(cfg.mbs)
         vmax = max(r.speed for r in self.ranks(cfg.pp, cfg.dp))
-        work = (t.F[-1] + t.B[-1]) / vmax
+        work = (t.F[-1] + t.BMIN[-1]) / vmax
         if cfg.schedule.startswith("pipedream"):
             return cfg.m * work / cfg.pp
-        heaviest = float((t.fwd + t.bwd).max()) / vmax  # the stage holding it runs it m times
+        heaviest = float((t.fwd + np.minimum(t.bwd, t.bwd_input + t.bwd_weight)).max()) / vmax  # the stage holding it runs it m times
         bound = max(cfg.m * work / cfg.pp, work, cfg.m * heaviest)
         if cfg.v == 1 and not SCHEDULES[cfg.schedule].split_backward:
             bound = max(bound, work / (1 - (1 - 1 / cfg.m) ** cfg.pp))

@@ -1,0 +1,118 @@
+"""``planner export``: a plan in the terms of the training stack a team already uses."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from planner.errors import InputError
+from planner.formats import Plan
+
+FORMATS = ("megatron", "deepspeed", "torchtitan", "torch")
+
+# torch.distributed.pipelining schedule classes for planner's schedules
+TORCH_CLASSES = {
+    "naive": "ScheduleGPipe", "gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
+    "interleaved-1f1b": "ScheduleInterleaved1F1B", "zb-h1": "ScheduleInterleavedZeroBubble",
+    "zb-v": "ScheduleZBVZeroBubble", "dualpipe-v": "ScheduleDualPipeV",
+}
+
+
+def export(plan: Plan, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return {"megatron": _megatron, "deepspeed": _deepspeed, "torchtitan": _torchtitan, "torch": _torch}[fmt](plan)
+
+
+def _kind(name: str, first: bool, last: bool, blocks: set[str]) -> str:
+    """Megatron layout letters: E embedding, t transformer layer, L final norm / head / loss."""
+    if name in blocks:
+        return "t"
+    return "E" if first else "L" if last else "t"
+
+
+def _blocks(plan: Plan) -> set[str]:
+    names = [n for st in plan.stages for n in st.layers]
+    keys = [m.group(1) if (m := re.fullmatch(r"(.*?)\d+", n)) else None for n in names]
+    common = max(set(k for k in keys if k), key=keys.count, default=None)
+    return {n for n, k in zip(names, keys) if k == common and common is not None}
+
+
+def _megatron(plan: Plan) -> str:
+    """Megatron-LM: pipeline and virtual-pipeline sizes, and the per-stage layout string
+    (--pipeline-model-parallel-layout), which also expresses uneven splits."""
+    blocks = _blocks(plan)
+    names = [n for st in plan.stages for n in st.layers]
+    first_block = next((i for i, n in enumerate(names) if n in blocks), 0)
+    last_block = max((i for i, n in enumerate(names) if n in blocks), default=len(names) - 1)
+    parts, pos = [], 0
+    for st in plan.stages:
+        letters = []
+        for n in st.layers:
+            letters.append(_kind(n, pos < first_block, pos > last_block, blocks))
+            pos += 1
+        parts.append("".join(_compress(letters)))
+    lines = [f"--pipeline-model-parallel-size {plan.parallel.pp}"]
+    if plan.schedule.virtual_stages > 1 and plan.schedule.name in ("interleaved-1f1b", "zb-h1"):
+        lines.append(f"--virtual-pipeline-model-parallel-size {plan.schedule.virtual_stages}")
+    lines.append(f"--pipeline-model-parallel-layout \"{'|'.join(parts)}\"")
+    lines.append(f"--micro-batch-size {plan.microbatch.size} --global-batch-size {plan.microbatch.global_batch}")
+    if plan.schedule.name not in ("1f1b", "interleaved-1f1b"):
+        lines.append(f"# Megatron-LM runs 1F1B (interleaved with virtual stages); this plan uses {plan.schedule.name}")
+    if any(st.recompute != "none" for st in plan.stages):
+        lines.append("--recompute-granularity full --recompute-method block "
+                     f"# planner recomputes stages {[st.index for st in plan.stages if st.recompute != 'none']}")
+    return "\n".join(lines) + "\n"
+
+
+def _compress(letters: list[str]) -> list[str]:
+    out, k = [], 0
+    while k < len(letters):
+        j = k
+        while j < len(letters) and letters[j] == letters[k]:
+            j += 1
+        out.append(letters[k] if j - k == 1 else f"{letters[k]}*{j - k}")
+        k = j
+    return out
+
+
+def _deepspeed(plan: Plan) -> str:
+    """DeepSpeed PipelineModule: stage boundaries as layer indices (``parts``, len num_stages + 1)."""
+    parts, pos = [0], 0
+    for st in plan.stages:
+        pos += len(st.layers)
+        parts.append(pos)
+    return json.dumps({
+        "num_stages": plan.parallel.pp,
+        "parts": parts,
+        "layers_per_stage": [len(st.layers) for st in plan.stages],
+        "micro_batches": plan.microbatch.count,
+        "train_micro_batch_size_per_gpu": plan.microbatch.size,
+        "activation_checkpoint_stages": [st.index for st in plan.stages if st.recompute != "none"],
+        "note": "DeepSpeed computes parts itself from partition_method; use these boundaries by "
+                "overriding PipelineModule._partition_layers to set self.parts = parts",
+    }, indent=1) + "\n"
+
+
+def _torchtitan(plan: Plan) -> str:
+    """torchtitan: module names per model part (pipeline_module_split)."""
+    return json.dumps({
+        "pipeline_parallel_degree": plan.parallel.pp,
+        "pipeline_parallel_schedule": TORCH_CLASSES.get(plan.schedule.name, plan.schedule.name).removeprefix("Schedule"),
+        "pipeline_parallel_microbatch_size": plan.microbatch.size,
+        "module_names_per_model_chunk": [st.layers for st in plan.stages],
+    }, indent=1) + "\n"
+
+
+def _torch(plan: Plan) -> str:
+    """torch.distributed.pipelining: split points for pipeline(), the schedule class, and the
+    stage placement."""
+    split = {st.layers[0]: "SplitPoint.BEGINNING" for st in plan.stages[1:]}
+    return json.dumps({
+        "split_spec": split,
+        "schedule_class": TORCH_CLASSES.get(plan.schedule.name, plan.schedule.name),
+        "n_microbatches": plan.microbatch.count,
+        "stages_per_rank": {str(r): [st.index for st in plan.stages if st.rank == r] for r in range(plan.parallel.pp)},
+        "note": "planner executes its own action list through _PipelineScheduleRuntime; the class above "
+                "is the engine's nearest built-in schedule",
+    }, indent=1) + "\n"
