@@ -95,6 +95,7 @@ class CostTable:
         self.bwd_weight = np.array([_split(c)[1] for c in costs]) * t
         self.act = np.array([c.act_bytes for c in costs], dtype=float)
         self.peak = np.array([c.peak_bytes for c in costs], dtype=float)
+        self.wgrad = np.array([c.wgrad_bytes for c in costs], dtype=float)
         self.params = np.array([layer.param_bytes for layer in profile.layers], dtype=float)
         if profile.loss is not None:  # the loss runs on the last stage, after its last layer
             loss = profile.loss.by_mbs[key]
@@ -107,6 +108,7 @@ class CostTable:
 
         self.cut = np.array(self.graph.cut_bytes_per_sample(), dtype=float) * mbs  # (n + 1,)
         self.in_bytes = np.array(self.graph.input_bytes_per_sample(), dtype=float) * mbs
+        self.workspace = profile.device.workspace_bytes
         self.input_batch = profile.batch.input_bytes_per_sample * mbs
         self.target_batch = profile.batch.target_bytes_per_sample * mbs
         self._tied = [(sorted(self.graph.index[n] for n in g.layers), g.param_bytes) for g in profile.tied]
@@ -142,6 +144,10 @@ class CostTable:
     @cached_property
     def ACT(self) -> np.ndarray:
         return self._prefix(self.act)
+
+    @cached_property
+    def WGRAD(self) -> np.ndarray:
+        return self._prefix(self.wgrad)
 
     @cached_property
     def PARAMS(self) -> np.ndarray:
@@ -243,7 +249,8 @@ class CostTable:
             base = self.recompute_peak_max[i, j]
         elif seg.recompute == "selective" and seg.recompute_layers:
             base = max(base, max(self.act[l] + self.peak[l] for l in seg.recompute_layers))
-        return float(base + self.cut[i])  # plus the input gradient being sent back
+        # plus the input gradient being sent back, plus the runtime's workspace
+        return float(base + self.cut[i] + self.workspace)
 
     def buffer_bytes(self, seg: Segment, m: int) -> float:
         """Receive buffers the engine allocates per micro-batch for activations (from the previous
@@ -273,6 +280,8 @@ class CostTable:
             fwd_s=f, bwd_input_s=bi, bwd_weight_s=bw, bwd_s=b,
             send_bytes=int(self.cut[seg.stop]),
             act_bytes=int(round(self.held_bytes(seg))),
+            wgrad_bytes=int(round(self.WGRAD[seg.stop] - self.WGRAD[seg.start])),
+            grad_in_bytes=int(self.cut[seg.start]),
             static_bytes=int(round(static)),
             transient_bytes=int(round(self.transient_bytes(seg))),
             param_bytes=int(round(params)),

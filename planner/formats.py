@@ -49,6 +49,8 @@ class DeviceInfo(_Frozen):
     type: Literal["cpu", "cuda"]
     name: str
     memory_bytes: int = Field(ge=0)
+    workspace_bytes: int = Field(default=0, ge=0, description="kept by the runtime once used (cuBLAS "
+                                 "workspace), on top of any tensor")
 
 
 class LayerCost(_Frozen):
@@ -61,6 +63,8 @@ class LayerCost(_Frozen):
     act_bytes: int = Field(ge=0, description="bytes the layer creates and saves for backward")
     out_bytes: int = Field(ge=0)
     peak_bytes: int = Field(default=0, ge=0, description="transient bytes above inputs, forward or backward")
+    wgrad_bytes: int = Field(default=0, ge=0, description="kept from the input-gradient pass until the "
+                             "weight-gradient pass (split backward)")
     fwd_spread: float = Field(default=0.0, ge=0)
     bwd_spread: float = Field(default=0.0, ge=0)
 
@@ -283,6 +287,9 @@ class StageCost(_Frozen):
                                 "(None: input plus weight parts)")
     send_bytes: int = Field(ge=0, description="bytes sent to the next stage per micro-batch")
     act_bytes: int = Field(ge=0, description="held per micro-batch in flight")
+    wgrad_bytes: int = Field(default=0, ge=0, description="held per micro-batch between its I and W")
+    grad_in_bytes: int = Field(default=0, ge=0, description="input gradient kept per micro-batch until the "
+                               "step ends (the engine accumulates it into the receive buffer)")
     static_bytes: int = Field(ge=0, description="weights, gradients, optimizer state")
     transient_bytes: int = Field(ge=0, description="workspace while one micro-batch computes")
     param_bytes: int = Field(ge=0)

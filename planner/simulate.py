@@ -198,37 +198,64 @@ def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[li
     return start, end
 
 
+State = tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
 @lru_cache(maxsize=512)
-def memory_states(schedule: Schedule) -> list[list[tuple[int, tuple[int, ...]]]]:
-    """Per rank, the distinct (running stage, micro-batches held per own stage) at each action,
-    counting the one a forward is building. Memory changes only at a rank's own actions, so
-    these states, weighed by stage sizes, give the peak for any costs."""
+def memory_states(schedule: Schedule) -> list[list[State]]:
+    """Per rank, the distinct memory states at its actions: (running stage, and per own stage:
+    micro-batches holding activations, micro-batches between their I and W, micro-batches whose
+    input gradient is done). The engine accumulates each received input's gradient into the
+    receive buffer and clears it only at the next step, so done gradients stay. Memory changes
+    only at a rank's own actions, so these states, weighed by stage sizes, give the peak for any
+    costs."""
     out = []
     for r, actions in enumerate(schedule.ranks):
-        mine = schedule.stages_of(r)
-        where = {s: k for k, s in enumerate(mine)}
-        held = [0] * len(mine)
+        where = {s: k for k, s in enumerate(schedule.stages_of(r))}
+        held = [0] * len(where)
+        split = [0] * len(where)
+        done = [0] * len(where)
         states = set()
         for a in actions:
             k = where[a.stage]
             if a.kind == "F":
                 held[k] += 1
-            states.add((k, tuple(held)))
+            if a.kind == "I":
+                split[k] += 1
+            states.add((k, tuple(held), tuple(split), tuple(done)))
             if a.kind in ("B", "W"):
                 held[k] -= 1
+            if a.kind == "W":
+                split[k] -= 1
+            if a.kind in ("B", "I"):
+                done[k] += 1
         out.append(sorted(states))
     return out
 
 
+@lru_cache(maxsize=512)
+def stage_states(schedule: Schedule) -> list[list[tuple[int, int, int]]]:
+    """Per stage, the distinct (activations held, I-to-W held, input gradients done) counts its
+    rank passes through."""
+    out: list[set] = [set() for _ in range(schedule.n_stages)]
+    for r, states in enumerate(memory_states(schedule)):
+        mine = schedule.stages_of(r)
+        for _, held, split, done in states:
+            for k, s in enumerate(mine):
+                out[s].add((held[k], split[k], done[k]))
+    return [sorted(x) for x in out]
+
+
 def peak_memory(schedule: Schedule, costs: list[StageCost]) -> list[int]:
-    """Peak bytes per rank: static memory of its stages, plus activations of the micro-batches in
-    flight, plus the transient workspace of the action running."""
+    """Peak bytes per rank: static memory of its stages, plus what the micro-batches in flight
+    hold, plus the transient workspace of the action running."""
     peaks = []
     for r, states in enumerate(memory_states(schedule)):
         mine = [costs[s] for s in schedule.stages_of(r)]
         base = sum(c.static_bytes + c.batch_bytes for c in mine)
-        top = max(sum(n * c.act_bytes for n, c in zip(held, mine)) + mine[k].transient_bytes
-                  for k, held in states)
+        top = max(sum(n * c.act_bytes + i * c.wgrad_bytes + d * c.grad_in_bytes
+                      for n, i, d, c in zip(held, split, done, mine))
+                  + mine[k].transient_bytes for k, held, split, done in states)
         peaks.append(base + top)
     return peaks
 

@@ -100,6 +100,29 @@ class _LeafTracer(fx.Tracer):
                                            not any(leaf.startswith(qualname + ".") for leaf in self.leaves))
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose gradient is made contiguous: a stage's input gradient is sent to the
+    previous stage, and p2p transfers need contiguous tensors (a gradient that comes out of a
+    concatenation is a strided view)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def contiguous_grad(x):
+    if isinstance(x, torch.Tensor) and x.requires_grad:
+        return _ContiguousGrad.apply(x)
+    return x
+
+
+fx.wrap("contiguous_grad")
+
+
 class LayeredModel:
     """Layers of a model and the tensors between them; ``stage(a, b)`` builds layers [a, b)."""
 
@@ -216,7 +239,8 @@ class TracedModel(LayeredModel):
         env: dict[fx.Node, fx.Node] = {}
         for t in self.crossing(a):
             src = self.node_of[t.key]
-            env[src] = g.placeholder(f"in_{src.name}")
+            placeholder = g.placeholder(f"in_{src.name}")
+            env[src] = g.call_function(contiguous_grad, (placeholder,)) if a > 0 else placeholder
         for n in self.gm.graph.nodes:
             if n.op in ("placeholder", "output"):
                 continue
@@ -233,8 +257,8 @@ class TracedModel(LayeredModel):
         if b >= self.n_layers:
             result = fx.map_arg(self.output_node.args[0], lambda x: env[x])
             g.output(result)
-        else:
-            g.output(tuple(env[self.node_of[t.key]] for t in self.crossing(b)))
+        else:  # p2p sends need contiguous tensors; contiguous() is free when they already are
+            g.output(tuple(g.call_method("contiguous", (env[self.node_of[t.key]],)) for t in self.crossing(b)))
         g.lint()
         return fx.GraphModule(self.gm, g, class_name=f"Stage_{a}_{b}")
 

@@ -114,30 +114,40 @@ def _stage_text(plan: Plan, pp_rank: int) -> str:
 
 
 def _diagnose(plan: Plan, reports: list[dict], log: str, code: int, log_path: Path) -> str:
-    """One line: which rank failed first, on which stage, and why."""
+    """One line: which rank failed first, on which stage, and why. A worker's own error wins over
+    the errors its peers saw when it went away; a worker that left no report died silently."""
+    failed = [r for r in reports if r.get("error")]
+    real = [r for r in failed if not _is_knock_on(r)]
+    if real:
+        return _describe(plan, real[0], log_path)
+    world = plan.parallel.pp * plan.parallel.dp
+    silent = sorted(set(range(world)) - {r["rank"] for r in reports})
+    # torchrun's failure summary: "rank : 1 (local_rank: 1)" then "exitcode : -9 (pid: ...)"
+    for rank, exit_code in re.findall(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", log, re.M):
+        if not silent or int(rank) in silent:
+            rank, exit_code = int(rank), int(exit_code)
+            how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
+            return f"rank {rank} ({_stage_text(plan, rank // plan.parallel.dp)}) {how} before reporting (log: {log_path})"
+    if silent:
+        rank = silent[0]
+        return f"rank {rank} ({_stage_text(plan, rank // plan.parallel.dp)}) died without reporting (log: {log_path})"
+    if failed:
+        return _describe(plan, failed[0], log_path)
+    return f"the workers failed (launcher exit code {code}) without reporting why (log: {log_path})"
+
+
+def _describe(plan: Plan, r: dict, log_path: Path) -> str:
     from planner.report import fmt_bytes
 
-    failed = [r for r in reports if r.get("error")]
-    real = [r for r in failed if "PLANNER_FAULT" in r.get("message", "") or not _is_knock_on(r)]
-    if real or failed:
-        r = (real or failed)[0]
-        where = f"rank {r['rank']} ({_stage_text(plan, r['pp_rank'])})"
-        if r.get("oom"):
-            st = plan.stages[r["stages"][0]]
-            dev = plan.cluster.devices[st.devices[0]]
-            peak = r.get("peak_before_failure")
-            measured = f", measured peak before failure {fmt_bytes(peak)}" if peak else ""
-            return (f"{where} ran out of memory: predicted {fmt_bytes(st.predicted.peak_memory_bytes)}, device has "
-                    f"{fmt_bytes(dev.memory_bytes)}{measured} ({r['message']})")
-        return f"{where} failed: {r['error']}: {r['message']} (log: {log_path})"
-    # no report: the process died without a word (killed, segfault)
-    found = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log, re.S)
-    if found:
-        rank, exit_code = int(found.group(1)), int(found.group(2))
-        how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
-        pp_rank = rank // plan.parallel.dp
-        return f"rank {rank} ({_stage_text(plan, pp_rank)}) {how} before reporting (log: {log_path})"
-    return f"the workers failed (launcher exit code {code}) without reporting why (log: {log_path})"
+    where = f"rank {r['rank']} ({_stage_text(plan, r['pp_rank'])})"
+    if r.get("oom"):
+        st = plan.stages[r["stages"][0]]
+        dev = plan.cluster.devices[st.devices[0]]
+        peak = r.get("peak_before_failure")
+        measured = f", measured peak before failure {fmt_bytes(peak)}" if peak else ""
+        return (f"{where} ran out of memory: predicted {fmt_bytes(st.predicted.peak_memory_bytes)}, device has "
+                f"{fmt_bytes(dev.memory_bytes)}{measured} ({r['message']})")
+    return f"{where} failed: {r['error']}: {r['message']} (log: {log_path})"
 
 
 def _is_knock_on(report: dict) -> bool:

@@ -137,11 +137,12 @@ def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S,
             else:
                 xs = tuple(t.requires_grad_(t.is_floating_point()) for t in buffers[s][0][k])
             out = timed((s, "F"), lambda: mod(*xs))
+            kept = out  # the engine keeps a stage's outputs until its backward, the last stage's too
             if s == S - 1:
                 out = (loss_fn(out, target) / m,)
             elif not isinstance(out, tuple):
                 out = (out,)
-            saved[(s, k)] = (xs, out)
+            saved[(s, k)] = (xs, out, kept)
             if s + 1 in modules:
                 local_out[(s, k)] = out
             continue
@@ -149,7 +150,7 @@ def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S,
             timed((s, "W"), lambda: stage_backward_weight(iter(p for p in mod.parameters()), groups.pop((s, k))))
             saved.pop((s, k), None)
             continue
-        xs, out = saved[(s, k)]
+        xs, out, _ = saved[(s, k)]
         grads = None if s == S - 1 else [g for g in buffers[s][1][k]]
         outs = [o for o in out if o.requires_grad]
         grads = None if grads is None else [g for o, g in zip(out, grads) if o.requires_grad]

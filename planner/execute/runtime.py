@@ -36,9 +36,33 @@ def engine_actions(schedule: Schedule, single: bool = False) -> dict[int, list[_
             for r, actions in enumerate(schedule.ranks)}
 
 
+def _zero_integer_placeholders() -> None:
+    """The engine infers a stage's shapes by running it on tensors made from metadata, left
+    uninitialised; integer inputs passed along (token ids for a later embedding) would then
+    index out of range. Make such placeholders zeros. Private API: skipped where it differs."""
+    try:
+        from torch.distributed.pipelining._utils import _TensorMeta
+    except ImportError:
+        return
+    original = getattr(_TensorMeta, "to_tensor", None)
+    if original is None or getattr(original, "_planner", False):
+        return
+
+    def to_tensor(self, device):
+        t = original(self, device)
+        if not t.is_floating_point() and not t.is_complex():
+            t.zero_()
+        return t
+
+    to_tensor._planner = True  # type: ignore[attr-defined]
+    _TensorMeta.to_tensor = to_tensor
+
+
+_zero_integer_placeholders()
+
+
 def make_runtime(modules: dict[int, nn.Module], n_stages: int, device: torch.device,
-                 actions: dict[int, list[_Action]], m: int, loss: Callable,
-                 group=None) -> _PipelineScheduleRuntime:
+                 actions: dict[int, list[_Action]], m: int, loss: Callable, group=None) -> _PipelineScheduleRuntime:
     """A runtime for this rank's stages (``modules``: stage index -> module)."""
     stages = [PipelineStage(mod, s, n_stages, device, group=group) for s, mod in sorted(modules.items())]
 

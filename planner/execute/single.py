@@ -57,7 +57,8 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
     m, size = plan.microbatch.count, plan.microbatch.size
     inputs, target = make_batch(spec, size * m, batch_seed(0, 0, 1), device, dtype)
     reference = Reference.of(spec.model)
-    built = build_stages(plan, spec, tuple(x[:size] if torch.is_tensor(x) else x for x in inputs))
+    one = tuple(x[:size] if torch.is_tensor(x) else x for x in inputs)
+    built = build_stages(plan, spec, one)
     modules = dict(enumerate(built.modules))
     owned = _one_rank_group()
     try:

@@ -67,17 +67,13 @@ def _inject(rank: int) -> None:
 
 
 def _sync(params: list[torch.nn.Parameter], group, average: int = 0) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    if average:
-        flat /= average
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    """All-reduce gradients in place, one tensor at a time: no flat copy to account for."""
+    for p in params:
+        if p.grad is None:
+            continue
+        dist.all_reduce(p.grad, group=group)
+        if average:
+            p.grad /= average
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +128,8 @@ def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
     spec = build_model(plan, device=torch.device("cpu"), dtype=dtype)
     inputs, target = make_batch(spec, size * m, batch_seed(0, dp_rank, dp), torch.device("cpu"), dtype)
     reference = Reference.of(spec.model) if args.verify else None
-    built = build_stages(plan, spec, tuple(x[:size] if torch.is_tensor(x) else x for x in inputs))
+    one = tuple(x[:size] if torch.is_tensor(x) else x for x in inputs)
+    built = build_stages(plan, spec, one)
     tied = []
     for stages, names in tied_groups(plan, built.lm, spec.model):
         ranks = sorted({plan.stages[s].rank for s in stages})

@@ -58,10 +58,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _device_info(device: torch.device) -> DeviceInfo:
+def _workspace(device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes the runtime keeps after its first matrix product (the cuBLAS workspace)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    a = torch.ones(64, 64, device=device, dtype=dtype)
+    b = a @ a
+    torch.cuda.synchronize(device)
+    kept = torch.cuda.memory_allocated(device) - before - a.untyped_storage().nbytes() - b.untyped_storage().nbytes()
+    return max(int(kept), 0)
+
+
+def _device_info(device: torch.device, workspace: int = 0) -> DeviceInfo:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return DeviceInfo(type="cuda", name=props.name, memory_bytes=props.total_memory)
+        return DeviceInfo(type="cuda", name=props.name, memory_bytes=props.total_memory, workspace_bytes=workspace)
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -133,6 +146,7 @@ class LayerResult:
     bwd_weight: Stat | None
     act_bytes: int
     peak_bytes: int
+    wgrad_bytes: int
     saved_inputs: set[tuple[int, int]]
     saved_outputs: set[tuple[int, int]]
     out_bytes: dict[tuple[int, int], int]
@@ -231,13 +245,34 @@ def measure_module(module: nn.Module, inputs: tuple, in_keys: list[tuple[int, in
         param_grads = sum(nbytes(p.grad) for p in params if p.grad is not None)
         bwd_peak = bwd_probe.peak - param_grads + grad_bytes
     clear()
+    wgrad = _wgrad_bytes(forward, inputs, params, device, ignore, gen) if split_ok and params and loss is None else 0
+    clear()
     peak = max(fwd_probe.peak - fwd_probe.final, bwd_peak, 0)
     return LayerResult(
         fwd=stat(fwd_samples), bwd=stat(bwd_samples),
         bwd_input=stat(bi_samples) if split_ok and bi_samples else None,
         bwd_weight=stat(bw_samples) if split_ok and bw_samples else None,
-        act_bytes=internal, peak_bytes=peak, saved_inputs=saved_inputs, saved_outputs=saved_outputs,
+        act_bytes=internal, peak_bytes=peak, wgrad_bytes=wgrad, saved_inputs=saved_inputs,
+        saved_outputs=saved_outputs,
         out_bytes=out_bytes)
+
+
+def _wgrad_bytes(forward, inputs, params, device, ignore, gen) -> int:
+    """Bytes the input-gradient pass leaves for the weight-gradient pass (the intermediate
+    gradients it keeps), beyond the input gradients it returns."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    xs = _leaves(inputs)
+    outs = _differentiable(forward(xs))
+    float_inputs = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not outs or not float_inputs:
+        return 0
+    grads = _grads_for(outs, gen)
+    with MemoryProbe(device, ignore | {storage_key(g) for g in grads}) as probe:
+        dinputs, groups = stage_backward_input(outs, grads, float_inputs, iter(params))
+    returned = sum(nbytes(d) for d in dinputs if isinstance(d, torch.Tensor))
+    stage_backward_weight(iter(params), groups)
+    return max(int(probe.final - returned), 0)
 
 
 def _split_backward(timer: Timer, outs, grads, xs, params) -> tuple[float, float]:
@@ -319,10 +354,12 @@ def profile_model(spec: ModelSpec, factory: str, args: dict, opts: Options,
     if opts.threads:
         torch.set_num_threads(opts.threads)
     try:
+        workspace = _workspace(device, dtype)
         model.to(device=device, dtype=dtype)
         with _Restore(model):
             model.train()
-            return _profile(spec, factory, args, opts, device, dtype, progress)
+            prof = _profile(spec, factory, args, opts, device, dtype, progress)
+            return prof.model_copy(update={"device": _device_info(device, workspace)})
     finally:
         torch.set_num_threads(threads)
 
@@ -382,6 +419,7 @@ def _assemble(spec, factory, args, opts, device, lm, stages, sizes, per_mbs, los
                          bwd_input_s=r.bwd_input.median if r.bwd_input else None,
                          bwd_weight_s=r.bwd_weight.median if r.bwd_weight else None,
                          act_bytes=r.act_bytes, out_bytes=out_total, peak_bytes=r.peak_bytes,
+                         wgrad_bytes=r.wgrad_bytes,
                          fwd_spread=round(r.fwd.spread, 4), bwd_spread=round(r.bwd.spread, 4))
 
     layers = []

@@ -31,6 +31,7 @@ from planner.cost import CostTable, bytes_per_param
 from planner.evaluate import Config, RankDevice
 from planner.formats import DTYPE_BYTES, Cluster
 from planner.schedules import Schedule, inflight_peaks, weight_versions
+from planner.simulate import stage_states
 
 NONE, FULL = 0, 1
 
@@ -59,6 +60,8 @@ class StageBounds:
         self.S = schedule.n_stages
         self.m = config.m
         self.k = inflight_peaks(schedule)
+        # (activations held, I-to-W held, input gradients done) each stage passes through
+        self.states = [np.array(x, dtype=float) for x in stage_states(schedule)]
         place = schedule.stage_rank
         self.speed = [ranks[place[s]].speed for s in range(self.S)]
         self.cap = [ranks[place[s]].capacity_bytes * share for s in range(self.S)]
@@ -105,7 +108,11 @@ class StageBounds:
         else:
             held = t.ACT[j] - t.ACT[i] + t.held_extra[i, j]
             transient = t.peak_max[i, j]
-        return static + batch + self.k[s] * held + transient + t.cut[i]
+        wgrad = t.WGRAD[j] - t.WGRAD[i]
+        pairs = self.states[s]
+        inflight = np.max(pairs[:, :1] * held[None, ...] + pairs[:, 1:2] * wgrad[None, ...]
+                          + pairs[:, 2:3] * t.cut[i][None, ...], axis=0) if len(pairs) else 0.0
+        return static + batch + inflight + transient + t.cut[i] + t.workspace
 
     def work(self, s: int, i, j, choice: int):
         """Seconds stage s computes in a step: every micro-batch's forward and backward."""

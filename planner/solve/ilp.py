@@ -153,7 +153,7 @@ class _Model:
                 prob += tau >= pulp.lpSum(work[s] for s in mine) + pulp.lpSum(after[s] for s in mine)
 
         # memory
-        held, transient, static = [], [], []
+        held, transient, static, wgrads = [], [], [], []
         tensors = [tt for tt in t.graph.tensors if tt.producer >= 0]
         for s in Ss:
             held_s = pulp.lpSum(float(t.act[l]) * (x[l, s] - u[l, s]) for l in L)
@@ -186,18 +186,22 @@ class _Model:
             st = params * (b.bpp + b.versions[s] - 1) + b.m * (cut_in[s] + cut_out[s])
             st += (b.m * t.input_batch if s == 0 else 0) + (b.m * t.target_batch if s == S - 1 else 0)
             held.append(held_s)
-            transient.append(tr + cut_in[s])
+            wgrads.append(pulp.lpSum(float(t.wgrad[l]) * x[l, s] for l in L))
+            transient.append(tr + cut_in[s] + t.workspace)
             static.append(st)
         for r, states in enumerate(memory_states(b.schedule)):
             mine = b.schedule.stages_of(r)
             cap = min(b.cap[s] for s in mine)
             base = pulp.lpSum(static[s] for s in mine)
             seen = set()
-            for k, counts in states:
-                if (k, counts) in seen:
+            for state in states:
+                if state in seen:
                     continue
-                seen.add((k, counts))
-                prob += base + pulp.lpSum(n_c * held[s] for n_c, s in zip(counts, mine)) + transient[mine[k]] <= cap
+                seen.add(state)
+                k, counts, split, done = state
+                prob += base + pulp.lpSum(n_c * held[s] + i_c * wgrads[s] + d_c * cut_in[s]
+                                          for n_c, i_c, d_c, s in zip(counts, split, done, mine)) \
+                    + transient[mine[k]] <= cap
 
     def _tied(self, s: int):
         """Bytes counted twice when tied layers share stage s (cached: one set of variables)."""

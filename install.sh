@@ -1,0 +1,15 @@
+#!/bin/sh
+# Install planner and what it needs into the current Python environment.
+# On a machine without an NVIDIA GPU, PyTorch's CPU build goes in first: a bare "torch"
+# requirement would otherwise pull the multi-GB CUDA build.
+set -eu
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        "$PY" -m pip install -q "torch>=2.11,<2.14"
+    else
+        "$PY" -m pip install -q torch==2.13.0
+    fi
+fi
+"$PY" -m pip install -q -e ".[test]"

@@ -1,0 +1,144 @@
+"""The command line as users meet it: output, files written or not, exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from planner.cli import app
+from planner.formats import dump
+from planner.synthetic import chain_profile
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def profile(tmp_path):
+    p = tmp_path / "prof.json"
+    names = ["emb"] + [f"h.{i}" for i in range(8)] + ["head"]
+    dump(chain_profile([1e-3] + [2e-3] * 8 + [6e-3], names=names, act_bytes=2**20, param_bytes=2**22,
+                       mbs=(1, 2, 4)), p)
+    return p
+
+
+@pytest.fixture
+def plan(tmp_path, profile):
+    out = tmp_path / "plan.json"
+    r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", "--global-batch", "32", "--pp", "4",
+                            "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_solve_prints_candidates_plan_and_baselines(tmp_path, profile):
+    out = tmp_path / "p.json"
+    r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", "--global-batch", "32", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "top configurations" in r.output and "against today's splits" in r.output
+    data = json.loads(out.read_text())
+    assert data["kind"] == "plan" and len(data["baselines"]) == 3
+
+
+def test_solve_json_to_stdout(profile):
+    r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", "--global-batch", "32", "--json"])
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["parallel"]["pp"] >= 1
+
+
+def test_simulate_table_json_and_timeline(tmp_path, plan):
+    r = runner.invoke(app, ["simulate", str(plan)])
+    assert r.exit_code == 0 and "bottleneck" in r.output
+    r = runner.invoke(app, ["simulate", str(plan), "--json"])
+    assert json.loads(r.stdout)["step_time_s"] > 0
+    for suffix in ("png", "svg", "html"):
+        pic = tmp_path / f"t.{suffix}"
+        r = runner.invoke(app, ["simulate", str(plan), "--timeline", str(pic)])
+        assert r.exit_code == 0 and pic.stat().st_size > 500
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, plan):
+    bad = tmp_path / "bad.json"
+    bad.write_text(plan.read_text()[:300])
+    for args in (["simulate", str(bad)], ["simulate", str(tmp_path / "none.json")],
+                 ["solve", str(plan), "--cluster", "h100x4"],  # a plan is not a profile
+                 ["simulate", str(plan), "--timeline", str(tmp_path / "t.gif")]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.output.count("\n") == 1 and "Traceback" not in r.output
+
+
+def test_unknown_cluster_is_bad_input(profile):
+    r = runner.invoke(app, ["solve", str(profile), "--cluster", "tpu9000"])
+    assert r.exit_code == 2 and "unknown cluster 'tpu9000'" in r.output
+
+
+def test_infeasible_exits_3(tmp_path):
+    p = tmp_path / "big.json"
+    dump(chain_profile([1.0] * 4, param_bytes=2**34, mbs=(1,)), p)
+    out = tmp_path / "never.json"
+    r = runner.invoke(app, ["solve", str(p), "--cluster", "rtx4090x4", "-o", str(out)])
+    assert r.exit_code == 3 and "nothing fits" in r.output
+    assert not out.exists()
+
+
+def test_output_folder_must_exist(tmp_path, profile):
+    r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", "-o", str(tmp_path / "no" / "p.json")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_check_passes_then_fails_on_memory_and_truncation(tmp_path, plan):
+    r = runner.invoke(app, ["check", str(plan)])
+    assert r.exit_code == 0 and r.output.startswith("ok")
+    data = json.loads(plan.read_text())
+    data["stages"][2]["cost"]["act_bytes"] = 200 * 2**30  # edited by hand
+    over = tmp_path / "over.json"
+    over.write_text(json.dumps(data))
+    r = runner.invoke(app, ["check", str(plan), str(over)])
+    assert r.exit_code == 1 and "stage 2" in r.output and "needs" in r.output
+    cut = tmp_path / "cut.json"
+    cut.write_text(plan.read_text()[:-40])
+    r = runner.invoke(app, ["check", str(plan), str(cut), str(over)])
+    assert r.exit_code == 2 and "not valid JSON" in r.output
+
+
+def test_check_resolve_finds_a_better_plan(tmp_path, profile):
+    slow = tmp_path / "slow.json"
+    r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", "--global-batch", "32", "--pp", "4",
+                            "--fix-cuts", "1,2,3", "-o", str(slow)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(slow.read_text())
+    data["provenance"]["solver"]["settings"]["fix_cuts"] = None  # as if the user dropped the pin
+    slow.write_text(json.dumps(data))
+    r = runner.invoke(app, ["check", str(slow), "--profile", str(profile), "--resolve"])
+    assert r.exit_code == 1 and "a better plan exists" in r.output
+
+
+@pytest.mark.parametrize("fmt,needle", [("megatron", "--pipeline-model-parallel-layout"), ("deepspeed", '"parts"'),
+                                        ("torchtitan", "module_names_per_model_chunk"), ("torch", "split_spec")])
+def test_export_formats(plan, fmt, needle):
+    r = runner.invoke(app, ["export", str(plan), "--format", fmt])
+    assert r.exit_code == 0 and needle in r.stdout
+
+
+def test_schema_prints_json_schema():
+    r = runner.invoke(app, ["schema", "plan"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["title"] == "Plan"
+
+
+def test_solve_simulate_check_schema_never_import_torch(tmp_path, plan, profile):
+    code = f"""
+import sys
+sys.modules["torch"] = None  # importing torch now fails
+from typer.testing import CliRunner
+from planner.cli import app
+r = CliRunner()
+for args in (["--help"], ["schema", "profile"], ["simulate", {str(plan)!r}], ["check", {str(plan)!r}],
+             ["solve", {str(profile)!r}, "--cluster", "h100x4", "--global-batch", "16"]):
+    res = r.invoke(app, args)
+    assert res.exit_code == 0, (args, res.output, res.exception)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,0 +1,112 @@
+"""Running plans on PyTorch's pipeline engine: correctness against a plain run, and failures that
+end cleanly with the rank, stage and cause named. Multi-process tests use gloo on the CPU."""
+
+import json
+
+import pytest
+import torch
+
+from planner.clusters import from_spec
+from planner.errors import CheckFailed, ExecutionError
+from planner.execute import Options, execute, raise_on_failure
+from planner.execute.single import run_single
+from planner.formats import dump, load_plan
+from planner.model import build_spec
+from planner.profile import Options as ProfileOptions
+from planner.profile import profile_model
+from planner.solve import Settings, solve
+from planner.solve.plan import make_plan
+
+TINY = {"n_layer": 3, "d_model": 32, "n_head": 2, "vocab": 64, "seq": 16, "tied": True}
+
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+    spec = build_spec("models/gpt.py:build", TINY)
+    return profile_model(spec, "models/gpt.py:build", TINY, ProfileOptions(mbs=(1, 2), repeats=2, warmup=1, threads=1))
+
+
+def plan_for(profile, tmp_path, schedule, pp=2, dp=1, gb=8, name="plan.json"):
+    settings = Settings(global_batch=gb, pp=pp, dp=dp, schedules=(schedule,), time_limit_s=5)
+    result = solve(profile, from_spec("cpu2"), settings)
+    plan = make_plan(profile, from_spec("cpu2"), result, settings)
+    path = tmp_path / name
+    dump(plan, path)
+    return path
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v", "dualpipe-v"])
+def test_single_device_runs_every_schedule_with_matching_gradients(tiny_profile, tmp_path, schedule):
+    plan = load_plan(plan_for(tiny_profile, tmp_path, schedule))
+    r = run_single(plan, torch.device("cpu"), steps=1, warmup=0)
+    assert r.grad_message == ""
+    assert r.loss == pytest.approx(r.reference_loss, rel=1e-5)
+
+
+def test_recomputation_keeps_gradients(tiny_profile, tmp_path):
+    path = plan_for(tiny_profile, tmp_path, "1f1b")
+    data = json.loads(path.read_text())
+    for st in data["stages"]:
+        st["recompute"] = "full"
+    path.write_text(json.dumps(data))
+    r = run_single(load_plan(path), torch.device("cpu"), steps=1, warmup=0)
+    assert r.grad_message == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_two_gloo_processes_match_the_reference(tiny_profile, tmp_path, schedule):
+    path = plan_for(tiny_profile, tmp_path, schedule)
+    ver = execute(path, Options(steps=2, warmup=1, run_dir=str(tmp_path / "run"), tolerance=10.0))
+    assert ver.mode == "distributed"
+    assert all(ok for _, ok, _ in ver.checks), ver.checks
+    raise_on_failure(ver)
+
+
+@pytest.mark.slow
+def test_data_parallel_replicas(tiny_profile, tmp_path):
+    path = plan_for(tiny_profile, tmp_path, "gpipe", pp=1, dp=2)
+    ver = execute(path, Options(steps=1, warmup=1, run_dir=str(tmp_path / "run"), tolerance=10.0))
+    assert all(ok for _, ok, _ in ver.checks), ver.checks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,match", [
+    ("raise@1", r"rank 1 \(stage 1\) failed: RuntimeError: injected failure"),
+    ("kill@1", r"rank 1 \(stage 1\) was killed by signal 9"),
+    ("oom@0", r"rank 0 \(stage 0\) ran out of memory: predicted .* device has 4.00 GiB"),
+])
+def test_failing_workers_end_every_worker_and_say_why(tiny_profile, tmp_path, monkeypatch, fault, match):
+    path = plan_for(tiny_profile, tmp_path, "1f1b")
+    monkeypatch.setenv("PLANNER_FAULT", fault)
+    with pytest.raises(ExecutionError, match=match):
+        execute(path, Options(steps=1, warmup=1, run_dir=str(tmp_path / "run"), timeout_s=120))
+
+
+def test_a_stale_plan_is_refused_before_anything_starts(tiny_profile, tmp_path):
+    path = plan_for(tiny_profile, tmp_path, "1f1b")
+    data = json.loads(path.read_text())
+    data["model"]["args"]["n_layer"] = 4  # the model the factory now builds differs
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckFailed, match="the plan is stale"):
+        execute(path, Options(mode="single"))
+
+
+def test_replay_measures_each_rank(tiny_profile, tmp_path):
+    path = plan_for(tiny_profile, tmp_path, "1f1b")
+    ver = execute(path, Options(mode="replay"))
+    memory = [r for r in ver.rows if "peak memory" in r.what]
+    assert len(memory) == 2 and all(r.measured > 0 for r in memory)
+    step = [r for r in ver.rows if r.what.startswith("step time")]
+    assert step and step[0].measured > 0
+
+
+def test_model_only_schedules_are_refused(tiny_profile, tmp_path):
+    settings = Settings(global_batch=8, pp=2, dp=1, schedules=("pipedream",), include_model_only=True)
+    result = solve(tiny_profile, from_spec("cpu2"), settings)
+    path = tmp_path / "p.json"
+    dump(make_plan(tiny_profile, from_spec("cpu2"), result, settings), path)
+    from planner.errors import InputError
+
+    with pytest.raises(InputError, match="modelled only"):
+        execute(path, Options())
