@@ -35,6 +35,9 @@ class DeviceKind:
 _H100 = DeviceKind(DeviceSpec(name="H100-80GB", type="cuda", memory_bytes=81559 * MiB),
                    Link(bandwidth_bytes_per_s=450e9, latency_s=10e-6),
                    Link(bandwidth_bytes_per_s=50e9, latency_s=20e-6), 1 * GiB)
+# H200 SXM: 141 GB HBM3e (torch reports 150,109,880,320 bytes), NVLink 4 and NDR as the H100.
+_H200 = DeviceKind(DeviceSpec(name="H200-141GB", type="cuda", memory_bytes=150_109_880_320),
+                   _H100.intra, _H100.inter, 1 * GiB)
 # NVLink 3 (A100 SXM): 600 GB/s bidirectional per GPU; HDR InfiniBand: 200 Gb/s per GPU.
 _A100_40 = DeviceKind(DeviceSpec(name="A100-40GB", type="cuda", memory_bytes=40960 * MiB),
                       Link(bandwidth_bytes_per_s=300e9, latency_s=10e-6),
@@ -54,7 +57,7 @@ _CPU = DeviceKind(DeviceSpec(name="cpu", type="cpu", memory_bytes=4 * GiB, actio
                   Link(bandwidth_bytes_per_s=1.25e9, latency_s=100e-6, cpu_s=250e-6), 0)
 
 KINDS: dict[str, DeviceKind] = {
-    "h100": _H100, "h100-80gb": _H100,
+    "h100": _H100, "h100-80gb": _H100, "h200": _H200,
     "a100": _A100_40, "a100-40gb": _A100_40, "a100-80gb": _A100_80,
     "rtx4090": _RTX4090, "4090": _RTX4090, "consumer24": _RTX4090,
     "cpu": _CPU,
@@ -62,6 +65,7 @@ KINDS: dict[str, DeviceKind] = {
 
 PRESETS = {
     "h100x8": "a node of 8 H100-80GB on NVLink",
+    "h200x8": "a node of 8 H200-141GB on NVLink",
     "a100-40gbx8": "a node of 8 A100-40GB on NVLink",
     "a100-80gbx8": "a node of 8 A100-80GB on NVLink",
     "rtx4090x4": "a workstation of 4 RTX 4090 24 GB on PCIe",

@@ -97,9 +97,9 @@ def replay_rank(plan: Plan, rank: int, device: torch.device, repeats: int = 2) -
                          device, timings if rep == repeats - 1 else None)
             opt.step()
             opt.zero_grad(set_to_none=False)
-        if device.type == "cuda":
+        if device.type == "cuda":  # what this replay added to what the process held before it
             torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device)
+            peak = torch.cuda.max_memory_allocated(device) - probe._base
             reserved = torch.cuda.max_memory_reserved(device)
     if device.type != "cuda":
         peak = probe.peak

@@ -58,17 +58,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_WORKSPACE: dict[str, int] = {}  # per device, measured once per process
+
+
 def _workspace(device: torch.device, dtype: torch.dtype) -> int:
-    """Bytes the runtime keeps after its first matrix product (the cuBLAS workspace)."""
+    """Bytes the runtime keeps after its first matrix product (the cuBLAS workspace). Only the
+    first product of a process allocates it, so the first measurement is kept for later ones."""
     if device.type != "cuda":
         return 0
+    if str(device) in _WORKSPACE:
+        return _WORKSPACE[str(device)]
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     a = torch.ones(64, 64, device=device, dtype=dtype)
     b = a @ a
     torch.cuda.synchronize(device)
     kept = torch.cuda.memory_allocated(device) - before - a.untyped_storage().nbytes() - b.untyped_storage().nbytes()
-    return max(int(kept), 0)
+    _WORKSPACE[str(device)] = max(int(kept), 0)
+    return _WORKSPACE[str(device)]
 
 
 def _device_info(device: torch.device, workspace: int = 0) -> DeviceInfo:
@@ -319,13 +326,15 @@ def _time_whole(spec: ModelSpec, inputs, target, device, opts: Options) -> tuple
     model = spec.model
     timer = Timer(device)
     fwd, bwd = [], []
-    for rep in range(opts.warmup + max(20, 2 * opts.repeats)):
+    # A GPU's first steps of a new model pick kernels and warm clocks: warm up longer there.
+    warmup = max(opts.warmup, 10) if device.type == "cuda" else opts.warmup
+    for rep in range(warmup + max(20, 2 * opts.repeats)):
         for p in model.parameters():
             p.grad = None
         box = {}
         t_f = timer(lambda: box.setdefault("loss", spec.loss(model(*inputs), target)))
         t_b = timer(lambda: box["loss"].backward())
-        if rep >= opts.warmup:
+        if rep >= warmup:
             fwd.append(t_f)
             bwd.append(t_b)
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]

@@ -127,6 +127,7 @@ class MemoryProbe:
         self.final = 0
 
     def __enter__(self) -> MemoryProbe:
+        self._base = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)
