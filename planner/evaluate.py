@@ -49,6 +49,7 @@ class RankDevice:
     devices: list[int]
     capacity_bytes: int  # usable memory: the smallest replica's, less the reserve
     speed: float  # the slowest replica's
+    overhead_s: float = 0.0  # the engine's bookkeeping per action there
 
 
 def rank_devices(cluster: Cluster, pp: int, dp: int) -> list[RankDevice]:
@@ -59,7 +60,7 @@ def rank_devices(cluster: Cluster, pp: int, dp: int) -> list[RankDevice]:
     for r in range(pp):
         ids = [r * dp + d for d in range(dp)]
         out.append(RankDevice(ids, min(devs[i].memory_bytes for i in ids) - cluster.reserved_bytes,
-                              min(devs[i].speed for i in ids)))
+                              min(devs[i].speed for i in ids), max(devs[i].action_overhead_s for i in ids)))
     return out
 
 
@@ -129,8 +130,7 @@ def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[
             seg, config.m, config.training, speed=rank.speed,
             allreduce_s=_allreduce(table, cluster, seg, rank) + tied_extra[s],
             weight_versions=weight_versions(config.schedule, config.pp, place[s]))
-        overhead = max(cluster.devices[d].action_overhead_s for d in rank.devices)
-        costs.append(cost.model_copy(update={"overhead_s": overhead}) if overhead else cost)
+        costs.append(cost.model_copy(update={"overhead_s": rank.overhead_s}) if rank.overhead_s else cost)
     cuts = []
     for s in range(len(segments) - 1):
         a, b = ranks[place[s]].devices[0], ranks[place[s + 1]].devices[0]

@@ -229,8 +229,20 @@ def memory_states(schedule: Schedule) -> list[list[State]]:
                 split[k] -= 1
             if a.kind in ("B", "I"):
                 done[k] += 1
-        out.append(sorted(states))
+        out.append(_undominated(states))
     return out
+
+
+def _undominated(states) -> list:
+    """Drop states that another state with the same running stage matches or exceeds in every
+    count: with non-negative sizes they can never be the peak."""
+    by_running: dict[int, list] = {}
+    for st in sorted(states, key=lambda st: -sum(sum(x) for x in st[1:])):
+        k, vec = st[0], [c for part in st[1:] for c in part]
+        keep = by_running.setdefault(k, [])
+        if not any(all(a >= b for a, b in zip(other, vec)) for _, other in keep):
+            keep.append((st, vec))
+    return sorted(st for group in by_running.values() for st, _ in group)
 
 
 @lru_cache(maxsize=512)
@@ -243,7 +255,7 @@ def stage_states(schedule: Schedule) -> list[list[tuple[int, int, int]]]:
         for _, held, split, done in states:
             for k, s in enumerate(mine):
                 out[s].add((held[k], split[k], done[k]))
-    return [sorted(x) for x in out]
+    return [[st[1] for st in _undominated({(0, t) for t in x})] for x in out]
 
 
 def peak_memory(schedule: Schedule, costs: list[StageCost]) -> list[int]:

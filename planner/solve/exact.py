@@ -149,18 +149,21 @@ def _reachable(b: StageBounds, tau: float) -> list[np.ndarray]:
 
 def first_solution(b: StageBounds, evaluate: Evaluator, *, ub: float = np.inf,
                    fixed: list[int] | None = None, floor: float = 0.0,
-                   warm: list[int] | None = None) -> InnerResult:
+                   warm: list[list[int]] = ()) -> InnerResult:
     """The DP's partition, simulated; proven optimal when the simulation meets the bound.
     ``floor``: another valid lower bound on the step time, kept if higher. ``warm``: stage
-    starts of a partition to try first; its time, if it fits, narrows the DP's search."""
+    starts of partitions to try first (today's splits); the best that fits narrows the DP's
+    search, and the result is never worse than any of them."""
     incumbent: tuple[float, list[Segment] | None, object] = (np.inf, None, None)
     count = 0
-    if warm is not None and fixed is None:
-        _, stages = lb_partition(b, fixed=warm)
+    for starts in warm if fixed is None else ():
+        if starts is None or len(starts) != b.S:
+            continue
+        _, stages = lb_partition(b, fixed=starts)
         if stages is not None:
             step, fits, payload = evaluate(_segments(stages))
             count += 1
-            if fits:
+            if fits and step < incumbent[0]:
                 incumbent = (step, _segments(stages), payload)
     lb, stages = lb_partition(b, min(ub, incumbent[0]), fixed)
     if stages is None:

@@ -252,7 +252,7 @@ class Search:
                 continue
             b = self.bounds(cfg)
             t = self.table(cfg.mbs)
-            warm = bl.min_max(t.fwd + t.bwd, cfg.n_stages)
+            warm = [bl.min_max(t.fwd + t.bwd, cfg.n_stages)]
             floor = self.quick_bound(cfg)
             if cfg.n_stages > cfg.pp and comb(t.n - 1, cfg.n_stages - 1) > ENUMERABLE:
                 # Several stages per rank on a large instance: the per-stage bound is weaker than
@@ -305,6 +305,12 @@ class Search:
             raise InfeasibleError(self.explain_infeasible(configs))
         ordered = sorted(results.values(), key=self._rank_key)
         best = ordered[0]
+        base = self.baselines(best.config)
+        for _, _, ev in base if s.fix_cuts is None else ():  # never report worse than today's splits
+            if ev is not None and ev.fits and ev.step_time_s < best.inner.step_time_s * (1 - 1e-12):
+                best = Candidate(best.config, InnerResult(best.inner.lower_bound_s, ev.segments, ev.step_time_s,
+                                                          best.inner.proven, best.inner.evaluations, ev))
+                ordered[0] = best
         bound = max(unresolved, default=0.0)
         notes = []
         if too_big:
@@ -312,9 +318,9 @@ class Search:
                          "were not simulated (e.g. " + too_big[0].describe() + ")")
         if bound > best.throughput:
             notes.append(f"not proven optimal: the bounds of {len(unresolved)} configuration(s) still allow "
-                         f"up to {bound / best.throughput - 1:.1%} more throughput (raise --time-limit "
-                         "or --budget to search further)")
-        return SolveResult(best=best, ranked=ordered[: s.top], baselines=self.baselines(best.config),
+                         f"up to {bound / best.throughput - 1:.1%} more throughput (raise --time-limit, "
+                         "or add --ilp for tighter bounds on interleaved and V schedules)")
+        return SolveResult(best=best, ranked=ordered[: s.top], baselines=base,
                            proven=bool(bound <= best.throughput), configs_total=len(configs),
                            configs_solved=solved, elapsed_s=time.perf_counter() - start, notes=notes)
 
@@ -366,16 +372,21 @@ class Search:
 
     # ------------------------------------------------------------------------- baselines
 
-    def baselines(self, cfg: Config) -> list[tuple[str, list[int] | None, Evaluation | None]]:
+    def _today(self, cfg: Config) -> list[tuple[str, list[int] | None]]:
+        """Today's splits for cfg's stage count: (label, stage starts)."""
         t = self.table(cfg.mbs)
         names = [layer.name for layer in self.profile.layers]
         S = cfg.n_stages
-        out = []
-        for label, starts in (
+        return [
             ("equal layers (Megatron-LM, DeepSpeed uniform)", bl.equal_blocks(names, S)),
             ("parameter-balanced (DeepSpeed parameters)", bl.min_max(t.params + 1e-9, S)),
             ("time-balanced (torchgpipe balance_by_time)", bl.min_max(t.fwd + t.bwd, S)),
-        ):
+        ]
+
+    def baselines(self, cfg: Config) -> list[tuple[str, list[int] | None, Evaluation | None]]:
+        t = self.table(cfg.mbs)
+        out = []
+        for label, starts in self._today(cfg):
             if starts is None:
                 out.append((label, None, None))
                 continue
