@@ -72,7 +72,7 @@ def main() -> None:
                 if r.unit == "bytes" else (lambda v: f"{v:.1f}")
             print(f"{key:<14} {r.what[:26]:<26} {fmt(r.predicted):>12} {fmt(r.measured):>12} {r.error:>+8.1%}")
         for check, ok, detail in ver.checks:
-            print(f"{key:<14} {'ok' if ok else 'FAILED'}: {check}")
+            print(f"{key:<14} {'ok' if ok else 'FAILED'}: {check}" + ("" if ok else f": {detail}"))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class CostTable:
         self.profile = profile
         self.graph = graph or LayerGraph(profile)
         self.mbs = mbs
-        self.n = n = len(profile.layers)
+        self.n = len(profile.layers)
         whole = profile.whole.get(key)
         self.scale = t = whole.scale if whole else 1.0
         costs = [layer.by_mbs[key] for layer in profile.layers]

@@ -38,7 +38,6 @@ def _cluster(device):
 
 
 def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int:
-    import torch
 
     from planner import report, timeline
     from planner.evaluate import plan_schedule, replay_plan

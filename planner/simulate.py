@@ -82,8 +82,7 @@ class Compiled:
     kind: list[str]  # transfer: "act" or "grad"; compute: the action kind
     slot: list[int]  # index into the duration table: 4 * stage + (F, B, I, W), or 4 * S + cut
     last: list[int]  # each rank's last action
-    sends: list[int]  # compute node: the cut it sends across, else -1
-    receives: list[int]  # compute node: the cut it received across, else -1
+    receives: list[int]  # compute node: the cut its input crossed, else -1
 
 
 @lru_cache(maxsize=512)
@@ -96,13 +95,12 @@ def compile_schedule(schedule: Schedule) -> Compiled:
     arrival: dict[tuple[str, int, int], int] = {}  # transfer node delivering to (kind, stage, mb)
     last_on_rank = [-1] * schedule.pp
     last_on_link: dict[tuple[int, int], int] = {}
-    sends: list[int] = []
     receives: list[int] = []
 
     def add(a, r, p, d, c, rcv, k) -> int:
         action.append(a); rank.append(r); prev.append(p); dep.append(d)
         cut.append(c); receiver.append(rcv); kind.append(k)
-        sends.append(-1); receives.append(-1)
+        receives.append(-1)
         return len(action) - 1
 
     def data(a: Action) -> int | None:
@@ -137,7 +135,6 @@ def compile_schedule(schedule: Schedule) -> Compiled:
                     break
                 n = add(a, r, last_on_rank[r], d, -1, -1, a.kind)
                 last_on_rank[r] = n
-                sends[n] = -1
                 receives[n] = cut[d] if d >= 0 and action[d] is None else -1
                 node_of[(a.kind, a.stage, a.mb)] = n
                 pos[r] += 1
@@ -149,20 +146,18 @@ def compile_schedule(schedule: Schedule) -> Compiled:
                     t = add(None, r, last_on_link.get((r, dst), -1), n, s, dst, "act")
                     last_on_link[(r, dst)] = t
                     arrival[("act", s + 1, a.mb)] = t
-                    sends[n] = s
                 elif a.kind in ("B", "I") and s > 0 and place[s - 1] != r:
                     dst = place[s - 1]
                     t = add(None, r, last_on_link.get((r, dst), -1), n, s - 1, dst, "grad")
                     last_on_link[(r, dst)] = t
                     arrival[("grad", s - 1, a.mb)] = t
-                    sends[n] = s - 1
         if not moved:
             stuck = {r: str(acts[pos[r]]) for r, acts in enumerate(schedule.ranks) if pos[r] < len(acts)}
             raise ScheduleError(f"schedule deadlocks: ranks wait forever at {stuck}")
     kind_slot = {"F": 0, "B": 1, "I": 2, "W": 3}
     slot = [4 * a.stage + kind_slot[a.kind] if a is not None else 4 * S + c
             for a, c in zip(action, cut)]
-    return Compiled(action, rank, prev, dep, cut, receiver, kind, slot, last_on_rank, sends, receives)
+    return Compiled(action, rank, prev, dep, cut, receiver, kind, slot, last_on_rank, receives)
 
 
 def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[list[float], list[float]]:
@@ -183,7 +178,7 @@ def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[li
     start = [0.0] * n
     end = [0.0] * n
     arrive = [0.0] * n
-    prev, dep, slot, sends, receives = c.prev, c.dep, c.slot, c.sends, c.receives
+    prev, dep, slot, receives = c.prev, c.dep, c.slot, c.receives
     for i in range(n):
         p, d, k = prev[i], dep[i], slot[i]
         t = end[p] if p >= 0 else 0.0

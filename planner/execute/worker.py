@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     local = int(os.environ.get("LOCAL_RANK", rank))
     out = Path(args.run_dir) / f"rank{rank}.json"
     plan = load_plan(args.plan)
-    pp, dp = plan.parallel.pp, plan.parallel.dp
-    pp_rank, dp_rank = divmod(rank, dp)
+    pp_rank, dp_rank = divmod(rank, plan.parallel.dp)
     mine = [st.index for st in plan.stages if st.rank == pp_rank]
     report: dict = {"rank": rank, "pp_rank": pp_rank, "dp_rank": dp_rank, "stages": mine}
     use_cuda = plan.cluster.devices[0].type == "cuda" and torch.cuda.is_available()
