@@ -69,7 +69,7 @@ def simulate(
 
     try:
         plan = load_plan(plan_file)
-        sim = replay_plan(plan)
+        sim = replay_plan(plan, timeline=timeline is not None)
         if timeline is not None:
             from planner import timeline as tl
 

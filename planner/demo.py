@@ -41,6 +41,7 @@ def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int
 
     from planner import report, timeline
     from planner.evaluate import plan_schedule, replay_plan
+    from planner.errors import ToleranceError
     from planner.execute import Options, execute, raise_on_failure
     from planner.formats import dump
     from planner.model import build_spec
@@ -67,7 +68,7 @@ def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int
     free = solve(prof, cluster, Settings(global_batch=16))
     out.print(f"unpinned, the fastest plan is {free.best.config.describe()} "
               f"({free.best.throughput:.1f} samples/s); pinning pp=2 to show a pipeline:")
-    settings = Settings(global_batch=16, pp=2, dp=1, schedules=("1f1b", "gpipe", "zb-h1"))
+    settings = Settings(global_batch=16, pp=2, dp=1, schedules=("1f1b", "gpipe"))
     with report.progress(err) as bar:
         result = solve(prof, cluster, settings, progress=bar)
     plan = make_plan(prof, cluster, result, settings)
@@ -77,7 +78,7 @@ def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int
         out.print(item)
 
     out.print(Rule("3. simulate: the predicted timeline"))
-    picture = timeline.write(out_dir / "timeline.png", plan_schedule(plan), replay_plan(plan),
+    picture = timeline.write(out_dir / "timeline.png", plan_schedule(plan), replay_plan(plan, timeline=True),
                              f"{plan.model.name} on {cluster.name}")
     out.print(f"timeline written to {picture}")
 
@@ -86,5 +87,8 @@ def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int
         ver = execute(plan_path, Options(steps=5, warmup=2, tolerance=0.15), progress=bar)
     out.print(report.verification_table(ver))
     out.print(f"files in {out_dir}: gpt.profile.json, gpt.plan.json, timeline.png")
-    raise_on_failure(ver)
+    try:
+        raise_on_failure(ver)
+    except ToleranceError as e:  # a demo reports a timing miss; `planner execute` fails on it
+        out.print(f"[yellow]note:[/] {e}; on a busy machine, run again or use more --steps")
     return 0

@@ -210,10 +210,11 @@ def plan_schedule(plan: Plan) -> Schedule:
     return build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count, plan.schedule.virtual_stages)
 
 
-def replay_plan(plan: Plan, costs: list[StageCost] | None = None) -> SimResult:
-    """Simulate a plan from the stage costs it carries (or ``costs`` in their place)."""
+def replay_plan(plan: Plan, costs: list[StageCost] | None = None, *, timeline: bool = False) -> SimResult:
+    """Simulate a plan from the stage costs it carries (or ``costs`` in their place); with
+    ``timeline`` the result carries every event, for drawing."""
     schedule = plan_schedule(plan)
     if tuple(st.rank for st in plan.stages) != schedule.stage_rank:
         raise InputError(f"plan places stages on ranks {[st.rank for st in plan.stages]}, "
                          f"{plan.schedule.name} places them on {list(schedule.stage_rank)}")
-    return simulate(schedule, costs or [st.cost for st in plan.stages], plan_cuts(plan))
+    return simulate(schedule, costs or [st.cost for st in plan.stages], plan_cuts(plan), timeline=timeline)

@@ -287,9 +287,11 @@ def step_time(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink]) -
     return max(end[n] + t for n, t in zip(compiled.last, tails))
 
 
-def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | None = None) -> SimResult:
+def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | None = None, *,
+             timeline: bool = True) -> SimResult:
     """Time ``schedule`` with per-stage ``costs`` and per-cut transfer costs ``cuts``
-    (len n_stages - 1; omitted: free transfers)."""
+    (len n_stages - 1; omitted: free transfers). Without ``timeline`` the result has no events
+    or transfers (faster for a large schedule when only the numbers are wanted)."""
     S = schedule.n_stages
     if len(costs) != S:
         raise ScheduleError(f"{len(costs)} stage costs for a schedule of {S} stages")
@@ -307,10 +309,11 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
     for i, a in enumerate(compiled.action):
         r = compiled.rank[i]
         if a is not None:
-            events.append(Event(r, a, start[i], end[i]))
+            if timeline:
+                events.append(Event(r, a, start[i], end[i]))
             compute[r] += end[i] - start[i]
             clock[r] = max(clock[r], end[i])
-        else:
+        elif timeline:
             link = cuts[compiled.cut[i]]
             dst_stage = compiled.cut[i] + 1 if compiled.kind[i] == "act" else compiled.cut[i]
             mb = compiled.action[compiled.dep[i]].mb
