@@ -47,7 +47,11 @@ def check_fingerprint(plan: Plan, fingerprint: str, source: str) -> list[str]:
 
 def rebuilt_fingerprint(plan: Plan) -> str:
     """Build the plan's model on the meta device (no memory, no weights) and fingerprint it."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise InputError("--rebuild builds the model and needs torch: install it, or compare with "
+                         "--profile instead") from None
 
     from planner.model import build_spec
     from planner.split import fingerprint

@@ -258,7 +258,9 @@ def check(
             out.print(f"[green]ok[/]     {path}: {escape(summary(str(path)))}")
         else:
             tag = "[red]bad[/]   " if result.code == 2 else "[red]failed[/]"
-            out.print(f"{tag} {path}: {escape(result.lines[0])}")
+            first = result.lines[0]
+            where = "" if first.startswith(str(path)) else f"{path}: "
+            out.print(f"{tag} {where}{escape(first)}")
         for line in result.lines[1 if result.code else 0:]:
             out.print(f"         {escape(line)}")
         worst = 2 if 2 in (worst, result.code) else max(worst, result.code)
@@ -345,9 +347,44 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def main() -> None:
+def _version(value: bool) -> None:
+    if value:
+        from planner import __version__
+
+        out.print(f"planner {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Exact pipeline-parallel planning for PyTorch models: profile, solve, simulate, execute, check."""
+
+
+def _usage_error() -> type[Exception]:
+    """The usage-error class of the click typer runs on (recent typer vendors its own)."""
     try:
-        app()
+        from typer._click.exceptions import ClickException  # type: ignore[import-not-found]
+    except ImportError:
+        from click.exceptions import ClickException
+    return ClickException
+
+
+def main() -> None:
+    usage = _usage_error()
+    try:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except usage as e:  # bad command line: one line, exit 2
+        if type(e).__name__ == "NoArgsIsHelpError":
+            sys.exit(0)
+        err.print(f"[bold red]error:[/] {escape(e.format_message())} (see --help)", soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]")
         sys.exit(130)

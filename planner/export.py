@@ -40,7 +40,9 @@ def _blocks(plan: Plan) -> set[str]:
 
 def _megatron(plan: Plan) -> str:
     """Megatron-LM: pipeline and virtual-pipeline sizes, and the per-stage layout string
-    (--pipeline-model-parallel-layout), which also expresses uneven splits."""
+    (--pipeline-model-parallel-layout), which also expresses uneven splits. Everything before
+    the first transformer block is the embedding (E), everything after the last is the final
+    norm, output layer and loss (L)."""
     blocks = _blocks(plan)
     names = [n for st in plan.stages for n in st.layers]
     first_block = next((i for i, n in enumerate(names) if n in blocks), 0)
@@ -51,6 +53,7 @@ def _megatron(plan: Plan) -> str:
         for n in st.layers:
             letters.append(_kind(n, pos < first_block, pos > last_block, blocks))
             pos += 1
+        letters = [x for k, x in enumerate(letters) if x == "t" or k == 0 or letters[k - 1] != x]
         parts.append("".join(_compress(letters)))
     lines = [f"--pipeline-model-parallel-size {plan.parallel.pp}"]
     if plan.schedule.virtual_stages > 1 and plan.schedule.name in ("interleaved-1f1b", "zb-h1"):
@@ -90,7 +93,11 @@ def _deepspeed(plan: Plan) -> str:
         "train_micro_batch_size_per_gpu": plan.microbatch.size,
         "activation_checkpoint_stages": [st.index for st in plan.stages if st.recompute != "none"],
         "note": "DeepSpeed computes parts itself from partition_method; use these boundaries by "
-                "overriding PipelineModule._partition_layers to set self.parts = parts",
+                "overriding PipelineModule._partition_layers to set self.parts = parts"
+                + ("" if plan.schedule.virtual_stages == 1 else
+                   f". This plan runs {plan.schedule.virtual_stages} chunks per rank ({plan.schedule.name}), which "
+                   "DeepSpeed's one-stage-per-rank 1F1B cannot express: parts are given per chunk; solve with "
+                   "--virtual-stages 1 for a plan DeepSpeed can run"),
     }, indent=1) + "\n"
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import sys
 from dataclasses import dataclass
@@ -106,9 +107,33 @@ def load_factory(ref: str) -> Callable[..., Any]:
     return fn
 
 
+_SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, int: int, float: float, bool: bool, str: str}
+
+
+def check_args(ref: str, fn: Callable[..., Any], args: dict[str, Any]) -> None:
+    """Names the factory takes, and values of the simple types its annotations ask for."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for name, value in args.items():
+        if name not in params:
+            if open_ended:
+                continue
+            raise ModelError(f"factory {ref} has no argument {name!r} (it takes: {', '.join(params) or 'none'})")
+        want = _SIMPLE.get(params[name].annotation)
+        if want is None or isinstance(value, want) and not (want is int and isinstance(value, bool)):
+            continue
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        raise ModelError(f"--arg {name}={value!r}: factory {ref} expects {want.__name__} for {name}")
+
+
 def build_spec(ref: str, args: dict[str, Any]) -> ModelSpec:
     """Call the factory and check what it returns."""
     fn = load_factory(ref)
+    check_args(ref, fn, args)
     try:
         result = fn(**args)
     except TypeError as e:

@@ -158,7 +158,12 @@ def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
     base.add_row("planner", _sizes(sizes), fmt_time(mine), "1.00x", fmt_bytes(plan.predicted.peak_memory_bytes),
                  style="bold green")
     for b in plan.baselines:
-        ratio = f"{b.step_time_s / mine:.2f}x slower" if b.step_time_s else "does not fit"
+        if not b.step_time_s:
+            ratio = "does not fit"
+        elif b.step_time_s <= mine * 1.005:
+            ratio = "same"
+        else:
+            ratio = f"{b.step_time_s / mine:.2f}x slower"
         base.add_row(b.name, _sizes(b.layers_per_stage), fmt_time(b.step_time_s), ratio,
                      fmt_bytes(b.peak_memory_bytes))
     out.append(base)
@@ -175,8 +180,12 @@ def _sizes(sizes: list[int]) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def verification_table(ver) -> Table:
-    """Measured against predicted, with the correctness checks beneath."""
+def verification_table(ver):
+    """Measured against predicted, with the correctness checks beneath (just the checks when
+    nothing was measured against a prediction)."""
+    lines = [f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  {name}: {detail}" for name, ok, detail in ver.checks]
+    if not ver.rows:
+        return "\n".join([f"[bold]{ver.mode} on {ver.device}[/]"] + lines + ver.notes)
     table = Table(title=f"measured against predicted ({ver.mode} on {ver.device})", title_justify="left")
     for col in ("", "predicted", "measured", "error", "note"):
         table.add_column(col, justify="left" if col in ("", "note") else "right")
@@ -187,7 +196,6 @@ def verification_table(ver) -> Table:
         bad = r.checked and abs(r.error) > ver.tolerance
         style = "bold red" if bad else ("bold" if r is worst else None)
         table.add_row(r.what, fmt(r.predicted), fmt(r.measured), err_text, r.note, style=style)
-    lines = [f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  {name}: {detail}" for name, ok, detail in ver.checks]
     verdict = ("[green]within tolerance[/]" if ver.within() else "[red]outside tolerance[/]") + \
         f" ({ver.tolerance:.0%}; errors in parentheses are reported, not checked)"
     table.caption = "\n".join(lines + [verdict] + ver.notes)

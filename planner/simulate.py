@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from planner.errors import ScheduleError
 from planner.formats import StageCost
 from planner.schedules import Action, Schedule
@@ -193,23 +195,22 @@ def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[li
     return start, end
 
 
-State = tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+State = tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 @lru_cache(maxsize=512)
 def memory_states(schedule: Schedule) -> list[list[State]]:
     """Per rank, the distinct memory states at its actions: (running stage, and per own stage:
     micro-batches holding activations, micro-batches between their I and W, micro-batches whose
-    input gradient is done). The engine accumulates each received input's gradient into the
-    receive buffer and clears it only at the next step, so done gradients stay. Memory changes
-    only at a rank's own actions, so these states, weighed by stage sizes, give the peak for any
-    costs."""
+    input gradient is done, micro-batches whose output has left the activations but is still
+    being sent). The engine accumulates each received input's gradient into the receive buffer
+    and clears it only at the next step, and waits for its sends only at the end of the step, so
+    both stay until then. Memory changes only at a rank's own actions, so these states, weighed
+    by stage sizes, give the peak for any costs."""
     out = []
     for r, actions in enumerate(schedule.ranks):
         where = {s: k for k, s in enumerate(schedule.stages_of(r))}
-        held = [0] * len(where)
-        split = [0] * len(where)
-        done = [0] * len(where)
+        held, split, done, sent = ([0] * len(where) for _ in range(4))
         states = set()
         for a in actions:
             k = where[a.stage]
@@ -217,9 +218,10 @@ def memory_states(schedule: Schedule) -> list[list[State]]:
                 held[k] += 1
             if a.kind == "I":
                 split[k] += 1
-            states.add((k, tuple(held), tuple(split), tuple(done)))
+            states.add((k, tuple(held), tuple(split), tuple(done), tuple(sent)))
             if a.kind in ("B", "W"):
                 held[k] -= 1
+                sent[k] += 1
             if a.kind == "W":
                 split[k] -= 1
             if a.kind in ("B", "I"):
@@ -232,24 +234,31 @@ def _undominated(states) -> list:
     """Drop states that another state with the same running stage matches or exceeds in every
     count: with non-negative sizes they can never be the peak."""
     by_running: dict[int, list] = {}
-    for st in sorted(states, key=lambda st: -sum(sum(x) for x in st[1:])):
-        k, vec = st[0], [c for part in st[1:] for c in part]
-        keep = by_running.setdefault(k, [])
-        if not any(all(a >= b for a, b in zip(other, vec)) for _, other in keep):
-            keep.append((st, vec))
-    return sorted(st for group in by_running.values() for st, _ in group)
+    for st in states:
+        by_running.setdefault(st[0], []).append(st)
+    out = []
+    for group in by_running.values():
+        vecs = np.array([[c for part in st[1:] for c in part] for st in group])
+        order = np.argsort(-vecs.sum(axis=1), kind="stable")
+        kept: list[int] = []
+        for i in order:  # a state can only be matched by one with at least its total
+            if kept and np.any(np.all(vecs[kept] >= vecs[i], axis=1)):
+                continue
+            kept.append(int(i))
+        out += [group[i] for i in kept]
+    return sorted(out)
 
 
 @lru_cache(maxsize=512)
-def stage_states(schedule: Schedule) -> list[list[tuple[int, int, int]]]:
-    """Per stage, the distinct (activations held, I-to-W held, input gradients done) counts its
-    rank passes through."""
+def stage_states(schedule: Schedule) -> list[list[tuple[int, int, int, int]]]:
+    """Per stage, the distinct (activations held, I-to-W held, input gradients done, outputs
+    still being sent) counts its rank passes through."""
     out: list[set] = [set() for _ in range(schedule.n_stages)]
     for r, states in enumerate(memory_states(schedule)):
         mine = schedule.stages_of(r)
-        for _, held, split, done in states:
+        for _, held, split, done, sent in states:
             for k, s in enumerate(mine):
-                out[s].add((held[k], split[k], done[k]))
+                out[s].add((held[k], split[k], done[k], sent[k]))
     return [[st[1] for st in _undominated({(0, t) for t in x})] for x in out]
 
 
@@ -258,11 +267,15 @@ def peak_memory(schedule: Schedule, costs: list[StageCost]) -> list[int]:
     hold, plus the transient workspace of the action running."""
     peaks = []
     for r, states in enumerate(memory_states(schedule)):
-        mine = [costs[s] for s in schedule.stages_of(r)]
+        stages = schedule.stages_of(r)
+        mine = [costs[s] for s in stages]
+        # an output sent to another rank is kept by its pending send
+        away = [c.send_bytes if s + 1 < schedule.n_stages and schedule.stage_rank[s + 1] != r else 0
+                for s, c in zip(stages, mine)]
         base = sum(c.static_bytes + c.batch_bytes for c in mine)
-        top = max(sum(n * c.act_bytes + i * c.wgrad_bytes + d * c.grad_in_bytes
-                      for n, i, d, c in zip(held, split, done, mine))
-                  + mine[k].transient_bytes for k, held, split, done in states)
+        top = max(sum(n * c.act_bytes + i * c.wgrad_bytes + d * c.grad_in_bytes + o * w
+                      for n, i, d, o, c, w in zip(held, split, done, sent, mine, away))
+                  + mine[k].transient_bytes for k, held, split, done, sent in states)
         peaks.append(base + top)
     return peaks
 

@@ -96,6 +96,10 @@ def layout(schedule: Schedule, sim: SimResult, title: str) -> Layout:
         boxes.append(Box(x, legend_y - 10, 12, 12, COLORS[kind], "", NAMES[kind]))
         texts.append(Text(x + 16, legend_y, NAMES[kind], 11))
         x += 30 + 7 * len(NAMES[kind])
+    if any(t > 0 for t in sim.tail_s):
+        boxes.append(Box(x, legend_y - 10, 12, 12, "#B279A2", "", "all-reduce and optimizer"))
+        texts.append(Text(x + 16, legend_y, "all-reduce and optimizer step", 11))
+        x += 30 + 7 * len("all-reduce and optimizer step")
     if schedule.n_stages > schedule.pp:
         boxes.append(Box(x, legend_y - 10, 12, 12, LATER_CHUNK["F"], "", "second chunk"))
         texts.append(Text(x + 16, legend_y, "lighter: later chunk of the rank", 11))

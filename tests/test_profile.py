@@ -101,7 +101,9 @@ def test_parse_args():
     ("nope/missing.py:build", [], "missing.py: no such file"),
     ("models/gpt.py:buld", [], "has no function 'buld'"),
     ("models/gpt.py:build", ["--arg", "n_head=5"], "factory models/gpt.py:build raised AssertionError"),
-    ("models/gpt.py:build", ["--arg", "depth=3"], "does not accept these arguments"),
+    ("models/gpt.py:build", ["--arg", "depth=3"], "has no argument 'depth'"),
+    ("models/gpt.py:build", ["--arg", "n_layer=many"], "expects int for n_layer"),
+    ("models/gpt.py:build", ["--arg", "tied=maybe"], "expects bool for tied"),
     ("models/gpt.py:build", ["--mbs", "0"], "--mbs '0': give at least one positive number"),
 ])
 def test_bad_models_exit_2_with_one_line(tmp_path, model, args, match):

@@ -71,40 +71,54 @@ def replay_rank(plan: Plan, rank: int, device: torch.device, repeats: int = 2) -
     S = len(plan.stages)
     peak, reserved = 0, None
     timings: dict[tuple[int, str], list[float]] = {}
+    cuda = device.type == "cuda"
     probe = MemoryProbe(device)
-    with probe:
+    with probe:  # on a CPU the probe counts live tensors, which slows every operation
         for module in modules.values():
             _materialise(module, device)
         params = list(stage_parameters(modules).values())
         opt = optimizer_for(plan, params)
-        buffers = {}
-        for s in mine:  # the engine's receive buffers: activations in, gradients of outputs
-            a, b = built.bounds[s]
-            ins = [] if a == 0 else [torch.randn(t.shape, dtype=t.dtype, device=device) if t.is_floating_point()
-                                     else torch.zeros(t.shape, dtype=t.dtype, device=device) for t in cut_values[a]]
-            outs = [] if b == n else [torch.randn(t.shape, dtype=t.dtype, device=device) if t.is_floating_point()
-                                      else None for t in cut_values[b]]
-            buffers[s] = ([list(ins) if k == 0 else [x.clone() for x in ins] for k in range(m)],
-                          [list(outs) if k == 0 else [None if x is None else x.clone() for x in outs]
-                           for k in range(m)])
+        buffers = _buffers(built, mine, cut_values, m, n, device)
         first_inputs = tuple(t.to(device) if torch.is_tensor(t) else t for t in inputs)
         target = target.to(device) if torch.is_tensor(target) else target
-        for rep in range(repeats):
-            if rep == repeats - 1 and device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
+
+        def step(times) -> None:
             _run_actions(schedule.ranks[rank], modules, buffers, first_inputs, target, spec.loss, m, S,
-                         device, timings if rep == repeats - 1 else None)
+                         device, times)
             opt.step()
             opt.zero_grad(set_to_none=False)
-        if device.type == "cuda":  # what this replay added to what the process held before it
+
+        for rep in range(repeats):  # the optimizer's state exists from the first step on
+            if rep == repeats - 1 and cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            step(timings if cuda and rep == repeats - 1 else None)
+        if cuda:  # what this replay added to what the process held before it
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device) - probe._base
             reserved = torch.cuda.max_memory_reserved(device)
-    if device.type != "cuda":
+    if not cuda:
         peak = probe.peak
+        step(timings)  # timed once more, without the live-tensor count
     medians = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
     return RankReplay(rank, mine, int(peak), reserved, medians)
+
+
+def _buffers(built, mine, cut_values, m, n, device) -> dict:
+    """The engine's receive buffers for this rank's stages, one per micro-batch: activations in,
+    gradients of outputs."""
+    def make(t):
+        return torch.randn(t.shape, dtype=t.dtype, device=device) if t.is_floating_point() \
+            else torch.zeros(t.shape, dtype=t.dtype, device=device)
+
+    out = {}
+    for s in mine:
+        a, b = built.bounds[s]
+        ins = [] if a == 0 else cut_values[a]
+        outs = [] if b == n else cut_values[b]
+        out[s] = ([[make(t) for t in ins] for _ in range(m)],
+                  [[make(t) if t.is_floating_point() else None for t in outs] for _ in range(m)])
+    return out
 
 
 def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S, device, timings) -> None:
@@ -186,6 +200,17 @@ def measured_costs(plan: Plan, replays: list[RankReplay]) -> list[StageCost]:
 
 
 def replay_all(plan: Plan, device: torch.device, ranks: list[int] | None = None) -> list[RankReplay]:
+    """Replay each rank in turn. On a CPU with one thread, as each distributed worker runs."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _replay_all(plan, device, ranks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replay_all(plan: Plan, device: torch.device, ranks: list[int] | None) -> list[RankReplay]:
     out = []
     for r in ranks if ranks is not None else range(plan.parallel.pp):
         try:

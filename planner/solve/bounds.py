@@ -60,8 +60,10 @@ class StageBounds:
         self.S = schedule.n_stages
         self.m = config.m
         self.k = inflight_peaks(schedule)
-        # (activations held, I-to-W held, input gradients done) each stage passes through
+        # (activations held, I-to-W held, input gradients done, outputs still being sent)
         self.states = [np.array(x, dtype=float) for x in stage_states(schedule)]
+        place = schedule.stage_rank
+        self.remote_next = [s + 1 < self.S and place[s + 1] != place[s] for s in range(self.S)]
         place = schedule.stage_rank
         self.speed = [ranks[place[s]].speed for s in range(self.S)]
         self.cap = [ranks[place[s]].capacity_bytes * share for s in range(self.S)]
@@ -110,8 +112,10 @@ class StageBounds:
             transient = t.peak_max[i, j]
         wgrad = t.WGRAD[j] - t.WGRAD[i]
         pairs = self.states[s]
+        away = t.cut[j] if self.remote_next[s] else np.zeros_like(t.cut[j])
         inflight = np.max(pairs[:, :1] * held[None, ...] + pairs[:, 1:2] * wgrad[None, ...]
-                          + pairs[:, 2:3] * t.cut[i][None, ...], axis=0) if len(pairs) else 0.0
+                          + pairs[:, 2:3] * t.cut[i][None, ...] + pairs[:, 3:4] * away[None, ...],
+                          axis=0) if len(pairs) else 0.0
         return static + batch + inflight + transient + t.cut[i] + t.workspace
 
     def work(self, s: int, i, j, choice: int):

@@ -198,10 +198,11 @@ class _Model:
                 if state in seen:
                     continue
                 seen.add(state)
-                k, counts, split, done = state
-                prob += base + pulp.lpSum(n_c * held[s] + i_c * wgrads[s] + d_c * cut_in[s]
-                                          for n_c, i_c, d_c, s in zip(counts, split, done, mine)) \
-                    + transient[mine[k]] <= cap
+                k, counts, split, done, sent = state
+                prob += base + pulp.lpSum(
+                    n_c * held[s] + i_c * wgrads[s] + d_c * cut_in[s]
+                    + (o_c * cut_out[s] if s + 1 < S and b.schedule.stage_rank[s + 1] != r else 0)
+                    for n_c, i_c, d_c, o_c, s in zip(counts, split, done, sent, mine)) + transient[mine[k]] <= cap
 
     def _tied(self, s: int):
         """Bytes counted twice when tied layers share stage s (cached: one set of variables)."""

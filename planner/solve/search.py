@@ -136,6 +136,8 @@ def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> It
                 for name in names:
                     if (m == 1) != (name == "naive") and not settings.schedules:
                         continue  # with one micro-batch every schedule is the naive one
+                    if pp == 1 and name != "1f1b" and m > 1 and not settings.schedules:
+                        continue  # one rank runs every schedule alike: keep one
                     for v in _virtuals(name, pp, n_layers, settings):
                         try:
                             check_combination(name, pp, m, v)
@@ -246,7 +248,7 @@ class Search:
             if time.perf_counter() > deadline:
                 unresolved += [upper[c] for c in ranked[k:]]
                 break
-            if cfg.pp * cfg.m * cfg.v * 3 > MAX_ACTIONS:
+            if self._too_big(cfg):
                 too_big.append(cfg)
                 unresolved.append(upper[cfg])
                 continue
@@ -300,9 +302,14 @@ class Search:
         if self.progress:
             self.progress("done", len(ranked), len(ranked))
         if not results:
-            if unresolved:
+            small = [c for c in configs if not self._too_big(c)]
+            if not small:
+                raise InputError(f"every configuration schedules more than {MAX_ACTIONS:,} actions (e.g. "
+                                 f"{too_big[0].describe()}), more than planner simulates: lower --global-batch "
+                                 "or profile larger micro-batches")
+            if unresolved and len(too_big) < len(unresolved):
                 raise InfeasibleError("no plan found within the time limit; raise --time-limit")
-            raise InfeasibleError(self.explain_infeasible(configs))
+            raise InfeasibleError(self.explain_infeasible(small, deadline=time.perf_counter() + s.time_limit_s))
         ordered = sorted(results.values(), key=self._rank_key)
         best = ordered[0]
         base = self.baselines(best.config)
@@ -362,6 +369,10 @@ class Search:
                 c.config.v, c.config.pp)
 
     @staticmethod
+    def _too_big(cfg: Config) -> bool:
+        return cfg.pp * cfg.m * cfg.v * 3 > MAX_ACTIONS
+
+    @staticmethod
     def _step_ub(cfg: Config, kth: float) -> float:
         return cfg.global_batch / kth if kth > 0 else np.inf
 
@@ -401,12 +412,14 @@ class Search:
 
     # ------------------------------------------------------------------------ infeasible
 
-    def explain_infeasible(self, configs: list[Config]) -> str:
+    def explain_infeasible(self, configs: list[Config], deadline: float = float("inf")) -> str:
         """The least memory any configuration needs, where it overflows, and the ways out."""
         from planner.report import fmt_bytes
 
         best = None
-        for cfg in configs:
+        for cfg in sorted(configs, key=lambda c: (-c.pp, c.mbs)):  # the most memory-friendly first
+            if time.perf_counter() > deadline and best is not None:
+                break
             b = StageBounds(self.table(cfg.mbs), self.cluster, cfg, build(cfg.schedule, cfg.pp, cfg.m, cfg.v),
                             rank_devices(self.cluster, cfg.pp, cfg.dp), Policy("full"))
 
