@@ -142,3 +142,12 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_check_says_stale_when_the_model_changed(tmp_path, plan, profile):
+    data = json.loads(profile.read_text())
+    data["model"]["fingerprint"] = "sha256:" + "0" * 64  # the model's structure changed since
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(data))
+    r = runner.invoke(app, ["check", str(plan), "--profile", str(changed)])
+    assert r.exit_code == 1 and "stale" in r.output
