@@ -211,14 +211,16 @@ def memory_states(schedule: Schedule) -> list[list[State]]:
     for r, actions in enumerate(schedule.ranks):
         where = {s: k for k, s in enumerate(schedule.stages_of(r))}
         held, split, done, sent = ([0] * len(where) for _ in range(4))
-        states = set()
+        # done and sent only grow along the list, so for each (running stage, held, split) the
+        # latest state has the most of both and stands for the earlier ones
+        latest: dict[tuple, tuple] = {}
         for a in actions:
             k = where[a.stage]
             if a.kind == "F":
                 held[k] += 1
             if a.kind == "I":
                 split[k] += 1
-            states.add((k, tuple(held), tuple(split), tuple(done), tuple(sent)))
+            latest[(k, tuple(held), tuple(split))] = (tuple(done), tuple(sent))
             if a.kind in ("B", "W"):
                 held[k] -= 1
                 sent[k] += 1
@@ -226,7 +228,7 @@ def memory_states(schedule: Schedule) -> list[list[State]]:
                 split[k] -= 1
             if a.kind in ("B", "I"):
                 done[k] += 1
-        out.append(_undominated(states))
+        out.append(_undominated({key + value for key, value in latest.items()}))
     return out
 
 

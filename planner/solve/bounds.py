@@ -111,12 +111,14 @@ class StageBounds:
             held = t.ACT[j] - t.ACT[i] + t.held_extra[i, j]
             transient = t.peak_max[i, j]
         wgrad = t.WGRAD[j] - t.WGRAD[i]
-        pairs = self.states[s]
-        away = t.cut[j] if self.remote_next[s] else np.zeros_like(t.cut[j])
-        inflight = np.max(pairs[:, :1] * held[None, ...] + pairs[:, 1:2] * wgrad[None, ...]
-                          + pairs[:, 2:3] * t.cut[i][None, ...] + pairs[:, 3:4] * away[None, ...],
-                          axis=0) if len(pairs) else 0.0
-        return static + batch + inflight + transient + t.cut[i] + t.workspace
+        cut_in, cut_out = t.cut[i], t.cut[j]
+        inflight = np.zeros(i.shape)
+        for n_held, n_split, n_done, n_sent in self.states[s]:  # few: dominated states are gone
+            here = n_held * held + n_split * wgrad + n_done * cut_in
+            if self.remote_next[s]:
+                here = here + n_sent * cut_out
+            np.maximum(inflight, here, out=inflight)
+        return static + batch + inflight + transient + cut_in + t.workspace
 
     def work(self, s: int, i, j, choice: int):
         """Seconds stage s computes in a step: every micro-batch's forward and backward."""
@@ -164,16 +166,24 @@ class StageBounds:
 
     # ------------------------------------------------------------------------ combined
 
-    def eval(self, s: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(bound, choice) for segments [i, j) as stage s; bound is inf where nothing fits."""
+    def eval(self, s: int, i: np.ndarray, j: np.ndarray, ub: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
+        """(bound, choice) for segments [i, j) as stage s; inf where nothing fits, or where the
+        bound reaches ``ub`` (memory is not computed for those)."""
         best = np.full(i.shape, np.inf)
         choice = np.full(i.shape, -1, dtype=np.int8)
-        for c in self.policy.options():
-            fits = self.memory(s, i, j, c) <= self.cap[s]
-            g = np.where(fits, self.bound(s, i, j, c), np.inf)
-            better = g < best
-            best = np.where(better, g, best)
-            choice = np.where(better, c, choice)
+        todo = np.arange(len(i))
+        for c in self.policy.options():  # recomputing never lowers the bound: first fit wins
+            if not len(todo):
+                break
+            g = self.bound(s, i[todo], j[todo], c)
+            keep = g < ub
+            todo, g = todo[keep], g[keep]
+            if not len(todo):
+                break
+            fits = self.memory(s, i[todo], j[todo], c) <= self.cap[s]
+            best[todo[fits]] = g[fits]
+            choice[todo[fits]] = c
+            todo = todo[~fits]
         return best, choice
 
     def min_memory(self, s: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:

@@ -55,7 +55,9 @@ def lb_partition(b: StageBounds, ub: float = np.inf, fixed: list[int] | None = N
                  cost: Callable | None = None) -> tuple[float, list[tuple[int, int, int]] | None]:
     """Minimise the largest stage cost (by default the bound ``g_s``; ``cost(s, i, j) -> (value,
     choice)`` for another one, e.g. memory). ``fixed`` pins the stage starts."""
-    cost = cost or b.eval
+    if cost is None:
+        def cost(s, i, j):
+            return b.eval(s, i, j, ub)
     n, S = b.n, b.S
     if fixed is not None:
         starts = list(fixed) + [n]
