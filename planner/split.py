@@ -312,6 +312,14 @@ class SequentialModel(LayeredModel):
         return {f"{self.names[i]}.{k}": p for k, p in self.modules_[i].named_parameters()}
 
 
+def run_whole(model: nn.Module, layers: list[str] | None, inputs: tuple):
+    """The whole model's output: its forward, or its explicit layers one after the other."""
+    if layers is None:
+        return model(*inputs)
+    modules = dict(model.named_modules())
+    return _Sequence(list(layers), [modules[n] for n in layers], last=True)(*inputs)
+
+
 def _count_outputs(value) -> int:
     return len(value) if isinstance(value, tuple) else 1
 

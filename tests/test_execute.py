@@ -110,3 +110,49 @@ def test_model_only_schedules_are_refused(tiny_profile, tmp_path):
 
     with pytest.raises(InputError, match="modelled only"):
         execute(path, Options())
+
+
+EXPLICIT = '''
+import torch
+from torch import nn
+from planner.model import ModelSpec
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.body = nn.ModuleDict({"a": nn.Linear(16, 16), "b": nn.Linear(16, 16)})
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):  # not used: the layers below are called in order
+        raise RuntimeError("explicit layers only")
+
+def build():
+    torch.manual_seed(0)
+    return ModelSpec(model=Net(), layers=["inp", "body.a", "body.b", "out"],
+                     batch=lambda n, g: ((torch.randn(n, 8, generator=g),), torch.randint(0, 3, (n,), generator=g)),
+                     loss=nn.functional.cross_entropy)
+'''
+
+
+def test_explicit_layers_are_compared_under_the_models_names(tmp_path, monkeypatch):
+    from planner.execute.train import Reference, compare_grads, stage_parameters
+
+    (tmp_path / "net.py").write_text(EXPLICIT)
+    monkeypatch.chdir(tmp_path)
+    spec = build_spec("net.py:build", {})
+    prof = profile_model(spec, "net.py:build", {}, ProfileOptions(mbs=(2,), repeats=1, warmup=0))
+    path = plan_for(prof, tmp_path, "1f1b", gb=4)
+    r = run_single(load_plan(path), torch.device("cpu"), steps=1, warmup=0)
+    assert r.grad_message == "" and r.loss == pytest.approx(r.reference_loss, rel=1e-6)
+    # the comparison is not vacuous: stage parameters carry the model's names
+    from planner.execute.stages import build_model, build_stages
+
+    plan = load_plan(path)
+    spec = build_model(plan, device=torch.device("cpu"), dtype=torch.float32)
+    built = build_stages(plan, spec, (torch.randn(2, 8),))
+    named = stage_parameters(dict(enumerate(built.modules)), spec.model)
+    assert set(named) == {n for n, _ in spec.model.named_parameters()}
+    ref = Reference.of(spec.model, spec.layers)
+    ref.run(spec, (torch.randn(2, 8),), torch.tensor([0, 1]))
+    assert "could be matched" in compare_grads({"nope.weight": named["out.weight"]}, ref, "float32")[1]

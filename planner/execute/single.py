@@ -56,7 +56,7 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
     schedule = build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count, plan.schedule.virtual_stages)
     m, size = plan.microbatch.count, plan.microbatch.size
     inputs, target = make_batch(spec, size * m, batch_seed(0, 0, 1), device, dtype)
-    reference = Reference.of(spec.model)
+    reference = Reference.of(spec.model, spec.layers)
     one = tuple(x[:size] if torch.is_tensor(x) else x for x in inputs)
     built = build_stages(plan, spec, one)
     modules = dict(enumerate(built.modules))
@@ -74,7 +74,7 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
             raise ExecutionError(f"single-device mode ran out of memory: the whole model does not fit on "
                                  f"{device} ({str(e).splitlines()[0]})") from None
         loss = float(sum(float(x.detach()) for x in losses))
-        worst, message = compare_grads(stage_parameters(modules), reference, plan.dtype)
+        worst, message = compare_grads(stage_parameters(modules, spec.model), reference, plan.dtype)
         opt.step()
         times = []
         for step in range(1, warmup + steps + 1):

@@ -46,17 +46,20 @@ class Reference:
     """The whole model in one process, same weights, for the same batch."""
 
     model: nn.Module
+    layers: list[str] | None = None
     loss: float = float("nan")
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, model: nn.Module) -> Reference:
-        return cls(copy.deepcopy(model))
+    def of(cls, model: nn.Module, layers: list[str] | None = None) -> Reference:
+        return cls(copy.deepcopy(model), layers)
 
     def run(self, spec: ModelSpec, inputs: tuple, target) -> None:
+        from planner.split import run_whole
+
         for p in self.model.parameters():
             p.grad = None
-        out = self.model(*inputs)
+        out = run_whole(self.model, self.layers, inputs)
         loss = spec.loss(out, target)
         loss.backward()
         self.loss = float(loss.detach())
@@ -71,10 +74,12 @@ def compare_grads(named: dict[str, nn.Parameter], ref: Reference, dtype: str) ->
     (empty when every gradient matches within tolerance)."""
     rtol, atol = TOLERANCE[dtype]
     worst, message = 0.0, ""
+    compared = 0
     for name, p in named.items():
         want = ref.grads.get(name)
         if want is None or p.grad is None:
             continue
+        compared += 1
         got = p.grad.detach().to(want.device, want.dtype)
         worst = max(worst, float((got - want).abs().max()))
         if not message:
@@ -83,17 +88,20 @@ def compare_grads(named: dict[str, nn.Parameter], ref: Reference, dtype: str) ->
             except AssertionError as e:
                 message = f"gradient of {name} differs from the single-process reference: " + \
                           str(e).splitlines()[0]
+    if named and not compared:
+        message = "no gradient of these stages could be matched with the reference's parameters"
     return worst, message
 
 
-def stage_parameters(modules: dict[int, nn.Module]) -> dict[str, nn.Parameter]:
-    """Parameters of this process's stages under their model names, each once."""
+def stage_parameters(modules: dict[int, nn.Module], model: nn.Module | None = None) -> dict[str, nn.Parameter]:
+    """Parameters of this process's stages, each once, under the model's own names when the model
+    is given (explicit stages and checkpoint wrappers rename them)."""
+    names = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))} if model else {}
     out: dict[str, nn.Parameter] = {}
     seen = set()
     for mod in modules.values():
         for name, p in mod.named_parameters(remove_duplicate=False):
-            name = name.replace("inner.", "")  # checkpoint wrappers
             if id(p) not in seen:
                 seen.add(id(p))
-                out[name] = p
+                out[names.get(id(p), name.replace("inner.", ""))] = p
     return out

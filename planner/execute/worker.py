@@ -126,7 +126,7 @@ def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
     torch.manual_seed(0)
     spec = build_model(plan, device=torch.device("cpu"), dtype=dtype)
     inputs, target = make_batch(spec, size * m, batch_seed(0, dp_rank, dp), torch.device("cpu"), dtype)
-    reference = Reference.of(spec.model) if args.verify else None
+    reference = Reference.of(spec.model, spec.layers) if args.verify else None
     one = tuple(x[:size] if torch.is_tensor(x) else x for x in inputs)
     built = build_stages(plan, spec, one)
     tied = []
@@ -139,7 +139,7 @@ def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
     schedule = build(plan.schedule.name, pp, m, plan.schedule.virtual_stages)
     runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, spec.loss,
                            group=pp_groups[dp_rank])
-    named = stage_parameters(modules)
+    named = stage_parameters(modules, spec.model)
     params = list(named.values())
     by_name = {n: p for n, p in spec.model.named_parameters(remove_duplicate=False)}
     own = {id(p) for p in params}

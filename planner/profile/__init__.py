@@ -28,7 +28,7 @@ from planner.profile.measure import (
     MemoryProbe, Stat, Timer, nbytes, saved_storages, stat, storage_key, tensors,
 )
 from planner.split import INPUT as SPLIT_INPUT
-from planner.split import LayeredModel, fingerprint, layered
+from planner.split import LayeredModel, fingerprint, layered, run_whole
 
 __all__ = ["profile_model", "resolve_device", "Options"]
 
@@ -332,7 +332,7 @@ def _time_whole(spec: ModelSpec, inputs, target, device, opts: Options) -> tuple
         for p in model.parameters():
             p.grad = None
         box = {}
-        t_f = timer(lambda: box.setdefault("loss", spec.loss(model(*inputs), target)))
+        t_f = timer(lambda: box.setdefault("loss", spec.loss(run_whole(model, spec.layers, inputs), target)))
         t_b = timer(lambda: box["loss"].backward())
         if rep >= warmup:
             fwd.append(t_f)
