@@ -19,8 +19,9 @@ from torch import nn
 
 from planner.errors import ExecutionError
 from planner.execute.stages import build_model, build_stages
-from planner.execute.train import DTYPES, batch_seed, make_batch, optimizer_for, stage_parameters
+from planner.execute.train import batch_seed, optimizer_for, stage_parameters
 from planner.formats import Plan, StageCost
+from planner.profile import DTYPES, make_batch
 from planner.profile.measure import MemoryProbe
 from planner.schedules import build
 

@@ -17,9 +17,10 @@ from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages
 from planner.execute.worker import RETURN_NOTHING
 from planner.execute.train import (
-    DTYPES, Reference, batch_seed, compare_grads, make_batch, optimizer_for, stage_parameters,
+    Reference, batch_seed, compare_grads, optimizer_for, stage_parameters,
 )
 from planner.formats import Plan
+from planner.profile import DTYPES, make_batch
 from planner.schedules import build
 
 

@@ -13,7 +13,6 @@ from planner.errors import InputError
 from planner.formats import Plan
 from planner.model import ModelSpec
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # assert_close tolerances for gradients against the single-process reference. The pipeline sums
 # the same micro-batch gradients in another order, so float32 agrees to rounding.
 TOLERANCE = {"float32": (1e-4, 1e-6), "bfloat16": (2e-2, 1e-3), "float16": (2e-2, 1e-3)}
@@ -29,12 +28,6 @@ def optimizer_for(plan: Plan, params: list[nn.Parameter]) -> torch.optim.Optimiz
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=1e-4)
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9 if t.optimizer == "sgd-momentum" else 0.0)
-
-
-def make_batch(spec: ModelSpec, size: int, seed: int, device: torch.device, dtype: torch.dtype):
-    from planner.profile import make_batch as profile_batch
-
-    return profile_batch(spec, size, seed, device, dtype)
 
 
 def batch_seed(step: int, dp_rank: int, dp: int) -> int:

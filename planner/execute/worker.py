@@ -29,9 +29,10 @@ from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages, tied_groups
 from planner.execute.train import (
-    DTYPES, Reference, batch_seed, compare_grads, make_batch, optimizer_for, stage_parameters,
+    Reference, batch_seed, compare_grads, optimizer_for, stage_parameters,
 )
 from planner.formats import load_plan
+from planner.profile import DTYPES, make_batch
 from planner.profile.measure import LiveTensors
 from planner.schedules import build
 

@@ -42,9 +42,12 @@ class InnerResult:
 
     @property
     def gap(self) -> float:
-        if self.segments is None or self.step_time_s <= 0:
-            return 0.0
-        return max(self.step_time_s - self.lower_bound_s, 0.0) / self.step_time_s
+        return relative_gap(self.step_time_s, self.lower_bound_s) if self.segments is not None else 0.0
+
+
+def relative_gap(value: float, bound: float) -> float:
+    """How far ``value`` may be above the optimum, as a fraction of itself (0 when proven)."""
+    return max(value - bound, 0.0) / value if value > 0 else 0.0
 
 
 def _segments(stages: list[tuple[int, int, int]]) -> list[Segment]:

@@ -26,7 +26,7 @@ from planner.cost import Segment
 from planner.errors import InputError
 from planner.simulate import memory_states
 from planner.solve.bounds import StageBounds
-from planner.solve.exact import Evaluator, InnerResult
+from planner.solve.exact import Evaluator, InnerResult, relative_gap
 
 MODES = ("none", "full", "auto", "selective")
 
@@ -40,9 +40,7 @@ class IlpSolution:
 
     @property
     def gap(self) -> float:
-        if not self.segments or self.objective <= 0:
-            return 0.0
-        return max(self.objective - self.bound, 0.0) / self.objective
+        return relative_gap(self.objective, self.bound) if self.segments else 0.0
 
 
 class _Model:
