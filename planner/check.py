@@ -40,7 +40,7 @@ def check_memory(plan: Plan) -> list[str]:
 
 def check_fingerprint(plan: Plan, fingerprint: str, source: str) -> list[str]:
     if plan.model.fingerprint != fingerprint:
-        return [f"stale: the model changed since the plan was made ({source} has structure "
+        return [f"the plan is stale: the model changed since it was made ({source} has structure "
                 f"{fingerprint[:19]}..., the plan {plan.model.fingerprint[:19]}...); profile and solve again"]
     return []
 
@@ -48,20 +48,11 @@ def check_fingerprint(plan: Plan, fingerprint: str, source: str) -> list[str]:
 def rebuilt_fingerprint(plan: Plan) -> str:
     """Build the plan's model on the meta device (no memory, no weights) and fingerprint it."""
     try:
-        import torch
+        from planner.split import build_on_meta, fingerprint
     except ImportError:
         raise InputError("--rebuild builds the model and needs torch: install it, or compare with "
                          "--profile instead") from None
-
-    from planner.model import build_spec
-    from planner.split import fingerprint
-
-    try:
-        with torch.device("meta"):
-            spec = build_spec(plan.model.factory, dict(plan.model.args))
-    except PlannerError:  # a factory that computes with its weights: build it for real
-        spec = build_spec(plan.model.factory, dict(plan.model.args))
-    return fingerprint(spec.model)
+    return fingerprint(build_on_meta(plan.model.factory, dict(plan.model.args)).model)
 
 
 def check_better(plan: Plan, profile: Profile, tolerance: float) -> list[str]:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from planner.errors import ModelError
+from planner.errors import ModelError, PlannerError
+from planner.model import ModelSpec, build_spec
 
 INPUT = -1
 
@@ -147,6 +148,17 @@ class LayeredModel:
     def layer_params(self, i: int) -> dict[str, nn.Parameter]:
         raise NotImplementedError
 
+    def layer_inputs(self, inputs: tuple, one_layer_stages: list[nn.Module] | None = None) -> list:
+        """What enters each layer, then the model's output: one forward through the one-layer
+        stages (built here unless given), without gradients."""
+        stages = one_layer_stages or [self.stage(k, k + 1) for k in range(self.n_layers)]
+        out, x = [], inputs
+        with torch.no_grad():
+            for module in stages:
+                out.append(x)
+                x = module(*x)
+        return out + [x]
+
 
 # ----------------------------------------------------------------------------------- traced
 
@@ -155,7 +167,6 @@ class TracedModel(LayeredModel):
     mode = "traced"
 
     def __init__(self, model: nn.Module, layers: list[str]):
-        self.model = model
         modules = dict(model.named_modules())
         missing = [n for n in layers if n not in modules]
         if missing:
@@ -178,9 +189,8 @@ class TracedModel(LayeredModel):
                 raise ModelError(f"module {n.target!r} is called more than once in forward; "
                                  "planner needs each layer called once (describe layers explicitly)")
             seen.add(n.target)
-        unused = [w for w in wanted if w not in seen]
         self.names = [n.target for n in calls]
-        if unused and not self.names:
+        if not self.names:
             raise ModelError("none of the chosen layers is called in forward")
         index = {n.target: i for i, n in enumerate(calls)}
         last = len(self.names) - 1
@@ -271,9 +281,8 @@ class TracedModel(LayeredModel):
 
 
 class _Sequence(nn.Module):
-    def __init__(self, names: list[str], modules: list[nn.Module], last: bool):
+    def __init__(self, modules: list[nn.Module], last: bool):
         super().__init__()
-        self.names = names
         self.layers = nn.ModuleList(modules)
         self.last = last
 
@@ -290,23 +299,29 @@ class SequentialModel(LayeredModel):
 
     mode = "explicit"
 
-    def __init__(self, model: nn.Module, layers: list[str], n_inputs: int, n_outputs: list[int]):
-        modules = dict(model.named_modules())
-        missing = [n for n in layers if n not in modules]
-        if missing:
-            raise ModelError(f"explicit layer {missing[0]!r} is not a module of the model")
-        self.model = model
+    def __init__(self, model: nn.Module, layers: list[str], inputs: tuple):
         self.names = list(layers)
-        self.modules_ = [modules[n] for n in layers]
-        self.n_inputs = n_inputs
-        L = len(layers)
-        tensors = [FlowTensor(INPUT, k, (0,)) for k in range(n_inputs)]
-        for i, count in enumerate(n_outputs):
+        self.modules_ = _modules(model, layers)
+        self.n_inputs = len(inputs)
+        tensors = [FlowTensor(INPUT, k, (0,)) for k in range(self.n_inputs)]
+        for i, count in enumerate(self._output_counts(inputs)):
             tensors += [FlowTensor(i, k, (i + 1,)) for k in range(count)]
-        self.tensors = [t for t in tensors if t.producer < L]
+        self.tensors = [t for t in tensors if t.producer < self.n_layers]
+
+    def _output_counts(self, inputs: tuple) -> list[int]:
+        """How many tensors each layer hands to the next, from one forward without gradients."""
+        counts, x = [], inputs
+        with torch.no_grad():
+            for name, module in zip(self.names, self.modules_):
+                try:
+                    x = module(*x) if isinstance(x, tuple) else module(x)
+                except Exception as e:
+                    raise ModelError(f"explicit layer {name} raised {type(e).__name__}: {e}") from None
+                counts.append(len(x) if isinstance(x, tuple) else 1)
+        return counts
 
     def stage(self, a: int, b: int) -> nn.Module:
-        return _Sequence(self.names[a:b], self.modules_[a:b], last=b >= self.n_layers)
+        return _Sequence(self.modules_[a:b], last=b >= self.n_layers)
 
     def layer_params(self, i: int) -> dict[str, nn.Parameter]:
         return {f"{self.names[i]}.{k}": p for k, p in self.modules_[i].named_parameters()}
@@ -316,31 +331,22 @@ def run_whole(model: nn.Module, layers: list[str] | None, inputs: tuple):
     """The whole model's output: its forward, or its explicit layers one after the other."""
     if layers is None:
         return model(*inputs)
+    return _Sequence(_modules(model, layers), last=True)(*inputs)
+
+
+def _modules(model: nn.Module, layers: list[str]) -> list[nn.Module]:
     modules = dict(model.named_modules())
-    return _Sequence(list(layers), [modules[n] for n in layers], last=True)(*inputs)
-
-
-def _count_outputs(value) -> int:
-    return len(value) if isinstance(value, tuple) else 1
+    missing = [n for n in layers if n not in modules]
+    if missing:
+        raise ModelError(f"explicit layer {missing[0]!r} is not a module of the model")
+    return [modules[n] for n in layers]
 
 
 def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
             depth: int | None = None) -> LayeredModel:
     """Cut ``model`` into layers: explicit when ``layers`` is given, else traced."""
     if layers is not None:
-        modules = dict(model.named_modules())
-        counts = []
-        x = inputs
-        with torch.no_grad():
-            for name in layers:
-                if name not in modules:
-                    raise ModelError(f"explicit layer {name!r} is not a module of the model")
-                try:
-                    x = modules[name](*x) if isinstance(x, tuple) else modules[name](x)
-                except Exception as e:
-                    raise ModelError(f"explicit layer {name} raised {type(e).__name__}: {e}") from None
-                counts.append(_count_outputs(x))
-        return SequentialModel(model, layers, len(inputs), counts)
+        return SequentialModel(model, layers, inputs)
     traced = TracedModel(model, choose_layers(model, depth))
     traced.check_tensors(run_values(traced, inputs))
     return traced
@@ -360,6 +366,18 @@ def run_values(traced: TracedModel, inputs: tuple) -> dict[tuple[int, int], obje
                 kwargs = fx.map_arg(n.kwargs, env.__getitem__)
                 env[n] = getattr(interp, n.op)(n.target, args, kwargs)
     return {key: env[node] for key, node in traced.node_of.items()}
+
+
+def build_on_meta(factory: str, args: dict) -> ModelSpec:
+    """Build a model on the meta device (shapes, no memory). A factory that computes with its
+    weights while building cannot: it is built for real and moved there."""
+    try:
+        with torch.device("meta"):
+            return build_spec(factory, args)
+    except PlannerError:
+        spec = build_spec(factory, args)
+        spec.model.to("meta")
+        return spec
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -112,14 +112,13 @@ def execute(plan_path: Path, opts: Options, progress=None) -> Verification:
         raise InputError(f"--mode {opts.mode!r}: choose auto, distributed, single or replay")
     if opts.steps < 1:
         raise InputError("--steps must be at least 1")
-    from planner.check import rebuilt_fingerprint
+    from planner.check import check_fingerprint, rebuilt_fingerprint
     from planner.errors import CheckFailed
 
-    found = rebuilt_fingerprint(plan)  # on the meta device: no memory, nothing started yet
-    if found != plan.model.fingerprint:
-        raise CheckFailed(f"the plan is stale: {plan.model.factory} with {dict(plan.model.args)} now builds a "
-                          f"model with fingerprint {found[:19]}..., the plan was made for "
-                          f"{plan.model.fingerprint[:19]}...; profile and solve again")
+    # on the meta device: no memory, nothing started yet
+    stale = check_fingerprint(plan, rebuilt_fingerprint(plan), f"{plan.model.factory} built now")
+    if stale:
+        raise CheckFailed(stale[0])
     mode = _choose_mode(plan, opts)
     device = _device(opts.device, plan)
     ver = Verification(mode=mode, device=str(device), tolerance=opts.tolerance)

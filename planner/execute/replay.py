@@ -35,18 +35,6 @@ class RankReplay:
     action_s: dict[tuple[int, str], float]  # (stage, kind) -> median seconds
 
 
-def _shapes(built, inputs: tuple) -> dict[int, list[torch.Tensor]]:
-    """Meta tensors crossing each cut, for one micro-batch."""
-    out = {}
-    x = tuple(t.to("meta") if torch.is_tensor(t) else t for t in inputs)
-    lm = built.lm
-    with torch.no_grad():
-        for k in range(1, lm.n_layers):
-            x = lm.stage(k - 1, k)(*x)
-            out[k] = list(x)
-    return out
-
-
 def _materialise(module: nn.Module, device: torch.device) -> None:
     module.to_empty(device=device)
     with torch.no_grad():
@@ -62,15 +50,15 @@ def replay_rank(plan: Plan, rank: int, device: torch.device, repeats: int = 2) -
     m, size = plan.microbatch.count, plan.microbatch.size
     schedule = build(plan.schedule.name, plan.parallel.pp, m, plan.schedule.virtual_stages)
     mine = schedule.stages_of(rank)
-    with torch.device("meta"):
-        spec = build_model(plan, device=torch.device("meta"), dtype=dtype)
+    spec = build_model(plan, device=torch.device("meta"), dtype=dtype)
     inputs, target = make_batch(spec, size, batch_seed(0, 0, 1), torch.device("cpu"), dtype)
-    built = build_stages(plan, spec, tuple(t.to("meta") if torch.is_tensor(t) else t for t in inputs))
-    cut_values = _shapes(built, inputs)
+    meta_inputs = tuple(t.to("meta") if torch.is_tensor(t) else t for t in inputs)
+    built = build_stages(plan, spec, meta_inputs)
+    cut_values = built.lm.layer_inputs(meta_inputs)  # meta tensors entering each layer
     modules = {s: built.modules[s] for s in mine}
     n = built.lm.n_layers
     S = len(plan.stages)
-    peak, reserved = 0, None
+    reserved = None
     timings: dict[tuple[int, str], list[float]] = {}
     cuda = device.type == "cuda"
     probe = MemoryProbe(device)
@@ -94,15 +82,13 @@ def replay_rank(plan: Plan, rank: int, device: torch.device, repeats: int = 2) -
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             step(timings if cuda and rep == repeats - 1 else None)
-        if cuda:  # what this replay added to what the process held before it
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) - probe._base
-            reserved = torch.cuda.max_memory_reserved(device)
-    if not cuda:
-        peak = probe.peak
+    # the probe's peak: what this replay added to what the process held before it
+    if cuda:
+        reserved = torch.cuda.max_memory_reserved(device)
+    else:
         step(timings)  # timed once more, without the live-tensor count
     medians = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
-    return RankReplay(rank, mine, int(peak), reserved, medians)
+    return RankReplay(rank, mine, int(probe.peak), reserved, medians)
 
 
 def _buffers(built, mine, cut_values, m, n, device) -> dict:

@@ -65,8 +65,8 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
     try:
         runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule, single=True),
                                m, spec.loss)
-        params = list(stage_parameters(modules).values())
-        opt = optimizer_for(plan, params)
+        named = stage_parameters(modules, spec.model)
+        opt = optimizer_for(plan, list(named.values()))
         reference.run(spec, inputs, target)
         losses: list = []
         try:
@@ -75,7 +75,7 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
             raise ExecutionError(f"single-device mode ran out of memory: the whole model does not fit on "
                                  f"{device} ({str(e).splitlines()[0]})") from None
         loss = float(sum(float(x.detach()) for x in losses))
-        worst, message = compare_grads(stage_parameters(modules, spec.model), reference, plan.dtype)
+        worst, message = compare_grads(named, reference, plan.dtype)
         opt.step()
         times = []
         for step in range(1, warmup + steps + 1):

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from planner.errors import CheckFailed, InputError
 from planner.formats import Plan
 from planner.model import ModelSpec, build_spec
-from planner.split import LayeredModel, fingerprint, layered
+from planner.split import LayeredModel, build_on_meta, layered
 
 
 class Checkpointed(nn.Module):
@@ -30,20 +30,16 @@ class Checkpointed(nn.Module):
 
 @dataclass
 class Built:
-    spec: ModelSpec
     lm: LayeredModel
     modules: list[nn.Module]  # one per plan stage
     bounds: list[tuple[int, int]]
 
 
-def build_model(plan: Plan, *, device: torch.device, dtype: torch.dtype, check: bool = True) -> ModelSpec:
-    spec = build_spec(plan.model.factory, dict(plan.model.args))
-    if check:
-        found = fingerprint(spec.model)
-        if found != plan.model.fingerprint:
-            raise CheckFailed(f"the plan is stale: {plan.model.factory} with {dict(plan.model.args)} now builds a "
-                              f"model with fingerprint {found[:19]}..., the plan was made for "
-                              f"{plan.model.fingerprint[:19]}...; profile and solve again")
+def build_model(plan: Plan, *, device: torch.device, dtype: torch.dtype) -> ModelSpec:
+    """The plan's model, in training mode, on ``device`` (on meta: shapes only). Whether it is
+    still the plan's model is checked once, before execution starts (``execute``)."""
+    args = dict(plan.model.args)
+    spec = build_on_meta(plan.model.factory, args) if device.type == "meta" else build_spec(plan.model.factory, args)
     spec.model.to(device=device, dtype=dtype)
     spec.model.train()
     return spec
@@ -85,7 +81,7 @@ def apply_recompute(module: nn.Module, layer_paths: list[str]) -> None:
 
 def build_stages(plan: Plan, spec: ModelSpec, example_inputs: tuple, stages: list[int] | None = None) -> Built:
     """Stage modules for the plan's stages (all, or those listed), sharing the model's parameters."""
-    lm = layered(spec.model, example_inputs, spec.layers, _depth(plan))
+    lm = layered(spec.model, example_inputs, spec.layers, plan.model.depth)
     bounds = stage_bounds(plan, lm.names)
     wanted = range(len(plan.stages)) if stages is None else stages
     modules: list[nn.Module] = []
@@ -96,11 +92,7 @@ def build_stages(plan: Plan, spec: ModelSpec, example_inputs: tuple, stages: lis
         chosen = st.layers if st.recompute == "full" else st.recompute_layers if st.recompute == "selective" else []
         apply_recompute(module, _local_paths(lm, st.layers, chosen))
         modules.append(module)
-    return Built(spec, lm, modules, bounds)
-
-
-def _depth(plan: Plan) -> int | None:
-    return plan.model.depth
+    return Built(lm, modules, bounds)
 
 
 def _local_paths(lm: LayeredModel, stage_layers: list[str], chosen: list[str]) -> list[str]:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
 
 from planner.execute.runtime import engine_actions, make_runtime
-from planner.execute.stages import build_model, build_stages, tied_groups
+from planner.execute.stages import build_model, build_stages, canonical_params, tied_groups
 from planner.execute.train import (
     Reference, batch_seed, compare_grads, optimizer_for, stage_parameters,
 )
@@ -129,20 +129,20 @@ def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
     inputs, target = make_batch(spec, size * m, batch_seed(0, dp_rank, dp), torch.device("cpu"), dtype)
     reference = Reference.of(spec.model, spec.layers) if args.verify else None
     one = tuple(x[:size] if torch.is_tensor(x) else x for x in inputs)
-    built = build_stages(plan, spec, one)
+    built = build_stages(plan, spec, one, stages=mine)
     tied = []
     for stages, names in tied_groups(plan, built.lm, spec.model):
         ranks = sorted({plan.stages[s].rank for s in stages})
         groups = [dist.new_group([r * dp + d for r in ranks]) for d in range(dp)] if len(ranks) > 1 else None
         if groups and pp_rank in ranks:
             tied.append((groups[dp_rank], names))
-    modules = {s: built.modules[s].to(device) for s in mine}
+    modules = {s: module.to(device) for s, module in zip(mine, built.modules)}
     schedule = build(plan.schedule.name, pp, m, plan.schedule.virtual_stages)
     runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, spec.loss,
                            group=pp_groups[dp_rank])
     named = stage_parameters(modules, spec.model)
     params = list(named.values())
-    by_name = {n: p for n, p in spec.model.named_parameters(remove_duplicate=False)}
+    by_name = canonical_params(spec.model)
     own = {id(p) for p in params}
     tied_params = [([by_name[n] for n in names if n in by_name and id(by_name[n]) in own], g) for g, names in tied]
     opt = optimizer_for(plan, params)
@@ -153,16 +153,16 @@ def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
     times = []
     total = args.warmup + args.steps
     for step in range(total + 1):
-        inputs, target = make_batch(spec, size * m, batch_seed(step, dp_rank, dp), torch.device("cpu"), dtype)
+        if step > 0:  # step 0's batch was made above
+            inputs, target = make_batch(spec, size * m, batch_seed(step, dp_rank, dp), torch.device("cpu"), dtype)
+        if step == 0 and reference is not None:  # before the tracker: its tensors are not ours
+            reference.run(spec, inputs, target)
         inputs = tuple(x.to(device) if torch.is_tensor(x) else x for x in inputs)
         target = target.to(device) if torch.is_tensor(target) else target
         if step == 1:
             _inject(rank)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-        if step == 0 and reference is not None:  # before the tracker: its tensors are not ours
-            reference.run(spec, tuple(x.cpu() if torch.is_tensor(x) else x for x in inputs),
-                          target.cpu() if torch.is_tensor(target) else target)
         if step == 0 and cpu_tracker is not None:
             cpu_tracker.__enter__()
         dist.barrier()

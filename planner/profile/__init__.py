@@ -28,7 +28,7 @@ from planner.profile.measure import (
     MemoryProbe, Stat, Timer, nbytes, saved_storages, stat, storage_key, tensors,
 )
 from planner.split import INPUT as SPLIT_INPUT
-from planner.split import LayeredModel, fingerprint, layered, run_whole
+from planner.split import fingerprint, layered, run_whole
 
 __all__ = ["profile_model", "resolve_device", "Options"]
 
@@ -304,17 +304,6 @@ def _split_backward(timer: Timer, outs, grads, xs, params) -> tuple[float, float
 # ------------------------------------------------------------------------------- the model
 
 
-def _layer_inputs(lm: LayeredModel, stages: list[nn.Module], inputs: tuple) -> tuple[list[tuple], object]:
-    """Each layer's inputs in the real model, by running the one-layer stages in turn."""
-    per_layer = []
-    x = inputs
-    with torch.no_grad():
-        for module in stages:
-            per_layer.append(x)
-            x = module(*x)
-    return per_layer, x
-
-
 def _param_bytes(module: nn.Module) -> tuple[int, dict[int, int]]:
     seen = {}
     for p in module.parameters():
@@ -394,7 +383,7 @@ def _profile(spec, factory, args, opts, device, dtype, progress) -> Profile:
             batch_info = BatchInfo(
                 input_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(inputs)) // b,
                 target_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(target)) // b)
-        layer_inputs, final = _layer_inputs(lm, stages, inputs)
+        *layer_inputs, final = lm.layer_inputs(inputs, stages)
         results = []
         for i in range(L):
             if progress:
