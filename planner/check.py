@@ -24,17 +24,18 @@ class Outcome:
 
 
 def check_memory(plan: Plan) -> list[str]:
-    """Stages whose rank's predicted peak exceeds its device's usable memory."""
+    """Ranks whose predicted peak exceeds their devices' usable memory, with their stages."""
     from planner.report import fmt_bytes
 
     sim = replay_plan(plan)
     problems = []
-    for st in plan.stages:
-        need = sim.peak_memory_bytes[st.rank]
-        cap = min(plan.cluster.devices[d].memory_bytes for d in st.devices) - plan.cluster.reserved_bytes
+    for r, need in enumerate(sim.peak_memory_bytes):
+        stages = [st for st in plan.stages if st.rank == r]
+        cap = plan.cluster.usable_bytes(stages[0].devices)
         if need > cap:
-            problems.append(f"stage {st.index} ({st.layers[0]}..{st.layers[-1]}) needs {fmt_bytes(need)}, "
-                            f"its device has {fmt_bytes(cap)} usable: re-solve, add --recompute, or use more devices")
+            names = ", ".join(f"stage {st.index} ({st.layers[0]}..{st.layers[-1]})" for st in stages)
+            problems.append(f"{names} needs {fmt_bytes(need)}, its device has {fmt_bytes(cap)} usable: "
+                            "re-solve, add --recompute, or use more devices")
     return problems
 
 

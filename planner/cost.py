@@ -42,11 +42,19 @@ def p2p_time(nbytes: float, link: Link) -> float:
 
 
 def ring_allreduce_time(nbytes: float, n: int, link: Link) -> float:
-    """Ring all-reduce of ``nbytes`` over ``n`` devices: 2(n-1)/n * bytes / bandwidth plus
-    2(n-1) latencies (Patarasuk and Yuan, JPDC 2009; Thakur et al., IJHPCA 2005)."""
-    if n <= 1 or nbytes <= 0:
+    """Ring all-reduce of ``nbytes`` over ``n`` devices."""
+    if nbytes <= 0:
         return 0.0
-    return 2 * (n - 1) / n * nbytes / link.bandwidth_bytes_per_s + 2 * (n - 1) * link.latency_s
+    per_byte, fixed = ring_allreduce_coeffs(n, link)
+    return per_byte * nbytes + fixed
+
+
+def ring_allreduce_coeffs(n: int, link: Link) -> tuple[float, float]:
+    """Ring all-reduce time as (seconds per byte, fixed seconds): 2(n-1)/n * bytes / bandwidth
+    plus 2(n-1) latencies (Patarasuk and Yuan, JPDC 2009; Thakur et al., IJHPCA 2005)."""
+    if n <= 1:
+        return 0.0, 0.0
+    return 2 * (n - 1) / n / link.bandwidth_bytes_per_s, 2 * (n - 1) * link.latency_s
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,6 @@ class CostTable:
         whole = profile.whole.get(key)
         self.scale = t = whole.scale if whole else 1.0
         costs = [layer.by_mbs[key] for layer in profile.layers]
-        self.split_measured = all(c.bwd_input_s is not None and c.bwd_weight_s is not None for c in costs)
 
         self.fwd = np.array([c.fwd_s for c in costs]) * t
         self.bwd = np.array([c.bwd_s for c in costs]) * t

@@ -59,7 +59,7 @@ def rank_devices(cluster: Cluster, pp: int, dp: int) -> list[RankDevice]:
     out = []
     for r in range(pp):
         ids = [r * dp + d for d in range(dp)]
-        out.append(RankDevice(ids, min(devs[i].memory_bytes for i in ids) - cluster.reserved_bytes,
+        out.append(RankDevice(ids, cluster.usable_bytes(ids),
                               min(devs[i].speed for i in ids), max(devs[i].action_overhead_s for i in ids)))
     return out
 
@@ -86,16 +86,25 @@ class Evaluation:
         return [(r, p - d.capacity_bytes) for r, (p, d) in
                 enumerate(zip(self.peak_memory_bytes, self.ranks)) if p > d.capacity_bytes]
 
-    def detailed(self) -> Evaluation:
-        """The same evaluation with its full simulated timeline."""
-        if self.sim is not None:
+    def detailed(self, timeline: bool = True) -> Evaluation:
+        """The same evaluation with its simulation (and its timeline, unless told not to)."""
+        if self.sim is not None and (self.sim.events or not timeline):
             return self
-        sim = simulate(self.schedule, self.costs, self.cuts)
+        sim = simulate(self.schedule, self.costs, self.cuts, timeline=timeline)
         return replace(self, sim=sim)
 
     @property
     def throughput(self) -> float:
         return self.config.global_batch / self.step_time_s if self.step_time_s > 0 else 0.0
+
+
+def cut_link(cluster: Cluster, src: int, dst: int, nbytes: float, same_rank: bool) -> CutLink:
+    """The transfer between consecutive stages: free on one rank, else bytes / bandwidth
+    + latency on the link between their devices."""
+    if same_rank:
+        return CutLink()
+    link = cluster.link(src, dst)
+    return CutLink(busy_s=nbytes / link.bandwidth_bytes_per_s, latency_s=link.latency_s, cpu_s=link.cpu_s)
 
 
 def _allreduce(table: CostTable, cluster: Cluster, seg: Segment, rank: RankDevice) -> float:
@@ -131,15 +140,9 @@ def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[
             allreduce_s=_allreduce(table, cluster, seg, rank) + tied_extra[s],
             weight_versions=weight_versions(config.schedule, config.pp, place[s]))
         costs.append(cost.model_copy(update={"overhead_s": rank.overhead_s}) if rank.overhead_s else cost)
-    cuts = []
-    for s in range(len(segments) - 1):
-        a, b = ranks[place[s]].devices[0], ranks[place[s + 1]].devices[0]
-        if place[s] == place[s + 1]:
-            cuts.append(CutLink())
-            continue
-        link = cluster.link(a, b)
-        nbytes = table.cut[segments[s].stop]
-        cuts.append(CutLink(busy_s=nbytes / link.bandwidth_bytes_per_s, latency_s=link.latency_s, cpu_s=link.cpu_s))
+    cuts = [cut_link(cluster, ranks[place[s]].devices[0], ranks[place[s + 1]].devices[0],
+                     table.cut[segments[s].stop], same_rank=place[s] == place[s + 1])
+            for s in range(len(segments) - 1)]
     if detail:
         sim = simulate(schedule, costs, cuts)
         return Evaluation(config, segments, schedule, costs, cuts, sim.step_time_s,
@@ -160,16 +163,17 @@ def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
     ev = ev.detailed()
     cfg = ev.config
     names = [layer.name for layer in profile.layers]
+    compute = [0.0] * len(ev.segments)  # the simulated actions of each stage, overheads included
+    for e in ev.sim.events:
+        compute[e.action.stage] += e.end_s - e.start_s
     stages = []
     for s, (seg, cost) in enumerate(zip(ev.segments, ev.costs)):
         r = ev.schedule.stage_rank[s]
-        m = cfg.m
-        compute = m * (cost.fwd_s + cost.bwd_input_s + cost.bwd_weight_s)
         stages.append(Stage(
             index=s, layers=names[seg.start:seg.stop], rank=r, devices=ev.ranks[r].devices,
             recompute=seg.recompute, recompute_layers=[names[i] for i in seg.recompute_layers],
             cost=cost,
-            predicted=StagePrediction(compute_s=compute, peak_memory_bytes=ev.sim.peak_memory_bytes[r])))
+            predicted=StagePrediction(compute_s=compute[s], peak_memory_bytes=ev.sim.peak_memory_bytes[r])))
     return Plan(
         model=profile.model, cluster=cluster,
         parallel=Parallel(pp=cfg.pp, dp=cfg.dp),
@@ -195,15 +199,8 @@ def profile_fingerprint(profile: Profile) -> str:
 
 def plan_cuts(plan: Plan) -> list[CutLink]:
     """Transfer costs between a plan's consecutive stages, from the plan's own cluster."""
-    cuts = []
-    for a, b in zip(plan.stages, plan.stages[1:]):
-        if a.rank == b.rank:
-            cuts.append(CutLink())
-            continue
-        link = plan.cluster.link(a.devices[0], b.devices[0])
-        cuts.append(CutLink(busy_s=a.cost.send_bytes / link.bandwidth_bytes_per_s, latency_s=link.latency_s,
-                            cpu_s=link.cpu_s))
-    return cuts
+    return [cut_link(plan.cluster, a.devices[0], b.devices[0], a.cost.send_bytes, same_rank=a.rank == b.rank)
+            for a, b in zip(plan.stages, plan.stages[1:])]
 
 
 def plan_schedule(plan: Plan) -> Schedule:

@@ -32,10 +32,11 @@ def _kind(name: str, first: bool, last: bool, blocks: set[str]) -> str:
 
 
 def _blocks(plan: Plan) -> set[str]:
+    """Transformer layers: names that differ from another one only by a trailing index ('h.0',
+    'h.1', ...; an encoder's and a decoder's layers alike)."""
     names = [n for st in plan.stages for n in st.layers]
     keys = [m.group(1) if (m := re.fullmatch(r"(.*?)\d+", n)) else None for n in names]
-    common = max(set(k for k in keys if k), key=keys.count, default=None)
-    return {n for n, k in zip(names, keys) if k == common and common is not None}
+    return {n for n, k in zip(names, keys) if k is not None and keys.count(k) > 1}
 
 
 def _megatron(plan: Plan) -> str:

@@ -215,9 +215,10 @@ class Cluster(_Frozen):
     def devices(self) -> list[DeviceSpec]:
         return [d for node in self.nodes for d in node.devices]
 
-    @property
-    def node_of(self) -> list[int]:
-        return [n for n, node in enumerate(self.nodes) for _ in node.devices]
+    def usable_bytes(self, devices: list[int]) -> int:
+        """Memory a stage placed on these devices (its data-parallel replicas) may use: the
+        smallest one's, less the reserve."""
+        return min(self.devices[d].memory_bytes for d in devices) - self.reserved_bytes
 
     def node(self, device: int) -> int:
         return _node_index(tuple(len(n.devices) for n in self.nodes), device)

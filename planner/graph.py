@@ -9,10 +9,13 @@ in between).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import networkx as nx
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 from planner.formats import INPUT, LOSS, Profile
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class LayerGraph:
     """Layers, tensors and cut sizes of a profile; ``graph`` is the networkx view."""
 
     def __init__(self, profile: Profile):
+        self.edges = profile.edges
         self.names = [layer.name for layer in profile.layers]
         self.index = {name: i for i, name in enumerate(self.names)}
         n = len(self.names)
@@ -54,19 +58,20 @@ class LayerGraph:
             for (p, t), v in sorted(grouped.items())
         ]
 
-        self.graph = nx.DiGraph()
-        self.graph.add_node(INPUT)
-        self.graph.add_nodes_from(self.names)
-        self.graph.add_node(LOSS)
-        for e in profile.edges:
-            if self.graph.has_edge(e.src, e.dst):
-                self.graph[e.src][e.dst]["bytes_per_sample"] += e.bytes_per_sample
-            else:
-                self.graph.add_edge(e.src, e.dst, bytes_per_sample=e.bytes_per_sample)
+    @cached_property
+    def graph(self) -> nx.DiGraph:
+        """The layers (with the input batch and the loss) as a networkx graph whose edges carry
+        bytes per sample; built on first use, so solving never imports networkx."""
+        import networkx as nx
 
-    def crossing(self, k: int) -> list[Tensor]:
-        """Tensors alive across cut ``k`` (0 < k < L): produced before layer k, consumed at or after."""
-        return [t for t in self.tensors if t.producer < k <= t.last_consumer]
+        g = nx.DiGraph()
+        g.add_nodes_from([INPUT, *self.names, LOSS])
+        for e in self.edges:
+            if g.has_edge(e.src, e.dst):
+                g[e.src][e.dst]["bytes_per_sample"] += e.bytes_per_sample
+            else:
+                g.add_edge(e.src, e.dst, bytes_per_sample=e.bytes_per_sample)
+        return g
 
     def cut_bytes_per_sample(self) -> list[int]:
         """Bytes per sample crossing each cut; entries 0 and L are 0 (the batch and the loss are
@@ -93,7 +98,3 @@ class LayerGraph:
                 if c < self.n_layers:
                     out[c] += t.bytes_per_sample
         return out
-
-    def is_chain(self) -> bool:
-        """True when every tensor goes from one layer to the next (a plain sequential model)."""
-        return all(t.last_consumer - max(t.producer, 0) <= 1 for t in self.tensors)

@@ -43,7 +43,7 @@ def simulation_summary(plan: Plan, sim: SimResult) -> dict[str, Any]:
     stages = []
     for st in plan.stages:
         r = st.rank
-        cap = plan.cluster.devices[st.devices[0]].memory_bytes - plan.cluster.reserved_bytes
+        cap = plan.cluster.usable_bytes(st.devices)
         stages.append({
             "index": st.index, "rank": r, "layers": st.layers, "recompute": st.recompute,
             "compute_s": sim.compute_s[r], "idle_s": sim.idle_s[r],
@@ -141,7 +141,7 @@ def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
     for col in ("#", "pp", "dp", "mbs", "m", "schedule", "recompute", "step", "samples/s", "bubble", "peak mem"):
         cand.add_column(col, justify="right" if col not in ("schedule", "recompute") else "left")
     for k, c in enumerate(result.ranked, 1):
-        ev = c.evaluation.detailed()
+        ev = c.evaluation.detailed(timeline=False)
         cfg = c.config
         sched = cfg.schedule + (f" v={cfg.v}" if cfg.v > 1 else "")
         rec = sorted({s.recompute for s in ev.segments})

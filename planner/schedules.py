@@ -57,10 +57,6 @@ class Schedule:
             out[r].append(s)
         return out
 
-    @property
-    def n_actions(self) -> int:
-        return sum(len(a) for a in self.ranks)
-
 
 @dataclass(frozen=True)
 class ScheduleInfo:

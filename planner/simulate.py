@@ -162,14 +162,20 @@ def compile_schedule(schedule: Schedule) -> Compiled:
     return Compiled(action, rank, prev, dep, cut, receiver, kind, slot, last_on_rank, receives)
 
 
+def action_seconds(x: StageCost) -> tuple[float, float, float, float]:
+    """How long one F, B (whole backward), I (input gradient) and W (weight gradient) action of
+    the stage takes, each with the per-action overhead."""
+    o = x.overhead_s
+    b = x.bwd_s if x.bwd_s is not None else x.bwd_input_s + x.bwd_weight_s
+    return x.fwd_s + o, b + o, x.bwd_input_s + o, x.bwd_weight_s + o
+
+
 def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[list[float], list[float]]:
     """Start and end of every node; a transfer ends when its link frees up and its data
     arrives a latency later."""
     dur, lat = [], []
     for x in costs:
-        o = x.overhead_s
-        b = x.bwd_s if x.bwd_s is not None else x.bwd_input_s + x.bwd_weight_s
-        dur += [x.fwd_s + o, b + o, x.bwd_input_s + o, x.bwd_weight_s + o]
+        dur += action_seconds(x)
         lat += [0.0, 0.0, 0.0, 0.0]
     for link in cuts:
         dur.append(link.busy_s)
@@ -286,7 +292,7 @@ def _steady_state(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink
     """Asynchronous schedules never flush: in steady state every stage runs one forward and one
     backward per micro-batch, so the slowest stage (or link) sets the pace (Narayanan et al.,
     PipeDream, SOSP 2019, section 3.1)."""
-    per_mb = max(c.fwd_s + (c.bwd_s if c.bwd_s is not None else c.bwd_input_s + c.bwd_weight_s) for c in costs)
+    per_mb = max(f + b for f, b, _, _ in map(action_seconds, costs))
     per_mb = max([per_mb] + [link.busy_s for link in cuts])
     return schedule.microbatches * per_mb + max(tails)
 
@@ -295,11 +301,18 @@ def step_time(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink]) -
     """The step time alone (what the solver ranks by); ``simulate`` gives the whole picture."""
     compiled = compile_schedule(schedule)
     _, end = _times(compiled, costs, cuts)
-    pp = schedule.pp
-    tails = [sum(costs[s].allreduce_s + costs[s].optimizer_s for s in schedule.stages_of(r)) for r in range(pp)]
+    return _step(schedule, costs, cuts, [end[n] for n in compiled.last])[0]
+
+
+def _step(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink],
+          last_end: list[float]) -> tuple[float, list[float]]:
+    """The step time, from when each rank's last action ends, and each rank's tail (gradient
+    all-reduce and optimizer step, after its last backward)."""
+    tails = [sum(costs[s].allreduce_s + costs[s].optimizer_s for s in schedule.stages_of(r))
+             for r in range(schedule.pp)]
     if schedule.stream:
-        return _steady_state(schedule, costs, cuts, tails)
-    return max(end[n] + t for n, t in zip(compiled.last, tails))
+        return _steady_state(schedule, costs, cuts, tails), tails
+    return max(e + t for e, t in zip(last_end, tails)), tails
 
 
 def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | None = None, *,
@@ -334,11 +347,7 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
             mb = compiled.action[compiled.dep[i]].mb
             transfers.append(Transfer(r, compiled.receiver[i], compiled.kind[i], dst_stage, mb,
                                       start[i], end[i] + link.latency_s))
-    tails = [sum(costs[s].allreduce_s + costs[s].optimizer_s for s in schedule.stages_of(r)) for r in range(pp)]
-    if schedule.stream:
-        step = _steady_state(schedule, costs, cuts, tails)
-    else:
-        step = max(c + t for c, t in zip(clock, tails))
+    step, tails = _step(schedule, costs, cuts, clock)
     idle = [max(step - c - t, 0.0) for c, t in zip(compute, tails)]
     bubble = sum(idle) / (pp * step) if step > 0 else 0.0
     return SimResult(step_time_s=step, compute_s=compute, tail_s=tails, idle_s=idle,

@@ -122,6 +122,23 @@ def test_export_formats(plan, fmt, needle):
     assert r.exit_code == 0 and needle in r.stdout
 
 
+def test_megatron_layout_counts_encoder_and_decoder_layers_alike(tmp_path, plan):
+    # the same plan with h.0-3 renamed enc.0-3 and h.4-7 dec.0-3: the layout must not change
+    data = json.loads(plan.read_text())
+    rename = {f"h.{i}": f"enc.{i}" if i < 4 else f"dec.{i - 4}" for i in range(8)}
+    for st in data["stages"]:
+        st["layers"] = [rename.get(n, n) for n in st["layers"]]
+    renamed = tmp_path / "encdec.json"
+    renamed.write_text(json.dumps(data))
+
+    def layout(path):
+        r = runner.invoke(app, ["export", str(path), "--format", "megatron"])
+        assert r.exit_code == 0, r.output
+        return next(line for line in r.stdout.splitlines() if "layout" in line)
+    assert layout(renamed) == layout(plan)
+    assert layout(plan).count("E") == 1 and layout(plan).count("L") == 1
+
+
 def test_schema_prints_json_schema():
     r = runner.invoke(app, ["schema", "plan"])
     assert r.exit_code == 0 and json.loads(r.stdout)["title"] == "Plan"

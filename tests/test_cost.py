@@ -31,6 +31,13 @@ def test_skip_connection_counts_in_every_cut_it_spans():
     assert cuts[0] == cuts[12] == 0
 
 
+def test_networkx_view_of_a_skip_connection():
+    g = LayerGraph(chain_profile([1.0] * 12, out_bytes_per_sample=100, skips=[(2, 9, 7)])).graph
+    assert g["layers.2"]["layers.9"]["bytes_per_sample"] == 7
+    assert g["layers.2"]["layers.3"]["bytes_per_sample"] == 100
+    assert g.in_degree("layers.9") == 2
+
+
 def test_stage_times_and_recomputation():
     prof = chain_profile([1.0, 2.0, 3.0], bwd_input_fraction=0.5)
     t = CostTable(prof, 1)

@@ -161,3 +161,24 @@ def test_nothing_fits_says_by_how_much():
     prof = chain_profile([1.0] * 4, act_bytes=2**30, param_bytes=2**33)
     with pytest.raises(InfeasibleError, match=r"nothing fits: the least memory any plan needs is .* GiB .* short"):
         solve(prof, from_spec("rtx4090x4"), Settings(global_batch=8))
+
+
+@pytest.mark.parametrize("schedule,v,backward", [("1f1b", 1, 2e-3), ("zb-h1", 1, 3e-3),
+                                                  ("interleaved-1f1b", 2, 2e-3)])
+def test_a_plans_stage_compute_is_what_the_simulator_runs(schedule, v, backward):
+    # 4 layers of F = 1 ms and B = 2 ms whole, or 1.5 + 1.5 ms split into I and W (zero-bubble),
+    # on 2 devices (v stages each), m = 4 micro-batches: a stage of k layers runs
+    # 4 x k x (1 ms + its backward) of actions
+    from planner.cost import CostTable, Segment
+    from planner.evaluate import evaluate, to_plan
+
+    prof = chain_profile([1e-3] * 4, bwd_input_fraction=0.5, split_cost=1.5)
+    cfg = Config(pp=2, dp=1, mbs=1, m=4, schedule=schedule, v=v)
+    cluster = from_spec("h100x2")
+    stages = cfg.n_stages
+    per = 4 // stages
+    segs = [Segment(i * per, (i + 1) * per) for i in range(stages)]
+    ev = evaluate(CostTable(prof, 1), cluster, cfg, segs)
+    plan = to_plan(prof, cluster, ev)
+    assert [st.predicted.compute_s for st in plan.stages] == pytest.approx([4 * per * (1e-3 + backward)] * stages)
+    assert sum(st.predicted.compute_s for st in plan.stages) <= cfg.pp * plan.predicted.step_time_s

@@ -145,6 +145,11 @@ def _single(plan: Plan, device, opts: Options, ver: Verification, progress) -> N
                      "this checks correctness, not the plan's speed")
 
 
+def _predicted_peaks(plan: Plan) -> dict[int, int]:
+    """The plan's predicted peak memory of each rank (every stage carries its rank's)."""
+    return {st.rank: st.predicted.peak_memory_bytes for st in plan.stages}
+
+
 def _replay(plan: Plan, device, ver: Verification, progress) -> None:
     from planner.evaluate import replay_plan
     from planner.execute.replay import measured_costs, replay_all
@@ -152,10 +157,10 @@ def _replay(plan: Plan, device, ver: Verification, progress) -> None:
     if progress:
         progress(f"replay: {plan.parallel.pp} ranks one at a time on {device}", 0, 1)
     replays = replay_all(plan, device)
-    predicted_sim = replay_plan(plan)
+    predicted = _predicted_peaks(plan)
     kind = "allocated" if device.type == "cuda" else "live tensor bytes"
     for r in replays:
-        pred = predicted_sim.peak_memory_bytes[r.rank]
+        pred = predicted[r.rank]
         note = f"CUDA {kind}" + (f", reserved {r.reserved_bytes}" if r.reserved_bytes else "") if device.type == "cuda" \
             else "CPU: live tensor bytes counted by planner (no allocator statistics on CPU)"
         ver.rows.append(Row(f"rank {r.rank} peak memory (replay)", pred, r.peak_bytes, "bytes", note,
@@ -171,7 +176,6 @@ def _replay(plan: Plan, device, ver: Verification, progress) -> None:
 def _distributed(plan: Plan, plan_path: Path, opts: Options, ver: Verification, progress) -> None:
     import torch
 
-    from planner.evaluate import replay_plan
     from planner.execute.launch import Rendezvous, launch
 
     world = plan.parallel.pp * plan.parallel.dp
@@ -192,11 +196,11 @@ def _distributed(plan: Plan, plan_path: Path, opts: Options, ver: Verification, 
                         f"median of {len(steps)} steps, slowest rank each step"))
     ver.rows.append(Row("throughput (samples/s)", plan.predicted.throughput_samples_per_s,
                         plan.microbatch.global_batch / measured, "1/s", checked=False))
-    sim = replay_plan(plan)
+    predicted = _predicted_peaks(plan)
     for r in reports:
         if r["dp_rank"] != 0:
             continue
-        pred = sim.peak_memory_bytes[r["pp_rank"]]
+        pred = predicted[r["pp_rank"]]
         if "peak_allocated_bytes" in r:
             ver.rows.append(Row(f"rank {r['pp_rank']} peak memory", pred, r["peak_allocated_bytes"], "bytes",
                                 f"CUDA allocated; reserved {r['peak_reserved_bytes']}"))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost import CostTable, bytes_per_param
+from planner.cost import CostTable, bytes_per_param, ring_allreduce_coeffs
 from planner.evaluate import Config, RankDevice
 from planner.formats import DTYPE_BYTES, Cluster
 from planner.schedules import Schedule, inflight_peaks, weight_versions
@@ -64,7 +64,6 @@ class StageBounds:
         self.states = [np.array(x, dtype=float) for x in stage_states(schedule)]
         place = schedule.stage_rank
         self.remote_next = [s + 1 < self.S and place[s + 1] != place[s] for s in range(self.S)]
-        place = schedule.stage_rank
         self.speed = [ranks[place[s]].speed for s in range(self.S)]
         self.cap = [ranks[place[s]].capacity_bytes * share for s in range(self.S)]
         self.vmax = max(r.speed for r in ranks)
@@ -74,16 +73,11 @@ class StageBounds:
         self.versions = [weight_versions(config.schedule, config.pp, place[s]) for s in range(self.S)]
         self.split = schedule.split_backward
         self.one_chunk = schedule.n_stages == schedule.pp
+        # all forwards before any backward: a stage waits for the whole rest of the pipeline
+        self.flush_all = config.schedule in ("gpipe", "naive")
         # data-parallel all-reduce is linear in gradient bytes: seconds = a * bytes + c
-        self.ar = []
-        for s in range(self.S):
-            devs = ranks[place[s]].devices
-            link = cluster.link(devs[0], devs[-1])
-            d = len(devs)
-            if d > 1:
-                self.ar.append((2 * (d - 1) / d / link.bandwidth_bytes_per_s, 2 * (d - 1) * link.latency_s))
-            else:
-                self.ar.append((0.0, 0.0))
+        self.ar = [ring_allreduce_coeffs(len(devs), cluster.link(devs[0], devs[-1]))
+                   for devs in (ranks[place[s]].devices for s in range(self.S))]
         total_params = table.PARAMS[-1] or 1.0
         self.opt_per_byte = table.optimizer_s / total_params
 
@@ -152,7 +146,7 @@ class StageBounds:
         if self.one_chunk:
             back = t.BI if self.split else t.B
             rest = (t.F[n] - t.F[j] + back[n] - back[j]) / self.vmax + 2 * (self.S - 1 - s) * self.lat
-            if self.cfg.schedule in ("gpipe", "naive"):
+            if self.flush_all:
                 gap = rest
             else:
                 gap = np.maximum(rest - (self.k[s] - 1) * f, 0.0)

@@ -40,15 +40,6 @@ class InnerResult:
         self.step_time_s = float(self.step_time_s)
         self.proven = bool(self.proven)
 
-    @property
-    def gap(self) -> float:
-        return relative_gap(self.step_time_s, self.lower_bound_s) if self.segments is not None else 0.0
-
-
-def relative_gap(value: float, bound: float) -> float:
-    """How far ``value`` may be above the optimum, as a fraction of itself (0 when proven)."""
-    return max(value - bound, 0.0) / value if value > 0 else 0.0
-
 
 def _segments(stages: list[tuple[int, int, int]]) -> list[Segment]:
     return [Segment(i, j, "full" if c == FULL else "none") for i, j, c in stages]

@@ -26,7 +26,7 @@ from planner.cost import Segment
 from planner.errors import InputError
 from planner.simulate import memory_states
 from planner.solve.bounds import StageBounds
-from planner.solve.exact import Evaluator, InnerResult, relative_gap
+from planner.solve.exact import Evaluator, InnerResult
 
 MODES = ("none", "full", "auto", "selective")
 
@@ -40,7 +40,10 @@ class IlpSolution:
 
     @property
     def gap(self) -> float:
-        return relative_gap(self.objective, self.bound) if self.segments else 0.0
+        """How far the partition found may be above the optimum, as a fraction of it."""
+        if not self.segments or self.objective <= 0:
+            return 0.0
+        return max(self.objective - self.bound, 0.0) / self.objective
 
 
 class _Model:
@@ -108,13 +111,14 @@ class _Model:
         back = bi_l if b.split else b_l
         lat = b.lat
         work, after, head_tail = [], [], []
+        stage_params: dict[int, object] = {}
         for s in Ss:
             sp = b.speed[s]
             f_s = pulp.lpSum(float(f_l[l] / sp) * x[l, s] for l in L)
             rec = pulp.lpSum(float(f_l[l] / sp) * u[l, s] for l in L) if mode != "none" else 0
             b_s = pulp.lpSum(float(b_l[l] / sp) * x[l, s] for l in L) + rec
             w = b.m * (f_s + b_s)
-            params = pulp.lpSum(float(t.params[l]) * x[l, s] for l in L) - self._tied(s)
+            params = stage_params[s] = pulp.lpSum(float(t.params[l]) * x[l, s] for l in L) - self._tied(s)
             a, const = b.ar[s]
             has = pulp.LpVariable(f"has_params_{s}", cat="Binary")
             prob += params <= float(t.PARAMS[-1] + 1) * has
@@ -131,7 +135,7 @@ class _Model:
             if b.one_chunk:
                 rest = pulp.lpSum(float((f_l[l] + back[l]) / b.vmax) * (1 - Y(l, s)) for l in L) \
                     + 2 * (S - 1 - s) * lat
-                if b.cfg.schedule in ("gpipe", "naive"):
+                if b.flush_all:
                     gap = rest
                 else:
                     gap = pulp.LpVariable(f"gap_{s}", lowBound=0)
@@ -180,8 +184,7 @@ class _Model:
                 prob += tr >= float(t.peak[l]) * x[l, s]
                 if mode != "none":
                     prob += tr >= float(t.act[l] + t.peak[l]) * u[l, s]
-            params = pulp.lpSum(float(t.params[l]) * x[l, s] for l in L) - self._tied(s)
-            st = params * (b.bpp + b.versions[s] - 1) + b.m * (cut_in[s] + cut_out[s])
+            st = stage_params[s] * (b.bpp + b.versions[s] - 1) + b.m * (cut_in[s] + cut_out[s])
             st += (b.m * t.input_batch if s == 0 else 0) + (b.m * t.target_batch if s == S - 1 else 0)
             held.append(held_s)
             wgrads.append(pulp.lpSum(float(t.wgrad[l]) * x[l, s] for l in L))
@@ -191,11 +194,7 @@ class _Model:
             mine = b.schedule.stages_of(r)
             cap = min(b.cap[s] for s in mine)
             base = pulp.lpSum(static[s] for s in mine)
-            seen = set()
             for state in states:
-                if state in seen:
-                    continue
-                seen.add(state)
                 k, counts, split, done, sent = state
                 prob += base + pulp.lpSum(
                     n_c * held[s] + i_c * wgrads[s] + d_c * cut_in[s]

@@ -14,7 +14,7 @@ import numpy as np
 from planner.cost import CostTable, Segment
 from planner.errors import InfeasibleError, InputError, ScheduleError
 from planner.cost import bytes_per_param
-from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices
+from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices, segments_from_bounds
 from planner.formats import DTYPE_BYTES, Cluster, Profile, Training
 from planner.graph import LayerGraph
 from planner.schedules import SCHEDULES, build, canonical, check_combination
@@ -396,18 +396,18 @@ class Search:
 
     def baselines(self, cfg: Config) -> list[tuple[str, list[int] | None, Evaluation | None]]:
         t = self.table(cfg.mbs)
+        b = self.bounds(cfg)
         out = []
         for label, starts in self._today(cfg):
             if starts is None:
                 out.append((label, None, None))
                 continue
-            b = self.bounds(cfg)
             _, stages = lb_partition(b, fixed=starts)
             if stages is None:  # does not fit: price it without recomputation to show by how much
-                segs = [Segment(a, z) for a, z in zip(starts, [*starts[1:], t.n])]
+                segs = segments_from_bounds(starts, t.n)
             else:
                 segs = [Segment(a, z, "full" if c == 1 else "none") for a, z, c in stages]
-            out.append((label, starts, evaluate(t, self.cluster, cfg, segs)))
+            out.append((label, starts, evaluate(t, self.cluster, cfg, segs, detail=False)))
         return out
 
     # ------------------------------------------------------------------------ infeasible
