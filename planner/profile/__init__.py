@@ -186,11 +186,14 @@ def measure_module(module: nn.Module, inputs: tuple, in_keys: list[tuple[int, in
     def forward(xs):
         return loss(xs[0], target) if loss is not None else module(*xs)
 
+    def out_grads(outs):  # the loss's own gradient is 1
+        return _grads_for(outs, gen) if loss is None else [torch.ones_like(o) for o in outs]
+
     def fresh():
         xs = _leaves(inputs)
         out = forward(xs)
         outs = _differentiable(out)
-        return xs, out, outs, _grads_for(outs, gen) if loss is None else [torch.ones_like(o) for o in outs]
+        return xs, out, outs, out_grads(outs)
 
     def clear():
         for p in params:
@@ -203,7 +206,7 @@ def measure_module(module: nn.Module, inputs: tuple, in_keys: list[tuple[int, in
         box = {}
         t_f = timer(lambda: box.setdefault("out", forward(xs)))
         outs = _differentiable(box["out"])
-        grads = _grads_for(outs, gen) if loss is None else [torch.ones_like(o) for o in outs]
+        grads = out_grads(outs)
         clear()
         t_b = timer(lambda: torch.autograd.backward(outs, grads)) if outs else 0.0
         if rep >= opts.warmup:
@@ -242,7 +245,7 @@ def measure_module(module: nn.Module, inputs: tuple, in_keys: list[tuple[int, in
     saved_outputs = {out_storage[k] for k in saved if k in out_storage}
     internal = sum(n for k, n in saved.items() if k not in in_storage and k not in out_storage)
     outs = _differentiable(out)
-    grads = _grads_for(outs, gen) if loss is None else [torch.ones_like(o) for o in outs]
+    grads = out_grads(outs)
     grad_bytes = sum(g.numel() * g.element_size() for g in grads)
     clear()
     bwd_peak = 0
@@ -356,13 +359,12 @@ def profile_model(spec: ModelSpec, factory: str, args: dict, opts: Options,
         model.to(device=device, dtype=dtype)
         with _Restore(model):
             model.train()
-            prof = _profile(spec, factory, args, opts, device, dtype, progress)
-            return prof.model_copy(update={"device": _device_info(device, workspace)})
+            return _profile(spec, factory, args, opts, device, dtype, workspace, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _profile(spec, factory, args, opts, device, dtype, progress) -> Profile:
+def _profile(spec, factory, args, opts, device, dtype, workspace, progress) -> Profile:
     sizes = sorted(set(opts.mbs))
     first_inputs, _ = make_batch(spec, sizes[0], opts.seed, device, dtype)
     lm = layered(spec.model, first_inputs, spec.layers, opts.depth)
@@ -374,7 +376,7 @@ def _profile(spec, factory, args, opts, device, dtype, progress) -> Profile:
     per_mbs: dict[int, list[LayerResult]] = {}
     loss_results: dict[int, LayerResult] = {}
     wholes: dict[int, tuple[Stat, Stat, float]] = {}
-    batch_info = None
+    batch_info, input_bytes = None, []
     total = len(sizes) * (L + 2)
     done = 0
     for b in sizes:
@@ -383,6 +385,7 @@ def _profile(spec, factory, args, opts, device, dtype, progress) -> Profile:
             batch_info = BatchInfo(
                 input_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(inputs)) // b,
                 target_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(target)) // b)
+            input_bytes = [x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0 for x in inputs]
         *layer_inputs, final = lm.layer_inputs(inputs, stages)
         results = []
         for i in range(L):
@@ -403,12 +406,13 @@ def _profile(spec, factory, args, opts, device, dtype, progress) -> Profile:
         done += 1
     if progress:
         progress("done", total, total)
-    return _assemble(spec, factory, args, opts, device, lm, stages, sizes, per_mbs, loss_results,
-                     wholes, batch_info)
+    return _assemble(spec, factory, args, opts, _device_info(device, workspace), lm, stages, sizes, per_mbs,
+                     loss_results, wholes, batch_info, input_bytes)
 
 
-def _assemble(spec, factory, args, opts, device, lm, stages, sizes, per_mbs, loss_results, wholes,
-              batch_info) -> Profile:
+def _assemble(spec, factory, args, opts, device_info, lm, stages, sizes, per_mbs, loss_results, wholes,
+              batch_info, input_bytes) -> Profile:
+    """The profile from the measurements; ``input_bytes``: each model input at the largest size."""
     L = lm.n_layers
     names = lm.names
 
@@ -443,7 +447,7 @@ def _assemble(spec, factory, args, opts, device, lm, stages, sizes, per_mbs, los
     edges = []
     for t in lm.tensors:
         if t.producer == SPLIT_INPUT:
-            src, nb = INPUT, _input_bytes(spec, t.index, big, opts, device)
+            src, nb = INPUT, input_bytes[t.index]
         else:
             src, nb = names[t.producer], results[t.producer].out_bytes.get(t.key, 0)
         for c in t.consumers:
@@ -465,15 +469,9 @@ def _assemble(spec, factory, args, opts, device, lm, stages, sizes, per_mbs, los
     return Profile(
         model=ModelRef(name=spec.name or "model", factory=factory, args=args, depth=opts.depth,
                        fingerprint=fingerprint(spec.model)),
-        device=_device_info(device), dtype=opts.dtype, layers=layers, edges=edges, loss=loss,
+        device=device_info, dtype=opts.dtype, layers=layers, edges=edges, loss=loss,
         tied=tied, batch=batch_info, whole=whole,
-        measurement=Measurement(timer="cuda-events" if device.type == "cuda" else "perf_counter",
+        measurement=Measurement(timer="cuda-events" if device_info.type == "cuda" else "perf_counter",
                                 repeats=opts.repeats, warmup=opts.warmup,
-                                threads=torch.get_num_threads() if device.type == "cpu" else None),
+                                threads=torch.get_num_threads() if device_info.type == "cpu" else None),
     )
-
-
-def _input_bytes(spec: ModelSpec, index: int, size: int, opts: Options, device) -> int:
-    inputs, _ = make_batch(spec, size, opts.seed, device, DTYPES[opts.dtype])
-    t = inputs[index]
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
