@@ -83,6 +83,30 @@ def test_failing_workers_end_every_worker_and_say_why(tiny_profile, tmp_path, mo
         execute(path, Options(steps=1, warmup=1, run_dir=str(tmp_path / "run"), timeout_s=120))
 
 
+TORCHRUN_SUMMARY = """
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 31174)  (SIGTERM)
+-------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 31175)  (SIGKILL)
+"""
+
+
+def test_a_dead_worker_is_named_from_the_launchers_root_cause(tiny_profile, tmp_path):
+    from pathlib import Path
+
+    from planner.execute.launch import _diagnose
+
+    plan = load_plan(plan_for(tiny_profile, tmp_path, "1f1b"))
+    # neither rank reported; torchrun lists the peer it stopped with SIGTERM before the root cause
+    text = _diagnose(plan, [], TORCHRUN_SUMMARY, 1, Path("launcher.log"))
+    assert text.startswith("rank 1 (stage 1) was killed by signal 9 before reporting")
+
+
 def test_a_stale_plan_is_refused_before_anything_starts(tiny_profile, tmp_path):
     path = plan_for(tiny_profile, tmp_path, "1f1b")
     data = json.loads(path.read_text())

@@ -121,8 +121,11 @@ def _diagnose(plan: Plan, reports: list[dict], log: str, code: int, log_path: Pa
         return _describe(plan, real[0], log_path)
     world = plan.parallel.pp * plan.parallel.dp
     silent = sorted(set(range(world)) - {r["rank"] for r in reports})
-    # torchrun's failure summary: "rank : 1 (local_rank: 1)" then "exitcode : -9 (pid: ...)"
-    for rank, exit_code in re.findall(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", log, re.M):
+    # torchrun's failure summary: "rank : 1 (local_rank: 1)" then "exitcode : -9 (pid: ...)", its
+    # "Root Cause" section first (the other entries are often the peers it stopped with SIGTERM)
+    root = log.split("Root Cause", 1)[1] if "Root Cause" in log else ""
+    entries = re.findall(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", root + "\n" + log, re.M)
+    for rank, exit_code in entries:
         if not silent or int(rank) in silent:
             rank, exit_code = int(rank), int(exit_code)
             how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
