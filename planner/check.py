@@ -70,6 +70,14 @@ def check_better(plan: Plan, profile: Profile, tolerance: float) -> list[str]:
     keep["global_batch"] = keep.get("global_batch") or plan.microbatch.global_batch
     settings = Settings(**keep, training=Training(**plan.training.model_dump()))
     result = solve(profile, plan.cluster, settings)
+    if settings.objective == "memory":
+        least, now = max(result.best.evaluation.peak_memory_bytes), plan.predicted.peak_memory_bytes
+        if least < now * (1 - tolerance):
+            from planner.report import fmt_bytes
+
+            return [f"a plan needing less memory exists: {result.best.config.describe()} peaks at "
+                    f"{fmt_bytes(least)} per device against this plan's {fmt_bytes(now)} (re-solve to update it)"]
+        return []
     new = result.best.throughput
     old = plan.predicted.throughput_samples_per_s
     if new > old * (1 + tolerance):

@@ -140,6 +140,8 @@ def solve(
     include_model_only: bool = typer.Option(False, "--include-model-only", help="also rank PipeDream schedules the engine cannot run"),
     time_limit: float = typer.Option(10.0, "--time-limit", min=0.1, help="seconds before the search stops and reports its gap"),
     ilp: bool = typer.Option(False, "--ilp", help="also bound interleaved and V configurations with the ILP (slower, tighter)"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="worker processes (default: one per core, for large searches)"),
+    objective: str = typer.Option("time", "--objective", help="time: the fastest plan; memory: the least peak memory per device (the fastest among those)"),
 ) -> None:
     """Find the fastest plan that fits (does not need torch)."""
     from planner import report
@@ -154,6 +156,8 @@ def solve(
         clu = from_spec(cluster)
         if recompute not in ("none", "full", "auto", "selective"):
             raise InputError(f"--recompute {recompute!r}: choose none, full, auto or selective")
+        if objective not in ("time", "memory"):
+            raise InputError(f"--objective {objective!r}: choose time or memory")
         if optimizer not in ("sgd", "sgd-momentum", "adam") or precision not in ("param", "mixed"):
             raise InputError("--optimizer must be sgd, sgd-momentum or adam; --precision param or mixed")
         names = [layer.name for layer in prof.layers]
@@ -164,7 +168,8 @@ def solve(
             virtual_stages=virtual_stages, recompute=recompute,
             training=Training(optimizer=optimizer, precision=precision),  # type: ignore[arg-type]
             fix_cuts=_cuts(fix_cuts, names) if fix_cuts else None, top=top,
-            include_model_only=include_model_only, time_limit_s=time_limit, ilp=ilp)
+            include_model_only=include_model_only, time_limit_s=time_limit, ilp=ilp,
+            jobs=jobs, objective=objective)
         with report.progress(err) as bar:
             result = run_solve(prof, clu, settings, progress=bar)
         plan = make_plan(prof, clu, result, settings)

@@ -68,13 +68,18 @@ def rank_devices(cluster: Cluster, pp: int, dp: int) -> list[RankDevice]:
 class Evaluation:
     config: Config
     segments: list[Segment]
-    schedule: Schedule
     costs: list[StageCost]
     cuts: list[CutLink]
     step_time_s: float
     peak_memory_bytes: list[int]  # per rank
     ranks: list[RankDevice]
     sim: SimResult | None = None  # the whole timeline, when asked for
+
+    @property
+    def schedule(self) -> Schedule:
+        """The configuration's action lists (built once per configuration and cached)."""
+        c = self.config
+        return build(c.schedule, c.pp, c.m, c.v)
 
     @property
     def fits(self) -> bool:
@@ -115,13 +120,14 @@ def _allreduce(table: CostTable, cluster: Cluster, seg: Segment, rank: RankDevic
 
 
 def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[Segment], *,
-             detail: bool = True) -> Evaluation:
+             detail: bool = True, ranks: list[RankDevice] | None = None) -> Evaluation:
     """Cost, simulate and check memory of one partition under one configuration. Without
-    ``detail`` only the step time and peak memory are computed (what the solver ranks by)."""
+    ``detail`` only the step time and peak memory are computed (what the solver ranks by).
+    ``ranks``: ``rank_devices(cluster, config.pp, config.dp)``, when the caller has it."""
     if len(segments) != config.n_stages:
         raise InputError(f"{len(segments)} stages given, the configuration needs {config.n_stages}")
     schedule = build(config.schedule, config.pp, config.m, config.v)
-    ranks = rank_devices(cluster, config.pp, config.dp)
+    ranks = ranks or rank_devices(cluster, config.pp, config.dp)
     place = schedule.stage_rank
     bounds = [s.start for s in segments]
     tied_extra = [0.0] * len(segments)
@@ -145,9 +151,9 @@ def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[
             for s in range(len(segments) - 1)]
     if detail:
         sim = simulate(schedule, costs, cuts)
-        return Evaluation(config, segments, schedule, costs, cuts, sim.step_time_s,
+        return Evaluation(config, segments, costs, cuts, sim.step_time_s,
                           sim.peak_memory_bytes, ranks, sim)
-    return Evaluation(config, segments, schedule, costs, cuts, step_time(schedule, costs, cuts),
+    return Evaluation(config, segments, costs, cuts, step_time(schedule, costs, cuts),
                       peak_memory(schedule, costs), ranks)
 
 

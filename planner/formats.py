@@ -218,7 +218,8 @@ class Cluster(_Frozen):
     def usable_bytes(self, devices: list[int]) -> int:
         """Memory a stage placed on these devices (its data-parallel replicas) may use: the
         smallest one's, less the reserve."""
-        return min(self.devices[d].memory_bytes for d in devices) - self.reserved_bytes
+        every = self.devices
+        return min(every[d].memory_bytes for d in devices) - self.reserved_bytes
 
     def node(self, device: int) -> int:
         return _node_index(tuple(len(n.devices) for n in self.nodes), device)

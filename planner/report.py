@@ -157,9 +157,14 @@ def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
     sizes = [len(st.layers) for st in plan.stages]
     base.add_row("planner", _sizes(sizes), fmt_time(mine), "1.00x", fmt_bytes(plan.predicted.peak_memory_bytes),
                  style="bold green")
+    by_memory = isinstance(plan.provenance.solver, dict) and \
+        plan.provenance.solver.get("settings", {}).get("objective") == "memory"
     for b in plan.baselines:
         if not b.step_time_s:
             ratio = "does not fit"
+        elif by_memory:
+            least = plan.predicted.peak_memory_bytes
+            ratio = "same" if b.peak_memory_bytes <= least * 1.005 else f"{b.peak_memory_bytes / least:.2f}x memory"
         elif b.step_time_s <= mine * 1.005:
             ratio = "same"
         else:

@@ -243,37 +243,38 @@ def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
     """
     S = len(stage_rank)
     stages = [[s for s in range(S) if stage_rank[s] == r] for r in range(pp)]
-    end: dict[tuple[str, int, int], int] = {}
+    later_first = [sorted(x, reverse=True) for x in stages]
+    end_f = [[-1] * m for _ in range(S)]  # when each forward / input gradient ends; -1: not yet
+    end_i = [[-1] * m for _ in range(S)]
     next_f, next_i = [0] * S, [0] * S
     clock, inflight, started = [0] * pp, [0] * pp, [0] * pp
     pending_w: list[deque] = [deque() for _ in range(pp)]
     lists: list[list[Action]] = [[] for _ in range(pp)]
     remaining = 3 * S * m
 
-    def ready(kind: str, s: int, k: int) -> int | None:
-        if kind == "F":
-            return 0 if s == 0 else end.get(("F", s - 1, k))
-        own = end.get(("F", s, k))
-        if own is None:
-            return None
-        if s == S - 1:
-            return own
-        nxt = end.get(("I", s + 1, k))
-        return None if nxt is None else max(own, nxt)
-
     def best(r: int):
-        options = []  # (start, priority, action)
-        first = stages[r][0]
-        for s in sorted(stages[r], reverse=True):
-            if next_i[s] < m and (t := ready("I", s, next_i[s])) is not None:
-                options.append((max(clock[r], t), 0, Action("I", s, next_i[s])))
-            if next_f[s] < m and (s != first or inflight[r] < cap):
-                if (t := ready("F", s, next_f[s])) is not None:
+        """(start, priority, -stage, kind, stage, mb) of rank r's next action, or None."""
+        top = None
+        now, first = clock[r], stages[r][0]
+        for s in later_first[r]:
+            k = next_i[s]
+            if k < m and (own := end_f[s][k]) >= 0:
+                ready = own if s == S - 1 else (max(own, end_i[s + 1][k]) if end_i[s + 1][k] >= 0 else -1)
+                if ready >= 0:
+                    option = (max(now, ready), 0, -s, "I", s, k)
+                    top = option if top is None or option < top else top
+            k = next_f[s]
+            if k < m and (s != first or inflight[r] < cap):
+                ready = 0 if s == 0 else end_f[s - 1][k]
+                if ready >= 0:
                     prio = -1 if first_forward_priority(r, started[r]) else 1
-                    options.append((max(clock[r], t), prio, Action("F", s, next_f[s])))
+                    option = (max(now, ready), prio, -s, "F", s, k)
+                    top = option if top is None or option < top else top
         if pending_w[r]:
-            options.append((clock[r], 2, pending_w[r][0]))
-        return min(options, key=lambda o: (o[0], o[1], -o[2].stage)) if options else None
+            w = pending_w[r][0]
+            option = (now, 2, -w.stage, "W", w.stage, w.mb)
+            top = option if top is None or option < top else top
+        return top
 
     # Each rank's best option is cached in a heap and recomputed only when an action that
     # could change it completes (its own, or a neighbour stage's).
@@ -284,7 +285,7 @@ def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
         version[r] += 1
         b = best(r)
         if b is not None:
-            heapq.heappush(heap, (b[0], b[1], r, version[r], b[2]))
+            heapq.heappush(heap, (b[0], b[1], r, version[r], Action(b[3], b[4], b[5])))
 
     for r in range(pp):
         push(r)
@@ -297,7 +298,10 @@ def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
         finish = start + 1
         clock[r] = finish
         lists[r].append(a)
-        end[(a.kind, a.stage, a.mb)] = finish
+        if a.kind == "F":
+            end_f[a.stage][a.mb] = finish
+        elif a.kind == "I":
+            end_i[a.stage][a.mb] = finish
         remaining -= 1
         if a.kind == "F":
             next_f[a.stage] += 1

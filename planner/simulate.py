@@ -201,73 +201,100 @@ def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[li
     return start, end
 
 
-State = tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+_KIND = {"F": 0, "B": 1, "I": 2, "W": 3}
 
 
 @lru_cache(maxsize=512)
-def memory_states(schedule: Schedule) -> list[list[State]]:
-    """Per rank, the distinct memory states at its actions: (running stage, and per own stage:
-    micro-batches holding activations, micro-batches between their I and W, micro-batches whose
-    input gradient is done, micro-batches whose output has left the activations but is still
-    being sent). The engine accumulates each received input's gradient into the receive buffer
-    and clears it only at the next step, and waits for its sends only at the end of the step, so
-    both stay until then. Memory changes only at a rank's own actions, so these states, weighed
-    by stage sizes, give the peak for any costs."""
-    out = []
-    for r, actions in enumerate(schedule.ranks):
-        where = {s: k for k, s in enumerate(schedule.stages_of(r))}
-        held, split, done, sent = ([0] * len(where) for _ in range(4))
-        # done and sent only grow along the list, so for each (running stage, held, split) the
-        # latest state has the most of both and stands for the earlier ones
-        latest: dict[tuple, tuple] = {}
-        for a in actions:
-            k = where[a.stage]
-            if a.kind == "F":
-                held[k] += 1
-            if a.kind == "I":
-                split[k] += 1
-            latest[(k, tuple(held), tuple(split))] = (tuple(done), tuple(sent))
-            if a.kind in ("B", "W"):
-                held[k] -= 1
-                sent[k] += 1
-            if a.kind == "W":
-                split[k] -= 1
-            if a.kind in ("B", "I"):
-                done[k] += 1
-        out.append(_undominated({key + value for key, value in latest.items()}))
-    return out
+def memory_states(schedule: Schedule) -> list[np.ndarray]:
+    """Per rank, the distinct memory states at its actions, one row each: the running stage (its
+    position among the rank's stages), then four blocks of one count per own stage: micro-batches
+    holding activations, micro-batches between their I and W, micro-batches whose input gradient
+    is done, micro-batches whose output has left the activations but is still being sent. The
+    engine accumulates each received input's gradient into the receive buffer and clears it only
+    at the next step, and waits for its sends only at the end of the step, so both stay until
+    then. Memory changes only at a rank's own actions, so these states, weighed by stage sizes,
+    give the peak for any costs. An action still holds what it releases while it runs."""
+    return [_rank_states(actions, schedule.stages_of(r)) for r, actions in enumerate(schedule.ranks)]
 
 
-def _undominated(states) -> list:
-    """Drop states that another state with the same running stage matches or exceeds in every
-    count: with non-negative sizes they can never be the peak."""
-    by_running: dict[int, list] = {}
-    for st in states:
-        by_running.setdefault(st[0], []).append(st)
+def _rank_states(actions, stages: list[int]) -> np.ndarray:
+    where = {s: k for k, s in enumerate(stages)}
+    n, v = len(actions), len(stages)
+    kind = np.fromiter((_KIND[a.kind] for a in actions), dtype=np.int8, count=n)
+    own = np.fromiter((where[a.stage] for a in actions), dtype=np.int64, count=n)
+    rows = np.arange(n)
+
+    def count(mask: np.ndarray, inclusive: bool) -> np.ndarray:
+        """(n, v): per own stage, the masked actions up to this one (inclusive or not)."""
+        x = np.zeros((n, v), dtype=np.int64)
+        x[rows[mask], own[mask]] = 1
+        out = np.cumsum(x, axis=0)
+        return out if inclusive else out - x
+
+    f, b, i, w = (kind == 0), (kind == 1), (kind == 2), (kind == 3)
+    sent = count(b | w, inclusive=False)
+    states = np.hstack([own[:, None], count(f, True) - sent, count(i, True) - count(w, False),
+                        count(b | i, inclusive=False), sent])
+    # done and sent only grow along the list: for each (running, held, I-to-W) the latest row
+    # has the most of both and stands for the earlier ones
+    _, last = np.unique(_row_keys(states[:, : 1 + 2 * v])[::-1], return_index=True)
+    return _unique_rows(states[n - 1 - last])
+
+
+def _row_keys(rows: np.ndarray) -> np.ndarray:
+    """One integer per row of non-negative counts, ordered as the rows are lexicographically
+    (rows read as mixed-radix numbers); a structured view when that would overflow."""
+    span = rows.max(axis=0) + 1 if len(rows) else np.ones(rows.shape[1], dtype=np.int64)
+    if np.prod(span.astype(float)) >= 2.0**62:
+        return np.unique(rows, axis=0, return_inverse=True)[1].ravel()
+    weights = np.cumprod(np.concatenate([[1], span[:0:-1]]))[::-1].astype(np.int64)
+    return rows.astype(np.int64) @ weights
+
+
+def _unique_rows(rows: np.ndarray) -> np.ndarray:
+    """np.unique(rows, axis=0), faster for small counts."""
+    _, first = np.unique(_row_keys(rows), return_index=True)
+    return rows[first]
+
+
+def undominated(rows: np.ndarray) -> np.ndarray:
+    """The rows that no other row matches or exceeds in every column: with non-negative sizes
+    the others can never be the peak. Blockwise, largest totals first (a row can only be
+    matched by one with at least its total)."""
+    rows = _unique_rows(rows)
+    rows = rows[np.argsort(-rows.sum(axis=1), kind="stable")]
+    kept = rows[:0]
+    for at in range(0, len(rows), 256):
+        block = rows[at: at + 256]
+        if len(kept):
+            block = block[~(kept[None] >= block[:, None]).all(axis=2).any(axis=1)]
+        ge = (block[None] >= block[:, None]).all(axis=2)  # ge[a, b]: row b matches or exceeds row a
+        np.fill_diagonal(ge, False)  # rows are distinct: b >= a everywhere means b dominates a
+        kept = np.vstack([kept, block[~ge.any(axis=1)]])
+    return kept
+
+
+def rank_undominated(states: np.ndarray) -> np.ndarray:
+    """A rank's states less the dominated ones, compared among the same running stage (whose
+    transient memory differs)."""
     out = []
-    for group in by_running.values():
-        vecs = np.array([[c for part in st[1:] for c in part] for st in group])
-        order = np.argsort(-vecs.sum(axis=1), kind="stable")
-        kept: list[int] = []
-        for i in order:  # a state can only be matched by one with at least its total
-            if kept and np.any(np.all(vecs[kept] >= vecs[i], axis=1)):
-                continue
-            kept.append(int(i))
-        out += [group[i] for i in kept]
-    return sorted(out)
+    for k in np.unique(states[:, 0]):
+        kept = undominated(states[states[:, 0] == k, 1:])
+        out.append(np.hstack([np.full((len(kept), 1), k), kept]))
+    return np.vstack(out)
 
 
 @lru_cache(maxsize=512)
-def stage_states(schedule: Schedule) -> list[list[tuple[int, int, int, int]]]:
-    """Per stage, the distinct (activations held, I-to-W held, input gradients done, outputs
-    still being sent) counts its rank passes through."""
-    out: list[set] = [set() for _ in range(schedule.n_stages)]
+def stage_states(schedule: Schedule) -> list[np.ndarray]:
+    """Per stage, the distinct undominated (activations held, I-to-W held, input gradients done,
+    outputs still being sent) counts its rank passes through, one row each."""
+    out: list[np.ndarray] = [np.zeros((0, 4), dtype=np.int64)] * schedule.n_stages
     for r, states in enumerate(memory_states(schedule)):
         mine = schedule.stages_of(r)
-        for _, held, split, done, sent in states:
-            for k, s in enumerate(mine):
-                out[s].add((held[k], split[k], done[k], sent[k]))
-    return [[st[1] for st in _undominated({(0, t) for t in x})] for x in out]
+        v = len(mine)
+        for k, s in enumerate(mine):
+            out[s] = undominated(states[:, 1 + k:: v])
+    return out
 
 
 def peak_memory(schedule: Schedule, costs: list[StageCost]) -> list[int]:
@@ -280,11 +307,12 @@ def peak_memory(schedule: Schedule, costs: list[StageCost]) -> list[int]:
         # an output sent to another rank is kept by its pending send
         away = [c.send_bytes if s + 1 < schedule.n_stages and schedule.stage_rank[s + 1] != r else 0
                 for s, c in zip(stages, mine)]
+        sizes = np.array([c.act_bytes for c in mine] + [c.wgrad_bytes for c in mine]
+                         + [c.grad_in_bytes for c in mine] + away, dtype=np.int64)
+        transient = np.array([c.transient_bytes for c in mine], dtype=np.int64)
         base = sum(c.static_bytes + c.batch_bytes for c in mine)
-        top = max(sum(n * c.act_bytes + i * c.wgrad_bytes + d * c.grad_in_bytes + o * w
-                      for n, i, d, o, c, w in zip(held, split, done, sent, mine, away))
-                  + mine[k].transient_bytes for k, held, split, done, sent in states)
-        peaks.append(base + top)
+        top = states[:, 1:] @ sizes + transient[states[:, 0]]
+        peaks.append(int(base + top.max()))
     return peaks
 
 

@@ -115,6 +115,22 @@ def test_check_resolve_finds_a_better_plan(tmp_path, profile):
     assert r.exit_code == 1 and "a better plan exists" in r.output
 
 
+def test_objective_memory_needs_no_more_memory_than_the_fastest_plan(tmp_path, profile):
+    paths = {}
+    for objective in ("time", "memory"):
+        paths[objective] = tmp_path / f"{objective}.json"
+        r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", "--global-batch", "32", "--pp", "4",
+                                "--schedule", "1f1b", "--objective", objective, "-o", str(paths[objective])])
+        assert r.exit_code == 0, r.output
+    fast, lean = (json.loads(paths[k].read_text())["predicted"] for k in ("time", "memory"))
+    assert lean["peak_memory_bytes"] <= fast["peak_memory_bytes"]
+    assert lean["step_time_s"] >= fast["step_time_s"] * (1 - 1e-12)
+    r = runner.invoke(app, ["check", str(paths["memory"]), "--profile", str(profile), "--resolve"])
+    assert r.exit_code == 0, r.output  # checked again under its own objective
+    r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", "--objective", "speed"])
+    assert r.exit_code == 2 and "--objective 'speed'" in r.output
+
+
 @pytest.mark.parametrize("fmt,needle", [("megatron", "--pipeline-model-parallel-layout"), ("deepspeed", '"parts"'),
                                         ("torchtitan", "module_names_per_model_chunk"), ("torch", "split_spec")])
 def test_export_formats(plan, fmt, needle):

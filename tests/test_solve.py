@@ -4,6 +4,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner.clusters import from_spec
+from planner.cost import CostTable
 from planner.errors import InfeasibleError
 from planner.evaluate import Config
 from planner.solve import Settings, solve
@@ -32,7 +33,7 @@ def instances():
         "n": st.integers(3, 7),
         "seed": st.integers(0, 10**6),
         "schedule": st.sampled_from([("1f1b", 1), ("gpipe", 1), ("zb-h1", 1), ("interleaved-1f1b", 2),
-                                     ("zb-v", 2), ("pipedream", 1)]),
+                                     ("zb-h1", 2), ("zb-v", 2), ("dualpipe-v", 2), ("pipedream", 1)]),
         "pp": st.integers(1, 3),
         "m": st.sampled_from([1, 2, 4]),
         "memory": st.sampled_from([6, 12, 40]),
@@ -55,7 +56,7 @@ def build_instance(d):
     name, v = d["schedule"]
     pp = 2 if v == 2 else d["pp"]
     m = d["m"]
-    if name == "interleaved-1f1b":
+    if name in ("interleaved-1f1b", "zb-h1") and v > 1:
         m = max(pp, m - m % pp)
     if pp * v > n:
         return None
@@ -182,3 +183,81 @@ def test_a_plans_stage_compute_is_what_the_simulator_runs(schedule, v, backward)
     plan = to_plan(prof, cluster, ev)
     assert [st.predicted.compute_s for st in plan.stages] == pytest.approx([4 * per * (1e-3 + backward)] * stages)
     assert sum(st.predicted.compute_s for st in plan.stages) <= cfg.pp * plan.predicted.step_time_s
+
+
+@given(st.fixed_dictionaries({
+    "seed": st.integers(0, 10**6),
+    "n": st.integers(3, 7),
+    "schedule": st.sampled_from([("1f1b", 1), ("gpipe", 1), ("zb-h1", 1), ("interleaved-1f1b", 2),
+                                 ("zb-v", 2), ("dualpipe-v", 2)]),
+    "pp": st.sampled_from([1, 2, 4]),
+    "m": st.sampled_from([2, 4, 8]),
+}))
+@settings(max_examples=60, deadline=None)
+def test_the_configuration_bound_never_exceeds_the_simulation(d):
+    # the bound that orders and prunes whole configurations, all-reduce over dp = 8 / pp included
+    from planner.evaluate import segments_from_bounds
+    from planner.solve.search import Search
+
+    rng = np.random.default_rng(d["seed"])
+    n, (name, v), pp = d["n"], d["schedule"], d["pp"]
+    if pp * v > n or (v > 1 and pp == 1):
+        return
+    prof = chain_profile(list(rng.uniform(1e-4, 3e-3, n)), act_bytes=2**20,
+                         param_bytes=[int(x) for x in rng.integers(1, 400, n) * 2**20])
+    search = Search(prof, from_spec("h100x8"), Settings())
+    cfg = Config(pp=pp, dp=8 // pp, mbs=1, m=d["m"], schedule=name, v=v)
+    _, run = setup(prof, "h100x8", cfg)
+    floor = search.quick_bound(cfg)
+    for starts in all_partitions(n, cfg.n_stages):
+        step, _, _ = run(segments_from_bounds(starts, n))
+        assert floor <= step * (1 + 1e-9)
+
+
+def test_worker_processes_find_the_same_plan():
+    prof = chain_profile([1e-3] * 3 + [4e-3] + [1e-3] * 12, act_bytes=2**26, param_bytes=2**26)
+    one = solve(prof, from_spec("h100x8"), Settings(global_batch=64, jobs=1))
+    two = solve(prof, from_spec("h100x8"), Settings(global_batch=64, jobs=2))
+    assert one.proven and two.proven
+    assert two.best.inner.step_time_s == pytest.approx(one.best.inner.step_time_s, rel=1e-12)
+    assert two.configs_total == one.configs_total
+
+
+@given(st.fixed_dictionaries({
+    "seed": st.integers(0, 10**6),
+    "n": st.integers(3, 6),
+    "schedule": st.sampled_from(["1f1b", "gpipe", "zb-h1"]),
+    "pp": st.sampled_from([1, 2, 3]),
+}))
+@settings(max_examples=40, deadline=None)
+def test_the_memory_objective_finds_the_least_peak_and_then_the_fastest(d):
+    # brute force over every partition and every per-stage recomputation choice
+    import itertools
+
+    from planner.cost import Segment
+    from planner.evaluate import evaluate
+
+    rng = np.random.default_rng(d["seed"])
+    n, pp = d["n"], d["pp"]
+    if pp > n:
+        return
+    prof = chain_profile(list(rng.uniform(1e-3, 3e-3, n)),
+                         act_bytes=[int(x) for x in rng.integers(1, 64, n) * 2**20],
+                         param_bytes=[int(x) for x in rng.integers(1, 64, n) * 2**20])
+    cluster = from_spec("h100x4")
+    cfg = Config(pp=pp, dp=1, mbs=1, m=4, schedule=d["schedule"])
+    table = CostTable(prof, 1)
+    runs = []
+    for starts in all_partitions(n, pp):
+        ends = starts[1:] + [n]
+        for choice in itertools.product(("none", "full"), repeat=pp):
+            segs = [Segment(i, j, c) for i, j, c in zip(starts, ends, choice)]
+            ev = evaluate(table, cluster, cfg, segs, detail=False)
+            runs.append((max(ev.peak_memory_bytes), ev.step_time_s))
+    least = min(peak for peak, _ in runs)
+    fastest = min(step for peak, step in runs if peak <= least * (1 + 1e-6))
+    r = solve(prof, cluster, Settings(microbatches=4, pp=pp, dp=1, schedules=(d["schedule"],), virtual_stages=1,
+                                      objective="memory"))
+    assert r.proven
+    assert max(r.best.evaluation.peak_memory_bytes) == pytest.approx(least, rel=1e-6)
+    assert r.best.inner.step_time_s == pytest.approx(fastest, rel=1e-9)

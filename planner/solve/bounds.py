@@ -4,16 +4,19 @@ segments at once.
 For stage s holding layers [i, j), ``g_s(i, j)`` is a time no schedule run can beat once stage s
 holds exactly those layers, whatever the other stages hold:
 
-    g = head + m * work + gap + max(tail, after)
+    g = head + m * work - own_after + gap + max(tail, own_after + after)
 
 * head: the first micro-batch must cross every earlier layer before stage s can start;
 * m * work: stage s itself computes every micro-batch's forward and backward;
 * gap (one-stage-per-rank schedules only): after its first forward, stage s waits for that
   micro-batch to cross every later layer and come back, and meanwhile can run only the forwards
   its schedule puts in between (k - 1 of them for 1F1B, where k is its in-flight limit; none for
-  GPipe, whose first backward waits for the last forward to come back);
-* tail: after stage s's last backward, earlier layers still run that micro-batch's backward;
-  after: its own gradient all-reduce and optimizer step. Either may end the step.
+  GPipe, whose first backward waits for the last forward to come back). When m > k the wait
+  comes again after its last forward, filled by at most k - 1 backwards;
+* tail: after stage s's last backward (or input gradient I), earlier layers still run that
+  micro-batch's backward (or I); meanwhile stage s runs only the weight gradients its schedule
+  puts after its last I (own_after); after: its own gradient all-reduce and optimizer step.
+  Either may end the step.
 
 Prefix terms use the fastest rank's speed and the smallest link latency, so the bound holds
 whatever the other stages hold. ``tests/test_solve.py`` checks the bound against the simulator
@@ -62,8 +65,12 @@ class StageBounds:
         self.k = inflight_peaks(schedule)
         # (activations held, I-to-W held, input gradients done, outputs still being sent)
         self.states = [np.array(x, dtype=float) for x in stage_states(schedule)]
+        self.tops = [x.max(axis=0) for x in self.states]  # every count at its largest
+        self.probes = [_probes(x) for x in self.states]
         place = schedule.stage_rank
         self.remote_next = [s + 1 < self.S and place[s + 1] != place[s] for s in range(self.S)]
+        self.hops = np.concatenate([[0], np.cumsum(self.remote_next[:-1])]).astype(int)  # links before s
+        self.w_after = _weight_gradients_after_last_input(schedule)
         self.speed = [ranks[place[s]].speed for s in range(self.S)]
         self.cap = [ranks[place[s]].capacity_bytes * share for s in range(self.S)]
         self.vmax = max(r.speed for r in ranks)
@@ -91,8 +98,9 @@ class StageBounds:
             out = out - np.maximum(inside - 1, 0) * nbytes
         return out
 
-    def memory(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
-        """Peak bytes of stage s's rank if it held only this stage (exact for one chunk per rank)."""
+    def _parts(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stage s's memory as (fixed bytes, the four per-micro-batch sizes its states count:
+        activations held, weight-gradient inputs held, input gradient, output being sent)."""
         t = self.t
         params = self.params(i, j)
         static = params * self.bpp + (self.versions[s] - 1) * params
@@ -104,15 +112,35 @@ class StageBounds:
         else:
             held = t.ACT[j] - t.ACT[i] + t.held_extra[i, j]
             transient = t.peak_max[i, j]
-        wgrad = t.WGRAD[j] - t.WGRAD[i]
-        cut_in, cut_out = t.cut[i], t.cut[j]
-        inflight = np.zeros(i.shape)
-        for n_held, n_split, n_done, n_sent in self.states[s]:  # few: dominated states are gone
-            here = n_held * held + n_split * wgrad + n_done * cut_in
-            if self.remote_next[s]:
-                here = here + n_sent * cut_out
-            np.maximum(inflight, here, out=inflight)
-        return static + batch + inflight + transient + cut_in + t.workspace
+        sent = t.cut[j] if self.remote_next[s] else np.zeros(i.shape)
+        sizes = np.stack([held, t.WGRAD[j] - t.WGRAD[i], t.cut[i], sent])
+        return static + batch + transient + t.cut[i] + t.workspace, sizes
+
+    def memory(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
+        """Peak bytes of stage s's rank if it held only this stage (exact for one chunk per rank)."""
+        fixed, sizes = self._parts(s, i, j, choice)
+        return fixed + self._inflight(self.states[s], sizes)
+
+    def fits(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
+        """memory(s, i, j, choice) <= cap[s], without weighing every state for every segment:
+        each state count at its largest over-estimates the in-flight bytes, the few states
+        ``probe`` keeps under-estimate them; only segments in between get every state."""
+        fixed, sizes = self._parts(s, i, j, choice)
+        room = self.cap[s] - fixed
+        ok = self.tops[s] @ sizes <= room
+        maybe = np.flatnonzero(~ok & (self._inflight(self.probes[s], sizes) <= room))
+        if len(maybe):
+            ok[maybe] = self._inflight(self.states[s], sizes[:, maybe]) <= room[maybe]
+        return ok
+
+    @staticmethod
+    def _inflight(states: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """The most any state holds: max over rows of counts . sizes, in column blocks."""
+        out = np.empty(sizes.shape[1])
+        step = max(1, 2**22 // max(len(states), 1))
+        for a in range(0, sizes.shape[1], step):
+            out[a: a + step] = (states @ sizes[:, a: a + step]).max(axis=0)
+        return out
 
     def work(self, s: int, i, j, choice: int):
         """Seconds stage s computes in a step: every micro-batch's forward and backward."""
@@ -128,11 +156,11 @@ class StageBounds:
 
     def head(self, s: int, i):
         """Earliest start of stage s: the first micro-batch crosses every earlier layer."""
-        return self.t.F[i] / self.vmax + s * self.lat
+        return self.t.F[i] / self.vmax + self.hops[s] * self.lat
 
     def tail(self, s: int, i):
         """After stage s's last backward, earlier layers still run it (unless W may come last)."""
-        return 0.0 if self.split else self.t.B[i] / self.vmax + s * self.lat
+        return 0.0 if self.split else self.t.B[i] / self.vmax + self.hops[s] * self.lat
 
     def bound(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
         t, n = self.t, self.n
@@ -142,6 +170,12 @@ class StageBounds:
             return work + self._after(s, i, j)
         head = self.head(s, i)
         tail = self.tail(s, i)
+        own_after = 0.0  # stage s's weight gradients its schedule runs after its last I
+        if self.split:
+            # that I's gradient still crosses every earlier layer's input gradient, while stage s
+            # runs only those weight gradients
+            tail = t.BI[i] / self.vmax + self.hops[s] * self.lat
+            own_after = self.w_after[s] * (t.BW[j] - t.BW[i]) / self.speed[s]
         gap = 0.0
         if self.one_chunk:
             back = t.BI if self.split else t.B
@@ -149,8 +183,12 @@ class StageBounds:
             if self.flush_all:
                 gap = rest
             else:
-                gap = np.maximum(rest - (self.k[s] - 1) * f, 0.0)
-        return head + work + gap + np.maximum(tail, self._after(s, i, j))
+                k = self.k[s]
+                gap = np.maximum(rest - (k - 1) * f, 0.0)
+                if self.m > k:  # and again after its last forward, waiting for that gradient
+                    backward = work / self.m - f  # per micro-batch, recomputation included
+                    gap = gap + np.maximum(rest - (k - 1) * backward, 0.0)
+        return head + work - own_after + gap + np.maximum(tail, own_after + self._after(s, i, j))
 
     def _after(self, s: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         params = self.params(i, j)
@@ -174,7 +212,7 @@ class StageBounds:
             todo, g = todo[keep], g[keep]
             if not len(todo):
                 break
-            fits = self.memory(s, i[todo], j[todo], c) <= self.cap[s]
+            fits = self.fits(s, i[todo], j[todo], c)
             best[todo[fits]] = g[fits]
             choice[todo[fits]] = c
             todo = todo[~fits]
@@ -183,3 +221,25 @@ class StageBounds:
     def min_memory(self, s: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """Least memory stage s can need for [i, j) under the policy (for 'nothing fits' reports)."""
         return np.minimum.reduce([self.memory(s, i, j, c) for c in self.policy.options()])
+
+
+def _probes(states: np.ndarray) -> np.ndarray:
+    """A few states standing in for all of them in a quick under-estimate: those with the most
+    activations held, the most held in all, and the largest total count."""
+    picks = {int(np.lexsort(states.T[::-1])[-1])}  # most held, ties by the next counts
+    for w in ([1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]):
+        picks.add(int(np.argmax(states @ np.array(w))))
+    return states[sorted(picks)]
+
+
+def _weight_gradients_after_last_input(schedule: Schedule) -> list[int]:
+    """Per stage: the W actions its rank runs for it after its last I (0 without a split)."""
+    out = [0] * schedule.n_stages
+    for actions in schedule.ranks:
+        seen_last_i: set[int] = set()
+        for a in reversed(actions):
+            if a.kind == "I":
+                seen_last_i.add(a.stage)
+            elif a.kind == "W" and a.stage not in seen_last_i:
+                out[a.stage] += 1
+    return out

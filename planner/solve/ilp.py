@@ -24,7 +24,7 @@ import pulp
 
 from planner.cost import Segment
 from planner.errors import InputError
-from planner.simulate import memory_states
+from planner.simulate import memory_states, rank_undominated
 from planner.solve.bounds import StageBounds
 from planner.solve.exact import Evaluator, InnerResult
 
@@ -123,8 +123,13 @@ class _Model:
             has = pulp.LpVariable(f"has_params_{s}", cat="Binary")
             prob += params <= float(t.PARAMS[-1] + 1) * has
             aft = a * params + const * has + b.opt_per_byte / sp * params
-            head = pulp.lpSum(float(f_l[l] / b.vmax) * Y(l, s - 1) for l in L) + s * lat if s else 0
-            tail = 0 if b.split or s == 0 else pulp.lpSum(float(b_l[l] / b.vmax) * Y(l, s - 1) for l in L) + s * lat
+            hops = int(b.hops[s]) * lat
+            head = pulp.lpSum(float(f_l[l] / b.vmax) * Y(l, s - 1) for l in L) + hops if s else 0
+            tail = 0 if b.split or s == 0 else pulp.lpSum(float(b_l[l] / b.vmax) * Y(l, s - 1) for l in L) + hops
+            own_after, last = 0, tail  # as in StageBounds.bound: the drain after the last I
+            if b.split and s:
+                last = pulp.lpSum(float(bi_l[l] / b.vmax) * Y(l, s - 1) for l in L) + hops
+                own_after = b.w_after[s] * pulp.lpSum(float(t.bwd_weight[l] / sp) * x[l, s] for l in L)
             if b.schedule.stream:
                 prob += tau >= w + aft
                 work.append(w)
@@ -140,7 +145,11 @@ class _Model:
                 else:
                     gap = pulp.LpVariable(f"gap_{s}", lowBound=0)
                     prob += gap >= rest - (b.k[s] - 1) * f_s
-            prob += tau >= head + w + gap + tail
+                    if b.m > b.k[s]:
+                        drain = pulp.LpVariable(f"drain_{s}", lowBound=0)
+                        prob += drain >= rest - (b.k[s] - 1) * b_s
+                        gap = gap + drain
+            prob += tau >= head + w - own_after + gap + last
             prob += tau >= head + w + gap + aft
             work.append(w)
             after.append(aft)
@@ -192,10 +201,11 @@ class _Model:
             static.append(st)
         for r, states in enumerate(memory_states(b.schedule)):
             mine = b.schedule.stages_of(r)
+            v = len(mine)
             cap = min(b.cap[s] for s in mine)
             base = pulp.lpSum(static[s] for s in mine)
-            for state in states:
-                k, counts, split, done, sent = state
+            for state in rank_undominated(states).tolist():
+                k, counts, split, done, sent = state[0], *(state[1 + q * v: 1 + (q + 1) * v] for q in range(4))
                 prob += base + pulp.lpSum(
                     n_c * held[s] + i_c * wgrads[s] + d_c * cut_in[s]
                     + (o_c * cut_out[s] if s + 1 < S and b.schedule.stage_rank[s + 1] != r else 0)

@@ -25,7 +25,7 @@ def baseline_results(result: SolveResult, n_layers: int) -> list[BaselineResult]
 def make_plan(profile: Profile, cluster: Cluster, result: SolveResult, settings: Settings) -> Plan:
     best = result.best
     solver = {
-        "settings": {k: v for k, v in asdict(settings).items() if k != "training"},
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("training", "jobs")},
         "proven_optimal": result.proven,
         "lower_bound_s": best.inner.lower_bound_s,
         "configurations": result.configs_total,

@@ -4,16 +4,18 @@ partitioner, stopping when no remaining configuration can enter the top K."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from math import comb
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.cost import CostTable, Segment
+from planner.cost import CostTable, Segment, bytes_per_param, ring_allreduce_coeffs
 from planner.errors import InfeasibleError, InputError, ScheduleError
-from planner.cost import bytes_per_param
 from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices, segments_from_bounds
 from planner.formats import DTYPE_BYTES, Cluster, Profile, Training
 from planner.graph import LayerGraph
@@ -24,6 +26,8 @@ from planner.solve.exact import InnerResult, first_solution, lb_partition, refin
 
 VIRTUAL = (2, 4)  # chunks per rank tried for interleaved schedules
 MAX_ACTIONS = 400_000  # configurations whose schedule is larger are not simulated (noted)
+SIMULATED_ACTIONS = 5_000_000  # per configuration in branch and bound: the budget shrinks beyond it
+PARALLEL_ACTIONS = 2_000_000  # scheduled actions over all configurations from which workers pay off
 SMALL_CLUSTER = 64  # up to this many devices every pp is tried, above it the divisors
 ILP_VARIABLES = 2000  # with --ilp: layers x stages up to which multi-chunk configurations get it
 ILP_SECONDS = 5.0  # per configuration
@@ -47,6 +51,8 @@ class Settings:
     budget: int = 400  # simulations per configuration in branch and bound
     ilp: bool = False  # bound interleaved / V configurations with the ILP (slower, tighter)
     time_limit_s: float = 10.0
+    jobs: int | None = None  # worker processes; None: one per core for large searches
+    objective: str = "time"  # time: the fastest plan; memory: the least peak memory per device
 
 
 @dataclass
@@ -174,9 +180,10 @@ class Search:
 
     def _evaluator(self, cfg: Config):
         table = self.table(cfg.mbs)
+        ranks = self.ranks(cfg.pp, cfg.dp)
 
         def run(segments: list[Segment]):
-            ev = evaluate(table, self.cluster, cfg, segments, detail=False)
+            ev = evaluate(table, self.cluster, cfg, segments, detail=False, ranks=ranks)
             return ev.step_time_s, ev.fits, ev
         return run
 
@@ -203,11 +210,31 @@ class Search:
         work = (t.F[-1] + t.BMIN[-1]) / vmax
         if cfg.schedule.startswith("pipedream"):
             return cfg.m * work / cfg.pp
-        heaviest = float((t.fwd + np.minimum(t.bwd, t.bwd_input + t.bwd_weight)).max()) / vmax  # the stage holding it runs it m times
-        bound = max(cfg.m * work / cfg.pp, work, cfg.m * heaviest)
+        # the stage holding the heaviest layer runs it m times
+        heaviest = float((t.fwd + np.minimum(t.bwd, t.bwd_input + t.bwd_weight)).max()) / vmax
+        # one micro-batch crosses every layer forward and back (weight gradients may come later)
+        chain = float(t.F[-1] + np.minimum(t.bwd, t.bwd_input).sum()) / vmax
+        bound = max(cfg.m * work / cfg.pp, chain, cfg.m * heaviest, self._busiest_rank(cfg))
         if cfg.v == 1 and not SCHEDULES[cfg.schedule].split_backward:
             bound = max(bound, work / (1 - (1 - 1 / cfg.m) ** cfg.pp))
         return bound
+
+    def _busiest_rank(self, cfg: Config) -> float:
+        """Every rank computes, then all-reduces its gradients and steps its optimizer after its
+        last backward (the simulator's step rule), so the step is at least the average over ranks
+        of compute + per-action overheads + all-reduce + optimizer. Summed over ranks, the
+        all-reduce covers every distinct parameter at least once."""
+        t = self.table(cfg.mbs)
+        ranks = self.ranks(cfg.pp, cfg.dp)
+        vmax = max(r.speed for r in ranks)
+        unique = t.PARAMS[-1] - t.tied_dedup(0, t.n)
+        coeffs = [ring_allreduce_coeffs(len(r.devices), self.cluster.link(r.devices[0], r.devices[-1]))
+                  for r in ranks]
+        per_byte, fixed = min(a for a, _ in coeffs), min(c for _, c in coeffs)
+        allreduce = per_byte * unique + fixed if unique > 0 else 0.0
+        optimizer = t.optimizer_s * unique / (t.PARAMS[-1] or 1.0) / vmax
+        overheads = 2 * cfg.m * cfg.v * min(r.overhead_s for r in ranks)  # an F and a backward each
+        return (cfg.m * (t.F[-1] + t.BMIN[-1]) / vmax + allreduce + optimizer) / cfg.pp + overheads
 
     def _fixed(self, cfg: Config) -> list[int] | None:
         cuts = self.settings.fix_cuts
@@ -230,69 +257,70 @@ class Search:
         fitting = [c for c in configs if self.may_fit(c)]
         if not fitting:
             raise InfeasibleError(self.explain_infeasible(configs))
+        if s.objective == "memory":
+            return self._least_memory(configs, fitting, start)
         upper = {c: c.global_batch / max(self.quick_bound(c), 1e-30) for c in fitting}
         ranked = sorted(fitting, key=lambda c: -upper[c])
         deadline = start + s.time_limit_s
         results: dict[Config, Candidate] = {}
-        open_: list[tuple[Config, StageBounds, InnerResult]] = []  # solved but not yet proven
+        open_: list[tuple[Config, InnerResult]] = []  # solved but not yet proven
         unresolved: list[float] = []  # throughput upper bounds of configurations left undecided
         too_big: list[Config] = []
         solved = 0
-        # Phase 1: every configuration that could enter the top K gets the DP and one simulation.
-        for k, cfg in enumerate(ranked):
-            if self.progress:
-                self.progress(cfg.describe(), k, len(ranked))
-            kth = self._kth_throughput(results.values())
-            if upper[cfg] <= kth:
-                break  # sorted by this bound: nothing later can enter the top K
-            if time.perf_counter() > deadline:
-                unresolved += [upper[c] for c in ranked[k:]]
-                break
-            if self._too_big(cfg):
-                too_big.append(cfg)
-                unresolved.append(upper[cfg])
-                continue
-            b = self.bounds(cfg)
-            t = self.table(cfg.mbs)
-            warm = [bl.min_max(t.fwd + t.bwd, cfg.n_stages)]
-            floor = self.quick_bound(cfg)
-            if cfg.n_stages > cfg.pp and comb(t.n - 1, cfg.n_stages - 1) > ENUMERABLE:
-                # Several stages per rank on a large instance: the per-stage bound is weaker than
-                # the floor, so the DP only looks for a good partition, each stage within its
-                # share of the rank's memory, over stages no heavier than twice an even share.
-                finder = self.bounds(cfg, share=1 / cfg.v)
-                inner = first_solution(finder, self._evaluator(cfg), ub=min(self._step_ub(cfg, kth), 2 * floor),
-                                       fixed=self._fixed(cfg), floor=floor, warm=warm)
-                inner.lower_bound_s = floor if inner.segments is not None or self._step_ub(cfg, kth) > 2 * floor \
-                    else inner.lower_bound_s
-                inner.proven = inner.proven and inner.step_time_s <= floor * (1 + 1e-9)
-            else:
-                inner = first_solution(b, self._evaluator(cfg), ub=self._step_ub(cfg, kth), fixed=self._fixed(cfg),
-                                       floor=floor, warm=warm)
-            solved += 1
-            if inner.segments is not None:
-                results[cfg] = Candidate(cfg, inner)
-            if not inner.proven:
-                open_.append((cfg, b, inner))
+        # Phase 1: every configuration that could enter the top K gets the DP and one simulation,
+        # in worker processes when the search is large.
+        todo = list(ranked)
+        with self._executor(fitting) as pool:
+            running: dict[Future, Config] = {}
+            while todo or running:
+                while todo and len(running) < getattr(pool, "_max_workers", 1):
+                    cfg = todo[0]
+                    kth = self._kth_throughput(results.values())
+                    if upper[cfg] <= kth:
+                        todo = []  # sorted by this bound: nothing later can enter the top K
+                        break
+                    if time.perf_counter() > deadline:
+                        unresolved += [upper[c] for c in todo]
+                        todo = []
+                        break
+                    todo.pop(0)
+                    if self.progress:
+                        self.progress(cfg.describe(), len(ranked) - len(todo) - 1, len(ranked))
+                    if self._too_big(cfg):
+                        too_big.append(cfg)
+                        unresolved.append(upper[cfg])
+                        continue
+                    running[pool.submit(_first_task, cfg, kth)] = cfg
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    cfg = running.pop(future)
+                    inner = future.result()
+                    solved += 1
+                    if inner.segments is not None:
+                        results[cfg] = Candidate(cfg, inner)
+                    if not inner.proven:
+                        open_.append((cfg, inner))
         # Phase 2: branch and bound where a configuration's bound says it could still do better,
         # most promising first. Bounds are tight for one stage per rank and loose for several, so
         # those get a smaller search each.
-        open_.sort(key=lambda item: item[2].step_time_s / item[0].global_batch)
-        for cfg, b, inner in open_:
+        open_.sort(key=lambda item: item[1].step_time_s / item[0].global_batch)
+        for cfg, inner in open_:
             kth = self._kth_throughput(results.values())
             if cfg.global_batch / max(inner.lower_bound_s, 1e-30) <= kth:
                 continue
             if time.perf_counter() > deadline:
                 unresolved.append(cfg.global_batch / max(inner.lower_bound_s, 1e-30))
                 continue
-            if cfg.n_stages > cfg.pp and comb(b.n - 1, b.S - 1) > ENUMERABLE:
+            if cfg.n_stages > cfg.pp and comb(len(self.profile.layers) - 1, cfg.n_stages - 1) > ENUMERABLE:
                 # Several stages per rank on a large instance: the DP's per-stage bounds are too
                 # loose for branch and bound, so the ILP's rank-level bound decides, where the
                 # program is small enough; otherwise the configuration stays open.
                 done = self._by_ilp(cfg, inner, kth, deadline)
             else:
-                done = refine(b, self._evaluator(cfg), inner, ub=self._step_ub(cfg, kth), budget=s.budget,
-                              deadline=deadline)
+                done = refine(self.bounds(cfg), self._evaluator(cfg), inner, ub=self._step_ub(cfg, kth),
+                              budget=self._budget(cfg), deadline=deadline)
             if done.segments is not None:
                 results[cfg] = Candidate(cfg, done)
             if not done.proven:
@@ -331,13 +359,95 @@ class Search:
                            proven=bool(bound <= best.throughput), configs_total=len(configs),
                            configs_solved=solved, elapsed_s=time.perf_counter() - start, notes=notes)
 
+    def first(self, cfg: Config, kth: float) -> InnerResult:
+        """One configuration's first answer: the DP's partition, simulated (proven optimal when
+        the simulation meets the bound), never worse than the time-balanced split."""
+        t = self.table(cfg.mbs)
+        warm = [bl.min_max(t.fwd + t.bwd, cfg.n_stages)]
+        floor = self.quick_bound(cfg)
+        if cfg.n_stages > cfg.pp and comb(t.n - 1, cfg.n_stages - 1) > ENUMERABLE:
+            # Several stages per rank on a large instance: the per-stage bound is weaker than
+            # the floor, so the DP only looks for a good partition, each stage within its
+            # share of the rank's memory, over stages no heavier than twice an even share.
+            finder = self.bounds(cfg, share=1 / cfg.v)
+            inner = first_solution(finder, self._evaluator(cfg), ub=min(self._step_ub(cfg, kth), 2 * floor),
+                                   fixed=self._fixed(cfg), floor=floor, warm=warm)
+            inner.lower_bound_s = floor if inner.segments is not None or self._step_ub(cfg, kth) > 2 * floor \
+                else inner.lower_bound_s
+            inner.proven = inner.proven and inner.step_time_s <= floor * (1 + 1e-9)
+            return inner
+        return first_solution(self.bounds(cfg), self._evaluator(cfg), ub=self._step_ub(cfg, kth),
+                              fixed=self._fixed(cfg), floor=floor, warm=warm)
+
+    # ------------------------------------------------------------------ --objective memory
+
+    def _least_memory(self, configs: list[Config], fitting: list[Config], start: float) -> SolveResult:
+        """The plan needing the least memory on its fullest device, the fastest among those: per
+        configuration, the DP finds the least largest stage memory, then the fastest partition
+        whose stages all stay within it (branch and bound as for time); configurations are
+        compared by their simulated peak. Exact for one stage per rank, where a stage's memory
+        is its device's; with several stages per rank, the stages are balanced, not the ranks."""
+        s = self.settings
+        deadline = start + s.time_limit_s
+        results: dict[Config, Candidate] = {}
+        exact, solved = True, 0
+        for k, cfg in enumerate(fitting):
+            if self.progress:
+                self.progress(cfg.describe(), k, len(fitting))
+            if time.perf_counter() > deadline or self._too_big(cfg):
+                exact = False
+                continue
+            inner = self._least_memory_of(cfg, deadline)
+            solved += 1
+            if inner is not None:
+                results[cfg] = Candidate(cfg, inner)
+                exact = exact and inner.proven and cfg.n_stages == cfg.pp
+        if self.progress:
+            self.progress("done", len(fitting), len(fitting))
+        if not results:
+            raise InfeasibleError(self.explain_infeasible(configs, deadline=time.perf_counter() + s.time_limit_s))
+        ordered = sorted(results.values(), key=self._rank_key)
+        notes = [] if exact else ["not proven: with several stages per rank (interleaved, V) or past the "
+                                  "time limit, the least memory found is not proven least"]
+        return SolveResult(best=ordered[0], ranked=ordered[: s.top], baselines=self.baselines(ordered[0].config),
+                           proven=exact, configs_total=len(configs), configs_solved=solved,
+                           elapsed_s=time.perf_counter() - start, notes=notes)
+
+    def _least_memory_of(self, cfg: Config, deadline: float) -> InnerResult | None:
+        b = self.bounds(cfg)
+        least, stages = lb_partition(b, cost=_least_memory_cost(b), fixed=self._fixed(cfg))
+        if stages is None or least > min(b.cap):
+            return None
+        b.cap = [least * (1 + 1e-6)] * b.S  # now the fastest partition within that memory
+        table, ranks = self.table(cfg.mbs), self.ranks(cfg.pp, cfg.dp)
+
+        def run(segments: list[Segment]):
+            ev = evaluate(table, self.cluster, cfg, segments, detail=False, ranks=ranks)
+            within = not b.one_chunk or max(ev.peak_memory_bytes) <= least * (1 + 1e-6)
+            return ev.step_time_s, ev.fits and within, ev
+        inner = first_solution(b, run, fixed=self._fixed(cfg), floor=self.quick_bound(cfg))
+        if inner.segments is None:
+            return None
+        return refine(b, run, inner, budget=self._budget(cfg), deadline=deadline)
+
+    def _executor(self, configs: list[Config]):
+        """Worker processes (forked, so they share this search's tables) for a large search on
+        a machine with several cores; otherwise the work runs here, one configuration at a time."""
+        _ACTIVE[:] = [self]
+        jobs = self.settings.jobs or _cores()
+        if jobs > 1 and sum(self._actions(c) for c in configs) < PARALLEL_ACTIONS and not self.settings.jobs:
+            jobs = 1
+        if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+            return _Inline()
+        return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork"))
+
     def _by_ilp(self, cfg: Config, inner: InnerResult, kth: float, deadline: float) -> InnerResult:
         from planner.solve.ilp import solve_ilp
 
-        b = self.bounds(cfg)
         left = deadline - time.perf_counter()
-        if not self.settings.ilp or b.n * b.S > ILP_VARIABLES or left < 1:
+        if not self.settings.ilp or len(self.profile.layers) * cfg.n_stages > ILP_VARIABLES or left < 1:
             return inner
+        b = self.bounds(cfg)
         mode = "auto" if self.policy.name == "auto" else self.policy.name
         found, first = solve_ilp(b, self._evaluator(cfg), mode, time_limit=min(ILP_SECONDS, left), rounds=20,
                                  stop_at=self._step_ub(cfg, kth))
@@ -361,16 +471,26 @@ class Search:
             if found.segments is not None and found.step_time_s < cand.inner.step_time_s:
                 results[cfg] = Candidate(cfg, found)
 
-    @staticmethod
-    def _rank_key(c: Candidate):
-        """Fastest first; among equals the one needing less memory, then the simpler schedule."""
+    def _rank_key(self, c: Candidate):
+        """Fastest first; among equals the one needing less memory, then the simpler schedule
+        (with --objective memory: least memory first, then fastest)."""
         ev = c.evaluation
-        return (-round(c.throughput, 9), max(ev.peak_memory_bytes), list(SCHEDULES).index(c.config.schedule),
-                c.config.v, c.config.pp)
+        speed, memory = -round(c.throughput, 9), max(ev.peak_memory_bytes)
+        first = (memory, speed) if self.settings.objective == "memory" else (speed, memory)
+        return (*first, list(SCHEDULES).index(c.config.schedule), c.config.v, c.config.pp)
+
+    def _budget(self, cfg: Config) -> int:
+        """Simulations for one configuration's branch and bound: ``--budget``, fewer for large
+        schedules, so that each configuration gets about the same time."""
+        return max(20, min(self.settings.budget, SIMULATED_ACTIONS // self._actions(cfg)))
 
     @staticmethod
-    def _too_big(cfg: Config) -> bool:
-        return cfg.pp * cfg.m * cfg.v * 3 > MAX_ACTIONS
+    def _actions(cfg: Config) -> int:
+        return cfg.pp * cfg.m * cfg.v * 3
+
+    @classmethod
+    def _too_big(cls, cfg: Config) -> bool:
+        return cls._actions(cfg) > MAX_ACTIONS
 
     @staticmethod
     def _step_ub(cfg: Config, kth: float) -> float:
@@ -402,7 +522,10 @@ class Search:
             if starts is None:
                 out.append((label, None, None))
                 continue
-            _, stages = lb_partition(b, fixed=starts)
+            # as planner would run that split: recomputing only where needed (or, for the memory
+            # objective, wherever it saves memory)
+            cost = _least_memory_cost(b) if self.settings.objective == "memory" else None
+            _, stages = lb_partition(b, fixed=starts, cost=cost)
             if stages is None:  # does not fit: price it without recomputation to show by how much
                 segs = segments_from_bounds(starts, t.n)
             else:
@@ -444,6 +567,52 @@ class Search:
                 "(--cluster with more GPUs or nodes), --recompute full, a smaller micro-batch "
                 "(profile --mbs 1), a smaller --global-batch, or a cluster with more memory per "
                 "device (e.g. a100-80gbx8 or h100x8)")
+
+
+def _least_memory_cost(b: StageBounds):
+    """A stage cost for ``lb_partition``: the least memory stage s needs for [i, j) under the
+    recomputation policy, and the choice giving it."""
+    options = b.policy.options()
+
+    def memory(s: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values = np.array([b.memory(s, i, j, c) for c in options])
+        best = values.argmin(axis=0)
+        return values[best, np.arange(len(i))], np.array(options, dtype=np.int8)[best]
+    return memory
+
+
+_ACTIVE: list[Search] = []  # the search being run: forked workers find it here
+
+
+def _first_task(cfg: Config, kth: float) -> InnerResult:
+    return _ACTIVE[-1].first(cfg, kth)
+
+
+class _Inline:
+    """The executor interface, running each task at once in this process."""
+
+    _max_workers = 1
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # re-raised by result(), as a pool would
+            future.set_exception(e)
+        return future
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def solve(profile: Profile, cluster: Cluster, settings: Settings,
