@@ -64,8 +64,8 @@ def _megatron(plan: Plan) -> str:
     if plan.schedule.name not in ("1f1b", "interleaved-1f1b"):
         lines.append(f"# Megatron-LM runs 1F1B (interleaved with virtual stages); this plan uses {plan.schedule.name}")
     if any(st.recompute != "none" for st in plan.stages):
-        lines.append("--recompute-granularity full --recompute-method block "
-                     f"# planner recomputes stages {[st.index for st in plan.stages if st.recompute != 'none']}")
+        lines.append(f"# planner recomputes stages {[st.index for st in plan.stages if st.recompute != 'none']}")
+        lines.append("--recompute-granularity full --recompute-method block")
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,7 @@ import bisect
 import json
 import os
 import tempfile
-from functools import lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -222,26 +222,22 @@ class Cluster(_Frozen):
         return min(every[d].memory_bytes for d in devices) - self.reserved_bytes
 
     def node(self, device: int) -> int:
-        return _node_index(tuple(len(n.devices) for n in self.nodes), device)
+        return bisect.bisect_right(self._node_starts, device) - 1
+
+    @cached_property
+    def _node_starts(self) -> list[int]:
+        """The global index of each node's first device."""
+        out, total = [], 0
+        for n in self.nodes:
+            out.append(total)
+            total += len(n.devices)
+        return out
 
     def link(self, a: int, b: int) -> Link:
         """The link between global device indices a and b."""
         if self.inter_node is None or self.node(a) == self.node(b):
             return self.intra_node
         return self.inter_node
-
-
-@lru_cache(maxsize=4096)
-def _starts(sizes: tuple[int, ...]) -> list[int]:
-    out, total = [], 0
-    for n in sizes:
-        out.append(total)
-        total += n
-    return out
-
-
-def _node_index(sizes: tuple[int, ...], device: int) -> int:
-    return bisect.bisect_right(_starts(sizes), device) - 1
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -456,10 +452,20 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(p))  # mkstemp makes it private; give it what a plain write would
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The existing file's permissions, else the default for a new file under the umask."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def dump(obj: BaseModel, path: str | os.PathLike) -> None:

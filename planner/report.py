@@ -86,13 +86,19 @@ def simulation_table(plan: Plan, sim: SimResult) -> Table:
 
 @contextmanager
 def progress(console: Console):
-    """A progress bar; yields a callback ``(label, done, total)``."""
+    """A progress bar; yields a callback ``(label, done, total)``. Nothing is drawn where the
+    console is not a terminal (a log or a pipe), which would keep an empty line of it."""
+    if not console.is_terminal:
+        yield lambda label, done, total: None
+        return
     with Progress(TextColumn("{task.description:<40}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+                  TimeElapsedColumn(), console=console, transient=True, auto_refresh=False) as bar:
         task = bar.add_task("starting", total=1)
 
         def update(label: str, done: int, total: int) -> None:
+            # redrawn here, not by a refresh thread: the search may fork worker processes
             bar.update(task, description=label[:40], completed=done, total=total)
+            bar.refresh()
 
         yield update
 

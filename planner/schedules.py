@@ -278,14 +278,14 @@ def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
 
     # Each rank's best option is cached in a heap and recomputed only when an action that
     # could change it completes (its own, or a neighbour stage's).
-    heap: list[tuple[int, int, int, int, Action]] = []
+    heap: list[tuple[int, int, int, int, str, int, int]] = []  # ..., rank, version, kind, stage, mb
     version = [0] * pp
 
     def push(r: int) -> None:
         version[r] += 1
         b = best(r)
         if b is not None:
-            heapq.heappush(heap, (b[0], b[1], r, version[r], Action(b[3], b[4], b[5])))
+            heapq.heappush(heap, (b[0], b[1], r, version[r], b[3], b[4], b[5]))
 
     for r in range(pp):
         push(r)
@@ -294,7 +294,8 @@ def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
             heapq.heappop(heap)
         if not heap:
             raise ScheduleError(f"schedule builder deadlocked (pp={pp}, m={m}, cap={cap})")
-        start, _, r, _, a = heapq.heappop(heap)
+        start, _, r, _, kind, stage, mb = heapq.heappop(heap)
+        a = Action(kind, stage, mb)
         finish = start + 1
         clock[r] = finish
         lists[r].append(a)

@@ -89,21 +89,17 @@ class Compiled:
 
 @lru_cache(maxsize=512)
 def compile_schedule(schedule: Schedule) -> Compiled:
-    S = schedule.n_stages
+    S, m = schedule.n_stages, schedule.microbatches
     place = schedule.stage_rank
+    kind_slot = {"F": 0, "B": 1, "I": 2, "W": 3}
     action: list[Action | None] = []
-    rank, prev, dep, cut, receiver, kind = [], [], [], [], [], []
-    node_of: dict[tuple[str, int, int], int] = {}
-    arrival: dict[tuple[str, int, int], int] = {}  # transfer node delivering to (kind, stage, mb)
+    rank, prev, dep, cut, receiver, kind, receives = [], [], [], [], [], [], []
+    # node_of[(kind * S + stage) * m + mb]: the node of that action; -1 until it is placed.
+    # arrive_act / arrive_grad[stage * m + mb]: the transfer delivering to that stage.
+    node_of = [-1] * (4 * S * m)
+    arrive_act, arrive_grad = [-1] * (S * m), [-1] * (S * m)
     last_on_rank = [-1] * schedule.pp
     last_on_link: dict[tuple[int, int], int] = {}
-    receives: list[int] = []
-
-    def add(a, r, p, d, c, rcv, k) -> int:
-        action.append(a); rank.append(r); prev.append(p); dep.append(d)
-        cut.append(c); receiver.append(rcv); kind.append(k)
-        receives.append(-1)
-        return len(action) - 1
 
     def data(a: Action) -> int | None:
         """The node whose end (plus latency, for a transfer) makes a's input ready; -1: none."""
@@ -111,19 +107,31 @@ def compile_schedule(schedule: Schedule) -> Compiled:
         if a.kind == "F":
             if s == 0:
                 return -1
-            return node_of.get(("F", s - 1, k)) if place[s - 1] == place[s] else arrival.get(("act", s, k))
-        if a.kind == "W":
-            return node_of.get(("I", s, k))
-        own = node_of.get(("F", s, k))
-        if own is None:
+            n = node_of[(s - 1) * m + k] if place[s - 1] == place[s] else arrive_act[s * m + k]
+        elif a.kind == "W":
+            n = node_of[(2 * S + s) * m + k]
+        elif node_of[s * m + k] < 0:  # a backward waits for its own forward
             return None
-        if s == S - 1:
-            return own
-        if place[s + 1] == place[s]:
-            nxt = node_of.get(("B", s + 1, k), node_of.get(("I", s + 1, k)))
+        elif s == S - 1:
+            return node_of[s * m + k]
+        elif place[s + 1] == place[s]:
+            n = node_of[(S + s + 1) * m + k]
+            if n < 0:
+                n = node_of[(2 * S + s + 1) * m + k]
         else:
-            nxt = arrival.get(("grad", s, k))
-        return nxt  # the own forward precedes a on this rank already
+            n = arrive_grad[s * m + k]
+        return None if n < 0 else n  # the own forward precedes a on this rank already
+
+    def add(a, r, p, d, c, rcv, k) -> int:
+        action.append(a)
+        rank.append(r)
+        prev.append(p)
+        dep.append(d)
+        cut.append(c)
+        receiver.append(rcv)
+        kind.append(k)
+        receives.append(-1)
+        return len(action) - 1
 
     pos = [0] * schedule.pp
     left = sum(len(x) for x in schedule.ranks)
@@ -138,25 +146,24 @@ def compile_schedule(schedule: Schedule) -> Compiled:
                 n = add(a, r, last_on_rank[r], d, -1, -1, a.kind)
                 last_on_rank[r] = n
                 receives[n] = cut[d] if d >= 0 and action[d] is None else -1
-                node_of[(a.kind, a.stage, a.mb)] = n
+                s = a.stage
+                node_of[(kind_slot[a.kind] * S + s) * m + a.mb] = n
                 pos[r] += 1
                 left -= 1
                 moved = True
-                s = a.stage
                 if a.kind == "F" and s < S - 1 and place[s + 1] != r:
                     dst = place[s + 1]
                     t = add(None, r, last_on_link.get((r, dst), -1), n, s, dst, "act")
                     last_on_link[(r, dst)] = t
-                    arrival[("act", s + 1, a.mb)] = t
+                    arrive_act[(s + 1) * m + a.mb] = t
                 elif a.kind in ("B", "I") and s > 0 and place[s - 1] != r:
                     dst = place[s - 1]
                     t = add(None, r, last_on_link.get((r, dst), -1), n, s - 1, dst, "grad")
                     last_on_link[(r, dst)] = t
-                    arrival[("grad", s - 1, a.mb)] = t
+                    arrive_grad[(s - 1) * m + a.mb] = t
         if not moved:
             stuck = {r: str(acts[pos[r]]) for r, acts in enumerate(schedule.ranks) if pos[r] < len(acts)}
             raise ScheduleError(f"schedule deadlocks: ranks wait forever at {stuck}")
-    kind_slot = {"F": 0, "B": 1, "I": 2, "W": 3}
     slot = [4 * a.stage + kind_slot[a.kind] if a is not None else 4 * S + c
             for a, c in zip(action, cut)]
     return Compiled(action, rank, prev, dep, cut, receiver, kind, slot, last_on_rank, receives)
@@ -261,7 +268,7 @@ def undominated(rows: np.ndarray) -> np.ndarray:
     """The rows that no other row matches or exceeds in every column: with non-negative sizes
     the others can never be the peak. Blockwise, largest totals first (a row can only be
     matched by one with at least its total)."""
-    rows = _unique_rows(rows)
+    rows = _pareto_last_two(_unique_rows(rows))
     rows = rows[np.argsort(-rows.sum(axis=1), kind="stable")]
     kept = rows[:0]
     for at in range(0, len(rows), 256):
@@ -272,6 +279,21 @@ def undominated(rows: np.ndarray) -> np.ndarray:
         np.fill_diagonal(ge, False)  # rows are distinct: b >= a everywhere means b dominates a
         kept = np.vstack([kept, block[~ge.any(axis=1)]])
     return kept
+
+
+def _pareto_last_two(rows: np.ndarray) -> np.ndarray:
+    """A quick first pass over distinct rows, lexicographically sorted: among rows equal in
+    all but the last two columns, drop those another matches or exceeds in both."""
+    if len(rows) < 2 or rows.shape[1] < 2:
+        return rows
+    group = np.concatenate([[0], np.cumsum(np.any(rows[1:, :-2] != rows[:-1, :-2], axis=1))])
+    # within a group: the second-last column descending, then the last descending
+    order = np.lexsort((-rows[:, -1], -rows[:, -2], group))
+    rows, group = rows[order], group[order]
+    span = int(rows[:, -1].max()) + 1
+    key = group * span + rows[:, -1]  # groups in increasing order: the running max resets
+    before = np.concatenate([[-1], np.maximum.accumulate(key)[:-1]])
+    return rows[key > before]
 
 
 def rank_undominated(states: np.ndarray) -> np.ndarray:

@@ -69,6 +69,26 @@ def test_bad_input_exits_2_with_one_line(tmp_path, plan):
         assert r.output.count("\n") == 1 and "Traceback" not in r.output
 
 
+def test_more_stages_than_devices_is_bad_input(profile):
+    for args in (["--pp", "5"], ["--pp", "2", "--dp", "4"]):
+        r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", *args])
+        assert r.exit_code == 2 and r.output.startswith("error: --pp") and r.output.count("\n") == 1, r.output
+
+
+def test_written_files_are_readable_like_any_new_file(tmp_path, profile):
+    import os
+    import stat
+
+    out = tmp_path / "plan.json"
+    mask = os.umask(0o022)
+    try:
+        r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", "--global-batch", "32", "-o", str(out)])
+    finally:
+        os.umask(mask)
+    assert r.exit_code == 0, r.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
 def test_unknown_cluster_is_bad_input(profile):
     r = runner.invoke(app, ["solve", str(profile), "--cluster", "tpu9000"])
     assert r.exit_code == 2 and "unknown cluster 'tpu9000'" in r.output

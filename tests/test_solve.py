@@ -220,6 +220,7 @@ def test_worker_processes_find_the_same_plan():
     two = solve(prof, from_spec("h100x8"), Settings(global_batch=64, jobs=2))
     assert one.proven and two.proven
     assert two.best.inner.step_time_s == pytest.approx(one.best.inner.step_time_s, rel=1e-12)
+    assert two.best.config == one.best.config
     assert two.configs_total == one.configs_total
 
 
@@ -261,3 +262,29 @@ def test_the_memory_objective_finds_the_least_peak_and_then_the_fastest(d):
     assert r.proven
     assert max(r.best.evaluation.peak_memory_bytes) == pytest.approx(least, rel=1e-6)
     assert r.best.inner.step_time_s == pytest.approx(fastest, rel=1e-9)
+
+
+def test_the_memory_objective_puts_the_heavy_stage_on_the_larger_device():
+    # three layers of about 24 GiB of weights and Adam state on an 80 GB and a 40 GB device:
+    # two layers must share the larger one
+    prof = chain_profile([1e-3] * 3, act_bytes=2**20, param_bytes=6 * GiB)
+    r = solve(prof, from_spec("a100-80gbx1+a100-40gbx1"),
+              Settings(microbatches=4, pp=2, dp=1, schedules=("1f1b",), objective="memory"))
+    assert r.best.evaluation.fits
+    assert max(r.best.evaluation.peak_memory_bytes) == r.best.evaluation.peak_memory_bytes[0]
+
+
+def test_the_memory_objective_falls_back_where_balanced_stages_do_not_fit_their_rank():
+    # with two stages per rank, the least largest stage does not fit its rank: the fastest plan
+    # that fits stands in, and the result says it is not proven
+    prof = chain_profile([1e-3] * 5, act_bytes=2**20, param_bytes=[x * GiB // 4 for x in (2, 10, 10, 2, 8)])
+    settings = Settings(pp=2, dp=1, microbatches=4, schedules=("interleaved-1f1b",), virtual_stages=2,
+                        objective="memory")
+    r = solve(prof, from_spec("h100x2", memory_bytes=20 * GiB), settings)
+    assert r.best.evaluation.fits and not r.proven
+
+
+def test_the_memory_objective_past_its_time_limit_says_so():
+    prof = chain_profile([1e-3] * 8, act_bytes=2**20, param_bytes=2**20)
+    with pytest.raises(InfeasibleError, match="raise --time-limit"):
+        solve(prof, from_spec("h100x4"), Settings(global_batch=16, time_limit_s=1e-9, objective="memory"))

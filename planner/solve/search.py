@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from math import comb
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.cost import CostTable, Segment, bytes_per_param, ring_allreduce_coeffs
-from planner.errors import InfeasibleError, InputError, ScheduleError
+from planner.errors import InfeasibleError, InputError, PlannerError, ScheduleError
 from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices, segments_from_bounds
 from planner.formats import DTYPE_BYTES, Cluster, Profile, Training
 from planner.graph import LayerGraph
@@ -110,6 +111,9 @@ def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> It
     if settings.mbs and settings.mbs not in profile.mbs_sizes:
         raise InputError(f"--mbs {settings.mbs} was not profiled (profiled: "
                          f"{', '.join(map(str, profile.mbs_sizes))}); profile it with --mbs")
+    if settings.pp and settings.pp * (settings.dp or 1) > n_dev:
+        raise InputError(f"--pp {settings.pp}" + (f" x --dp {settings.dp}" if settings.dp else "")
+                         + f" needs {settings.pp * (settings.dp or 1)} devices; the cluster has {n_dev}")
     if settings.pp:
         pps = [settings.pp]
     elif n_dev <= SMALL_CLUSTER:
@@ -127,7 +131,7 @@ def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> It
         else:
             dps = [n_dev // pp]
         for dp in dps:
-            if pp * dp > n_dev:
+            if dp < 1 or pp * dp > n_dev:
                 continue
             for mbs in sizes:
                 if settings.global_batch:
@@ -270,10 +274,12 @@ class Search:
         # Phase 1: every configuration that could enter the top K gets the DP and one simulation,
         # in worker processes when the search is large.
         todo = list(ranked)
-        with self._executor(fitting) as pool:
+        workers = self._jobs(fitting)
+        with self._executor(workers) as pool:
             running: dict[Future, Config] = {}
             while todo or running:
-                while todo and len(running) < getattr(pool, "_max_workers", 1):
+                # one at a time until a first result sets the throughput to beat
+                while todo and len(running) < (workers if results else 1):
                     cfg = todo[0]
                     kth = self._kth_throughput(results.values())
                     if upper[cfg] <= kth:
@@ -296,7 +302,11 @@ class Search:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     cfg = running.pop(future)
-                    inner = future.result()
+                    try:
+                        inner = future.result()
+                    except BrokenProcessPool:
+                        raise PlannerError("a search worker process died (out of memory?); "
+                                           "run with --jobs 1") from None
                     solved += 1
                     if inner.segments is not None:
                         results[cfg] = Candidate(cfg, inner)
@@ -383,31 +393,35 @@ class Search:
 
     def _least_memory(self, configs: list[Config], fitting: list[Config], start: float) -> SolveResult:
         """The plan needing the least memory on its fullest device, the fastest among those: per
-        configuration, the DP finds the least largest stage memory, then the fastest partition
-        whose stages all stay within it (branch and bound as for time); configurations are
-        compared by their simulated peak. Exact for one stage per rank, where a stage's memory
-        is its device's; with several stages per rank, the stages are balanced, not the ranks."""
+        configuration, the DP finds the least largest stage memory (each stage within its own
+        device), then the fastest partition whose stages all stay within it (branch and bound as
+        for time); configurations are compared by their simulated peak. Exact for one stage per
+        rank, where a stage's memory is its device's; with several stages per rank the stages are
+        balanced, not the ranks, and where that split does not fit the fastest plan stands in."""
         s = self.settings
         deadline = start + s.time_limit_s
         results: dict[Config, Candidate] = {}
-        exact, solved = True, 0
+        exact, solved, late = True, 0, 0
         for k, cfg in enumerate(fitting):
             if self.progress:
                 self.progress(cfg.describe(), k, len(fitting))
             if time.perf_counter() > deadline or self._too_big(cfg):
-                exact = False
+                exact, late = False, late + 1
                 continue
             inner = self._least_memory_of(cfg, deadline)
             solved += 1
+            exact = exact and cfg.n_stages == cfg.pp and (inner is None or inner.proven)
             if inner is not None:
                 results[cfg] = Candidate(cfg, inner)
-                exact = exact and inner.proven and cfg.n_stages == cfg.pp
         if self.progress:
             self.progress("done", len(fitting), len(fitting))
         if not results:
+            if late:
+                raise InfeasibleError(f"no plan found within the time limit ({late} configuration(s) not "
+                                      "tried); raise --time-limit")
             raise InfeasibleError(self.explain_infeasible(configs, deadline=time.perf_counter() + s.time_limit_s))
         ordered = sorted(results.values(), key=self._rank_key)
-        notes = [] if exact else ["not proven: with several stages per rank (interleaved, V) or past the "
+        notes = [] if exact else ["not proven: with several stages per rank (interleaved, V), or past the "
                                   "time limit, the least memory found is not proven least"]
         return SolveResult(best=ordered[0], ranked=ordered[: s.top], baselines=self.baselines(ordered[0].config),
                            proven=exact, configs_total=len(configs), configs_solved=solved,
@@ -415,10 +429,12 @@ class Search:
 
     def _least_memory_of(self, cfg: Config, deadline: float) -> InnerResult | None:
         b = self.bounds(cfg)
-        least, stages = lb_partition(b, cost=_least_memory_cost(b), fixed=self._fixed(cfg))
-        if stages is None or least > min(b.cap):
-            return None
-        b.cap = [least * (1 + 1e-6)] * b.S  # now the fastest partition within that memory
+        fits_own = _least_memory_cost(b, within_capacity=True)
+        least, stages = lb_partition(b, cost=fits_own, fixed=self._fixed(cfg))
+        if stages is None:
+            return None if b.one_chunk else self._fastest(cfg, deadline)
+        # now the fastest partition with every stage within that memory (and its own device)
+        b.cap = [min(least * (1 + 1e-6), cap) for cap in b.cap]
         table, ranks = self.table(cfg.mbs), self.ranks(cfg.pp, cfg.dp)
 
         def run(segments: list[Segment]):
@@ -427,17 +443,30 @@ class Search:
             return ev.step_time_s, ev.fits and within, ev
         inner = first_solution(b, run, fixed=self._fixed(cfg), floor=self.quick_bound(cfg))
         if inner.segments is None:
-            return None
+            # several stages per rank: balanced stages need not fit their ranks together
+            return None if b.one_chunk else self._fastest(cfg, deadline)
         return refine(b, run, inner, budget=self._budget(cfg), deadline=deadline)
 
-    def _executor(self, configs: list[Config]):
-        """Worker processes (forked, so they share this search's tables) for a large search on
-        a machine with several cores; otherwise the work runs here, one configuration at a time."""
+    def _fastest(self, cfg: Config, deadline: float) -> InnerResult | None:
+        """The time objective's search for one configuration (its best plan, or None)."""
+        inner = self.first(cfg, 0.0)
+        if not inner.proven:
+            inner = refine(self.bounds(cfg), self._evaluator(cfg), inner, budget=self._budget(cfg),
+                           deadline=deadline)
+        return inner if inner.segments is not None else None
+
+    def _jobs(self, configs: list[Config]) -> int:
+        """Worker processes: --jobs, else one per core for a large search, else none."""
+        if "fork" not in multiprocessing.get_all_start_methods():
+            return 1
+        if self.settings.jobs:
+            return self.settings.jobs
+        return _cores() if sum(self._actions(c) for c in configs) >= PARALLEL_ACTIONS else 1
+
+    def _executor(self, jobs: int):
+        """Forked worker processes, which share this search's tables, or this process alone."""
         _ACTIVE[:] = [self]
-        jobs = self.settings.jobs or _cores()
-        if jobs > 1 and sum(self._actions(c) for c in configs) < PARALLEL_ACTIONS and not self.settings.jobs:
-            jobs = 1
-        if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        if jobs <= 1:
             return _Inline()
         return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork"))
 
@@ -477,7 +506,8 @@ class Search:
         ev = c.evaluation
         speed, memory = -round(c.throughput, 9), max(ev.peak_memory_bytes)
         first = (memory, speed) if self.settings.objective == "memory" else (speed, memory)
-        return (*first, list(SCHEDULES).index(c.config.schedule), c.config.v, c.config.pp)
+        cfg = c.config
+        return (*first, list(SCHEDULES).index(cfg.schedule), cfg.v, cfg.pp, -cfg.dp, cfg.mbs, cfg.m)
 
     def _budget(self, cfg: Config) -> int:
         """Simulations for one configuration's branch and bound: ``--budget``, fewer for large
@@ -569,15 +599,19 @@ class Search:
                 "device (e.g. a100-80gbx8 or h100x8)")
 
 
-def _least_memory_cost(b: StageBounds):
+def _least_memory_cost(b: StageBounds, within_capacity: bool = False):
     """A stage cost for ``lb_partition``: the least memory stage s needs for [i, j) under the
-    recomputation policy, and the choice giving it."""
+    recomputation policy, and the choice giving it (inf where it exceeds the stage's device,
+    with ``within_capacity``)."""
     options = b.policy.options()
 
     def memory(s: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         values = np.array([b.memory(s, i, j, c) for c in options])
         best = values.argmin(axis=0)
-        return values[best, np.arange(len(i))], np.array(options, dtype=np.int8)[best]
+        least = values[best, np.arange(len(i))]
+        if within_capacity:
+            least = np.where(least <= b.cap[s], least, np.inf)
+        return least, np.array(options, dtype=np.int8)[best]
     return memory
 
 
@@ -590,8 +624,6 @@ def _first_task(cfg: Config, kth: float) -> InnerResult:
 
 class _Inline:
     """The executor interface, running each task at once in this process."""
-
-    _max_workers = 1
 
     def __enter__(self) -> _Inline:
         return self
