@@ -128,6 +128,7 @@ def test_replay_measures_each_rank(tiny_profile, tmp_path):
 def test_model_only_schedules_are_refused(tiny_profile, tmp_path):
     settings = Settings(global_batch=8, pp=2, dp=1, schedules=("pipedream",), include_model_only=True)
     result = solve(tiny_profile, from_spec("cpu2"), settings)
+    assert any("modelled only" in note for note in result.notes)  # solve says so first
     path = tmp_path / "p.json"
     dump(make_plan(tiny_profile, from_spec("cpu2"), result, settings), path)
     from planner.errors import InputError

@@ -649,4 +649,9 @@ def _cores() -> int:
 
 def solve(profile: Profile, cluster: Cluster, settings: Settings,
           progress: Callable[[str, int, int], None] | None = None) -> SolveResult:
-    return Search(profile, cluster, settings, progress).run()
+    result = Search(profile, cluster, settings, progress).run()
+    name = result.best.config.schedule
+    if not SCHEDULES[name].executable:
+        result.notes.append(f"{name} is modelled only: PyTorch's pipeline engine cannot run it, so "
+                            "planner execute refuses this plan")
+    return result
