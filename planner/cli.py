@@ -256,11 +256,13 @@ def check(
     except PlannerError as e:
         _fail(e)
     worst = 0
+    checked = ["fits"] + (["matches the profile"] if prof else []) + (["model unchanged"] if rebuild else []) \
+        + (["still the best"] if resolve else [])
     for path in plans:
         result = check_one(path, profile=prof, profile_path=str(profile_file) if profile_file else None,
                            rebuild=rebuild, resolve=resolve, tolerance=tol)
         if result.code == 0:
-            out.print(f"[green]ok[/]     {path}: {escape(summary(str(path)))}")
+            out.print(f"[green]ok[/]     {path}: {escape(summary(str(path)))} ({', '.join(checked)})", soft_wrap=True)
         else:
             tag = "[red]bad[/]   " if result.code == 2 else "[red]failed[/]"
             first = result.lines[0]
