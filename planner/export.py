@@ -48,25 +48,50 @@ def _megatron(plan: Plan) -> str:
     names = [n for st in plan.stages for n in st.layers]
     first_block = next((i for i, n in enumerate(names) if n in blocks), 0)
     last_block = max((i for i, n in enumerate(names) if n in blocks), default=len(names) - 1)
-    parts, pos = [], 0
+    stage_letters, pos = [], 0
     for st in plan.stages:
         letters = []
         for n in st.layers:
             letters.append(_kind(n, pos < first_block, pos > last_block, blocks))
             pos += 1
-        letters = [x for k, x in enumerate(letters) if x == "t" or k == 0 or letters[k - 1] != x]
-        parts.append("".join(_compress(letters)))
+        stage_letters.append(letters)
+    notes = _one_embedding_and_loss(stage_letters)
+    parts = ["".join(_compress([x for k, x in enumerate(letters) if x == "t" or k == 0 or letters[k - 1] != x]))
+             for letters in stage_letters]
     lines = [f"--pipeline-model-parallel-size {plan.parallel.pp}"]
     if plan.schedule.virtual_stages > 1 and plan.schedule.name in ("interleaved-1f1b", "zb-h1"):
         lines.append(f"--virtual-pipeline-model-parallel-size {plan.schedule.virtual_stages}")
+    lines += notes
     lines.append(f"--pipeline-model-parallel-layout \"{'|'.join(parts)}\"")
     lines.append(f"--micro-batch-size {plan.microbatch.size} --global-batch-size {plan.microbatch.global_batch}")
     if plan.schedule.name not in ("1f1b", "interleaved-1f1b"):
         lines.append(f"# Megatron-LM runs 1F1B (interleaved with virtual stages); this plan uses {plan.schedule.name}")
-    if any(st.recompute != "none" for st in plan.stages):
-        lines.append(f"# planner recomputes stages {[st.index for st in plan.stages if st.recompute != 'none']}")
-        lines.append("--recompute-granularity full --recompute-method block")
+    recomputed = [s for s, st in enumerate(plan.stages) if st.recompute != "none"]
+    if recomputed:
+        # Megatron-LM recomputes the first N transformer layers of every stage (method block)
+        most = max(stage_letters[s].count("t") for s in recomputed)
+        if len(recomputed) < len(plan.stages) or any(stage_letters[s].count("t") != most for s in recomputed):
+            lines.append(f"# planner recomputes stages {recomputed} only; Megatron-LM applies this to every "
+                         "stage (less memory, more time than predicted)")
+        lines.append(f"--recompute-granularity full --recompute-method block --recompute-num-layers {most}")
     return "\n".join(lines) + "\n"
+
+
+def _one_embedding_and_loss(stage_letters: list[list[str]]) -> list[str]:
+    """Megatron-LM's layout names the embedding (E) and the loss (L, with the final norm and
+    output layer) exactly once: where planner splits them over stages, E stays on its first
+    stage and L on its last, and a comment says so."""
+    notes = []
+    for letter, keep in (("E", min), ("L", max)):
+        holders = [s for s, letters in enumerate(stage_letters) if letter in letters]
+        if len(holders) > 1:
+            home = keep(holders)
+            for s in holders:
+                if s != home:
+                    stage_letters[s][:] = [x for x in stage_letters[s] if x != letter]
+            notes.append(f"# planner splits the {'embedding' if letter == 'E' else 'final norm, output layer and loss'} "
+                         f"over stages {holders}; Megatron-LM keeps them on stage {home}")
+    return notes
 
 
 def _compress(letters: list[str]) -> list[str]:

@@ -178,7 +178,10 @@ def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
         base.add_row(b.name, _sizes(b.layers_per_stage), fmt_time(b.step_time_s), ratio,
                      fmt_bytes(b.peak_memory_bytes))
     out.append(base)
-    if result.proven:
+    if result.proven and by_memory:
+        out.append("[green]proven least memory[/] under the cost model: no configuration or partition "
+                   "searched needs less on its fullest device")
+    elif result.proven:
         out.append("[green]proven optimal[/] under the cost model: no configuration or partition "
                    "searched can be faster")
     for note in result.notes:

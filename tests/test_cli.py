@@ -175,6 +175,24 @@ def test_megatron_layout_counts_encoder_and_decoder_layers_alike(tmp_path, plan)
     assert layout(plan).count("E") == 1 and layout(plan).count("L") == 1
 
 
+def test_megatron_export_is_accepted_as_megatron_reads_it(tmp_path, plan):
+    # a final norm on stage 2 and the head on stage 3, and recomputation on stage 0 only:
+    # Megatron-LM names the loss once and needs a layer count for block recomputation
+    data = json.loads(plan.read_text())
+    data["stages"][2]["layers"].append("ln_f")
+    data["stages"][0]["recompute"] = "full"
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(data))
+    r = runner.invoke(app, ["export", str(path), "--format", "megatron"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    layout = next(line for line in lines if line.startswith("--pipeline-model-parallel-layout"))
+    assert layout.count("L") == 1 and layout.endswith('|L"')
+    assert any(line.startswith("--recompute-granularity full --recompute-method block --recompute-num-layers ")
+               for line in lines)
+    assert all(line.startswith(("--", "#")) for line in lines)  # comments on lines of their own
+
+
 def test_schema_prints_json_schema():
     r = runner.invoke(app, ["schema", "plan"])
     assert r.exit_code == 0 and json.loads(r.stdout)["title"] == "Plan"

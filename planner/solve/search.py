@@ -401,16 +401,16 @@ class Search:
         s = self.settings
         deadline = start + s.time_limit_s
         results: dict[Config, Candidate] = {}
-        exact, solved, late = True, 0, 0
+        solved, late, loose = 0, 0, 0  # loose: least memory found but not proven least
         for k, cfg in enumerate(fitting):
             if self.progress:
                 self.progress(cfg.describe(), k, len(fitting))
             if time.perf_counter() > deadline or self._too_big(cfg):
-                exact, late = False, late + 1
+                late += 1
                 continue
             inner = self._least_memory_of(cfg, deadline)
             solved += 1
-            exact = exact and cfg.n_stages == cfg.pp and (inner is None or inner.proven)
+            loose += cfg.n_stages > cfg.pp or (inner is not None and not inner.proven)
             if inner is not None:
                 results[cfg] = Candidate(cfg, inner)
         if self.progress:
@@ -421,10 +421,15 @@ class Search:
                                       "tried); raise --time-limit")
             raise InfeasibleError(self.explain_infeasible(configs, deadline=time.perf_counter() + s.time_limit_s))
         ordered = sorted(results.values(), key=self._rank_key)
-        notes = [] if exact else ["not proven: with several stages per rank (interleaved, V), or past the "
-                                  "time limit, the least memory found is not proven least"]
+        notes = []
+        if loose:
+            notes.append(f"not proven least: {loose} configuration(s), most with several stages per rank "
+                         "(interleaved, V), have a least memory found but not proven (pin --schedule and "
+                         "--virtual-stages 1 for a proven answer among one-stage-per-rank plans)")
+        if late:
+            notes.append(f"{late} configuration(s) not tried (time limit, or too large to simulate)")
         return SolveResult(best=ordered[0], ranked=ordered[: s.top], baselines=self.baselines(ordered[0].config),
-                           proven=exact, configs_total=len(configs), configs_solved=solved,
+                           proven=not (loose or late), configs_total=len(configs), configs_solved=solved,
                            elapsed_s=time.perf_counter() - start, notes=notes)
 
     def _least_memory_of(self, cfg: Config, deadline: float) -> InnerResult | None:
