@@ -288,3 +288,44 @@ def test_the_memory_objective_past_its_time_limit_says_so():
     prof = chain_profile([1e-3] * 8, act_bytes=2**20, param_bytes=2**20)
     with pytest.raises(InfeasibleError, match="raise --time-limit"):
         solve(prof, from_spec("h100x4"), Settings(global_batch=16, time_limit_s=1e-9, objective="memory"))
+
+
+@given(st.fixed_dictionaries({
+    "seed": st.integers(0, 10**6),
+    "n": st.integers(4, 7),
+    "schedule": st.sampled_from([("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2), ("zb-h1", 2),
+                                 ("zb-v", 2), ("dualpipe-v", 2)]),
+    "pp": st.sampled_from([1, 2]),
+    "m": st.sampled_from([2, 4]),
+    "memory": st.sampled_from([3, 6, 12]),
+    "tied": st.booleans(),
+}))
+@settings(max_examples=40, deadline=None)
+def test_the_memory_aware_bound_never_exceeds_a_plan_that_fits(d):
+    # every partition, every per-stage recomputation choice, on 2 data-parallel replicas
+    import itertools
+
+    from planner.cost import Segment
+    from planner.evaluate import evaluate
+    from planner.solve.fluid import fluid_bound
+
+    rng = np.random.default_rng(d["seed"])
+    n, (name, v), pp = d["n"], d["schedule"], d["pp"]
+    if pp * v > n or (v > 1 and pp == 1):
+        return
+    prof = chain_profile(list(rng.uniform(1e-3, 3e-3, n)),
+                         act_bytes=[int(x) for x in rng.integers(1, 8, n) * 2**27],
+                         param_bytes=[int(x) for x in rng.integers(1, 8, n) * 2**25],
+                         tied=[([0, n - 1], 2**25)] if d["tied"] else [])
+    cfg = Config(pp=pp, dp=2, mbs=1, m=d["m"], schedule=name, v=v)
+    b, _ = setup(prof, "h100x4", cfg, memory_bytes=d["memory"] * GiB)
+    cluster = from_spec("h100x4", memory_bytes=d["memory"] * GiB)
+    bound = fluid_bound(b)
+    table = CostTable(prof, 1)
+    for starts in all_partitions(n, cfg.n_stages):
+        ends = starts[1:] + [n]
+        for choice in itertools.product(("none", "full"), repeat=cfg.n_stages):
+            ev = evaluate(table, cluster, cfg, [Segment(i, j, c) for i, j, c in zip(starts, ends, choice)],
+                          detail=False)
+            if ev.fits:
+                assert bound <= ev.step_time_s * (1 + 1e-9)

@@ -24,6 +24,7 @@ from planner.schedules import SCHEDULES, build, canonical, check_combination
 from planner.solve import baselines as bl
 from planner.solve.bounds import Policy, StageBounds
 from planner.solve.exact import InnerResult, first_solution, lb_partition, refine
+from planner.solve.fluid import fluid_bound
 
 VIRTUAL = (2, 4)  # chunks per rank tried for interleaved schedules
 MAX_ACTIONS = 400_000  # configurations whose schedule is larger are not simulated (noted)
@@ -294,7 +295,6 @@ class Search:
                         self.progress(cfg.describe(), len(ranked) - len(todo) - 1, len(ranked))
                     if self._too_big(cfg):
                         too_big.append(cfg)
-                        unresolved.append(upper[cfg])
                         continue
                     running[pool.submit(_first_task, cfg, kth)] = cfg
                 if not running:
@@ -345,7 +345,7 @@ class Search:
                 raise InputError(f"every configuration schedules more than {MAX_ACTIONS:,} actions (e.g. "
                                  f"{too_big[0].describe()}), more than planner simulates: lower --global-batch "
                                  "or profile larger micro-batches")
-            if unresolved and len(too_big) < len(unresolved):
+            if unresolved:
                 raise InfeasibleError("no plan found within the time limit; raise --time-limit")
             raise InfeasibleError(self.explain_infeasible(small, deadline=time.perf_counter() + s.time_limit_s))
         ordered = sorted(results.values(), key=self._rank_key)
@@ -356,17 +356,20 @@ class Search:
                 best = Candidate(best.config, InnerResult(best.inner.lower_bound_s, ev.segments, ev.step_time_s,
                                                           best.inner.proven, best.inner.evaluations, ev))
                 ordered[0] = best
-        bound = max(unresolved, default=0.0)
         notes = []
+        big = max((upper[c] for c in too_big), default=0.0)
         if too_big:
-            notes.append(f"{len(too_big)} configuration(s) with over {MAX_ACTIONS:,} scheduled actions "
-                         "were not simulated (e.g. " + too_big[0].describe() + ")")
-        if bound > best.throughput:
-            notes.append(f"not proven optimal: the bounds of {len(unresolved)} configuration(s) still allow "
-                         f"up to {bound / best.throughput - 1:.1%} more throughput (raise --time-limit, "
-                         "or add --ilp for tighter bounds on interleaved and V schedules)")
+            notes.append(f"{len(too_big)} configuration(s) with over {MAX_ACTIONS:,} scheduled actions were not "
+                         f"simulated (e.g. {too_big[0].describe()})" + (
+                             f"; their bounds allow up to {big / best.throughput - 1:.1%} more throughput"
+                             if big > best.throughput else ""))
+        open_bounds = [u for u in unresolved if u > best.throughput]
+        if open_bounds:
+            notes.append(f"not proven optimal: the bounds of {len(open_bounds)} configuration(s) still allow "
+                         f"up to {max(open_bounds) / best.throughput - 1:.1%} more throughput (raise "
+                         "--time-limit, or add --ilp for tighter bounds on interleaved and V schedules)")
         return SolveResult(best=best, ranked=ordered[: s.top], baselines=base,
-                           proven=bool(bound <= best.throughput), configs_total=len(configs),
+                           proven=not open_bounds and big <= best.throughput, configs_total=len(configs),
                            configs_solved=solved, elapsed_s=time.perf_counter() - start, notes=notes)
 
     def first(self, cfg: Config, kth: float) -> InnerResult:
@@ -375,6 +378,10 @@ class Search:
         t = self.table(cfg.mbs)
         warm = [bl.min_max(t.fwd + t.bwd, cfg.n_stages)]
         floor = self.quick_bound(cfg)
+        if cfg.n_stages > cfg.pp:  # several stages per rank: the rank's memory, as a program
+            floor = max(floor, fluid_bound(self.bounds(cfg)))
+            if floor >= self._step_ub(cfg, kth):
+                return InnerResult(floor, None, np.inf, proven=True)  # cannot beat the best so far
         if cfg.n_stages > cfg.pp and comb(t.n - 1, cfg.n_stages - 1) > ENUMERABLE:
             # Several stages per rank on a large instance: the per-stage bound is weaker than
             # the floor, so the DP only looks for a good partition, each stage within its
