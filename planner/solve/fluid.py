@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pulp
 
 from planner.simulate import memory_states
 from planner.solve.bounds import FULL, StageBounds
@@ -32,6 +31,8 @@ BIN = 1.1  # costs within 10% of each other share a class
 def fluid_bound(b: StageBounds, time_limit: float = 5.0) -> float:
     """The least step time of the relaxed program; inf where no fraction of the layers fits,
     0 where the solver did not finish (no bound)."""
+    import pulp  # only when a search needs it: planner starts faster without
+
     t, sched = b.t, b.schedule
     f, bmin, act, prod, params, count = _classes(b)
     options = b.policy.options()
