@@ -26,6 +26,7 @@ from planner.simulate import memory_states
 from planner.solve.bounds import FULL, StageBounds
 
 BIN = 1.1  # costs within 10% of each other share a class
+GiB = 2**30
 
 
 def fluid_bound(b: StageBounds, time_limit: float = 5.0) -> float:
@@ -51,10 +52,10 @@ def fluid_bound(b: StageBounds, time_limit: float = 5.0) -> float:
         prob += step >= overheads + pulp.lpSum(
             y[k, s, c] * float(b.m * (f[k] * (2 if c == FULL else 1) + bmin[k]) / speed + params[k] * per_byte)
             for k in range(len(count)) for s in mine for c in options)
-        room = float(b.cap[mine[0]] - t.workspace)
+        room = float(b.cap[mine[0]] - t.workspace) / GiB  # memory rows in GiB: better scaled
         for held_counts in _fullest_states(states, len(mine)):
             prob += pulp.lpSum(
-                y[k, s, c] * float(params[k] * b.bpp + n * (prod[k] if c == FULL else act[k]))
+                y[k, s, c] * float(params[k] * b.bpp + n * (prod[k] if c == FULL else act[k])) / GiB
                 for k in range(len(count)) for s, n in zip(mine, held_counts) for c in options) <= room
     prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
     status = pulp.LpStatus[prob.status]
