@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from planner import __version__
-from planner.cost import CostTable, Segment, ring_allreduce_time
+from planner.cost import CostTable, Segment, ring_allreduce_coeffs, ring_allreduce_time
 from planner.errors import InputError
 from planner.formats import (
     BaselineResult, Cluster, Microbatch, Parallel, Plan, Prediction, Profile,
@@ -50,6 +50,10 @@ class RankDevice:
     capacity_bytes: int  # usable memory: the smallest replica's, less the reserve
     speed: float  # the slowest replica's
     overhead_s: float = 0.0  # the engine's bookkeeping per action there
+
+    def allreduce_coeffs(self, cluster: Cluster) -> tuple[float, float]:
+        """Its gradients' ring all-reduce over the replicas: (seconds per byte, fixed seconds)."""
+        return ring_allreduce_coeffs(len(self.devices), cluster.link(self.devices[0], self.devices[-1]))
 
 
 def rank_devices(cluster: Cluster, pp: int, dp: int) -> list[RankDevice]:
@@ -114,9 +118,8 @@ def cut_link(cluster: Cluster, src: int, dst: int, nbytes: float, same_rank: boo
 
 def _allreduce(table: CostTable, cluster: Cluster, seg: Segment, rank: RankDevice) -> float:
     grad_bytes = table.param_bytes(seg)  # gradients are kept in the parameter dtype
-    devs = rank.devices
-    link = cluster.link(devs[0], devs[-1])
-    return ring_allreduce_time(grad_bytes, len(devs), link)
+    per_byte, fixed = rank.allreduce_coeffs(cluster)
+    return per_byte * grad_bytes + fixed if grad_bytes > 0 else 0.0
 
 
 def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[Segment], *,

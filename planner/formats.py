@@ -211,15 +211,14 @@ class Cluster(_Frozen):
             raise ValueError("a cluster of several nodes needs an inter_node link")
         return self
 
-    @property
+    @cached_property
     def devices(self) -> list[DeviceSpec]:
         return [d for node in self.nodes for d in node.devices]
 
     def usable_bytes(self, devices: list[int]) -> int:
         """Memory a stage placed on these devices (its data-parallel replicas) may use: the
         smallest one's, less the reserve."""
-        every = self.devices
-        return min(every[d].memory_bytes for d in devices) - self.reserved_bytes
+        return min(self.devices[d].memory_bytes for d in devices) - self.reserved_bytes
 
     def node(self, device: int) -> int:
         return bisect.bisect_right(self._node_starts, device) - 1

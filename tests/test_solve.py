@@ -9,7 +9,7 @@ from planner.errors import InfeasibleError
 from planner.evaluate import Config
 from planner.solve import Settings, solve
 from planner.solve.baselines import equal_blocks, min_max
-from planner.solve.brute import all_partitions, brute_force
+from planner.solve.brute import all_partitions, brute_force, every_plan
 from planner.solve.exact import lb_partition, solve_inner
 from planner.solve.ilp import ilp_partition, solve_ilp
 from planner.synthetic import chain_profile
@@ -233,11 +233,6 @@ def test_worker_processes_find_the_same_plan():
 @settings(max_examples=40, deadline=None)
 def test_the_memory_objective_finds_the_least_peak_and_then_the_fastest(d):
     # brute force over every partition and every per-stage recomputation choice
-    import itertools
-
-    from planner.cost import Segment
-    from planner.evaluate import evaluate
-
     rng = np.random.default_rng(d["seed"])
     n, pp = d["n"], d["pp"]
     if pp > n:
@@ -247,14 +242,7 @@ def test_the_memory_objective_finds_the_least_peak_and_then_the_fastest(d):
                          param_bytes=[int(x) for x in rng.integers(1, 64, n) * 2**20])
     cluster = from_spec("h100x4")
     cfg = Config(pp=pp, dp=1, mbs=1, m=4, schedule=d["schedule"])
-    table = CostTable(prof, 1)
-    runs = []
-    for starts in all_partitions(n, pp):
-        ends = starts[1:] + [n]
-        for choice in itertools.product(("none", "full"), repeat=pp):
-            segs = [Segment(i, j, c) for i, j, c in zip(starts, ends, choice)]
-            ev = evaluate(table, cluster, cfg, segs, detail=False)
-            runs.append((max(ev.peak_memory_bytes), ev.step_time_s))
+    runs = [(max(ev.peak_memory_bytes), ev.step_time_s) for ev in every_plan(CostTable(prof, 1), cluster, cfg)]
     least = min(peak for peak, _ in runs)
     fastest = min(step for peak, step in runs if peak <= least * (1 + 1e-6))
     r = solve(prof, cluster, Settings(microbatches=4, pp=pp, dp=1, schedules=(d["schedule"],), virtual_stages=1,
@@ -303,10 +291,6 @@ def test_the_memory_objective_past_its_time_limit_says_so():
 @settings(max_examples=40, deadline=None)
 def test_the_memory_aware_bound_never_exceeds_a_plan_that_fits(d):
     # every partition, every per-stage recomputation choice, on 2 data-parallel replicas
-    import itertools
-
-    from planner.cost import Segment
-    from planner.evaluate import evaluate
     from planner.solve.fluid import fluid_bound
 
     rng = np.random.default_rng(d["seed"])
@@ -321,11 +305,6 @@ def test_the_memory_aware_bound_never_exceeds_a_plan_that_fits(d):
     b, _ = setup(prof, "h100x4", cfg, memory_bytes=d["memory"] * GiB)
     cluster = from_spec("h100x4", memory_bytes=d["memory"] * GiB)
     bound = fluid_bound(b)
-    table = CostTable(prof, 1)
-    for starts in all_partitions(n, cfg.n_stages):
-        ends = starts[1:] + [n]
-        for choice in itertools.product(("none", "full"), repeat=cfg.n_stages):
-            ev = evaluate(table, cluster, cfg, [Segment(i, j, c) for i, j, c in zip(starts, ends, choice)],
-                          detail=False)
-            if ev.fits:
-                assert bound <= ev.step_time_s * (1 + 1e-9)
+    for ev in every_plan(CostTable(prof, 1), cluster, cfg):
+        if ev.fits:
+            assert bound <= ev.step_time_s * (1 + 1e-9)

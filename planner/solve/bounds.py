@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost import CostTable, bytes_per_param, ring_allreduce_coeffs
+from planner.cost import CostTable, bytes_per_param
 from planner.evaluate import Config, RankDevice
 from planner.formats import DTYPE_BYTES, Cluster
 from planner.schedules import Schedule, inflight_peaks, weight_versions
@@ -83,8 +83,7 @@ class StageBounds:
         # all forwards before any backward: a stage waits for the whole rest of the pipeline
         self.flush_all = config.schedule in ("gpipe", "naive")
         # data-parallel all-reduce is linear in gradient bytes: seconds = a * bytes + c
-        self.ar = [ring_allreduce_coeffs(len(devs), cluster.link(devs[0], devs[-1]))
-                   for devs in (ranks[place[s]].devices for s in range(self.S))]
+        self.ar = [ranks[place[s]].allreduce_coeffs(cluster) for s in range(self.S)]
         total_params = table.PARAMS[-1] or 1.0
         self.opt_per_byte = table.optimizer_s / total_params
 
@@ -218,9 +217,16 @@ class StageBounds:
             todo = todo[~fits]
         return best, choice
 
+    def least_memory(self, s: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Least memory stage s can need for [i, j) under the policy, and the choice giving it."""
+        options = self.policy.options()
+        values = np.array([self.memory(s, i, j, c) for c in options])
+        best = values.argmin(axis=0)
+        return values[best, np.arange(len(i))], np.array(options, dtype=np.int8)[best]
+
     def min_memory(self, s: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """Least memory stage s can need for [i, j) under the policy (for 'nothing fits' reports)."""
-        return np.minimum.reduce([self.memory(s, i, j, c) for c in self.policy.options()])
+        return self.least_memory(s, i, j)[0]
 
 
 def _probes(states: np.ndarray) -> np.ndarray:

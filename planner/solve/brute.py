@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from itertools import combinations
+from itertools import combinations, product
 
 import numpy as np
 
-from planner.cost import Segment
+from planner.cost import CostTable, Segment
+from planner.evaluate import Config
+from planner.evaluate import evaluate as evaluate_plan
+from planner.formats import Cluster
 from planner.solve.bounds import FULL, StageBounds
 from planner.solve.exact import Evaluator
 
@@ -15,6 +18,15 @@ def all_partitions(n: int, stages: int):
     """Stage start positions of every split of n layers into ``stages`` non-empty runs."""
     for cuts in combinations(range(1, n), stages - 1):
         yield [0, *cuts]
+
+
+def every_plan(table: CostTable, cluster: Cluster, config: Config):
+    """The evaluation of every partition with every per-stage recomputation choice (none or full)."""
+    for starts in all_partitions(table.n, config.n_stages):
+        ends = starts[1:] + [table.n]
+        for choice in product(("none", "full"), repeat=config.n_stages):
+            segments = [Segment(i, j, c) for i, j, c in zip(starts, ends, choice)]  # type: ignore[arg-type]
+            yield evaluate_plan(table, cluster, config, segments, detail=False)
 
 
 def brute_force(b: StageBounds, evaluate: Evaluator) -> tuple[float, list[Segment] | None]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.cost import CostTable, Segment, bytes_per_param, ring_allreduce_coeffs
+from planner.cost import CostTable, Segment, bytes_per_param
 from planner.errors import InfeasibleError, InputError, PlannerError, ScheduleError
 from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices, segments_from_bounds
 from planner.formats import DTYPE_BYTES, Cluster, Profile, Training
@@ -233,8 +233,7 @@ class Search:
         ranks = self.ranks(cfg.pp, cfg.dp)
         vmax = max(r.speed for r in ranks)
         unique = t.PARAMS[-1] - t.tied_dedup(0, t.n)
-        coeffs = [ring_allreduce_coeffs(len(r.devices), self.cluster.link(r.devices[0], r.devices[-1]))
-                  for r in ranks]
+        coeffs = [r.allreduce_coeffs(self.cluster) for r in ranks]
         per_byte, fixed = min(a for a, _ in coeffs), min(c for _, c in coeffs)
         allreduce = per_byte * unique + fixed if unique > 0 else 0.0
         optimizer = t.optimizer_s * unique / (t.PARAMS[-1] or 1.0) / vmax
@@ -323,7 +322,7 @@ class Search:
             if time.perf_counter() > deadline:
                 unresolved.append(cfg.global_batch / max(inner.lower_bound_s, 1e-30))
                 continue
-            if cfg.n_stages > cfg.pp and comb(len(self.profile.layers) - 1, cfg.n_stages - 1) > ENUMERABLE:
+            if self._large_multi(cfg):
                 # Several stages per rank on a large instance: the DP's per-stage bounds are too
                 # loose for branch and bound, so the ILP's rank-level bound decides, where the
                 # program is small enough; otherwise the configuration stays open.
@@ -378,11 +377,12 @@ class Search:
         t = self.table(cfg.mbs)
         warm = [bl.min_max(t.fwd + t.bwd, cfg.n_stages)]
         floor = self.quick_bound(cfg)
+        b = self.bounds(cfg)
         if cfg.n_stages > cfg.pp:  # several stages per rank: the rank's memory, as a program
-            floor = max(floor, fluid_bound(self.bounds(cfg)))
+            floor = max(floor, fluid_bound(b))
             if floor >= self._step_ub(cfg, kth):
                 return InnerResult(floor, None, np.inf, proven=True)  # cannot beat the best so far
-        if cfg.n_stages > cfg.pp and comb(t.n - 1, cfg.n_stages - 1) > ENUMERABLE:
+        if self._large_multi(cfg):
             # Several stages per rank on a large instance: the per-stage bound is weaker than
             # the floor, so the DP only looks for a good partition, each stage within its
             # share of the rank's memory, over stages no heavier than twice an even share.
@@ -393,7 +393,7 @@ class Search:
                 else inner.lower_bound_s
             inner.proven = inner.proven and inner.step_time_s <= floor * (1 + 1e-9)
             return inner
-        return first_solution(self.bounds(cfg), self._evaluator(cfg), ub=self._step_ub(cfg, kth),
+        return first_solution(b, self._evaluator(cfg), ub=self._step_ub(cfg, kth),
                               fixed=self._fixed(cfg), floor=floor, warm=warm)
 
     # ------------------------------------------------------------------ --objective memory
@@ -521,6 +521,10 @@ class Search:
         cfg = c.config
         return (*first, list(SCHEDULES).index(cfg.schedule), cfg.v, cfg.pp, -cfg.dp, cfg.mbs, cfg.m)
 
+    def _large_multi(self, cfg: Config) -> bool:
+        """Several stages per rank, and too many partitions to branch on."""
+        return cfg.n_stages > cfg.pp and comb(len(self.profile.layers) - 1, cfg.n_stages - 1) > ENUMERABLE
+
     def _budget(self, cfg: Config) -> int:
         """Simulations for one configuration's branch and bound: ``--budget``, fewer for large
         schedules, so that each configuration gets about the same time."""
@@ -612,18 +616,11 @@ class Search:
 
 
 def _least_memory_cost(b: StageBounds, within_capacity: bool = False):
-    """A stage cost for ``lb_partition``: the least memory stage s needs for [i, j) under the
-    recomputation policy, and the choice giving it (inf where it exceeds the stage's device,
-    with ``within_capacity``)."""
-    options = b.policy.options()
-
+    """A stage cost for ``lb_partition``: ``b.least_memory``, inf where it exceeds the stage's
+    device with ``within_capacity``."""
     def memory(s: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        values = np.array([b.memory(s, i, j, c) for c in options])
-        best = values.argmin(axis=0)
-        least = values[best, np.arange(len(i))]
-        if within_capacity:
-            least = np.where(least <= b.cap[s], least, np.inf)
-        return least, np.array(options, dtype=np.int8)[best]
+        least, choice = b.least_memory(s, i, j)
+        return (np.where(least <= b.cap[s], least, np.inf) if within_capacity else least), choice
     return memory
 
 
