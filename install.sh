@@ -1,5 +1,7 @@
 #!/bin/sh
-# Install planner and what it needs into the current Python environment.
+# Install planner with its torch extra (profile, execute, demo) and its test tools into the
+# current Python environment. To check plans only (solve, simulate, check, export), the core is
+# enough and installs in seconds: pip install -e .
 # On a machine without an NVIDIA GPU, PyTorch's CPU build goes in first: a bare "torch"
 # requirement would otherwise pull the multi-GB CUDA build. The CPU build comes from PyTorch's
 # own index when it can be reached, else from the default index (which serves a CPU build on
@@ -16,4 +18,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
             || "$PY" -m pip install -q torch==2.13.0
     fi
 fi
-"$PY" -m pip install -q -e ".[test]"
+# This checkout was once distributed as "planner", a name that belongs to an unrelated package on
+# the public index; an old editable install of it would shadow the new one.
+if "$PY" -m pip show planner 2>/dev/null | grep -qx "Editable project location: $(pwd)"; then
+    "$PY" -m pip uninstall -q -y planner
+fi
+"$PY" -m pip install -q -e ".[torch,test]"

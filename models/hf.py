@@ -9,7 +9,7 @@ returning one tensor. The adapter handles the two common layouts, learned absolu
 (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-NeoX style); the factory runs the wrapper and the
 original model on a few tokens and refuses an architecture whose forward it does not reproduce.
 
-Needs transformers (``pip install 'planner[hf]'``). Small by default so that it profiles on a
+Needs transformers (``pip install -e '.[hf]'``). Small by default so that it profiles on a
 CPU in seconds; scale it with factory arguments, and pass any other configuration field as is:
 
     planner profile models/hf.py:build --arg model_type=llama --arg n_layer=16 \\
@@ -184,7 +184,7 @@ def build(model_type: str = "gpt2", n_layer: int = 4, d_model: int = 128, n_head
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
-        raise ImportError("models/hf.py needs Hugging Face transformers: pip install 'planner[hf]'") \
+        raise ImportError("models/hf.py needs Hugging Face transformers: pip install -e '.[hf]'") \
             from None
     if d_model % n_head:
         raise ValueError(f"d_model={d_model} must be a multiple of n_head={n_head}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planner.errors import CheckFailed, InputError, PlannerError
+from planner.errors import CheckFailed, InputError, MissingExtraError, PlannerError
 from planner.evaluate import profile_fingerprint, replay_plan
 from planner.formats import Plan, Profile, load_plan
 
@@ -50,9 +50,8 @@ def rebuilt_fingerprint(plan: Plan) -> str:
     """Build the plan's model on the meta device (no memory, no weights) and fingerprint it."""
     try:
         from planner.split import build_on_meta, fingerprint
-    except ImportError:
-        raise InputError("--rebuild builds the model and needs torch: install it, or compare with "
-                         "--profile instead") from None
+    except ImportError as e:
+        raise MissingExtraError(e.name or "torch", "building the plan's model") from None
     return fingerprint(build_on_meta(plan.model.factory, dict(plan.model.args)).model)
 
 

@@ -398,12 +398,25 @@ def main() -> None:
     except PlannerError as e:  # raised outside a command's own handling
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
-    except Exception as e:  # a bug: one line, and the traceback only when asked for
-        if os.environ.get("PLANNER_DEBUG"):
-            raise
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} "
-                  "(set PLANNER_DEBUG=1 for the traceback)", soft_wrap=True)
-        sys.exit(70)
+    except ModuleNotFoundError as e:  # torch or pillow, which only the [torch] extra installs
+        from planner.errors import EXTRAS, MissingExtraError
+
+        if (e.name or "").split(".")[0] not in EXTRAS:
+            _internal_error(e)
+        missing = MissingExtraError(e.name or "torch", f"planner {' '.join(sys.argv[1:2])}".strip())
+        err.print(f"[bold red]error:[/] {escape(str(missing))}", soft_wrap=True)
+        sys.exit(missing.exit_code)
+    except Exception as e:
+        _internal_error(e)
+
+
+def _internal_error(e: Exception) -> None:
+    """A bug: one line, and the traceback only when asked for."""
+    if os.environ.get("PLANNER_DEBUG"):
+        raise e
+    err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} "
+              "(set PLANNER_DEBUG=1 for the traceback)", soft_wrap=True)
+    sys.exit(70)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,19 @@ class ExecutionError(PlannerError):
 
 class ModelError(InputError):
     """A model factory that cannot be imported, raises, or does not trace."""
+
+
+# The optional parts of planner and the extra that installs each (pyproject.toml).
+EXTRAS = {"torch": "torch", "PIL": "torch", "transformers": "hf"}
+
+
+class MissingExtraError(InputError):
+    """A command needs a package that only an extra installs (torch for profile and execute)."""
+
+    def __init__(self, module: str, needed_for: str = "this command"):
+        root = module.split(".")[0]
+        package = {"PIL": "pillow"}.get(root, root)
+        aside = " (.svg and .html timelines need nothing more)" if root == "PIL" else ""
+        super().__init__(f"{needed_for} needs {package}, which is not installed{aside}: "
+                         f"pip install -e '.[{EXTRAS.get(root, 'torch')}]' in the planner checkout "
+                         "(or ./install.sh)")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from planner.errors import ModelError
+from planner.errors import EXTRAS, MissingExtraError, ModelError
 
 
 @dataclass
@@ -74,6 +74,10 @@ def _import_file(path: Path):
     sys.path.insert(0, str(path.resolve().parent))
     try:
         spec.loader.exec_module(module)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in EXTRAS:
+            raise MissingExtraError(e.name or "torch", str(path)) from None
+        raise ModelError(f"{path}: importing it raised {type(e).__name__}: {e}") from None
     except Exception as e:
         raise ModelError(f"{path}: importing it raised {type(e).__name__}: {e}") from None
     finally:

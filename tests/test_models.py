@@ -134,5 +134,5 @@ def test_hf_causal_lm(model_type):
 
 def test_hf_without_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
-    with pytest.raises(Exception, match=r"pip install 'planner\[hf\]'"):
+    with pytest.raises(Exception, match=r"pip install -e '.\[hf\]'"):
         spec_of("hf", HF_TINY)
