@@ -4,18 +4,18 @@ A *cut* ``k`` (1 <= k < L) separates layers ``[0, k)`` from ``[k, L)``. Every te
 before a cut and consumed at or after it crosses that cut, so a skip connection from layer 2 to
 layer 9 crosses cuts 3..9 and is paid for at each of them (the engine passes it through the stages
 in between).
+
+Plain Python on purpose: a profile lists its layers in topological order (the format checks it),
+so the only graph questions the cost model asks, which tensors cross each cut and what each layer
+reads, are answered by one pass over the tensors; a general graph library would add a dependency
+and nothing else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING
 
 from planner.formats import INPUT, LOSS, Profile
-
-if TYPE_CHECKING:
-    import networkx as nx
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Tensor:
 
 
 class LayerGraph:
-    """Layers, tensors and cut sizes of a profile; ``graph`` is the networkx view."""
+    """Layers, tensors and cut sizes of a profile."""
 
     def __init__(self, profile: Profile):
         self.edges = profile.edges
@@ -57,21 +57,6 @@ class LayerGraph:
                    consumers=tuple(sorted(set(v["consumers"]))), saved=v["saved"])
             for (p, t), v in sorted(grouped.items())
         ]
-
-    @cached_property
-    def graph(self) -> nx.DiGraph:
-        """The layers (with the input batch and the loss) as a networkx graph whose edges carry
-        bytes per sample; built on first use, so solving never imports networkx."""
-        import networkx as nx
-
-        g = nx.DiGraph()
-        g.add_nodes_from([INPUT, *self.names, LOSS])
-        for e in self.edges:
-            if g.has_edge(e.src, e.dst):
-                g[e.src][e.dst]["bytes_per_sample"] += e.bytes_per_sample
-            else:
-                g.add_edge(e.src, e.dst, bytes_per_sample=e.bytes_per_sample)
-        return g
 
     def cut_bytes_per_sample(self) -> list[int]:
         """Bytes per sample crossing each cut; entries 0 and L are 0 (the batch and the loss are

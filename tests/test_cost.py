@@ -31,11 +31,12 @@ def test_skip_connection_counts_in_every_cut_it_spans():
     assert cuts[0] == cuts[12] == 0
 
 
-def test_networkx_view_of_a_skip_connection():
-    g = LayerGraph(chain_profile([1.0] * 12, out_bytes_per_sample=100, skips=[(2, 9, 7)])).graph
-    assert g["layers.2"]["layers.9"]["bytes_per_sample"] == 7
-    assert g["layers.2"]["layers.3"]["bytes_per_sample"] == 100
-    assert g.in_degree("layers.9") == 2
+def test_tensors_of_a_skip_connection():
+    g = LayerGraph(chain_profile([1.0] * 12, out_bytes_per_sample=100, skips=[(2, 9, 7)]))
+    from_2 = {t.index: t for t in g.tensors if t.producer == 2}
+    assert (from_2[1].bytes_per_sample, from_2[1].consumers) == (7, (9,))  # the skip
+    assert (from_2[0].bytes_per_sample, from_2[0].consumers) == (100, (3,))  # the chain
+    assert sum(9 in t.consumers for t in g.tensors) == 2  # layer 9 reads two tensors
 
 
 def test_stage_times_and_recomputation():
