@@ -47,13 +47,34 @@ def schema(kind: str = typer.Argument(..., help="profile, cluster or plan")) -> 
 
 @app.command()
 def clusters() -> None:
-    """List the cluster presets and the --cluster syntax."""
-    from planner.clusters import KINDS, PRESETS
+    """List the device kinds and cluster presets, with memory and links, and the --cluster syntax."""
+    from rich.table import Table
 
+    from planner.clusters import MAX_DEVICES, MAX_DEVICES_PER_NODE, PRESETS, describe_link, from_spec, kinds
+    from planner.report import fmt_bytes
+
+    table = Table(title="device kinds (DEVICE in --cluster)", title_justify="left")
+    for col in ("DEVICE", "device", "memory", "usable", "speed", "within a node", "between nodes"):
+        table.add_column(col, justify="right" if col in ("memory", "usable", "speed") else "left")
+    for names, kind in kinds():
+        dev = kind.device
+        table.add_row(", ".join(names), dev.name, fmt_bytes(dev.memory_bytes),
+                      fmt_bytes(dev.memory_bytes - kind.reserved_bytes), f"{dev.speed:g}x",
+                      describe_link(kind.intra), describe_link(kind.inter))
+    out.print(table)
+    presets = Table(title="presets", title_justify="left")
+    for col in ("cluster", "what", "devices", "memory in all"):
+        presets.add_column(col, justify="right" if col in ("devices", "memory in all") else "left")
     for name, text in PRESETS.items():
-        out.print(f"  [bold]{name:<14}[/] {text}")
-    out.print("\nAny [bold][NODESx]DEVICExCOUNT[/], joined with '+' for mixed nodes, where DEVICE is "
-              + ", ".join(sorted(set(KINDS))) + "; or a cluster JSON file (planner schema cluster).")
+        devices = from_spec(name).devices
+        presets.add_row(name, text, str(len(devices)), fmt_bytes(sum(d.memory_bytes for d in devices)))
+    out.print(presets)
+    out.print("speed: relative to the device the profile was measured on (the profile's times are used "
+              "as they are); usable: memory less what the runtime reserves; links: bandwidth per "
+              "direction per device, latency per message (+ CPU time per message on gloo).")
+    out.print(f"Any [bold][NODESx]DEVICExCOUNT[/] (at most {MAX_DEVICES_PER_NODE} devices a node, "
+              f"{MAX_DEVICES:,} in all), joined with '+' for mixed nodes (a100-80gbx4+a100-40gbx4); "
+              "or a cluster JSON file (planner schema cluster).", soft_wrap=True)
 
 
 @app.command()

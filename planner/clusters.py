@@ -8,6 +8,10 @@
 
 Bandwidths are per direction, per GPU, from the vendors' datasheets; latencies are typical
 small-message NCCL point-to-point latencies. CPU links were measured with gloo on loopback.
+
+A node holds at most ``MAX_DEVICES_PER_NODE`` devices: 72 is the largest NVLink domain built as one
+node (NVIDIA's GB200 NVL72 rack), so ``h100x9000`` is refused and ``1125xh100x8`` is the way to
+write 9,000 GPUs. A cluster holds at most ``MAX_DEVICES`` devices in all.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from planner.formats import Cluster, DeviceSpec, Link, NodeSpec, load_cluster_fi
 GiB = 1024**3
 MiB = 1024**2
 
+MAX_DEVICES_PER_NODE = 72  # NVL72-class nodes: one NVLink domain of 72 GPUs
+MAX_DEVICES = 65536
+
 
 @dataclass(frozen=True)
 class DeviceKind:
@@ -29,6 +36,7 @@ class DeviceKind:
     intra: Link  # between devices of one node
     inter: Link  # between nodes, per device
     reserved_bytes: int  # runtime context and communication buffers
+    per_node: int = 8  # how many a typical node holds (the suggestion for a count too large)
 
 
 # NVLink 4 (H100 SXM): 900 GB/s bidirectional per GPU; NDR InfiniBand: 400 Gb/s per GPU.
@@ -48,13 +56,13 @@ _A100_80 = DeviceKind(DeviceSpec(name="A100-80GB", type="cuda", memory_bytes=819
 # cards have no peer-to-peer, so a transfer crosses host memory. 10 GbE between nodes.
 _RTX4090 = DeviceKind(DeviceSpec(name="RTX4090-24GB", type="cuda", memory_bytes=24564 * MiB),
                       Link(bandwidth_bytes_per_s=31.5e9, latency_s=20e-6),
-                      Link(bandwidth_bytes_per_s=1.25e9, latency_s=50e-6), 1 * GiB)
+                      Link(bandwidth_bytes_per_s=1.25e9, latency_s=50e-6), 1 * GiB, per_node=4)
 # gloo over loopback between two processes, measured on a 2-core machine (benchmarks/links.py):
 # 90 us latency, 3.2 GB/s, and about 250 us of the receiving thread per message; the engine
 # spends about 50 us of Python per action.
 _CPU = DeviceKind(DeviceSpec(name="cpu", type="cpu", memory_bytes=4 * GiB, action_overhead_s=50e-6),
                   Link(bandwidth_bytes_per_s=3.2e9, latency_s=90e-6, cpu_s=250e-6),
-                  Link(bandwidth_bytes_per_s=1.25e9, latency_s=100e-6, cpu_s=250e-6), 0)
+                  Link(bandwidth_bytes_per_s=1.25e9, latency_s=100e-6, cpu_s=250e-6), 0, per_node=2)
 
 KINDS: dict[str, DeviceKind] = {
     "h100": _H100, "h100-80gb": _H100, "h200": _H200,
@@ -73,6 +81,22 @@ PRESETS = {
     "2xh100x8": "two nodes of 8 H100-80GB on InfiniBand",
 }
 
+
+
+def kinds() -> list[tuple[list[str], DeviceKind]]:
+    """Each device kind once, with every name ``--cluster`` accepts for it."""
+    grouped: dict[int, tuple[list[str], DeviceKind]] = {}
+    for name, kind in KINDS.items():
+        grouped.setdefault(id(kind), ([], kind))[0].append(name)
+    return list(grouped.values())
+
+
+def describe_link(link: Link) -> str:
+    """'450 GB/s, 10 us' (decimal GB/s, as datasheets give them); gloo adds its CPU time."""
+    text = f"{link.bandwidth_bytes_per_s / 1e9:g} GB/s, {link.latency_s * 1e6:g} us"
+    return text + (f" (+{link.cpu_s * 1e6:g} us CPU)" if link.cpu_s else "")
+
+
 _TERM = re.compile(r"^(?:(\d+)x)?([a-z0-9][a-z0-9-]*?)x?(\d+)$")
 
 
@@ -85,11 +109,24 @@ def _term(text: str) -> tuple[int, DeviceKind, int]:
                          f"{known} (e.g. h100x8, 2xh100x8, cpu2), or give a cluster JSON file")
     nodes = int(m.group(1) or 1)
     count = int(m.group(3))
+    kind = KINDS[m.group(2)]
     if nodes < 1 or count < 1:
         raise InputError(f"cluster {text!r}: node and device counts must be at least 1")
-    if nodes * count > 65536:
-        raise InputError(f"cluster {text!r}: {nodes * count} devices is more than planner handles")
-    return nodes, KINDS[m.group(2)], count
+    if count > MAX_DEVICES_PER_NODE:
+        raise InputError(f"cluster {text!r}: {count} devices in one node is more than a node holds "
+                         f"(at most {MAX_DEVICES_PER_NODE}, an NVL72-class node); for many nodes "
+                         f"write NODESxDEVICExCOUNT, e.g. {_suggest(m.group(2), kind, count * nodes)}")
+    if nodes * count > MAX_DEVICES:
+        raise InputError(f"cluster {text!r}: {nodes * count:,} devices is more than planner handles "
+                         f"(at most {MAX_DEVICES:,})")
+    return nodes, kind, count
+
+
+def _suggest(name: str, kind: DeviceKind, total: int) -> str:
+    """'h100', 9000 devices -> '1125xh100x8': nodes as large as the kind's typical node or the
+    largest smaller size that divides the total, so the suggestion has the same device count."""
+    per = max(d for d in range(1, kind.per_node + 1) if total % d == 0)
+    return f"{total // per}x{name}x{per}"
 
 
 def from_spec(spec: str, *, memory_bytes: int | None = None) -> Cluster:
@@ -97,7 +134,7 @@ def from_spec(spec: str, *, memory_bytes: int | None = None) -> Cluster:
     spec = spec.strip()
     path = Path(spec)
     if spec.endswith(".json") or path.is_file():
-        return load_cluster_file(path)
+        return _plausible(load_cluster_file(path), str(path))
     nodes: list[NodeSpec] = []
     kinds: list[DeviceKind] = []
     for text in spec.lower().split("+"):
@@ -113,3 +150,15 @@ def from_spec(spec: str, *, memory_bytes: int | None = None) -> Cluster:
     return Cluster(name=spec.lower(), nodes=nodes, intra_node=intra,
                    inter_node=inter if len(nodes) > 1 else None,
                    reserved_bytes=max(k.reserved_bytes for k in kinds))
+
+
+def _plausible(cluster: Cluster, where: str) -> Cluster:
+    """A cluster file within the same limits as the preset syntax."""
+    largest = max(len(node.devices) for node in cluster.nodes)
+    if largest > MAX_DEVICES_PER_NODE:
+        raise InputError(f"{where}: a node of {largest} devices is more than a node holds (at most "
+                         f"{MAX_DEVICES_PER_NODE}, an NVL72-class node): split it into nodes")
+    if len(cluster.devices) > MAX_DEVICES:
+        raise InputError(f"{where}: {len(cluster.devices):,} devices is more than planner handles "
+                         f"(at most {MAX_DEVICES:,})")
+    return cluster
