@@ -54,6 +54,7 @@ class CutLink:
 class SimResult:
     step_time_s: float
     compute_s: list[float]  # per rank: F, B, I, W time
+    stage_compute_s: list[float]  # per stage: the time of its own actions, overheads included
     tail_s: list[float]  # per rank: gradient all-reduce and optimizer step after the last action
     idle_s: list[float]
     bubble_fraction: float
@@ -382,6 +383,7 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
     pp = schedule.pp
     clock = [0.0] * pp
     compute = [0.0] * pp
+    stage_compute = [0.0] * S
     events: list[Event] = []
     transfers: list[Transfer] = []
     for i, a in enumerate(compiled.action):
@@ -390,6 +392,7 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
             if timeline:
                 events.append(Event(r, a, start[i], end[i]))
             compute[r] += end[i] - start[i]
+            stage_compute[a.stage] += end[i] - start[i]
             clock[r] = max(clock[r], end[i])
         elif timeline:
             link = cuts[compiled.cut[i]]
@@ -400,6 +403,6 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
     step, tails = _step(schedule, costs, cuts, clock)
     idle = [max(step - c - t, 0.0) for c, t in zip(compute, tails)]
     bubble = sum(idle) / (pp * step) if step > 0 else 0.0
-    return SimResult(step_time_s=step, compute_s=compute, tail_s=tails, idle_s=idle,
+    return SimResult(step_time_s=step, compute_s=compute, stage_compute_s=stage_compute, tail_s=tails, idle_s=idle,
                      bubble_fraction=min(max(bubble, 0.0), 1.0),
                      peak_memory_bytes=peak_memory(schedule, costs), events=events, transfers=transfers)

@@ -222,3 +222,25 @@ def test_check_says_stale_when_the_model_changed(tmp_path, plan, profile):
     changed.write_text(json.dumps(data))
     r = runner.invoke(app, ["check", str(plan), "--profile", str(changed)])
     assert r.exit_code == 1 and "stale" in r.output
+
+
+def test_simulate_reports_each_stage_own_compute_as_the_plan_does():
+    # an interleaved plan: each rank holds two stages of different sizes, so a stage's compute
+    # is not its rank's
+    plan_path = "plans/gpt-tied-50k.h200x8-pp4.json"
+    plan = json.loads(open(plan_path).read())
+    r = runner.invoke(app, ["simulate", plan_path, "--json"])
+    assert r.exit_code == 0, r.output
+    stages = json.loads(r.stdout)["stages"]
+    assert [st["compute_s"] for st in stages] == [st["predicted"]["compute_s"] for st in plan["stages"]]
+    assert len({st["compute_s"] for st in stages}) > len({st["rank"] for st in stages}) / 2
+    for rank in {st["rank"] for st in stages}:
+        mine = [st for st in stages if st["rank"] == rank]
+        assert sum(st["compute_s"] for st in mine) == pytest.approx(mine[0]["rank_compute_s"])
+    r = runner.invoke(app, ["simulate", plan_path])
+    assert r.exit_code == 0, r.output
+    from planner.report import fmt_time
+
+    for st in plan["stages"]:
+        row = next(line for line in r.output.splitlines() if line.split("│")[1:2] == [f" {st['index']:>5} "])
+        assert fmt_time(st["predicted"]["compute_s"]) in row
