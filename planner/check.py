@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.errors import CheckFailed, InputError, MissingExtraError, PlannerError
-from planner.evaluate import profile_fingerprint, replay_plan
+from planner.evaluate import Evaluation, profile_fingerprint, replay_plan
 from planner.formats import Plan, Profile, load_plan
+from planner.report import fmt_bytes
 
 
 @dataclass
@@ -25,8 +26,6 @@ class Outcome:
 
 def check_memory(plan: Plan) -> list[str]:
     """Ranks whose predicted peak exceeds their devices' usable memory, with their stages."""
-    from planner.report import fmt_bytes
-
     sim = replay_plan(plan)
     problems = []
     for r, need in enumerate(sim.peak_memory_bytes):
@@ -55,11 +54,38 @@ def rebuilt_fingerprint(plan: Plan) -> str:
     return fingerprint(build_on_meta(plan.model.factory, dict(plan.model.args)).model)
 
 
-def check_better(plan: Plan, profile: Profile, tolerance: float) -> list[str]:
-    """Search again with the plan's own settings; fail if the new best is faster by more than
-    the tolerance."""
+def price_on(plan: Plan, profile: Profile) -> Evaluation:
+    """The plan's own configuration and partition, priced on ``profile``'s measurements (on the
+    plan's cluster), as the solver prices every candidate."""
+    from planner.cost import CostTable, Segment
+    from planner.evaluate import Config, evaluate
+    from planner.graph import LayerGraph
+
+    cfg = Config(pp=plan.parallel.pp, dp=plan.parallel.dp, mbs=plan.microbatch.size, m=plan.microbatch.count,
+                 schedule=plan.schedule.name, v=plan.schedule.virtual_stages, training=plan.training)
+    if str(cfg.mbs) not in profile.layers[0].by_mbs:
+        raise InputError(f"the plan runs micro-batches of {cfg.mbs}, the profile has none measured "
+                         f"(it has {', '.join(profile.layers[0].by_mbs)}): profile that size")
+    index = {layer.name: i for i, layer in enumerate(profile.layers)}
+    names = [layer.name for layer in profile.layers]
+    segments = []
+    for st in plan.stages:
+        missing = [n for n in st.layers + st.recompute_layers if n not in index]
+        if missing:
+            raise InputError(f"stage {st.index}'s layer {missing[0]} is not in the profile")
+        start = index[st.layers[0]]
+        if names[start:start + len(st.layers)] != st.layers:
+            raise InputError(f"stage {st.index}'s layers are not consecutive in the profile")
+        segments.append(Segment(start, start + len(st.layers), st.recompute,
+                                tuple(index[n] for n in st.recompute_layers)))
+    table = CostTable(profile, cfg.mbs, LayerGraph(profile))
+    return evaluate(table, plan.cluster, cfg, segments, detail=False)
+
+
+def _saved_settings(plan: Plan):
+    """The solver settings the plan was made with, as the search reads them."""
     from planner.formats import Training
-    from planner.solve import Settings, solve
+    from planner.solve import Settings
 
     saved = dict(plan.provenance.solver.get("settings", {})) if isinstance(plan.provenance.solver, dict) else {}
     keep = {k: v for k, v in saved.items() if k in Settings.__dataclass_fields__ and k != "training"}
@@ -67,23 +93,65 @@ def check_better(plan: Plan, profile: Profile, tolerance: float) -> list[str]:
         if keep.get(key) is not None:
             keep[key] = tuple(keep[key])
     keep["global_batch"] = keep.get("global_batch") or plan.microbatch.global_batch
-    settings = Settings(**keep, training=Training(**plan.training.model_dump()))
-    result = solve(profile, plan.cluster, settings)
-    if settings.objective == "memory":
-        least, now = max(result.best.evaluation.peak_memory_bytes), plan.predicted.peak_memory_bytes
-        if least < now * (1 - tolerance):
-            from planner.report import fmt_bytes
+    return Settings(**keep, training=Training(**plan.training.model_dump()))
 
-            return [f"a plan needing less memory exists: {result.best.config.describe()} peaks at "
-                    f"{fmt_bytes(least)} per device against this plan's {fmt_bytes(now)} (re-solve to update it)"]
-        return []
-    new = result.best.throughput
-    old = plan.predicted.throughput_samples_per_s
-    if new > old * (1 + tolerance):
-        cfg = result.best.config
-        return [f"a better plan exists: {cfg.describe()} at {new:.1f} samples/s, "
-                f"{new / old - 1:.1%} faster than this plan's {old:.1f} (re-solve to update it)"]
-    return []
+
+@dataclass
+class Comparison:
+    """This plan and the best one found, both priced on the same profile."""
+
+    source: str  # the profile both are priced on, as the user named it
+    mine: Evaluation
+    best: Evaluation
+    objective: str
+
+    @property
+    def same(self) -> bool:
+        return self.best.config == self.mine.config and self.best.segments == self.mine.segments
+
+    def gain(self) -> float:
+        """How much better the best is than this plan: faster, or lighter on the fullest device."""
+        if self.objective == "memory":
+            least, now = max(self.best.peak_memory_bytes), max(self.mine.peak_memory_bytes)
+            return now / least - 1 if least > 0 else 0.0
+        return self.best.throughput / self.mine.throughput - 1 if self.mine.throughput > 0 else float("inf")
+
+    def describe(self, ev: Evaluation) -> str:
+        if self.objective == "memory":
+            return f"peaks at {fmt_bytes(max(ev.peak_memory_bytes))} per device"
+        return f"runs {ev.throughput:.1f} samples/s"
+
+
+def compare_best(plan: Plan, profile: Profile, source: str) -> Comparison:
+    """Search again with the plan's own settings on ``profile``, and price the plan there too."""
+    from planner.solve import solve
+
+    settings = _saved_settings(plan)
+    result = solve(profile, plan.cluster, settings)
+    return Comparison(source, price_on(plan, profile), result.best.evaluation, settings.objective)
+
+
+def check_better(plan: Plan, profile: Profile, tolerance: float,
+                 source: str = "the profile") -> tuple[list[str], list[str]]:
+    """(problems, notes): fail if this plan does not fit on ``profile``'s measurements, or if the
+    best plan found there beats it, priced there too, by more than the tolerance."""
+    c = compare_best(plan, profile, source)
+    stored = (f"this plan's stored prediction ({plan.predicted.throughput_samples_per_s:.1f} samples/s, "
+              f"peak {fmt_bytes(plan.predicted.peak_memory_bytes)}) is priced on the profile it was solved on")
+    if not c.mine.fits:
+        r, over = c.mine.overflow[0]
+        return [f"on {source}'s measurements this plan does not fit: rank {r} needs {fmt_bytes(over)} more "
+                f"than its device has; the best plan there, {c.best.config.describe()}, {c.describe(c.best)} "
+                "(re-solve to update it)"], [stored]
+    if c.gain() > tolerance:
+        what = "needing less memory" if c.objective == "memory" else "better"
+        how = "less memory" if c.objective == "memory" else "faster"
+        return [f"a {what} plan exists: on {source}, {c.best.config.describe()} {c.describe(c.best)}, "
+                f"{c.gain():.1%} {how} than this plan, which {c.describe(c.mine)} there "
+                "(re-solve to update it)"], [stored]
+    best = "this plan's own configuration and split" if c.same else \
+        f"{c.best.config.describe()}, {c.describe(c.best)}, within the tolerance"
+    return [], [f"on {source}, this plan {c.describe(c.mine)}; the best found: {best}"]
 
 
 def check_one(path: Path, *, profile: Profile | None, profile_path: str | None, rebuild: bool,
@@ -102,20 +170,22 @@ def check_one(path: Path, *, profile: Profile | None, profile_path: str | None, 
             if profile is None:
                 raise InputError("--resolve needs --profile")
             if not problems:
-                problems += check_better(plan, profile, tolerance)
+                found, notes = check_better(plan, profile, tolerance, profile_path or "the profile")
+                problems += found
+                out.lines += notes
     except PlannerError as e:
         out.code = e.exit_code if isinstance(e, InputError) else 1
         out.lines.append(str(e))
         return out
-    if problems:
+    if problems:  # the failure leads, the notes follow
         out.code = 1
-        out.lines += problems
+        out.lines = problems + out.lines
     return out
 
 
 def summary(plan_path: str) -> str:
     plan = load_plan(plan_path)
-    from planner.report import fmt_bytes, fmt_time
+    from planner.report import fmt_time
 
     return (f"pp={plan.parallel.pp} dp={plan.parallel.dp} {plan.schedule.name}, step "
             f"{fmt_time(plan.predicted.step_time_s)}, peak {fmt_bytes(plan.predicted.peak_memory_bytes)}")

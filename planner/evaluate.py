@@ -172,9 +172,6 @@ def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
     ev = ev.detailed()
     cfg = ev.config
     names = [layer.name for layer in profile.layers]
-    compute = [0.0] * len(ev.segments)  # the simulated actions of each stage, overheads included
-    for e in ev.sim.events:
-        compute[e.action.stage] += e.end_s - e.start_s
     stages = []
     for s, (seg, cost) in enumerate(zip(ev.segments, ev.costs)):
         r = ev.schedule.stage_rank[s]
@@ -182,7 +179,7 @@ def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
             index=s, layers=names[seg.start:seg.stop], rank=r, devices=ev.ranks[r].devices,
             recompute=seg.recompute, recompute_layers=[names[i] for i in seg.recompute_layers],
             cost=cost,
-            predicted=StagePrediction(compute_s=compute[s], peak_memory_bytes=ev.sim.peak_memory_bytes[r])))
+            predicted=StagePrediction(compute_s=ev.sim.stage_compute_s[s], peak_memory_bytes=ev.sim.peak_memory_bytes[r])))
     return Plan(
         model=profile.model, cluster=cluster,
         parallel=Parallel(pp=cfg.pp, dp=cfg.dp),

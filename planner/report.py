@@ -46,8 +46,9 @@ def simulation_summary(plan: Plan, sim: SimResult) -> dict[str, Any]:
         cap = plan.cluster.usable_bytes(st.devices)
         stages.append({
             "index": st.index, "rank": r, "layers": st.layers, "recompute": st.recompute,
-            "compute_s": sim.compute_s[r], "idle_s": sim.idle_s[r],
-            "utilization": sim.compute_s[r] / sim.step_time_s if sim.step_time_s else 0.0,
+            "compute_s": sim.stage_compute_s[st.index],
+            "utilization": sim.stage_compute_s[st.index] / sim.step_time_s if sim.step_time_s else 0.0,
+            "rank_compute_s": sim.compute_s[r], "rank_idle_s": sim.idle_s[r],
             "peak_memory_bytes": sim.peak_memory_bytes[r], "capacity_bytes": cap,
         })
     return {

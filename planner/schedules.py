@@ -17,13 +17,31 @@ import heapq
 from collections import deque
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from enum import StrEnum
 from typing import Callable, NamedTuple
 
 from planner.errors import ScheduleError
 
 
+class Kind(StrEnum):
+    """What an action computes, written as the engine writes it (torch's ``_ComputationType``)."""
+
+    FORWARD = "F"
+    FULL_BACKWARD = "B"
+    BACKWARD_INPUT = "I"  # the input-gradient part of a split backward
+    BACKWARD_WEIGHT = "W"  # its weight-gradient part
+
+    @property
+    def slot(self) -> int:
+        """Its position in the per-stage tables of times and counts: F, B, I, W."""
+        return _SLOT[self]
+
+
+_SLOT = {k: i for i, k in enumerate(Kind)}
+
+
 class Action(NamedTuple):
-    kind: str  # "F", "B", "I" or "W"
+    kind: Kind
     stage: int
     mb: int
 
@@ -49,6 +67,41 @@ class Schedule:
 
     def stages_of(self, rank: int) -> list[int]:
         return self._stages[rank]
+
+    def global_order(self) -> list[Action]:
+        """Every rank's actions merged into one order that keeps each rank's own order and puts
+        every action after the actions it takes input from: ranks take turns, each running its
+        list until an action waits for another rank. The simulator times the schedule in this
+        order, and a single process can run the whole pipeline in it."""
+        return list(self._global_order)
+
+    @cached_property
+    def _global_order(self) -> tuple[Action, ...]:
+        done: set[tuple[Kind, int, int]] = set()
+        last = self.n_stages - 1
+
+        def ready(a: Action) -> bool:
+            s, k = a.stage, a.mb
+            if a.kind == Kind.FORWARD:
+                return s == 0 or (Kind.FORWARD, s - 1, k) in done
+            if a.kind == Kind.BACKWARD_WEIGHT:
+                return (Kind.BACKWARD_INPUT, s, k) in done
+            return (Kind.FORWARD, s, k) in done and (s == last or (Kind.FULL_BACKWARD, s + 1, k) in done
+                                                      or (Kind.BACKWARD_INPUT, s + 1, k) in done)
+
+        order: list[Action] = []
+        pos, total = [0] * self.pp, sum(map(len, self.ranks))
+        while len(order) < total:
+            before = len(order)
+            for r, acts in enumerate(self.ranks):
+                while pos[r] < len(acts) and ready(acts[pos[r]]):
+                    done.add(acts[pos[r]])
+                    order.append(acts[pos[r]])
+                    pos[r] += 1
+            if len(order) == before:
+                stuck = {r: str(acts[pos[r]]) for r, acts in enumerate(self.ranks) if pos[r] < len(acts)}
+                raise ScheduleError(f"schedule deadlocks: ranks wait forever at {stuck}")
+        return tuple(order)
 
     @cached_property
     def _stages(self) -> list[list[int]]:
@@ -144,7 +197,7 @@ def check_combination(name: str, pp: int, m: int, v: int) -> None:
 def validate(schedule: Schedule) -> None:
     """Every stage runs every micro-batch's F, then B (or I then W), on its own rank."""
     S, m = schedule.n_stages, schedule.microbatches
-    seen: dict[tuple[str, int, int], int] = {}
+    seen: dict[tuple[Kind, int, int], int] = {}
     for rank, actions in enumerate(schedule.ranks):
         for pos, a in enumerate(actions):
             if schedule.stage_rank[a.stage] != rank:
@@ -152,15 +205,16 @@ def validate(schedule: Schedule) -> None:
                                     f"{schedule.stage_rank[a.stage]}")
             if (a.kind, a.stage, a.mb) in seen:
                 raise ScheduleError(f"rank {rank} runs {a} twice")
-            need = {"B": "F", "I": "F", "W": "I"}.get(a.kind)
+            need = {Kind.FULL_BACKWARD: Kind.FORWARD, Kind.BACKWARD_INPUT: Kind.FORWARD,
+                    Kind.BACKWARD_WEIGHT: Kind.BACKWARD_INPUT}.get(a.kind)
             if need and (need, a.stage, a.mb) not in seen:
                 raise ScheduleError(f"rank {rank} runs {a} before {Action(need, a.stage, a.mb)}")
             seen[(a.kind, a.stage, a.mb)] = pos
     for s in range(S):
         for k in range(m):
-            if ("F", s, k) not in seen:
+            if (Kind.FORWARD, s, k) not in seen:
                 raise ScheduleError(f"stage {s} never runs the forward of micro-batch {k}")
-            if ("B", s, k) not in seen and ("W", s, k) not in seen:
+            if (Kind.FULL_BACKWARD, s, k) not in seen and (Kind.BACKWARD_WEIGHT, s, k) not in seen:
                 raise ScheduleError(f"stage {s} never runs the backward of micro-batch {k}")
 
 
@@ -177,8 +231,15 @@ def _vee(pp: int) -> tuple[int, ...]:
 
 def _gpipe(pp: int, m: int) -> list[list[Action]]:
     # Huang et al. 2019: every forward, then every backward (in micro-batch order, as the engine does)
-    return [[Action("F", r, k) for k in range(m)] + [Action("B", r, k) for k in range(m)]
-            for r in range(pp)]
+    return [[Action(Kind.FORWARD, r, k) for k in range(m)]
+            + [Action(Kind.FULL_BACKWARD, r, k) for k in range(m)] for r in range(pp)]
+
+
+def _backward(stage: int, mb: int, split: bool) -> list[Action]:
+    """A micro-batch's backward on a stage: whole, or its input gradient then its weight gradient."""
+    if split:
+        return [Action(Kind.BACKWARD_INPUT, stage, mb), Action(Kind.BACKWARD_WEIGHT, stage, mb)]
+    return [Action(Kind.FULL_BACKWARD, stage, mb)]
 
 
 def _one_f_one_b(pp: int, m: int, split: bool) -> list[list[Action]]:
@@ -188,11 +249,11 @@ def _one_f_one_b(pp: int, m: int, split: bool) -> list[list[Action]]:
     out = []
     for r in range(pp):
         warm = min(pp - r, m)
-        acts = [Action("F", r, k) for k in range(warm)]
+        acts = [Action(Kind.FORWARD, r, k) for k in range(warm)]
         for k in range(m):
-            acts += [Action("I", r, k), Action("W", r, k)] if split else [Action("B", r, k)]
+            acts += _backward(r, k, split)
             if warm + k < m:
-                acts.append(Action("F", r, warm + k))
+                acts.append(Action(Kind.FORWARD, r, warm + k))
         out.append(acts)
     return out
 
@@ -211,14 +272,14 @@ def _interleaved(pp: int, v: int, m: int, split: bool) -> list[list[Action]]:
                 chunk = v - 1 - chunk
             return chunk * pp + r, group * pp + within % pp
 
-        fwd = [Action("F", *order(n, False)) for n in range(total)]
+        fwd = [Action(Kind.FORWARD, *order(n, False)) for n in range(total)]
         bwd = [order(n, True) for n in range(total)]
         warm = min((pp - r - 1) * 2 + (v - 1) * pp, total)
         acts = fwd[:warm]
 
         def backward(n: int) -> list[Action]:
             s, k = bwd[n]
-            return [Action("I", s, k), Action("W", s, k)] if split else [Action("B", s, k)]
+            return _backward(s, k, split)
 
         for n in range(total - warm):
             acts.append(fwd[warm + n])
@@ -261,24 +322,24 @@ def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
             if k < m and (own := end_f[s][k]) >= 0:
                 ready = own if s == S - 1 else (max(own, end_i[s + 1][k]) if end_i[s + 1][k] >= 0 else -1)
                 if ready >= 0:
-                    option = (max(now, ready), 0, -s, "I", s, k)
+                    option = (max(now, ready), 0, -s, Kind.BACKWARD_INPUT, s, k)
                     top = option if top is None or option < top else top
             k = next_f[s]
             if k < m and (s != first or inflight[r] < cap):
                 ready = 0 if s == 0 else end_f[s - 1][k]
                 if ready >= 0:
                     prio = -1 if first_forward_priority(r, started[r]) else 1
-                    option = (max(now, ready), prio, -s, "F", s, k)
+                    option = (max(now, ready), prio, -s, Kind.FORWARD, s, k)
                     top = option if top is None or option < top else top
         if pending_w[r]:
             w = pending_w[r][0]
-            option = (now, 2, -w.stage, "W", w.stage, w.mb)
+            option = (now, 2, -w.stage, Kind.BACKWARD_WEIGHT, w.stage, w.mb)
             top = option if top is None or option < top else top
         return top
 
     # Each rank's best option is cached in a heap and recomputed only when an action that
     # could change it completes (its own, or a neighbour stage's).
-    heap: list[tuple[int, int, int, int, str, int, int]] = []  # ..., rank, version, kind, stage, mb
+    heap: list[tuple[int, int, int, int, Kind, int, int]] = []  # ..., rank, version, kind, stage, mb
     version = [0] * pp
 
     def push(r: int) -> None:
@@ -299,19 +360,19 @@ def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
         finish = start + 1
         clock[r] = finish
         lists[r].append(a)
-        if a.kind == "F":
+        if a.kind == Kind.FORWARD:
             end_f[a.stage][a.mb] = finish
-        elif a.kind == "I":
+        elif a.kind == Kind.BACKWARD_INPUT:
             end_i[a.stage][a.mb] = finish
         remaining -= 1
-        if a.kind == "F":
+        if a.kind == Kind.FORWARD:
             next_f[a.stage] += 1
             inflight[r] += 1
             if a.stage == stages[r][0]:
                 started[r] += 1
-        elif a.kind == "I":
+        elif a.kind == Kind.BACKWARD_INPUT:
             next_i[a.stage] += 1
-            pending_w[r].append(Action("W", a.stage, a.mb))
+            pending_w[r].append(Action(Kind.BACKWARD_WEIGHT, a.stage, a.mb))
         else:
             pending_w[r].popleft()
             inflight[r] -= 1
@@ -365,10 +426,10 @@ def inflight_peaks(schedule: Schedule) -> list[int]:
     for actions in schedule.ranks:
         held = [0] * schedule.n_stages
         for a in actions:
-            if a.kind == "F":
+            if a.kind == Kind.FORWARD:
                 held[a.stage] += 1
                 peak[a.stage] = max(peak[a.stage], held[a.stage])
-            elif a.kind == "B" or a.kind == "W":
+            elif a.kind == Kind.FULL_BACKWARD or a.kind == Kind.BACKWARD_WEIGHT:
                 held[a.stage] -= 1
     return peak
 

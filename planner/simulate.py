@@ -18,7 +18,7 @@ import numpy as np
 
 from planner.errors import ScheduleError
 from planner.formats import StageCost
-from planner.schedules import Action, Schedule
+from planner.schedules import Action, Kind, Schedule
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class CutLink:
 class SimResult:
     step_time_s: float
     compute_s: list[float]  # per rank: F, B, I, W time
+    stage_compute_s: list[float]  # per stage: the time of its own actions, overheads included
     tail_s: list[float]  # per rank: gradient all-reduce and optimizer step after the last action
     idle_s: list[float]
     bubble_fraction: float
@@ -91,7 +92,6 @@ class Compiled:
 def compile_schedule(schedule: Schedule) -> Compiled:
     S, m = schedule.n_stages, schedule.microbatches
     place = schedule.stage_rank
-    kind_slot = {"F": 0, "B": 1, "I": 2, "W": 3}
     action: list[Action | None] = []
     rank, prev, dep, cut, receiver, kind, receives = [], [], [], [], [], [], []
     # node_of[(kind * S + stage) * m + mb]: the node of that action; -1 until it is placed.
@@ -101,26 +101,25 @@ def compile_schedule(schedule: Schedule) -> Compiled:
     last_on_rank = [-1] * schedule.pp
     last_on_link: dict[tuple[int, int], int] = {}
 
-    def data(a: Action) -> int | None:
-        """The node whose end (plus latency, for a transfer) makes a's input ready; -1: none."""
+    def node(k: Kind, s: int, mb: int) -> int:
+        return node_of[(k.slot * S + s) * m + mb]
+
+    def data(a: Action) -> int:
+        """The node whose end (plus latency, for a transfer) makes a's input ready, placed
+        before a in the global order; -1: none. A backward's own forward precedes it on its rank."""
         s, k = a.stage, a.mb
-        if a.kind == "F":
+        if a.kind == Kind.FORWARD:
             if s == 0:
                 return -1
-            n = node_of[(s - 1) * m + k] if place[s - 1] == place[s] else arrive_act[s * m + k]
-        elif a.kind == "W":
-            n = node_of[(2 * S + s) * m + k]
-        elif node_of[s * m + k] < 0:  # a backward waits for its own forward
-            return None
-        elif s == S - 1:
-            return node_of[s * m + k]
-        elif place[s + 1] == place[s]:
-            n = node_of[(S + s + 1) * m + k]
-            if n < 0:
-                n = node_of[(2 * S + s + 1) * m + k]
-        else:
-            n = arrive_grad[s * m + k]
-        return None if n < 0 else n  # the own forward precedes a on this rank already
+            return node(Kind.FORWARD, s - 1, k) if place[s - 1] == place[s] else arrive_act[s * m + k]
+        if a.kind == Kind.BACKWARD_WEIGHT:
+            return node(Kind.BACKWARD_INPUT, s, k)
+        if s == S - 1:
+            return node(Kind.FORWARD, s, k)
+        if place[s + 1] == place[s]:
+            n = node(Kind.FULL_BACKWARD, s + 1, k)
+            return n if n >= 0 else node(Kind.BACKWARD_INPUT, s + 1, k)
+        return arrive_grad[s * m + k]
 
     def add(a, r, p, d, c, rcv, k) -> int:
         action.append(a)
@@ -133,38 +132,24 @@ def compile_schedule(schedule: Schedule) -> Compiled:
         receives.append(-1)
         return len(action) - 1
 
-    pos = [0] * schedule.pp
-    left = sum(len(x) for x in schedule.ranks)
-    while left:
-        moved = False
-        for r, acts in enumerate(schedule.ranks):
-            while pos[r] < len(acts):
-                a = acts[pos[r]]
-                d = data(a)
-                if d is None:
-                    break
-                n = add(a, r, last_on_rank[r], d, -1, -1, a.kind)
-                last_on_rank[r] = n
-                receives[n] = cut[d] if d >= 0 and action[d] is None else -1
-                s = a.stage
-                node_of[(kind_slot[a.kind] * S + s) * m + a.mb] = n
-                pos[r] += 1
-                left -= 1
-                moved = True
-                if a.kind == "F" and s < S - 1 and place[s + 1] != r:
-                    dst = place[s + 1]
-                    t = add(None, r, last_on_link.get((r, dst), -1), n, s, dst, "act")
-                    last_on_link[(r, dst)] = t
-                    arrive_act[(s + 1) * m + a.mb] = t
-                elif a.kind in ("B", "I") and s > 0 and place[s - 1] != r:
-                    dst = place[s - 1]
-                    t = add(None, r, last_on_link.get((r, dst), -1), n, s - 1, dst, "grad")
-                    last_on_link[(r, dst)] = t
-                    arrive_grad[(s - 1) * m + a.mb] = t
-        if not moved:
-            stuck = {r: str(acts[pos[r]]) for r, acts in enumerate(schedule.ranks) if pos[r] < len(acts)}
-            raise ScheduleError(f"schedule deadlocks: ranks wait forever at {stuck}")
-    slot = [4 * a.stage + kind_slot[a.kind] if a is not None else 4 * S + c
+    for a in schedule.global_order():
+        r, s = place[a.stage], a.stage
+        d = data(a)
+        n = add(a, r, last_on_rank[r], d, -1, -1, a.kind)
+        last_on_rank[r] = n
+        receives[n] = cut[d] if d >= 0 and action[d] is None else -1
+        node_of[(a.kind.slot * S + s) * m + a.mb] = n
+        if a.kind == Kind.FORWARD and s < S - 1 and place[s + 1] != r:
+            dst = place[s + 1]
+            t = add(None, r, last_on_link.get((r, dst), -1), n, s, dst, "act")
+            last_on_link[(r, dst)] = t
+            arrive_act[(s + 1) * m + a.mb] = t
+        elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT) and s > 0 and place[s - 1] != r:
+            dst = place[s - 1]
+            t = add(None, r, last_on_link.get((r, dst), -1), n, s - 1, dst, "grad")
+            last_on_link[(r, dst)] = t
+            arrive_grad[(s - 1) * m + a.mb] = t
+    slot = [4 * a.stage + a.kind.slot if a is not None else 4 * S + c
             for a, c in zip(action, cut)]
     return Compiled(action, rank, prev, dep, cut, receiver, kind, slot, last_on_rank, receives)
 
@@ -208,9 +193,6 @@ def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[li
     return start, end
 
 
-_KIND = {"F": 0, "B": 1, "I": 2, "W": 3}
-
-
 @lru_cache(maxsize=512)
 def memory_states(schedule: Schedule) -> list[np.ndarray]:
     """Per rank, the distinct memory states at its actions, one row each: the running stage (its
@@ -227,7 +209,7 @@ def memory_states(schedule: Schedule) -> list[np.ndarray]:
 def _rank_states(actions, stages: list[int]) -> np.ndarray:
     where = {s: k for k, s in enumerate(stages)}
     n, v = len(actions), len(stages)
-    kind = np.fromiter((_KIND[a.kind] for a in actions), dtype=np.int8, count=n)
+    kind = np.fromiter((a.kind.slot for a in actions), dtype=np.int8, count=n)
     own = np.fromiter((where[a.stage] for a in actions), dtype=np.int64, count=n)
     rows = np.arange(n)
 
@@ -238,7 +220,7 @@ def _rank_states(actions, stages: list[int]) -> np.ndarray:
         out = np.cumsum(x, axis=0)
         return out if inclusive else out - x
 
-    f, b, i, w = (kind == 0), (kind == 1), (kind == 2), (kind == 3)
+    f, b, i, w = (kind == k.slot for k in Kind)
     sent = count(b | w, inclusive=False)
     states = np.hstack([own[:, None], count(f, True) - sent, count(i, True) - count(w, False),
                         count(b | i, inclusive=False), sent])
@@ -382,6 +364,7 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
     pp = schedule.pp
     clock = [0.0] * pp
     compute = [0.0] * pp
+    stage_compute = [0.0] * S
     events: list[Event] = []
     transfers: list[Transfer] = []
     for i, a in enumerate(compiled.action):
@@ -390,6 +373,7 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
             if timeline:
                 events.append(Event(r, a, start[i], end[i]))
             compute[r] += end[i] - start[i]
+            stage_compute[a.stage] += end[i] - start[i]
             clock[r] = max(clock[r], end[i])
         elif timeline:
             link = cuts[compiled.cut[i]]
@@ -400,6 +384,6 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
     step, tails = _step(schedule, costs, cuts, clock)
     idle = [max(step - c - t, 0.0) for c, t in zip(compute, tails)]
     bubble = sum(idle) / (pp * step) if step > 0 else 0.0
-    return SimResult(step_time_s=step, compute_s=compute, tail_s=tails, idle_s=idle,
+    return SimResult(step_time_s=step, compute_s=compute, stage_compute_s=stage_compute, tail_s=tails, idle_s=idle,
                      bubble_fraction=min(max(bubble, 0.0), 1.0),
                      peak_memory_bytes=peak_memory(schedule, costs), events=events, transfers=transfers)

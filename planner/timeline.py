@@ -12,12 +12,12 @@ from pathlib import Path
 
 from planner.errors import InputError
 from planner.formats import write_atomic
-from planner.schedules import Schedule
+from planner.schedules import Kind, Schedule
 from planner.simulate import SimResult
 
-COLORS = {"F": "#4C78A8", "B": "#54A24B", "I": "#88D27A", "W": "#F58518"}
-NAMES = {"F": "forward", "B": "backward", "I": "backward (input grad)", "W": "backward (weight grad)"}
-LATER_CHUNK = {"F": "#9ECAE9", "B": "#A1D99B", "I": "#C7E9C0", "W": "#FDD0A2"}  # chunks after the first
+COLORS = dict(zip(Kind, ("#4C78A8", "#54A24B", "#88D27A", "#F58518"), strict=True))
+NAMES = dict(zip(Kind, ("forward", "backward", "backward (input grad)", "backward (weight grad)"), strict=True))
+LATER_CHUNK = dict(zip(Kind, ("#9ECAE9", "#A1D99B", "#C7E9C0", "#FDD0A2"), strict=True))  # chunks after the first
 
 WIDTH, LEFT, RIGHT, TOP, ROW, GAP, BOTTOM = 1200, 80, 20, 56, 26, 6, 64
 
@@ -91,7 +91,8 @@ def layout(schedule: Schedule, sim: SimResult, title: str) -> Layout:
         texts.append(Text(x, axis_y + 18, _ms(t), 11, "middle"))
     legend_y = axis_y + 42
     x = LEFT
-    kinds = ["F", "I", "W"] if schedule.split_backward else ["F", "B"]
+    kinds = [Kind.FORWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT] if schedule.split_backward \
+        else [Kind.FORWARD, Kind.FULL_BACKWARD]
     for kind in kinds:
         boxes.append(Box(x, legend_y - 10, 12, 12, COLORS[kind], "", NAMES[kind]))
         texts.append(Text(x + 16, legend_y, NAMES[kind], 11))
@@ -101,7 +102,7 @@ def layout(schedule: Schedule, sim: SimResult, title: str) -> Layout:
         texts.append(Text(x + 16, legend_y, "all-reduce and optimizer step", 11))
         x += 30 + 7 * len("all-reduce and optimizer step")
     if schedule.n_stages > schedule.pp:
-        boxes.append(Box(x, legend_y - 10, 12, 12, LATER_CHUNK["F"], "", "second chunk"))
+        boxes.append(Box(x, legend_y - 10, 12, 12, LATER_CHUNK[Kind.FORWARD], "", "second chunk"))
         texts.append(Text(x + 16, legend_y, "lighter: later chunk of the rank", 11))
     return Layout(WIDTH, height, boxes, texts, lines)
 

@@ -222,3 +222,94 @@ def test_check_says_stale_when_the_model_changed(tmp_path, plan, profile):
     changed.write_text(json.dumps(data))
     r = runner.invoke(app, ["check", str(plan), "--profile", str(changed)])
     assert r.exit_code == 1 and "stale" in r.output
+
+
+def test_simulate_reports_each_stage_own_compute_as_the_plan_does():
+    # an interleaved plan: each rank holds two stages of different sizes, so a stage's compute
+    # is not its rank's
+    plan_path = "plans/gpt-tied-50k.h200x8-pp4.json"
+    plan = json.loads(open(plan_path).read())
+    r = runner.invoke(app, ["simulate", plan_path, "--json"])
+    assert r.exit_code == 0, r.output
+    stages = json.loads(r.stdout)["stages"]
+    assert [st["compute_s"] for st in stages] == [st["predicted"]["compute_s"] for st in plan["stages"]]
+    assert len({st["compute_s"] for st in stages}) > len({st["rank"] for st in stages}) / 2
+    for rank in {st["rank"] for st in stages}:
+        mine = [st for st in stages if st["rank"] == rank]
+        assert sum(st["compute_s"] for st in mine) == pytest.approx(mine[0]["rank_compute_s"])
+    r = runner.invoke(app, ["simulate", plan_path])
+    assert r.exit_code == 0, r.output
+    from planner.report import fmt_time
+
+    for st in plan["stages"]:
+        row = next(line for line in r.output.splitlines() if line.split("│")[1:2] == [f" {st['index']:>5} "])
+        assert fmt_time(st["predicted"]["compute_s"]) in row
+
+
+def _scaled_profile(src, dst, factor, layers=None):
+    """A committed profile with its times multiplied by ``factor``: every time of ``layers``
+    (all layers, the whole-model calibration and the optimizer step too, when None)."""
+    data = json.loads(open(src).read())
+
+    def scale(costs):
+        for key, value in costs.items():
+            if key.endswith("_s") and value is not None:
+                costs[key] = value * factor
+    for layer in data["layers"]:
+        if layers is None or layer["name"] in layers:
+            for costs in layer["by_mbs"].values():
+                scale(costs)
+    if layers is None:
+        for costs in data["whole"].values():
+            scale(costs)
+    dst.write_text(json.dumps(data))
+    return dst
+
+
+def _rates(text):
+    import re
+
+    return [float(x) for x in re.findall(r"([0-9.]+) samples/s", " ".join(text.split()))]
+
+
+CPU_PLAN, CPU_PROFILE = "plans/gpt.cpu2-pp2.json", "profiles/gpt.cpu.json"
+
+
+@pytest.mark.parametrize("plan_name,profile_name", [("gpt.cpu2-pp2", "gpt.cpu"),
+                                                    ("gpt-tied-50k.h200x8-pp4", "gpt-tied-50k.h200")])
+def test_a_plan_priced_on_its_own_profile_is_its_prediction(plan_name, profile_name):
+    from planner.check import price_on
+    from planner.formats import load_plan, load_profile
+
+    plan = load_plan(f"plans/{plan_name}.json")
+    ev = price_on(plan, load_profile(f"profiles/{profile_name}.json"))
+    assert ev.step_time_s == plan.predicted.step_time_s
+    assert max(ev.peak_memory_bytes) == plan.predicted.peak_memory_bytes
+    assert ev.costs == [st.cost for st in plan.stages]
+
+
+def test_check_resolve_on_a_faster_profile_prices_the_plan_there_too(tmp_path):
+    # every time halved: the plan itself runs nearly twice as fast there, so a plan found there
+    # is not "97% faster" than it
+    half = _scaled_profile(CPU_PROFILE, tmp_path / "half.json", 0.5)
+    r = runner.invoke(app, ["check", CPU_PLAN, "--profile", str(half), "--resolve"])
+    assert r.exit_code == 0, r.output
+    assert "still the best" in r.output and f"on {half}, this plan runs" in " ".join(r.output.split())
+    stored = json.loads(open(CPU_PLAN).read())["predicted"]["throughput_samples_per_s"]
+    mine, best = _rates(r.output.split("this plan runs", 1)[1])[:2]
+    assert mine > 1.8 * stored and mine <= best <= mine * 1.05
+
+
+def test_check_resolve_on_a_slower_profile_finds_the_better_plan(tmp_path):
+    # the first stage's blocks twice as slow: the plan's split is now unbalanced, and a plan
+    # priced on the same profile beats it by more than the 5% tolerance
+    slow = _scaled_profile(CPU_PROFILE, tmp_path / "slow.json", 2.0,
+                           layers={f"transformer.h.{i}" for i in range(4)})
+    r = runner.invoke(app, ["check", CPU_PLAN, "--profile", str(slow), "--resolve"])
+    assert r.exit_code == 1, r.output
+    text = " ".join(r.output.split())
+    assert f"a better plan exists: on {slow}," in text and "which runs" in text
+    assert "stored prediction" in text and "priced on the profile it was solved on" in text
+    best, mine = _rates(text.split("a better plan exists", 1)[1])[:2]
+    gain = float(text.split("samples/s, ", 1)[1].split("%")[0]) / 100
+    assert best > mine * 1.05 and gain == pytest.approx(best / mine - 1, abs=2e-3)

@@ -75,3 +75,58 @@ def test_names_and_aliases():
 def test_model_only_schedules_are_flagged():
     assert not SCHEDULES["pipedream"].executable and not SCHEDULES["pipedream-2bw"].executable
     assert all(SCHEDULES[n].executable for n in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v", "dualpipe-v"))
+
+
+def test_action_kinds_are_an_enum_printing_as_the_engine_does():
+    from planner.schedules import Action, Kind
+
+    assert [str(k) for k in Kind] == ["F", "B", "I", "W"] and [k.slot for k in Kind] == [0, 1, 2, 3]
+    assert str(Action(Kind.BACKWARD_INPUT, 2, 0)) == "2I0"
+    for name in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "zb-v", "dualpipe-v"):
+        s = build(name, 2, 4, 2 if name in ("interleaved-1f1b", "zb-v", "dualpipe-v") else 1)
+        assert all(type(a.kind) is Kind for acts in s.ranks for a in acts), name
+
+
+def test_global_order_of_1f1b_by_hand():
+    # pp=2, m=2: rank 0 runs F0 F1 and waits for stage 1's backward of micro-batch 0; rank 1
+    # then runs its whole list; rank 0 finishes with its two backwards
+    order = [str(a) for a in build("1f1b", 2, 2).global_order()]
+    assert order == ["0F0", "0F1", "1F0", "1B0", "1F1", "1B1", "0B0", "0B1"]
+
+
+def test_global_order_refuses_a_deadlock():
+    from planner.schedules import Action, Kind, Schedule
+
+    s = Schedule("hand", 2, 1, 1, (0, 1), ((Action(Kind.FORWARD, 0, 0), Action(Kind.FULL_BACKWARD, 0, 0)),
+                                          (Action(Kind.FULL_BACKWARD, 1, 0), Action(Kind.FORWARD, 1, 0))),
+                 split_backward=False, executable=False)
+    with pytest.raises(ScheduleError, match="deadlocks"):
+        s.global_order()
+
+
+@given(name=st.sampled_from(["gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "zb-v", "dualpipe-v"]),
+       pp=st.integers(1, 4), rounds=st.integers(1, 3))
+@settings(max_examples=40, deadline=None)
+def test_global_order_keeps_each_rank_order_and_every_input_first(name, pp, rounds):
+    from hypothesis import assume
+
+    from planner.schedules import Kind
+
+    assume(name != "interleaved-1f1b" or pp > 1)  # one rank has no interleaving
+    v = 2 if name in ("interleaved-1f1b", "zb-v", "dualpipe-v") else 1
+    s = build(name, pp, pp * rounds, v)
+    order = s.global_order()
+    assert sorted(order) == sorted(a for acts in s.ranks for a in acts)
+    for r, acts in enumerate(s.ranks):
+        assert [a for a in order if s.stage_rank[a.stage] == r] == list(acts)
+    at = {a: i for i, a in enumerate(order)}
+    last = s.n_stages - 1
+    for a, i in at.items():
+        if a.kind == Kind.FORWARD and a.stage > 0:
+            assert at[(Kind.FORWARD, a.stage - 1, a.mb)] < i
+        elif a.kind == Kind.BACKWARD_WEIGHT:
+            assert at[(Kind.BACKWARD_INPUT, a.stage, a.mb)] < i
+        elif a.kind != Kind.FORWARD and a.stage < last:
+            grad = [at[(k, a.stage + 1, a.mb)] for k in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT)
+                    if (k, a.stage + 1, a.mb) in at]
+            assert grad and min(grad) < i

@@ -89,3 +89,19 @@ def test_step_is_at_least_every_rank_and_the_critical_path(p, m, times, name):
     assert r.step_time_s >= per_mb - 1e-9
     assert 0 <= r.bubble_fraction <= 1
     assert sum(1 for _ in r.events) == sum(len(a) for a in s.ranks)
+
+
+def test_stage_compute_is_each_stage_own_actions():
+    # interleaved, pp=2 v=2: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3. With F=B=1 on
+    # stages 0, 1 and F=B=3 on stages 2, 3, four micro-batches: stage 0 computes 4 * (1 + 1) = 8,
+    # stage 2 computes 4 * (3 + 3) = 24, and rank 0 their sum, 32
+    s = build("interleaved-1f1b", 2, 4, 2)
+    light, heavy = stage_cost(1.0, 1.0, 0.0), stage_cost(3.0, 3.0, 0.0)
+    r = simulate(s, [light, light, heavy, heavy])
+    assert r.stage_compute_s == pytest.approx([8.0, 8.0, 24.0, 24.0])
+    assert r.compute_s == pytest.approx([32.0, 32.0])
+    by_events = [0.0] * 4
+    for e in r.events:
+        by_events[e.action.stage] += e.end_s - e.start_s
+    assert r.stage_compute_s == by_events
+    assert simulate(s, [light, light, heavy, heavy], timeline=False).stage_compute_s == by_events

@@ -15,14 +15,13 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import _Action, _ComputationType, _PipelineScheduleRuntime
 
-from planner.schedules import Schedule
-from planner.simulate import compile_schedule
+from planner.schedules import Kind, Schedule
 
 _KIND = {
-    "F": _ComputationType.FORWARD,
-    "B": _ComputationType.FULL_BACKWARD,
-    "I": _ComputationType.BACKWARD_INPUT,
-    "W": _ComputationType.BACKWARD_WEIGHT,
+    Kind.FORWARD: _ComputationType.FORWARD,
+    Kind.FULL_BACKWARD: _ComputationType.FULL_BACKWARD,
+    Kind.BACKWARD_INPUT: _ComputationType.BACKWARD_INPUT,
+    Kind.BACKWARD_WEIGHT: _ComputationType.BACKWARD_WEIGHT,
 }
 
 
@@ -30,8 +29,7 @@ def engine_actions(schedule: Schedule, single: bool = False) -> dict[int, list[_
     """The engine's per-rank action lists. ``single``: every stage on rank 0, in the order the
     simulator executes the plan's actions (a valid order of the whole pipeline)."""
     if single:
-        order = [a for a in compile_schedule(schedule).action if a is not None]
-        return {0: [_Action(a.stage, _KIND[a.kind], a.mb) for a in order]}
+        return {0: [_Action(a.stage, _KIND[a.kind], a.mb) for a in schedule.global_order()]}
     return {r: [_Action(a.stage, _KIND[a.kind], a.mb) for a in actions]
             for r, actions in enumerate(schedule.ranks)}
 
