@@ -203,12 +203,11 @@ def measure_module(module: nn.Module, inputs: tuple, in_keys: list[tuple[int, in
     split_ok = True
     for rep in range(opts.warmup + opts.repeats):
         xs = _leaves(inputs)
-        box = {}
-        t_f = timer(lambda: box.setdefault("out", forward(xs)))
-        outs = _differentiable(box["out"])
+        t_f, out = timer(lambda: forward(xs))
+        outs = _differentiable(out)
         grads = out_grads(outs)
         clear()
-        t_b = timer(lambda: torch.autograd.backward(outs, grads)) if outs else 0.0
+        t_b = timer(lambda: torch.autograd.backward(outs, grads))[0] if outs else 0.0
         if rep >= opts.warmup:
             fwd_samples.append(t_f)
             bwd_samples.append(t_b)
@@ -292,15 +291,13 @@ def _split_backward(timer: Timer, outs, grads, xs, params) -> tuple[float, float
 
     float_inputs = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
     if not params:
-        t_i = timer(lambda: torch.autograd.backward(outs, grads))
+        t_i, _ = timer(lambda: torch.autograd.backward(outs, grads))
         return t_i, 0.0
     if not float_inputs:
-        t_w = timer(lambda: torch.autograd.backward(outs, grads))
+        t_w, _ = timer(lambda: torch.autograd.backward(outs, grads))
         return 0.0, t_w
-    box = {}
-    t_i = timer(lambda: box.setdefault("r", stage_backward_input(outs, grads, float_inputs, iter(params))))
-    _, groups = box["r"]
-    t_w = timer(lambda: stage_backward_weight(iter(params), groups))
+    t_i, (_, groups) = timer(lambda: stage_backward_input(outs, grads, float_inputs, iter(params)))
+    t_w, _ = timer(lambda: stage_backward_weight(iter(params), groups))
     return t_i, t_w
 
 
@@ -323,16 +320,15 @@ def _time_whole(spec: ModelSpec, inputs, target, device, opts: Options) -> tuple
     for rep in range(warmup + max(20, 2 * opts.repeats)):
         for p in model.parameters():
             p.grad = None
-        box = {}
-        t_f = timer(lambda: box.setdefault("loss", spec.loss(run_whole(model, spec.layers, inputs), target)))
-        t_b = timer(lambda: box["loss"].backward())
+        t_f, loss = timer(lambda: spec.loss(run_whole(model, spec.layers, inputs), target))
+        t_b, _ = timer(loss.backward)
         if rep >= warmup:
             fwd.append(t_f)
             bwd.append(t_b)
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     opt = torch.optim.Adam(params, lr=0.0)
     opt.step()  # allocate state outside the timing
-    t_opt = stat([timer(opt.step) for _ in range(max(3, opts.repeats))]).median
+    t_opt = stat([timer(opt.step)[0] for _ in range(max(3, opts.repeats))]).median
     del opt
     for p in model.parameters():
         p.grad = None
