@@ -99,8 +99,10 @@ class CNN(nn.Module):
 
 def build(depth: int = 6, width: int = 16, image: int = 32, classes: int = 10, in_channels: int = 3,
           down_every: int = 2, seed: int = 0) -> ModelSpec:
-    if depth < 1 or width < 1 or image < 1 or classes < 2 or down_every < 1:
-        raise ValueError("depth, width, image and down_every must be positive and classes at least 2")
+    if depth < 1 or width < 1 or image < 1 or in_channels < 1 or classes < 2 or down_every < 1:
+        raise ValueError(f"depth={depth}, width={width}, image={image}, in_channels={in_channels}, "
+                         f"down_every={down_every}, classes={classes}: depth, width, image, in_channels "
+                         "and down_every must be positive and classes at least 2")
     downsamples = (depth - 1) // down_every
     if image < 2 ** downsamples:
         raise ValueError(f"image={image} is too small for {downsamples} downsamplings "

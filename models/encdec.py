@@ -158,7 +158,12 @@ def seq2seq_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def build(n_enc: int = 3, n_dec: int = 3, d_model: int = 128, n_head: int = 4, vocab: int = 1024,
           src_seq: int = 48, tgt_seq: int = 32, dropout: float = 0.0, seed: int = 0) -> ModelSpec:
     if n_enc < 1 or n_dec < 1:
-        raise ValueError("n_enc and n_dec must be at least 1")
+        raise ValueError(f"n_enc={n_enc}, n_dec={n_dec}: both must be at least 1")
+    if d_model < 1 or n_head < 1 or src_seq < 1 or tgt_seq < 1 or vocab < 2:
+        raise ValueError(f"d_model={d_model}, n_head={n_head}, src_seq={src_seq}, tgt_seq={tgt_seq}, "
+                         f"vocab={vocab}: sizes must be at least 1 and vocab at least 2")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout} must be in [0, 1)")
     if d_model % n_head:
         raise ValueError(f"d_model={d_model} must be a multiple of n_head={n_head}")
     cfg = EncDecConfig(n_enc=n_enc, n_dec=n_dec, d_model=d_model, n_head=n_head, vocab=vocab,

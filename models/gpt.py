@@ -124,6 +124,11 @@ def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def build(n_layer: int = 12, d_model: int = 128, n_head: int = 4, vocab: int = 2048, seq: int = 128,
           dropout: float = 0.0, tied: bool = False, seed: int = 0) -> ModelSpec:
+    if n_layer < 1 or d_model < 1 or n_head < 1 or seq < 1 or vocab < 2:
+        raise ValueError(f"n_layer={n_layer}, d_model={d_model}, n_head={n_head}, seq={seq}, vocab={vocab}: "
+                         "n_layer, d_model, n_head and seq must be at least 1 and vocab at least 2")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout} must be in [0, 1)")
     cfg = GPTConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, vocab=vocab, seq=seq,
                     dropout=dropout, tied=tied)
     torch.manual_seed(seed)

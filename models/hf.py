@@ -174,24 +174,10 @@ def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
-def build(model_type: str = "gpt2", n_layer: int = 4, d_model: int = 128, n_head: int = 4,
-          vocab: int = 1000, seq: int = 64, seed: int = 0, check: bool = True,
-          **overrides) -> ModelSpec:
-    """``model_type`` is any key of transformers' ``AutoConfig`` (gpt2, llama, mistral, qwen2,
-    ...). ``n_layer``, ``d_model``, ``n_head``, ``vocab`` and ``seq`` set the configuration's
-    standard fields; the feed-forward width, key-value heads and head size follow from them unless
-    given in ``overrides``, which are passed to the configuration as they are."""
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        raise ImportError("models/hf.py needs Hugging Face transformers: pip install -e '.[hf]'") \
-            from None
-    if d_model % n_head:
-        raise ValueError(f"d_model={d_model} must be a multiple of n_head={n_head}")
-    try:
-        defaults = AutoConfig.for_model(model_type)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"model_type={model_type!r}: {e}") from None
+def _config_fields(defaults, model_type: str, n_layer: int, d_model: int, n_head: int, vocab: int,
+                   seq: int, overrides: dict) -> dict:
+    """The configuration's fields: the standard sizes, derived widths, no dropout, no special
+    token outside the vocabulary, then the overrides."""
     fields = dict(num_hidden_layers=n_layer, hidden_size=d_model, num_attention_heads=n_head,
                   vocab_size=vocab, max_position_embeddings=seq)
     stored = defaults.to_dict()  # settable fields (some configurations derive head_dim, say)
@@ -209,11 +195,35 @@ def build(model_type: str = "gpt2", n_layer: int = 4, d_model: int = 128, n_head
     unknown = [k for k in overrides if k not in stored and not hasattr(defaults, k)]
     if unknown:  # a typo, or a legacy name the configuration still converts: say so, go on
         warnings.warn(f"model_type={model_type!r}: {', '.join(map(repr, unknown))} is not a field of "
-                      "its configuration; passed on as is", stacklevel=2)
+                      "its configuration; passed on as is", stacklevel=3)
     aliases = {own: std for std, own in getattr(defaults, "attribute_map", {}).items()}
     for name in overrides:  # an override under the model's own name (n_embd) beats the standard one
         fields.pop(aliases.get(name, name), None)
     fields.update(overrides)
+    return fields
+
+
+def build(model_type: str = "gpt2", n_layer: int = 4, d_model: int = 128, n_head: int = 4,
+          vocab: int = 1000, seq: int = 64, seed: int = 0, check: bool = True,
+          **overrides) -> ModelSpec:
+    """``model_type`` is any key of transformers' ``AutoConfig`` (gpt2, llama, mistral, qwen2,
+    ...). ``n_layer``, ``d_model``, ``n_head``, ``vocab`` and ``seq`` set the configuration's
+    standard fields; the feed-forward width, key-value heads and head size follow from them unless
+    given in ``overrides``, which are passed to the configuration as they are."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise ImportError("models/hf.py needs Hugging Face transformers: pip install -e '.[hf]'") \
+            from None
+    if n_layer < 1 or d_model < 1 or n_head < 1 or seq < 1 or vocab < 2:
+        raise ValueError("n_layer, d_model, n_head and seq must be at least 1 and vocab at least 2")
+    if d_model % n_head:
+        raise ValueError(f"d_model={d_model} must be a multiple of n_head={n_head}")
+    try:
+        defaults = AutoConfig.for_model(model_type)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"model_type={model_type!r}: {e}") from None
+    fields = _config_fields(defaults, model_type, n_layer, d_model, n_head, vocab, seq, overrides)
     try:
         config = AutoConfig.for_model(model_type, **fields)
     except Exception as e:

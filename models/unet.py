@@ -113,8 +113,9 @@ class UNet(nn.Module):
 
 def build(levels: int = 3, width: int = 16, image: int = 32, classes: int = 4, in_channels: int = 3,
           seed: int = 0) -> ModelSpec:
-    if levels < 1 or width < 1 or classes < 2:
-        raise ValueError("levels and width must be positive and classes at least 2")
+    if levels < 1 or width < 1 or in_channels < 1 or classes < 2:
+        raise ValueError(f"levels={levels}, width={width}, in_channels={in_channels}, classes={classes}: "
+                         "levels, width and in_channels must be positive and classes at least 2")
     if image < 2 ** levels or image % 2 ** levels:
         raise ValueError(f"image={image} must be a multiple of 2 ** levels = {2 ** levels}")
     cfg = UNetConfig(levels=levels, width=width, image=image, in_channels=in_channels, classes=classes)

@@ -26,11 +26,13 @@ import importlib.util
 import inspect
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from planner.errors import EXTRAS, MissingExtraError, ModelError
+from planner.errors import EXTRAS, MissingExtraError, ModelError, PlannerError
 
 
 @dataclass
@@ -40,6 +42,30 @@ class ModelSpec:
     loss: Callable[[Any, Any], Any]
     layers: list[str] | None = None
     name: str | None = None
+
+
+def describe(e: BaseException) -> str:
+    """What user code raised, in one line."""
+    if isinstance(e, SystemExit):
+        return f"SystemExit: it called sys.exit({e.code!r})"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+@contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run the factory's code: anything it raises, sys.exit included, becomes a ModelError that
+    names ``what`` (only an interrupt, and planner's own errors, pass through as they are)."""
+    try:
+        yield
+    except (KeyboardInterrupt, PlannerError):
+        raise
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in EXTRAS:
+            raise MissingExtraError(e.name or "torch", what) from None
+        raise ModelError(f"{what} raised {describe(e)}") from None
+    except BaseException as e:
+        raise ModelError(f"{what} raised {describe(e)}") from None
 
 
 def parse_args(pairs: list[str]) -> dict[str, Any]:
@@ -73,13 +99,11 @@ def _import_file(path: Path):
     sys.modules[name] = module
     sys.path.insert(0, str(path.resolve().parent))
     try:
-        spec.loader.exec_module(module)
-    except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] in EXTRAS:
-            raise MissingExtraError(e.name or "torch", str(path)) from None
-        raise ModelError(f"{path}: importing it raised {type(e).__name__}: {e}") from None
-    except Exception as e:
-        raise ModelError(f"{path}: importing it raised {type(e).__name__}: {e}") from None
+        with user_code(f"{path}: importing it"):
+            spec.loader.exec_module(module)
+    except ModelError:
+        sys.modules.pop(name, None)
+        raise
     finally:
         sys.path.pop(0)
     return module
@@ -100,8 +124,10 @@ def load_factory(ref: str) -> Callable[..., Any]:
             module = importlib.import_module(where)
         except ImportError as e:
             raise ModelError(f"cannot import module {where!r}: {e}") from None
-        except Exception as e:
-            raise ModelError(f"importing {where!r} raised {type(e).__name__}: {e}") from None
+        except (KeyboardInterrupt, PlannerError):
+            raise
+        except BaseException as e:
+            raise ModelError(f"importing {where!r} raised {describe(e)}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
@@ -141,9 +167,16 @@ def build_spec(ref: str, args: dict[str, Any]) -> ModelSpec:
     try:
         result = fn(**args)
     except TypeError as e:
-        raise ModelError(f"factory {ref} does not accept these arguments: {e}") from None
-    except Exception as e:
-        raise ModelError(f"factory {ref} raised {type(e).__name__}: {e}") from None
+        raise ModelError(f"factory {ref} does not accept these arguments: {describe(e).split(': ', 1)[-1]}") \
+            from None
+    except (KeyboardInterrupt, PlannerError):
+        raise
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in EXTRAS:
+            raise MissingExtraError(e.name or "torch", what) from None
+        raise ModelError(f"{what} raised {describe(e)}") from None
+    except BaseException as e:
+        raise ModelError(f"factory {ref} raised {describe(e)}") from None
     if isinstance(result, dict):
         unknown = set(result) - {"model", "batch", "loss", "layers", "name"}
         if unknown:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from planner.errors import ModelError, PlannerError
-from planner.model import ModelSpec, build_spec
+from planner.errors import InputError, ModelError, PlannerError
+from planner.model import ModelSpec, build_spec, describe, user_code
 
 INPUT = -1
 
@@ -65,6 +65,8 @@ def choose_layers(model: nn.Module, depth: int | None = None) -> list[str]:
     module beside them that holds no such container. With ``depth``: the modules that many
     levels below the model (shallower leaves as they are).
     """
+    if depth is not None:
+        _check_depth(model, depth)
     out: list[str] = []
 
     def visit(prefix: str, m: nn.Module, level: int) -> None:
@@ -89,6 +91,20 @@ def choose_layers(model: nn.Module, depth: int | None = None) -> list[str]:
     if not stateful:
         raise ModelError("the model has no submodules with parameters to use as layers: describe layers explicitly")
     return stateful
+
+
+def module_depth(model: nn.Module) -> int:
+    """How many levels of submodules the model has (its children are level 1)."""
+    return max((name.count(".") + 1 for name, _ in model.named_modules() if name), default=0)
+
+
+def _check_depth(model: nn.Module, depth: int) -> None:
+    deepest = module_depth(model)
+    if deepest == 0:
+        raise ModelError("the model has no submodules to use as layers: describe layers explicitly")
+    if not 1 <= depth <= deepest:
+        raise InputError(f"--depth {depth}: choose 1 (the model's children) to {deepest} (its deepest "
+                         "modules), or leave it out for the natural blocks")
 
 
 class _LeafTracer(fx.Tracer):
@@ -148,15 +164,18 @@ class LayeredModel:
     def layer_params(self, i: int) -> dict[str, nn.Parameter]:
         raise NotImplementedError
 
-    def layer_inputs(self, inputs: tuple, one_layer_stages: list[nn.Module] | None = None) -> list:
+    def layer_inputs(self, inputs: tuple, one_layer_stages: list[nn.Module] | None = None,
+                     where: str = "") -> list:
         """What enters each layer, then the model's output: one forward through the one-layer
-        stages (built here unless given), without gradients."""
+        stages (built here unless given), without gradients. A layer that raises is named, with
+        ``where`` (``at micro-batch 2``)."""
         stages = one_layer_stages or [self.stage(k, k + 1) for k in range(self.n_layers)]
         out, x = [], inputs
         with torch.no_grad():
-            for module in stages:
+            for name, module in zip(self.names, stages, strict=True):
                 out.append(x)
-                x = module(*x)
+                with user_code(f"layer {name}{' ' + where if where else ''}: its forward"):
+                    x = module(*x)
         return out + [x]
 
 
@@ -173,10 +192,11 @@ class TracedModel(LayeredModel):
             raise ModelError(f"no module named {missing[0]!r} in the model")
         try:
             graph = _LeafTracer(set(layers)).trace(model)
-        except Exception as e:
-            raise ModelError(f"the model's forward does not trace with torch.fx ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); describe its layers "
-                             "explicitly with ModelSpec(layers=[...])") from None
+        except (KeyboardInterrupt, PlannerError):
+            raise
+        except BaseException as e:
+            raise ModelError(f"the model's forward does not trace with torch.fx ({describe(e)}); describe "
+                             "its layers explicitly with ModelSpec(layers=[...])") from None
         self.gm = fx.GraphModule(model, graph)
         self._assign(layers)
 
@@ -312,11 +332,9 @@ class SequentialModel(LayeredModel):
         """How many tensors each layer hands to the next, from one forward without gradients."""
         counts, x = [], inputs
         with torch.no_grad():
-            for name, module in zip(self.names, self.modules_):
-                try:
+            for name, module in zip(self.names, self.modules_, strict=True):
+                with user_code(f"explicit layer {name}"):
                     x = module(*x) if isinstance(x, tuple) else module(x)
-                except Exception as e:
-                    raise ModelError(f"explicit layer {name} raised {type(e).__name__}: {e}") from None
                 counts.append(len(x) if isinstance(x, tuple) else 1)
         return counts
 
@@ -346,6 +364,9 @@ def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
             depth: int | None = None) -> LayeredModel:
     """Cut ``model`` into layers: explicit when ``layers`` is given, else traced."""
     if layers is not None:
+        if not layers:
+            raise ModelError("ModelSpec(layers=[]) names no layers: list module paths, or leave layers "
+                             "out to trace the model")
         return SequentialModel(model, layers, inputs)
     traced = TracedModel(model, choose_layers(model, depth))
     traced.check_tensors(run_values(traced, inputs))
@@ -356,6 +377,9 @@ def run_values(traced: TracedModel, inputs: tuple) -> dict[tuple[int, int], obje
     """The value of every flowing tensor for one batch (one forward, no grad)."""
     env: dict[fx.Node, object] = {}
     interp = fx.Interpreter(traced.gm)
+    placeholders = [n for n in traced.gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != len(placeholders):
+        raise ModelError(f"the batch gives {len(inputs)} inputs; the model's forward takes {len(placeholders)}")
     with torch.no_grad():
         it = iter(inputs)
         for n in traced.gm.graph.nodes:
@@ -364,7 +388,9 @@ def run_values(traced: TracedModel, inputs: tuple) -> dict[tuple[int, int], obje
             elif n.op != "output":
                 args = fx.map_arg(n.args, env.__getitem__)
                 kwargs = fx.map_arg(n.kwargs, env.__getitem__)
-                env[n] = getattr(interp, n.op)(n.target, args, kwargs)
+                with user_code(f"layer {traced.names[traced.node_layer[n]]}: its forward ({n.name})"
+                               if traced.node_layer.get(n, INPUT) != INPUT else f"the forward ({n.name})"):
+                    env[n] = getattr(interp, n.op)(n.target, args, kwargs)
     return {key: env[node] for key, node in traced.node_of.items()}
 
 

@@ -11,7 +11,6 @@ optimizer's state exists from the first on, as in training); the second is measu
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from planner.execute.stages import build_model, build_stages
 from planner.execute.train import batch_seed, optimizer_for, stage_parameters
 from planner.formats import Plan, StageCost
 from planner.profile import DTYPES, make_batch
-from planner.profile.measure import MemoryProbe
+from planner.profile.measure import MemoryProbe, Timer
 from planner.schedules import build
 
 
@@ -115,16 +114,13 @@ def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S,
     groups: dict[tuple[int, int], list] = {}
     local_out: dict[tuple[int, int], tuple] = {}
 
+    timer = Timer(device)
+
     def timed(key, fn):
         if timings is None:
             return fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.setdefault(key, []).append(time.perf_counter() - t0)
+        seconds, result = timer(fn)
+        timings.setdefault(key, []).append(seconds)
         return result
 
     for a in actions:

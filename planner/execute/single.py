@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from planner.execute.train import (
 )
 from planner.formats import Plan
 from planner.profile import DTYPES, make_batch
+from planner.profile.measure import Timer
 from planner.schedules import build
 
 
@@ -50,6 +51,11 @@ def _one_rank_group() -> bool:
     return True
 
 
+def _train_step(runtime, opt, inputs: tuple, target) -> None:
+    runtime.step(*inputs, target=target, losses=[], **RETURN_NOTHING)
+    opt.step()
+
+
 def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1) -> SingleResult:
     dtype = DTYPES[plan.dtype]
     torch.manual_seed(0)
@@ -77,19 +83,14 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
         loss = float(sum(float(x.detach()) for x in losses))
         worst, message = compare_grads(named, reference, plan.dtype)
         opt.step()
+        timer = Timer(device)
         times = []
         for step in range(1, warmup + steps + 1):
             opt.zero_grad(set_to_none=True)
             inputs, target = make_batch(spec, size * m, batch_seed(step, 0, 1), device, dtype)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            runtime.step(*inputs, target=target, losses=[], **RETURN_NOTHING)
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            seconds, _ = timer(partial(_train_step, runtime, opt, inputs, target))
             if step > warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(seconds)
     finally:
         if owned:
             dist.destroy_process_group()

@@ -17,9 +17,9 @@ import os
 import resource
 import signal
 import sys
-import time
 import traceback
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from planner.execute.train import (
 )
 from planner.formats import load_plan
 from planner.profile import DTYPES, make_batch
-from planner.profile.measure import LiveTensors
+from planner.profile.measure import LiveTensors, Timer
 from planner.schedules import build
 
 # Without this the last stage keeps every micro-batch's output for the step's return value.
@@ -150,6 +150,25 @@ def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
     last = len(plan.stages) - 1 in mine
     result: dict = {"loss": None, "reference_loss": None, "max_grad_error": None, "grad_message": ""}
     cpu_tracker = LiveTensors(ignore=[p.untyped_storage().data_ptr() for p in params]) if device.type == "cpu" else None
+    timer = Timer(device)
+
+    def train_step(step: int, inputs: tuple, target) -> None:
+        losses: list = []
+        step_args = inputs if first else ()
+        runtime.step(*step_args, target=target if last else None, losses=losses if last else None,
+                     **RETURN_NOTHING)
+        for group_params, group in tied_params:
+            _sync(group_params, group)
+        if step == 0 and reference is not None:
+            worst, message = compare_grads(named, reference, plan.dtype)
+            result.update(max_grad_error=worst, grad_message=message, reference_loss=reference.loss)
+            if last:
+                result["loss"] = float(sum(float(x.detach()) for x in losses))
+        if dp > 1:
+            _sync(params, dp_groups[pp_rank], average=dp)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
     times = []
     total = args.warmup + args.steps
     for step in range(total + 1):
@@ -166,27 +185,7 @@ def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
         if step == 0 and cpu_tracker is not None:
             cpu_tracker.__enter__()
         dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        losses: list = []
-        step_args = inputs if first else ()
-        runtime.step(*step_args, target=target if last else None, losses=losses if last else None,
-                     **RETURN_NOTHING)
-        for group_params, group in tied_params:
-            _sync(group_params, group)
-        if step == 0 and reference is not None:
-            worst, message = compare_grads(named, reference, plan.dtype)
-            result.update(max_grad_error=worst, grad_message=message, reference_loss=reference.loss)
-            if last:
-                result["loss"] = float(sum(float(x.detach()) for x in losses))
-        if dp > 1:
-            _sync(params, dp_groups[pp_rank], average=dp)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
+        elapsed, _ = timer(partial(train_step, step, inputs, target))
         if step == 1 and cpu_tracker is not None:
             cpu_tracker.__exit__(None, None, None)
             cpu_tracker.sweep()

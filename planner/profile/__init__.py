@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,14 +23,13 @@ from planner.formats import (
     INPUT, LOSS, BatchInfo, DeviceInfo, Edge, Layer, LayerCost, LossCost, Measurement, ModelRef,
     Profile, TiedGroup, WholeCost,
 )
-from planner.model import ModelSpec
-from planner.profile.measure import (
-    MemoryProbe, Stat, Timer, nbytes, saved_storages, stat, storage_key, tensors,
-)
+from planner.model import ModelSpec, user_code
+from planner.profile.layer import LayerResult, Subject, measure
+from planner.profile.measure import Stat, Timer, stat, tensors
 from planner.split import INPUT as SPLIT_INPUT
-from planner.split import fingerprint, layered, run_whole
+from planner.split import LayeredModel, fingerprint, layered, run_whole
 
-__all__ = ["profile_model", "resolve_device", "Options"]
+__all__ = ["profile_model", "resolve_device", "cpu_threads", "make_batch", "Options", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAUNCH_BOUND_SCALE = 0.85  # layer sum over 1/0.85 of the whole: launch or dispatch overhead dominates
@@ -102,10 +101,12 @@ def _cast(value, device: torch.device, dtype: torch.dtype):
 
 def make_batch(spec: ModelSpec, size: int, seed: int, device: torch.device, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(seed)
-    try:
-        inputs, target = spec.batch(size, gen)
-    except Exception as e:
-        raise ModelError(f"the factory's batch({size}, generator) raised {type(e).__name__}: {e}") from None
+    what = f"the factory's batch({size}, generator)"
+    with user_code(what):
+        batch = spec.batch(size, gen)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ModelError(f"{what} returned a {type(batch).__name__}, not a pair (inputs, target)")
+    inputs, target = batch
     if not isinstance(inputs, tuple):
         inputs = (inputs,)
     return _cast(inputs, device, dtype), _cast(target, device, dtype)
@@ -142,169 +143,45 @@ class _Restore:
             mod.train(self.training[n])
 
 
-# ----------------------------------------------------------------------------- one layer
+# ------------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class WholeTimes:
+    """The whole model run at once, as training runs it."""
+
+    fwd: Stat
+    bwd: Stat
+    optimizer_s: float
 
 
 @dataclass
-class LayerResult:
-    fwd: Stat
-    bwd: Stat
-    bwd_input: Stat | None
-    bwd_weight: Stat | None
-    act_bytes: int
-    peak_bytes: int
-    wgrad_bytes: int
-    saved_inputs: set[tuple[int, int]]
-    saved_outputs: set[tuple[int, int]]
-    out_bytes: dict[tuple[int, int], int]
+class Measurements:
+    """Everything measured, per micro-batch size, from which the profile is assembled."""
+
+    device: DeviceInfo
+    lm: LayeredModel
+    stages: list[nn.Module]  # the one-layer stages that were measured
+    sizes: list[int]  # micro-batch sizes, ascending
+    layers: dict[int, list[LayerResult]] = field(default_factory=dict)  # size -> per layer
+    loss: dict[int, LayerResult] = field(default_factory=dict)
+    whole: dict[int, WholeTimes] = field(default_factory=dict)
+    batch: BatchInfo | None = None  # at the largest size
+    input_bytes: list[int] = field(default_factory=list)  # each model input at the largest size
 
 
-def _leaves(inputs: tuple) -> tuple:
-    return tuple(t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
-                 for t in inputs)
+class _Steps:
+    """Progress through the measurements, reported as ``(label, done, total)``."""
 
+    def __init__(self, progress: Callable[[str, int, int], None] | None, total: int):
+        self.report = progress or (lambda label, done, total: None)
+        self.done, self.total = 0, total
 
-def _grads_for(outs: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
-    return [torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o.device, o.dtype) for o in outs]
+    def start(self, label: str) -> None:
+        self.report(label, self.done, self.total)
 
-
-def _differentiable(value) -> list[torch.Tensor]:
-    return [t for t in tensors(value) if t.requires_grad]
-
-
-def measure_module(module: nn.Module, inputs: tuple, in_keys: list[tuple[int, int]],
-                   out_keys: list[tuple[int, int]], produced_by: int, device: torch.device,
-                   opts: Options, loss: Callable | None = None, target=None) -> LayerResult:
-    """Time and weigh one stage module on ``inputs``. With ``loss``, the module is the loss
-    function itself, called as loss(input, target)."""
-    timer = Timer(device)
-    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
-    fixed = set() if module is None else \
-        {storage_key(p) for p in module.parameters()} | {storage_key(b) for b in module.buffers()}
-    gen = torch.Generator().manual_seed(opts.seed + 17)
-
-    def forward(xs):
-        return loss(xs[0], target) if loss is not None else module(*xs)
-
-    def out_grads(outs):  # the loss's own gradient is 1
-        return _grads_for(outs, gen) if loss is None else [torch.ones_like(o) for o in outs]
-
-    def fresh():
-        xs = _leaves(inputs)
-        out = forward(xs)
-        outs = _differentiable(out)
-        return xs, out, outs, out_grads(outs)
-
-    def clear():
-        for p in params:
-            p.grad = None
-
-    fwd_samples, bwd_samples, bi_samples, bw_samples = [], [], [], []
-    split_ok = True
-    for rep in range(opts.warmup + opts.repeats):
-        xs = _leaves(inputs)
-        box = {}
-        t_f = timer(lambda: box.setdefault("out", forward(xs)))
-        outs = _differentiable(box["out"])
-        grads = out_grads(outs)
-        clear()
-        t_b = timer(lambda: torch.autograd.backward(outs, grads)) if outs else 0.0
-        if rep >= opts.warmup:
-            fwd_samples.append(t_f)
-            bwd_samples.append(t_b)
-        if split_ok and outs:
-            xs2, _, outs2, grads2 = fresh()
-            clear()
-            try:
-                t_i, t_w = _split_backward(timer, outs2, grads2, xs2, params)
-            except Exception:
-                split_ok = False
-            else:
-                if rep >= opts.warmup:
-                    bi_samples.append(t_i)
-                    bw_samples.append(t_w)
-    clear()
-
-    # memory: one forward with saved-tensor accounting, one backward, each probed
-    xs = _leaves(inputs)
-    in_storage = {}
-    for key, x in zip(in_keys, xs):
-        if isinstance(x, torch.Tensor):
-            in_storage[storage_key(x)] = key
-    ignore = fixed | set(in_storage)
-    with MemoryProbe(device, ignore) as fwd_probe:
-        out, saved = saved_storages(lambda: forward(xs), fixed)
-    out_list = tensors(out)
-    out_storage = {}
-    out_bytes = {}
-    for key, t in zip(out_keys, out_list if loss is None else []):
-        if key[0] == produced_by:
-            out_storage[storage_key(t)] = key
-            out_bytes[key] = t.numel() * t.element_size()
-    saved_inputs = {in_storage[k] for k in saved if k in in_storage}
-    saved_outputs = {out_storage[k] for k in saved if k in out_storage}
-    internal = sum(n for k, n in saved.items() if k not in in_storage and k not in out_storage)
-    outs = _differentiable(out)
-    grads = out_grads(outs)
-    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
-    clear()
-    bwd_peak = 0
-    if outs:
-        with MemoryProbe(device, ignore | {storage_key(g) for g in grads}) as bwd_probe:
-            torch.autograd.backward(outs, grads)
-        param_grads = sum(nbytes(p.grad) for p in params if p.grad is not None)
-        bwd_peak = bwd_probe.peak - param_grads + grad_bytes
-    clear()
-    wgrad = _wgrad_bytes(forward, inputs, params, device, ignore, gen) if split_ok and params and loss is None else 0
-    clear()
-    peak = max(fwd_probe.peak - fwd_probe.final, bwd_peak, 0)
-    return LayerResult(
-        fwd=stat(fwd_samples), bwd=stat(bwd_samples),
-        bwd_input=stat(bi_samples) if split_ok and bi_samples else None,
-        bwd_weight=stat(bw_samples) if split_ok and bw_samples else None,
-        act_bytes=internal, peak_bytes=peak, wgrad_bytes=wgrad, saved_inputs=saved_inputs,
-        saved_outputs=saved_outputs,
-        out_bytes=out_bytes)
-
-
-def _wgrad_bytes(forward, inputs, params, device, ignore, gen) -> int:
-    """Bytes the input-gradient pass leaves for the weight-gradient pass (the intermediate
-    gradients it keeps), beyond the input gradients it returns."""
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
-
-    xs = _leaves(inputs)
-    outs = _differentiable(forward(xs))
-    float_inputs = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
-    if not outs or not float_inputs:
-        return 0
-    grads = _grads_for(outs, gen)
-    with MemoryProbe(device, ignore | {storage_key(g) for g in grads}) as probe:
-        dinputs, groups = stage_backward_input(outs, grads, float_inputs, iter(params))
-    returned = sum(nbytes(d) for d in dinputs if isinstance(d, torch.Tensor))
-    stage_backward_weight(iter(params), groups)
-    return max(int(probe.final - returned), 0)
-
-
-def _split_backward(timer: Timer, outs, grads, xs, params) -> tuple[float, float]:
-    """Input-gradient then weight-gradient time, with the functions the engine's zero-bubble
-    schedules call (torch.distributed.pipelining._backward)."""
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
-
-    float_inputs = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
-    if not params:
-        t_i = timer(lambda: torch.autograd.backward(outs, grads))
-        return t_i, 0.0
-    if not float_inputs:
-        t_w = timer(lambda: torch.autograd.backward(outs, grads))
-        return 0.0, t_w
-    box = {}
-    t_i = timer(lambda: box.setdefault("r", stage_backward_input(outs, grads, float_inputs, iter(params))))
-    _, groups = box["r"]
-    t_w = timer(lambda: stage_backward_weight(iter(params), groups))
-    return t_i, t_w
-
-
-# ------------------------------------------------------------------------------- the model
+    def finish(self) -> None:
+        self.done += 1
 
 
 def _param_bytes(module: nn.Module) -> tuple[int, dict[int, int]]:
@@ -314,7 +191,12 @@ def _param_bytes(module: nn.Module) -> tuple[int, dict[int, int]]:
     return sum(seen.values()), seen
 
 
-def _time_whole(spec: ModelSpec, inputs, target, device, opts: Options) -> tuple[Stat, Stat, float]:
+def _time_whole(spec: ModelSpec, inputs, target, device, opts: Options) -> WholeTimes:
+    with user_code("the whole model, run at once to calibrate the layer times,"):
+        return _time_whole_model(spec, inputs, target, device, opts)
+
+
+def _time_whole_model(spec: ModelSpec, inputs, target, device, opts: Options) -> WholeTimes:
     model = spec.model
     timer = Timer(device)
     fwd, bwd = [], []
@@ -323,155 +205,188 @@ def _time_whole(spec: ModelSpec, inputs, target, device, opts: Options) -> tuple
     for rep in range(warmup + max(20, 2 * opts.repeats)):
         for p in model.parameters():
             p.grad = None
-        box = {}
-        t_f = timer(lambda: box.setdefault("loss", spec.loss(run_whole(model, spec.layers, inputs), target)))
-        t_b = timer(lambda: box["loss"].backward())
+        t_f, loss = timer(lambda: spec.loss(run_whole(model, spec.layers, inputs), target))
+        t_b, _ = timer(loss.backward)
         if rep >= warmup:
             fwd.append(t_f)
             bwd.append(t_b)
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     opt = torch.optim.Adam(params, lr=0.0)
     opt.step()  # allocate state outside the timing
-    t_opt = stat([timer(opt.step) for _ in range(max(3, opts.repeats))]).median
+    t_opt = stat([timer(opt.step)[0] for _ in range(max(3, opts.repeats))]).median
     del opt
     for p in model.parameters():
         p.grad = None
-    return stat(fwd), stat(bwd), t_opt
+    return WholeTimes(stat(fwd), stat(bwd), t_opt)
+
+
+def _check_options(opts: Options) -> None:
+    if opts.dtype not in DTYPES:
+        raise InputError(f"--dtype {opts.dtype!r}: choose float32, bfloat16 or float16")
+    if not opts.mbs or any(b < 1 for b in opts.mbs):
+        raise InputError("--mbs needs positive micro-batch sizes")
+    if opts.threads is not None and opts.threads < 1:
+        raise InputError(f"--threads {opts.threads}: give at least 1")
+    if opts.repeats < 1 or opts.warmup < 0:
+        raise InputError("--repeats needs at least 1 and --warmup at least 0")
+
+
+def cpu_threads(opts: Options, device: torch.device) -> int | None:
+    """CPU threads to measure with: ``--threads``, else one on a CPU, which is what each
+    ``planner execute`` worker runs with (a profile measured on every core would describe a
+    run that never happens); on a GPU, torch's own default."""
+    if opts.threads is not None:
+        return opts.threads
+    return 1 if device.type == "cpu" else None
 
 
 def profile_model(spec: ModelSpec, factory: str, args: dict, opts: Options,
                   progress: Callable[[str, int, int], None] | None = None) -> Profile:
     """Measure ``spec`` into a profile. ``progress(label, done, total)`` is called per layer."""
     device = resolve_device(opts.device)
-    if opts.dtype not in DTYPES:
-        raise InputError(f"--dtype {opts.dtype!r}: choose float32, bfloat16 or float16")
-    if not opts.mbs or any(b < 1 for b in opts.mbs):
-        raise InputError("--mbs needs positive micro-batch sizes")
-    dtype = DTYPES[opts.dtype]
+    _check_options(opts)
     model = spec.model
     if not isinstance(model, nn.Module):
         raise ModelError(f"the factory's model is a {type(model).__name__}, not a torch.nn.Module")
-    threads = torch.get_num_threads()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError("the model has no trainable parameters: there is nothing to train or to place on stages")
+    before, threads = torch.get_num_threads(), cpu_threads(opts, device)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
+        dtype = DTYPES[opts.dtype]
         workspace = _workspace(device, dtype)
-        model.to(device=device, dtype=dtype)
+        with user_code(f"moving the model to {device} in {opts.dtype}"):
+            model.to(device=device, dtype=dtype)
         with _Restore(model):
             model.train()
-            return _profile(spec, factory, args, opts, device, dtype, workspace, progress)
+            measured = _measure(spec, opts, device, dtype, workspace, progress)
+            return _assemble(spec, factory, args, opts, measured)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
-def _profile(spec, factory, args, opts, device, dtype, workspace, progress) -> Profile:
+def _measure(spec: ModelSpec, opts: Options, device: torch.device, dtype: torch.dtype, workspace: int,
+             progress: Callable[[str, int, int], None] | None) -> Measurements:
     sizes = sorted(set(opts.mbs))
+    if progress:
+        progress("tracing the model into layers", 0, 1)
     first_inputs, _ = make_batch(spec, sizes[0], opts.seed, device, dtype)
     lm = layered(spec.model, first_inputs, spec.layers, opts.depth)
-    L = lm.n_layers
-    stages = [lm.stage(i, i + 1) for i in range(L)]
-    in_keys = [[t.key for t in lm.crossing(i)] for i in range(L)]
-    out_keys = [[t.key for t in lm.crossing(i + 1)] for i in range(L)]
-
-    per_mbs: dict[int, list[LayerResult]] = {}
-    loss_results: dict[int, LayerResult] = {}
-    wholes: dict[int, tuple[Stat, Stat, float]] = {}
-    batch_info, input_bytes = None, []
-    total = len(sizes) * (L + 2)
-    done = 0
+    m = Measurements(device=_device_info(device, workspace), lm=lm,
+                     stages=[lm.stage(i, i + 1) for i in range(lm.n_layers)], sizes=sizes)
+    steps = _Steps(progress, len(sizes) * (lm.n_layers + 2))
     for b in sizes:
-        inputs, target = make_batch(spec, b, opts.seed, device, dtype)
-        if batch_info is None or b == sizes[-1]:
-            batch_info = BatchInfo(
-                input_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(inputs)) // b,
-                target_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(target)) // b)
-            input_bytes = [x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0 for x in inputs]
-        *layer_inputs, final = lm.layer_inputs(inputs, stages)
-        results = []
-        for i in range(L):
-            if progress:
-                progress(f"mbs {b}: {lm.names[i]}", done, total)
-            results.append(measure_module(stages[i], layer_inputs[i], in_keys[i], out_keys[i], i,
-                                          device, opts))
-            done += 1
-        per_mbs[b] = results
-        if progress:
-            progress(f"mbs {b}: loss", done, total)
-        loss_results[b] = measure_module(None, (final,), out_keys[L - 1][:1], [], L, device, opts,
-                                         loss=spec.loss, target=target)
-        done += 1
-        if progress:
-            progress(f"mbs {b}: whole model", done, total)
-        wholes[b] = _time_whole(spec, inputs, target, device, opts)
-        done += 1
-    if progress:
-        progress("done", total, total)
-    return _assemble(spec, factory, args, opts, _device_info(device, workspace), lm, stages, sizes, per_mbs,
-                     loss_results, wholes, batch_info, input_bytes)
+        _measure_size(spec, m, b, opts, device, dtype, steps)
+    steps.start("done")
+    return m
 
 
-def _assemble(spec, factory, args, opts, device_info, lm, stages, sizes, per_mbs, loss_results, wholes,
-              batch_info, input_bytes) -> Profile:
-    """The profile from the measurements; ``input_bytes``: each model input at the largest size."""
-    L = lm.n_layers
-    names = lm.names
+def _measure_size(spec: ModelSpec, m: Measurements, b: int, opts: Options, device: torch.device,
+                  dtype: torch.dtype, steps: _Steps) -> None:
+    """Every layer, the loss and the whole model at micro-batch size ``b``."""
+    lm, L = m.lm, m.lm.n_layers
+    inputs, target = make_batch(spec, b, opts.seed, device, dtype)
+    if b == m.sizes[-1]:
+        m.batch = BatchInfo(
+            input_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(inputs)) // b,
+            target_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(target)) // b)
+        m.input_bytes = [x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0 for x in inputs]
+    *layer_inputs, final = lm.layer_inputs(inputs, m.stages, where=f"at micro-batch {b}")
+    m.layers[b] = []
+    for i in range(L):
+        steps.start(f"mbs {b}: layer {i + 1}/{L} {lm.names[i]}")
+        subject = Subject(f"layer {lm.names[i]} at micro-batch {b}", layer_inputs[i], opts.seed, module=m.stages[i])
+        m.layers[b].append(measure(subject, [t.key for t in lm.crossing(i)], [t.key for t in lm.crossing(i + 1)],
+                                   i, device, opts.warmup, opts.repeats))
+        steps.finish()
+    steps.start(f"mbs {b}: loss")
+    subject = Subject(f"the loss at micro-batch {b}", (final,), opts.seed, loss=spec.loss, target=target)
+    m.loss[b] = measure(subject, [t.key for t in lm.crossing(L)][:1], [], L, device, opts.warmup, opts.repeats)
+    steps.finish()
+    steps.start(f"mbs {b}: whole model (calibration)")
+    m.whole[b] = _time_whole(spec, inputs, target, device, opts)
+    steps.finish()
 
-    def cost(r: LayerResult, out_total: int) -> LayerCost:
-        return LayerCost(fwd_s=r.fwd.median, bwd_s=r.bwd.median,
-                         bwd_input_s=r.bwd_input.median if r.bwd_input else None,
-                         bwd_weight_s=r.bwd_weight.median if r.bwd_weight else None,
-                         act_bytes=r.act_bytes, out_bytes=out_total, peak_bytes=r.peak_bytes,
-                         wgrad_bytes=r.wgrad_bytes,
-                         fwd_spread=round(r.fwd.spread, 4), bwd_spread=round(r.bwd.spread, 4))
 
+# ---------------------------------------------------------------------------- the profile
+
+
+def _cost(r: LayerResult, out_total: int) -> LayerCost:
+    t, w = r.times, r.weights
+    return LayerCost(fwd_s=t.fwd.median, bwd_s=t.bwd.median,
+                     bwd_input_s=t.bwd_input.median if t.bwd_input else None,
+                     bwd_weight_s=t.bwd_weight.median if t.bwd_weight else None,
+                     act_bytes=w.act_bytes, out_bytes=out_total, peak_bytes=w.peak_bytes,
+                     wgrad_bytes=w.wgrad_bytes,
+                     fwd_spread=round(t.fwd.spread, 4), bwd_spread=round(t.bwd.spread, 4))
+
+
+def _layers(m: Measurements) -> tuple[list[Layer], list[TiedGroup]]:
+    """Each layer's parameters and costs, and the parameters that several layers share."""
+    names = m.lm.names
     layers = []
     owners: dict[int, list[int]] = {}
     sizes_of: dict[int, int] = {}
-    for i in range(L):
-        pbytes, ids = _param_bytes(stages[i])
+    for i, stage in enumerate(m.stages):
+        pbytes, ids = _param_bytes(stage)
         for pid, n in ids.items():
             owners.setdefault(pid, []).append(i)
             sizes_of[pid] = n
-        by = {str(b): cost(per_mbs[b][i], sum(per_mbs[b][i].out_bytes.values())) for b in sizes}
+        by = {str(b): _cost(m.layers[b][i], sum(m.layers[b][i].weights.out_bytes.values())) for b in m.sizes}
         layers.append(Layer(name=names[i], param_bytes=pbytes, by_mbs=by))
-
     tied_groups: dict[tuple[int, ...], int] = {}
     for pid, where in owners.items():
         if len(where) > 1:
             tied_groups[tuple(where)] = tied_groups.get(tuple(where), 0) + sizes_of[pid]
     tied = [TiedGroup(layers=[names[i] for i in where], param_bytes=n) for where, n in tied_groups.items()]
+    return layers, tied
 
-    big = sizes[-1]
-    results = per_mbs[big]
+
+def _edges(m: Measurements) -> list[Edge]:
+    """Every tensor from its producer to each consumer, with its bytes per sample at the largest
+    size and whether either side saves it for backward."""
+    names, L, big = m.lm.names, m.lm.n_layers, m.sizes[-1]
+    results = [r.weights for r in m.layers[big]]
+    loss_saves = bool(m.loss[big].weights.saved_inputs)
     saved_by_producer = {k for r in results for k in r.saved_outputs}
     edges = []
-    for t in lm.tensors:
+    for t in m.lm.tensors:
         if t.producer == SPLIT_INPUT:
-            src, nb = INPUT, input_bytes[t.index]
+            src, nb = INPUT, m.input_bytes[t.index]
         else:
             src, nb = names[t.producer], results[t.producer].out_bytes.get(t.key, 0)
         for c in t.consumers:
-            consumer_saved = (c < L and t.key in results[c].saved_inputs) or \
-                             (c == L and loss_results[big].saved_inputs)
+            consumer_saved = (c < L and t.key in results[c].saved_inputs) or (c == L and loss_saves)
             edges.append(Edge(src=src, dst=names[c] if c < L else LOSS, bytes_per_sample=nb // big,
                               tensor=t.index, saved=bool(consumer_saved or t.key in saved_by_producer)))
+    return edges
 
+
+def _whole(m: Measurements) -> dict[str, WholeCost]:
+    """The whole model's times and the scale that makes the layer sum agree with them."""
     whole = {}
-    for b in sizes:
-        f, bw, opt_s = wholes[b]
-        lsum = sum(r.fwd.median + r.bwd.median for r in per_mbs[b])
-        lsum += loss_results[b].fwd.median + loss_results[b].bwd.median
-        measured = f.median + bw.median
+    for b in m.sizes:
+        w, loss = m.whole[b], m.loss[b].times
+        lsum = sum(r.times.fwd.median + r.times.bwd.median for r in m.layers[b])
+        lsum += loss.fwd.median + loss.bwd.median
+        measured = w.fwd.median + w.bwd.median
         scale = measured / lsum if lsum > 0 else 1.0
-        whole[str(b)] = WholeCost(fwd_s=f.median, bwd_s=bw.median, optimizer_s=opt_s, layer_sum_s=lsum,
-                                  scale=scale, launch_bound=scale < LAUNCH_BOUND_SCALE)
-    loss = LossCost(by_mbs={str(b): cost(loss_results[b], 0) for b in sizes})
+        whole[str(b)] = WholeCost(fwd_s=w.fwd.median, bwd_s=w.bwd.median, optimizer_s=w.optimizer_s,
+                                  layer_sum_s=lsum, scale=scale, launch_bound=scale < LAUNCH_BOUND_SCALE)
+    return whole
+
+
+def _assemble(spec: ModelSpec, factory: str, args: dict, opts: Options, m: Measurements) -> Profile:
+    """The profile from the measurements."""
+    layers, tied = _layers(m)
+    cpu = m.device.type == "cpu"
     return Profile(
         model=ModelRef(name=spec.name or "model", factory=factory, args=args, depth=opts.depth,
                        fingerprint=fingerprint(spec.model)),
-        device=device_info, dtype=opts.dtype, layers=layers, edges=edges, loss=loss,
-        tied=tied, batch=batch_info, whole=whole,
-        measurement=Measurement(timer="cuda-events" if device_info.type == "cuda" else "perf_counter",
-                                repeats=opts.repeats, warmup=opts.warmup,
-                                threads=torch.get_num_threads() if device_info.type == "cpu" else None),
+        device=m.device, dtype=opts.dtype, layers=layers, edges=_edges(m),
+        loss=LossCost(by_mbs={str(b): _cost(m.loss[b], 0) for b in m.sizes}),
+        tied=tied, batch=m.batch, whole=_whole(m),
+        measurement=Measurement(timer="perf_counter" if cpu else "cuda-events", repeats=opts.repeats,
+                                warmup=opts.warmup, threads=torch.get_num_threads() if cpu else None),
     )

@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -28,26 +29,29 @@ def nbytes(t: torch.Tensor) -> int:
 
 # ------------------------------------------------------------------------------------ timing
 
+R = TypeVar("R")
+
 
 class Timer:
-    """Seconds spent in a region: CUDA events on a GPU (after synchronising), a monotonic clock
-    on the CPU."""
+    """Seconds spent in a region, and what it returned: CUDA events on a GPU (after
+    synchronising), a monotonic clock on the CPU."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
 
-    def __call__(self, fn: Callable[[], object]) -> float:
+    def __call__(self, fn: Callable[[], R]) -> tuple[float, R]:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             start.record()
-            fn()
+            result = fn()
             end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
+            torch.cuda.synchronize(self.device)
+            return start.elapsed_time(end) / 1e3, result
         t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+        result = fn()
+        return time.perf_counter() - t0, result
 
 
 @dataclass(frozen=True)
