@@ -2,8 +2,8 @@
 not cover: recomputation chosen per layer together with the cuts, and stages of one rank that
 must fit its memory together (interleaved and V schedules).
 
-Variables: ``y[l, s] = 1`` when layer l sits in stage s or earlier, so stage s holds
-``x[l, s] = y[l, s] - y[l, s-1]`` and starts at layer l when ``y[l-1, s-1] - y[l, s-1] = 1``.
+Variables: ``y[i, s] = 1`` when layer i sits in stage s or earlier, so stage s holds
+``x[i, s] = y[i, s] - y[i, s-1]`` and starts at layer i when ``y[i-1, s-1] - y[i, s-1] = 1``.
 Every term of the DP's stage bound (``bounds.py``) and of the simulator's memory is linear in
 these, so the program minimises the same bound under the same memory model; with several
 stages per rank it also bounds each rank's total work and checks its memory at every point of
@@ -18,6 +18,8 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import NamedTuple, TypeAlias
 
 import numpy as np
 import pulp
@@ -29,6 +31,7 @@ from planner.solve.bounds import StageBounds
 from planner.solve.exact import Evaluator, InnerResult
 
 MODES = ("none", "full", "auto", "selective")
+Expr: TypeAlias = pulp.LpAffineExpression | pulp.LpVariable | float | int  # a linear term
 
 
 @dataclass
@@ -46,202 +49,282 @@ class IlpSolution:
         return max(self.objective - self.bound, 0.0) / self.objective
 
 
+class _StageTime(NamedTuple):
+    """Stage s's terms of the bound, in seconds (``params`` in bytes), as the rank rows need them."""
+
+    work: Expr  # m * (forward + backward)
+    after: Expr  # gradient all-reduce and optimizer step
+    edges: Expr  # head + tail
+    params: Expr
+
+
 class _Model:
+    """The program for one configuration: cuts, recomputation, time bound, memory, in that order."""
+
     def __init__(self, b: StageBounds, mode: str):
         if mode not in MODES:
             raise InputError(f"unknown recomputation mode {mode!r}")
         self.b, self.mode = b, mode
-        t = b.t
-        n, S = b.n, b.S
-        self.n, self.S = n, S
-        prob = pulp.LpProblem("planner_partition", pulp.LpMinimize)
-        self.prob = prob
-        L, Ss = range(n), range(S)
-        y = {(l, s): pulp.LpVariable(f"y_{l}_{s}", cat="Binary") for l in L for s in Ss}
-        self.y = y
-        for l in L:
-            prob += y[l, S - 1] == 1
-            for s in range(S - 1):
-                prob += y[l, s] <= y[l, s + 1]
-        for s in Ss:
-            for l in range(n - 1):
-                prob += y[l + 1, s] <= y[l, s]
-        prob += y[0, 0] == 1
-
-        def Y(l: int, s: int):
-            return 0 if s < 0 else (1 if l < 0 else y[l, s])
-
-        self.Y = Y
-        x = {(l, s): y[l, s] - Y(l, s - 1) for l in L for s in Ss}
-        self.x = x
-        for s in Ss:
-            prob += pulp.lpSum(x[l, s] for l in L) >= 1
-        # start[s][l] = 1 when stage s begins at layer l
-        start = {(l, s): (1 if l == 0 else 0) if s == 0 else Y(l - 1, s - 1) - Y(l, s - 1)
-                 for l in L for s in Ss}
-        cut_in = [pulp.lpSum(float(t.cut[l]) * start[l, s] for l in range(1, n)) if s else 0 for s in Ss]
-        cut_out = [cut_in[s + 1] if s + 1 < S else 0 for s in Ss]
-
-        # recomputation: u[l, s] = 1 when layer l is in stage s and recomputed
-        c = {}
-        if mode == "selective":
-            u = {(l, s): pulp.LpVariable(f"r_{l}_{s}", cat="Binary") for l in L for s in Ss}
-            for key in u:
-                prob += u[key] <= x[key]
-        elif mode == "none":
-            u = {key: 0 for key in x}
-        elif mode == "full":
-            u = dict(x)
-        else:  # auto: one choice per stage, u = x * c
-            c = {s: pulp.LpVariable(f"c_{s}", cat="Binary") for s in Ss}
-            u = {}
-            for (l, s) in x:
-                v = pulp.LpVariable(f"u_{l}_{s}", lowBound=0, upBound=1)
-                prob += v <= x[l, s]
-                prob += v <= c[s]
-                prob += v >= x[l, s] + c[s] - 1
-                u[l, s] = v
-        self.u, self.c = u, c
-
-        tau = pulp.LpVariable("tau", lowBound=0)
-        self.tau = tau
-        prob += tau
-        f_l, bi_l = t.fwd, t.bwd_input
-        b_l = t.bwd_input + t.bwd_weight if b.split else t.bwd
-        back = bi_l if b.split else b_l
-        lat = b.lat
-        work, after, head_tail = [], [], []
-        stage_params: dict[int, object] = {}
-        for s in Ss:
-            sp = b.speed[s]
-            f_s = pulp.lpSum(float(f_l[l] / sp) * x[l, s] for l in L)
-            rec = pulp.lpSum(float(f_l[l] / sp) * u[l, s] for l in L) if mode != "none" else 0
-            b_s = pulp.lpSum(float(b_l[l] / sp) * x[l, s] for l in L) + rec
-            w = b.m * (f_s + b_s)
-            params = stage_params[s] = pulp.lpSum(float(t.params[l]) * x[l, s] for l in L) - self._tied(s)
-            a, const = b.ar[s]
-            has = pulp.LpVariable(f"has_params_{s}", cat="Binary")
-            prob += params <= float(t.PARAMS[-1] + 1) * has
-            aft = a * params + const * has + b.opt_per_byte / sp * params
-            hops = int(b.hops[s]) * lat
-            head = pulp.lpSum(float(f_l[l] / b.vmax) * Y(l, s - 1) for l in L) + hops if s else 0
-            tail = 0 if b.split or s == 0 else pulp.lpSum(float(b_l[l] / b.vmax) * Y(l, s - 1) for l in L) + hops
-            own_after, last = 0, tail  # as in StageBounds.bound: the drain after the last I
-            if b.split and s:
-                last = pulp.lpSum(float(bi_l[l] / b.vmax) * Y(l, s - 1) for l in L) + hops
-                own_after = b.w_after[s] * pulp.lpSum(float(t.bwd_weight[l] / sp) * x[l, s] for l in L)
-            if b.schedule.stream:
-                prob += tau >= w + aft
-                work.append(w)
-                after.append(aft)
-                head_tail.append(0)
-                continue
-            gap = 0
-            if b.one_chunk:
-                rest = pulp.lpSum(float((f_l[l] + back[l]) / b.vmax) * (1 - Y(l, s)) for l in L) \
-                    + 2 * (S - 1 - s) * lat
-                if b.flush_all:
-                    gap = rest
-                else:
-                    gap = pulp.LpVariable(f"gap_{s}", lowBound=0)
-                    prob += gap >= rest - (b.k[s] - 1) * f_s
-                    if b.m > b.k[s]:
-                        drain = pulp.LpVariable(f"drain_{s}", lowBound=0)
-                        prob += drain >= rest - (b.k[s] - 1) * b_s
-                        gap = gap + drain
-            prob += tau >= head + w - own_after + gap + last
-            prob += tau >= head + w + gap + aft
-            work.append(w)
-            after.append(aft)
-            head_tail.append(head + tail)
-
-        # rank-level bound when a rank holds several stages
+        self.n, self.S = b.n, b.S
+        self.prob = pulp.LpProblem("planner_partition", pulp.LpMinimize)
+        self.y = self._nested_stages()
+        self.x = {(i, s): self.y[i, s] - self._upto(i, s - 1) for i in range(self.n) for s in range(self.S)}
+        self._no_empty_stage()
+        self.cut_in = self._received_bytes()
+        self.cut_out = [self.cut_in[s + 1] if s + 1 < self.S else 0 for s in range(self.S)]
+        self.u, self.c = self._recomputation()
+        self.tau = pulp.LpVariable("tau", lowBound=0)
+        self.prob += self.tau
+        stages = [self._stage_time(s) for s in range(self.S)]
         if not b.one_chunk and not b.schedule.stream:
-            for r in range(b.schedule.pp):
-                mine = b.schedule.stages_of(r)
-                first = mine[0]
-                prob += tau >= head_tail[first] + pulp.lpSum(work[s] for s in mine)
-                prob += tau >= pulp.lpSum(work[s] for s in mine) + pulp.lpSum(after[s] for s in mine)
+            self._rank_time(stages)
+        self._memory([st.params for st in stages])
 
-        # memory
-        held, transient, static, wgrads = [], [], [], []
-        tensors = [tt for tt in t.graph.tensors if tt.producer >= 0]
-        for s in Ss:
-            held_s = pulp.lpSum(float(t.act[l]) * (x[l, s] - u[l, s]) for l in L)
-            for k, tt in enumerate(tensors):
-                nb = float(tt.bytes_per_sample * t.mbs)
-                p = tt.producer
-                if mode == "selective":
-                    keep = x[p, s] if (tt.saved or tt.last_consumer >= n) else None
-                    if keep is None:
-                        h = pulp.LpVariable(f"h_{k}_{s}", lowBound=0)
-                        prob += h >= x[p, s] - Y(tt.last_consumer, s)
-                        keep = h
-                    held_s += nb * keep
-                else:
-                    if tt.saved or tt.last_consumer >= n:
-                        held_s += nb * (x[p, s] - u[p, s])
-                    else:
-                        h = pulp.LpVariable(f"h_{k}_{s}", lowBound=0)
-                        prob += h >= x[p, s] - Y(tt.last_consumer, s) - (c[s] if mode == "auto" else (1 if mode == "full" else 0))
-                        held_s += nb * h
-                    held_s += nb * u[p, s]
-            if mode == "selective":
-                held_s += pulp.lpSum(float(t.in_bytes[l]) * u[l, s] for l in L)
-            tr = pulp.LpVariable(f"transient_{s}", lowBound=0)
-            for l in L:
-                prob += tr >= float(t.peak[l]) * x[l, s]
-                if mode != "none":
-                    prob += tr >= float(t.act[l] + t.peak[l]) * u[l, s]
-            st = stage_params[s] * (b.bpp + b.versions[s] - 1) + b.m * (cut_in[s] + cut_out[s])
-            st += (b.m * t.input_batch if s == 0 else 0) + (b.m * t.target_batch if s == S - 1 else 0)
-            held.append(held_s)
-            wgrads.append(pulp.lpSum(float(t.wgrad[l]) * x[l, s] for l in L))
-            transient.append(tr + cut_in[s] + t.workspace)
-            static.append(st)
-        for r, states in enumerate(memory_states(b.schedule)):
-            mine = b.schedule.stages_of(r)
-            v = len(mine)
-            cap = min(b.cap[s] for s in mine)
-            base = pulp.lpSum(static[s] for s in mine)
-            for state in rank_undominated(states).tolist():
-                k, counts, split, done, sent = state[0], *(state[1 + q * v: 1 + (q + 1) * v] for q in range(4))
-                prob += base + pulp.lpSum(
-                    n_c * held[s] + i_c * wgrads[s] + d_c * cut_in[s]
-                    + (o_c * cut_out[s] if s + 1 < S and b.schedule.stage_rank[s + 1] != r else 0)
-                    for n_c, i_c, d_c, o_c, s in zip(counts, split, done, sent, mine)) + transient[mine[k]] <= cap
+    # ---------------------------------------------------------------- cuts
 
-    def _tied(self, s: int):
-        """Bytes counted twice when tied layers share stage s (cached: one set of variables)."""
-        if not hasattr(self, "_tied_cache"):
-            self._tied_cache = {}
-        if s in self._tied_cache:
-            return self._tied_cache[s]
-        out = 0
+    def _nested_stages(self) -> dict[tuple[int, int], pulp.LpVariable]:
+        """y[i, s] = 1 when layer i sits in stage s or earlier: monotone in s (the last stage
+        holds the rest) and in i (stages are contiguous), layer 0 in stage 0."""
+        n, S = self.n, self.S
+        y = {(i, s): pulp.LpVariable(f"y_{i}_{s}", cat="Binary") for i in range(n) for s in range(S)}
+        for i in range(n):
+            self.prob += y[i, S - 1] == 1
+            for s in range(S - 1):
+                self.prob += y[i, s] <= y[i, s + 1]
+        for s in range(S):
+            for i in range(n - 1):
+                self.prob += y[i + 1, s] <= y[i, s]
+        self.prob += y[0, 0] == 1
+        return y
+
+    def _upto(self, i: int, s: int) -> Expr:
+        """y[i, s], with no stage before the first and every stage holding layers before 0."""
+        return 0 if s < 0 else (1 if i < 0 else self.y[i, s])
+
+    def _no_empty_stage(self) -> None:
+        for s in range(self.S):
+            self.prob += pulp.lpSum(self.x[i, s] for i in range(self.n)) >= 1
+
+    def _starts_at(self, i: int, s: int) -> Expr:
+        """1 when stage s begins at layer i."""
+        if s == 0:
+            return 1 if i == 0 else 0
+        return self._upto(i - 1, s - 1) - self._upto(i, s - 1)
+
+    def _received_bytes(self) -> list[Expr]:
+        """Per stage, the bytes per micro-batch crossing the cut before it."""
+        cut = self.b.t.cut
+        return [pulp.lpSum(float(cut[i]) * self._starts_at(i, s) for i in range(1, self.n)) if s else 0
+                for s in range(self.S)]
+
+    # ---------------------------------------------------------------- recomputation
+
+    def _recomputation(self) -> tuple[dict[tuple[int, int], Expr], dict[int, pulp.LpVariable]]:
+        """u[i, s] = 1 when layer i is in stage s and recomputed; c[s] the per-stage choice (auto)."""
+        if self.mode == "selective":
+            u: dict[tuple[int, int], Expr] = {
+                (i, s): pulp.LpVariable(f"r_{i}_{s}", cat="Binary") for i in range(self.n) for s in range(self.S)}
+            for key in u:
+                self.prob += u[key] <= self.x[key]
+            return u, {}
+        if self.mode == "none":
+            return {key: 0 for key in self.x}, {}
+        if self.mode == "full":
+            return dict(self.x), {}
+        return self._whole_stage_choice()
+
+    def _whole_stage_choice(self) -> tuple[dict[tuple[int, int], Expr], dict[int, pulp.LpVariable]]:
+        """auto: one choice per stage, u = x * c, linearised."""
+        c = {s: pulp.LpVariable(f"c_{s}", cat="Binary") for s in range(self.S)}
+        u: dict[tuple[int, int], Expr] = {}
+        for (i, s) in self.x:
+            v = pulp.LpVariable(f"u_{i}_{s}", lowBound=0, upBound=1)
+            self.prob += v <= self.x[i, s]
+            self.prob += v <= c[s]
+            self.prob += v >= self.x[i, s] + c[s] - 1
+            u[i, s] = v
+        return u, c
+
+    # ---------------------------------------------------------------- time (bounds.py, term by term)
+
+    def _prefix_time(self, per_layer: np.ndarray, s: int) -> Expr:
+        """Seconds the layers before stage s take on the fastest rank, plus the links crossed."""
+        b = self.b
+        return pulp.lpSum(float(per_layer[i] / b.vmax) * self._upto(i, s - 1) for i in range(self.n)) \
+            + int(b.hops[s]) * b.lat
+
+    def _own(self, per_layer: np.ndarray, s: int, which: dict | None = None) -> Expr:
+        """Seconds stage s spends on the layers it holds (or on those ``which`` marks)."""
+        which = self.x if which is None else which
+        speed = self.b.speed[s]
+        return pulp.lpSum(float(per_layer[i] / speed) * which[i, s] for i in range(self.n))
+
+    def _backward(self) -> np.ndarray:
+        t = self.b.t
+        return t.bwd_input + t.bwd_weight if self.b.split else t.bwd
+
+    def _stage_time(self, s: int) -> _StageTime:
+        """The rows tau >= g_s of ``StageBounds.bound`` for stage s."""
+        b, t = self.b, self.b.t
+        f_s = self._own(t.fwd, s)
+        rec = self._own(t.fwd, s, self.u) if self.mode != "none" else 0
+        b_s = self._own(self._backward(), s) + rec
+        work = b.m * (f_s + b_s)
+        params = pulp.lpSum(float(t.params[i]) * self.x[i, s] for i in range(self.n)) - self._tied(s)
+        after = self._after(s, params)
+        if b.schedule.stream:  # steady state: no fill or drain
+            self.prob += self.tau >= work + after
+            return _StageTime(work, after, 0, params)
+        head = self._prefix_time(t.fwd, s) if s else 0
+        tail = 0 if b.split or s == 0 else self._prefix_time(self._backward(), s)
+        own_after: Expr = 0  # as in StageBounds.bound: the drain after the last I
+        last: Expr = tail
+        if b.split and s:
+            last = self._prefix_time(t.bwd_input, s)
+            own_after = b.w_after[s] * self._own(t.bwd_weight, s)
+        gap = self._fill_gap(s, f_s, b_s) if b.one_chunk else 0
+        self.prob += self.tau >= head + work - own_after + gap + last
+        self.prob += self.tau >= head + work + gap + after
+        return _StageTime(work, after, head + tail, params)
+
+    def _after(self, s: int, params: Expr) -> Expr:
+        """All-reduce (a * bytes + c, c only for a stage with parameters) and optimizer step."""
+        b = self.b
+        a, const = b.ar[s]
+        has = pulp.LpVariable(f"has_params_{s}", cat="Binary")
+        self.prob += params <= float(b.t.PARAMS[-1] + 1) * has
+        return a * params + const * has + b.opt_per_byte / b.speed[s] * params
+
+    def _fill_gap(self, s: int, f_s: Expr, b_s: Expr) -> Expr:
+        """One stage per rank: the wait for the first micro-batch to cross the later layers and
+        come back, less the k - 1 forwards run meanwhile; and again after the last forward."""
+        b, t = self.b, self.b.t
+        back = t.bwd_input if b.split else self._backward()
+        rest = pulp.lpSum(float((t.fwd[i] + back[i]) / b.vmax) * (1 - self._upto(i, s)) for i in range(self.n)) \
+            + 2 * (self.S - 1 - s) * b.lat
+        if b.flush_all:
+            return rest
+        gap = pulp.LpVariable(f"gap_{s}", lowBound=0)
+        self.prob += gap >= rest - (b.k[s] - 1) * f_s
+        if b.m <= b.k[s]:
+            return gap
+        drain = pulp.LpVariable(f"drain_{s}", lowBound=0)
+        self.prob += drain >= rest - (b.k[s] - 1) * b_s
+        return gap + drain
+
+    def _rank_time(self, stages: list[_StageTime]) -> None:
+        """A rank holding several stages runs all their work, after its first stage's head and
+        tail, and before all their all-reduces."""
+        for r in range(self.b.schedule.pp):
+            mine = self.b.schedule.stages_of(r)
+            work = pulp.lpSum(stages[s].work for s in mine)
+            self.prob += self.tau >= stages[mine[0]].edges + work
+            self.prob += self.tau >= work + pulp.lpSum(stages[s].after for s in mine)
+
+    def _tied(self, s: int) -> Expr:
+        """Bytes counted twice when tied layers share stage s: w may reach 1 only when both members of
+        a consecutive pair are in s."""
+        out: Expr = 0
         for members, nbytes in self.b.t._tied:
-            for a, c in zip(members, members[1:]):
+            for a, c in pairwise(members):
                 w = pulp.LpVariable(f"tied_{a}_{c}_{s}", lowBound=0, upBound=1)
                 self.prob += w <= self.x[a, s]
                 self.prob += w <= self.x[c, s]
                 out = out + nbytes * w
-        self._tied_cache[s] = out
         return out
+
+    # ---------------------------------------------------------------- memory (simulate.py's model)
+
+    def _memory(self, params: list[Expr]) -> None:
+        held, wgrads, transient, static = [], [], [], []
+        for s in range(self.S):  # stage by stage, each stage's rows together
+            held.append(self._held(s))
+            transient.append(self._transient(s))
+            static.append(self._static(s, params[s]))
+            wgrads.append(pulp.lpSum(float(self.b.t.wgrad[i]) * self.x[i, s] for i in range(self.n)))
+        for r, states in enumerate(memory_states(self.b.schedule)):
+            self._rank_memory(r, rank_undominated(states).tolist(), held, wgrads, transient, static)
+
+    def _held(self, s: int) -> Expr:
+        """Bytes stage s holds per micro-batch in flight."""
+        t = self.b.t
+        held: Expr = pulp.lpSum(float(t.act[i]) * (self.x[i, s] - self.u[i, s]) for i in range(self.n))
+        tensors = [tt for tt in t.graph.tensors if tt.producer >= 0]
+        for k, tensor in enumerate(tensors):
+            nbytes = float(tensor.bytes_per_sample * t.mbs)
+            held += nbytes * self._tensor_held(k, tensor, s)
+            if self.mode != "selective":  # a recomputed layer keeps its output
+                held += nbytes * self.u[tensor.producer, s]
+        if self.mode == "selective":
+            held += pulp.lpSum(float(t.in_bytes[i]) * self.u[i, s] for i in range(self.n))
+        return held
+
+    def _alive_after_stage(self, k: int, tensor, s: int, dropped: Expr) -> Expr:
+        """1 when stage s produces the tensor, a later stage reads it, and it is not ``dropped``."""
+        h = pulp.LpVariable(f"h_{k}_{s}", lowBound=0)
+        self.prob += h >= self.x[tensor.producer, s] - self._upto(tensor.last_consumer, s) - dropped
+        return h
+
+    def _tensor_held(self, k: int, tensor, s: int) -> Expr:
+        """How much of one tensor stage s holds for backward (0 to 1): a saved one (or the
+        model's output) while its producer keeps its activations, any other while a later stage
+        still reads it."""
+        p = tensor.producer
+        kept = tensor.saved or tensor.last_consumer >= self.n
+        if self.mode == "selective":
+            return self.x[p, s] if kept else self._alive_after_stage(k, tensor, s, 0)
+        if kept:
+            return self.x[p, s] - self.u[p, s]
+        dropped = self.c[s] if self.mode == "auto" else (1 if self.mode == "full" else 0)
+        return self._alive_after_stage(k, tensor, s, dropped)
+
+    def _transient(self, s: int) -> Expr:
+        """The largest one-layer workspace of stage s (a recomputed layer's activations included),
+        the input gradient it sends back and the runtime's workspace."""
+        t = self.b.t
+        tr = pulp.LpVariable(f"transient_{s}", lowBound=0)
+        for i in range(self.n):
+            self.prob += tr >= float(t.peak[i]) * self.x[i, s]
+            if self.mode != "none":
+                self.prob += tr >= float(t.act[i] + t.peak[i]) * self.u[i, s]
+        return tr + self.cut_in[s] + t.workspace
+
+    def _static(self, s: int, params: Expr) -> Expr:
+        """Weights, gradients, optimizer state, stashed versions, receive buffers and the batch."""
+        b, t = self.b, self.b.t
+        out = params * (b.bpp + b.versions[s] - 1) + b.m * (self.cut_in[s] + self.cut_out[s])
+        batch = (b.m * t.input_batch if s == 0 else 0) + (b.m * t.target_batch if s == self.S - 1 else 0)
+        return out + batch
+
+    def _rank_memory(self, r: int, states: list[list[int]], held: list[Expr], wgrads: list[Expr],
+                     transient: list[Expr], static: list[Expr]) -> None:
+        """Rank r fits its memory at every undominated state of its action list."""
+        b = self.b
+        mine = b.schedule.stages_of(r)
+        v = len(mine)
+        cap = min(b.cap[s] for s in mine)
+        base = pulp.lpSum(static[s] for s in mine)
+        for state in states:
+            k, counts, split, done, sent = state[0], *(state[1 + q * v: 1 + (q + 1) * v] for q in range(4))
+            in_flight = pulp.lpSum(
+                n_c * held[s] + i_c * wgrads[s] + d_c * self.cut_in[s]
+                + (o_c * self.cut_out[s] if s + 1 < self.S and b.schedule.stage_rank[s + 1] != r else 0)
+                for n_c, i_c, d_c, o_c, s in zip(counts, split, done, sent, mine, strict=True))
+            self.prob += base + in_flight + transient[mine[k]] <= cap
 
     def exclude(self, seg: list[Segment]) -> None:
         """A no-good cut: the next solution differs from ``seg`` in some cut or recomputation."""
         bounds = [sg.start for sg in seg] + [self.n]
-        terms = []
+        terms: list[Expr] = []
         for s in range(self.S):
-            for l in range(self.n):
-                inside = l < bounds[s + 1]
-                terms.append(1 - self.y[l, s] if inside else self.y[l, s])
-        if self.mode in ("auto", "selective"):
-            for s, sg in enumerate(seg):
-                if self.mode == "auto":
-                    terms.append(1 - self.c[s] if sg.recompute == "full" else self.c[s])
-                else:
-                    for l in range(sg.start, sg.stop):
-                        terms.append(1 - self.u[l, s] if l in sg.recompute_layers else self.u[l, s])
+            for i in range(self.n):
+                terms.append(1 - self.y[i, s] if i < bounds[s + 1] else self.y[i, s])
+        for s, sg in enumerate(seg):
+            if self.mode == "auto":
+                terms.append(1 - self.c[s] if sg.recompute == "full" else self.c[s])
+            elif self.mode == "selective":
+                for i in range(sg.start, sg.stop):
+                    terms.append(1 - self.u[i, s] if i in sg.recompute_layers else self.u[i, s])
         self.prob += pulp.lpSum(terms) >= 1
 
     def solve(self, time_limit: float) -> IlpSolution:
@@ -261,16 +344,12 @@ class _Model:
         return IlpSolution(objective, objective if proven else _bound(text, 0.0), self._segments(), status)
 
     def _segments(self) -> list[Segment]:
-        n, S = self.n, self.S
-        starts = [0]
-        for s in range(S - 1):
-            count = sum(round(pulp.value(self.y[l, s])) for l in range(n))
-            starts.append(count)
-        ends = starts[1:] + [n]
+        starts = [0] + [sum(round(pulp.value(self.y[i, s])) for i in range(self.n)) for s in range(self.S - 1)]
+        ends = starts[1:] + [self.n]
         out = []
-        for s, (a, z) in enumerate(zip(starts, ends)):
+        for s, (a, z) in enumerate(zip(starts, ends, strict=True)):
             if self.mode == "selective":
-                chosen = tuple(l for l in range(a, z) if round(pulp.value(self.u[l, s]) or 0) == 1)
+                chosen = tuple(i for i in range(a, z) if round(pulp.value(self.u[i, s]) or 0) == 1)
                 out.append(Segment(a, z, "selective" if chosen else "none", chosen))
             elif self.mode == "auto":
                 out.append(Segment(a, z, "full" if round(pulp.value(self.c[s])) == 1 else "none"))
