@@ -8,7 +8,7 @@ from planner.cost import CostTable
 from planner.errors import InfeasibleError
 from planner.evaluate import Config
 from planner.solve import Settings, solve
-from planner.solve.baselines import equal_blocks, min_max
+from planner.solve.baselines import block_partition, equal_blocks, min_max
 from planner.solve.brute import all_partitions, brute_force, every_plan
 from planner.solve.exact import lb_partition, solve_inner
 from planner.solve.ilp import ilp_partition, solve_ilp
@@ -308,3 +308,14 @@ def test_the_memory_aware_bound_never_exceeds_a_plan_that_fits(d):
     for ev in every_plan(CostTable(prof, 1), cluster, cfg):
         if ev.fits:
             assert bound <= ev.step_time_s * (1 + 1e-9)
+
+
+def test_torchgpipe_baseline_is_its_block_partition_not_a_min_max_split():
+    # GPT-2-medium on an H100: 2.4 ms embedding, 24 blocks of 4.0 ms, 27 ms head with loss.
+    # torchgpipe's blockpartition.solve keeps the equal split and grows the first stage: 7, 6, 6, 7
+    times = [2.4] + [4.0] * 24 + [27.0]
+    assert block_partition(times, 4) == [0, 7, 13, 19]
+    assert min_max(times, 4) != [0, 7, 13, 19]
+    r = solve(gpt2_medium(), from_spec("h100x4"), Settings(global_batch=64, pp=4, dp=1))
+    gpipe = [b for b in r.baselines if b[0].startswith("torchgpipe")]
+    assert len(gpipe) == 1 and gpipe[0][1] == [0, 7, 13, 19]

@@ -3,8 +3,15 @@
 * equal: Megatron-LM's default and DeepSpeed's ``uniform``: the repeated blocks split evenly,
   layers before the first block on the first stage and after the last block on the last.
 * params: DeepSpeed's ``parameters`` method: contiguous stages balancing parameter counts.
-* time: torchgpipe's ``balance_by_time``: contiguous stages balancing measured layer time,
-  ignoring memory, transfers and the schedule.
+* torchgpipe: ``balance_by_time``, which hands the measured layer times to
+  ``blockpartition.solve``, the block-partition heuristic of Bárány and Grinberg ("Block
+  partitions of sequences", arXiv:1308.2452): times scaled to [0, 1], an equal-count start, one
+  layer at a time moved towards the lightest stage until the heaviest is within 1 of it. Not a
+  min-max split: on costs that are mostly equal it keeps the equal split.
+
+``min_max`` (the contiguous split with the lightest heaviest stage) is what DeepSpeed's
+``parameters`` method computes on parameter counts; the search also uses it on layer times as
+a first partition to beat.
 """
 
 from __future__ import annotations
@@ -51,6 +58,43 @@ def _repeated_blocks(names: Sequence[str]) -> tuple[int, int] | None:
     if best is None or best[1] - best[0] < 2:
         return None
     return best
+
+
+def block_partition(weights: Sequence[float], stages: int) -> Partition | None:
+    """torchgpipe's ``blockpartition.solve`` (Bárány and Grinberg's algorithm): ``None`` where it
+    would leave a stage empty or there are fewer layers than stages.
+
+    With blocks B_k of the scaled weights, M the heaviest block (last one on ties) and m the
+    lightest (first one on ties): while M > m + 1, the block next to the lightest on the side of
+    the heaviest gives it its nearest layer; M is looked up again only once the heaviest block
+    itself has given a layer."""
+    n = len(weights)
+    if n < stages or stages < 1:
+        return None
+    w = [float(x) for x in weights]
+    low, span = min(w), max(w) - min(w)
+    x = [(v - low) / span if span else 0.0 for v in w]
+    ends = [(k + 1) * (n // stages) for k in range(stages - 1)] + [n]
+
+    def sizes() -> list[tuple[float, int]]:
+        return [(sum(x[(ends[k - 1] if k else 0): ends[k]]), k) for k in range(stages)]
+
+    for _ in range(4 * n * n * stages + 16):  # the paper bounds the moves; this only guards
+        heaviest_size, heaviest = max(sizes())
+        while True:
+            lightest_size, lightest = min(sizes())
+            if heaviest_size <= lightest_size + 1:
+                starts = [0, *ends[:-1]]
+                return starts if all(b > a for a, b in zip(starts, ends)) else None
+            if heaviest < lightest:  # its left neighbour gives its last layer
+                giver = lightest - 1
+                ends[giver] -= 1
+            else:  # its right neighbour gives its first layer
+                giver = lightest + 1
+                ends[lightest] += 1
+            if giver == heaviest:
+                break
+    return None
 
 
 def min_max(weights: Sequence[float], stages: int) -> Partition | None:

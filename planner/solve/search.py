@@ -557,7 +557,7 @@ class Search:
         return [
             ("equal layers (Megatron-LM, DeepSpeed uniform)", bl.equal_blocks(names, S)),
             ("parameter-balanced (DeepSpeed parameters)", bl.min_max(t.params + 1e-9, S)),
-            ("time-balanced (torchgpipe balance_by_time)", bl.min_max(t.fwd + t.bwd, S)),
+            ("torchgpipe balance_by_time (block partition of layer times)", bl.block_partition(t.fwd + t.bwd, S)),
         ]
 
     def baselines(self, cfg: Config) -> list[tuple[str, list[int] | None, Evaluation | None]]:
