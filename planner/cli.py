@@ -8,6 +8,7 @@ so ``planner solve|simulate|check|schema`` start fast and run without torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -86,9 +87,11 @@ def simulate(
     """Predict a plan's step time, bubble and memory, and draw its timeline."""
     from planner import report
     from planner.evaluate import plan_schedule, replay_plan
-    from planner.formats import load_plan
+    from planner.formats import check_output, load_plan
 
     try:
+        if timeline is not None:
+            check_output(timeline, inputs=(plan_file,), flag="--timeline")
         plan = load_plan(plan_file)
         sim = replay_plan(plan, timeline=timeline is not None)
         if timeline is not None:
@@ -120,10 +123,11 @@ def profile(
 ) -> None:
     """Measure a model layer by layer into a profile (needs torch)."""
     from planner import report
-    from planner.formats import dump
+    from planner.formats import check_output, dump
     from planner.model import build_spec, parse_args
 
     try:
+        check_output(output)
         sizes = _int_list(mbs, "--mbs")
         args = parse_args(arg)
         spec = build_spec(model, args)
@@ -168,11 +172,13 @@ def solve(
     from planner import report
     from planner.clusters import from_spec
     from planner.errors import InputError
-    from planner.formats import Training, dump, load_profile, to_json
+    from planner.formats import Training, check_output, dump, load_profile, to_json
     from planner.solve import Settings, solve as run_solve
     from planner.solve.plan import make_plan
 
     try:
+        if output is not None:
+            check_output(output, inputs=(profile_file, cluster))
         prof = load_profile(profile_file)
         clu = from_spec(cluster)
         if recompute not in ("none", "full", "auto", "selective"):
@@ -230,7 +236,12 @@ def execute(
     from planner import report
     from planner.execute import Options, execute as run_execute, raise_on_failure
 
+    from planner.formats import check_output
+
     try:
+        for path, flag in ((report_file, "--report"), (calibrate, "--calibrate")):
+            if path is not None:
+                check_output(path, inputs=(plan_file, profile_file), flag=flag)
         tol = _fraction(tolerance, "--tolerance")
         opts = Options(mode=mode, steps=steps, warmup=warmup, tolerance=tol, verify=not no_verify,
                        timeout_s=timeout, device=device, nnodes=nnodes, node_rank=node_rank,
@@ -303,9 +314,11 @@ def export(
 ) -> None:
     """Translate a plan for Megatron-LM, DeepSpeed, torchtitan or torch.distributed.pipelining."""
     from planner.export import export as run_export
-    from planner.formats import load_plan, write_atomic
+    from planner.formats import check_output, load_plan, write_atomic
 
     try:
+        if output is not None:
+            check_output(output, inputs=(plan_file,))
         text = run_export(load_plan(plan_file), fmt)
         if output is not None:
             write_atomic(output, text)
@@ -339,6 +352,8 @@ def _fraction(text: str, flag: str) -> float:
         value = float(text.strip().rstrip("%")) / (100 if text.strip().endswith("%") else 1)
     except ValueError:
         raise InputError(f"{flag} {text!r}: write a percentage like 10% or a fraction like 0.1") from None
+    if not math.isfinite(value):
+        raise InputError(f"{flag} {text!r}: not a finite number; write a percentage like 10% or a fraction like 0.1")
     if value < 0:
         raise InputError(f"{flag} must not be negative")
     return value

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
+import re
+import stat
 import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from planner.errors import InputError
+from planner.errors import InputError, ScheduleError
+from planner.schedules import SCHEDULES, canonical, check_combination
 
 SCHEMA_VERSION = 1
 INPUT = "@input"  # pseudo-layer: the batch handed to the first stage
@@ -26,6 +30,29 @@ LOSS = "@loss"  # pseudo-layer: the loss function on the last stage
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 JsonScalar = int | float | str | bool | None
+
+# Bounds on what a file may say. A measured quantity beyond them is a unit mistake, not a
+# measurement; within them every sum and product planner forms stays finite (no overflow, no
+# numpy warnings) and exact enough.
+MAX_MEASURED_S = 1e6  # one layer's pass, one message's latency: 11.6 days is no measurement
+MAX_MEASURED_BYTES = 2**50  # 1 PiB: beyond any device's memory (a CPU host has a few TiB)
+MAX_INT = 2**62  # any integer in any file: int64 (numpy's) with room for a sum
+MAX_NUMBER = 1e30  # any number: sums over the 400,000 actions solve simulates stay finite
+MAX_DEPTH = 32  # JSON nesting: the formats nest six levels; deeper is not one of them
+MAX_FILE_BYTES = 512 * 2**20  # a profile of thousands of layers is a few MiB
+MAX_ACTIONS = 400_000  # the largest schedule a plan may have: solve's cap (solve.search.MAX_ACTIONS)
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # Literal[1] accepts True (True == 1) even in strict mode
+        raise ValueError(f"Input should be 1, not {value}")
+    return value
+
+
+Version = Annotated[Literal[1], BeforeValidator(_not_bool)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_MEASURED_S)]  # measured
+Bytes = Annotated[int, Field(ge=0, le=MAX_MEASURED_BYTES)]  # measured or a device's memory
+Factor = Annotated[float, Field(ge=1e-6, le=1e6)]  # a relative speed or a scale
 
 
 class _Frozen(BaseModel):
@@ -48,30 +75,30 @@ class ModelRef(_Frozen):
 class DeviceInfo(_Frozen):
     type: Literal["cpu", "cuda"]
     name: str
-    memory_bytes: int = Field(ge=0)
-    workspace_bytes: int = Field(default=0, ge=0, description="kept by the runtime once used (cuBLAS "
+    memory_bytes: Bytes
+    workspace_bytes: Bytes = Field(default=0, description="kept by the runtime once used (cuBLAS "
                                  "workspace), on top of any tensor")
 
 
 class LayerCost(_Frozen):
     """One layer at one micro-batch size. Times are medians; ``*_spread`` is (p90 - p10) / median."""
 
-    fwd_s: float = Field(ge=0)
-    bwd_s: float = Field(ge=0, description="whole backward: input and weight gradients")
-    bwd_input_s: float | None = Field(default=None, ge=0)
-    bwd_weight_s: float | None = Field(default=None, ge=0)
-    act_bytes: int = Field(ge=0, description="bytes the layer creates and saves for backward")
-    out_bytes: int = Field(ge=0)
-    peak_bytes: int = Field(default=0, ge=0, description="transient bytes above inputs, forward or backward")
-    wgrad_bytes: int = Field(default=0, ge=0, description="kept from the input-gradient pass until the "
+    fwd_s: Seconds
+    bwd_s: Seconds = Field(description="whole backward: input and weight gradients")
+    bwd_input_s: Seconds | None = None
+    bwd_weight_s: Seconds | None = None
+    act_bytes: Bytes = Field(description="bytes the layer creates and saves for backward")
+    out_bytes: Bytes
+    peak_bytes: Bytes = Field(default=0, description="transient bytes above inputs, forward or backward")
+    wgrad_bytes: Bytes = Field(default=0, description="kept from the input-gradient pass until the "
                              "weight-gradient pass (split backward)")
-    fwd_spread: float = Field(default=0.0, ge=0)
-    bwd_spread: float = Field(default=0.0, ge=0)
+    fwd_spread: float = Field(default=0.0, ge=0, le=1e6)
+    bwd_spread: float = Field(default=0.0, ge=0, le=1e6)
 
 
 class Layer(_Frozen):
     name: str = Field(description="module path, e.g. 'transformer.h.3'")
-    param_bytes: int = Field(ge=0)
+    param_bytes: Bytes
     by_mbs: dict[str, LayerCost]
 
 
@@ -80,8 +107,8 @@ class Edge(_Frozen):
 
     src: str
     dst: str
-    bytes_per_sample: int = Field(ge=0)
-    tensor: int = Field(default=0, ge=0, description="which output of src")
+    bytes_per_sample: Bytes
+    tensor: int = Field(default=0, ge=0, le=2**20, description="which output of src")
     saved: bool = Field(default=False, description="dst keeps this tensor for its backward")
 
 
@@ -89,17 +116,17 @@ class TiedGroup(_Frozen):
     """Parameters shared by several layers (e.g. embedding and LM head); counted in each layer."""
 
     layers: list[str] = Field(min_length=2)
-    param_bytes: int = Field(ge=0)
+    param_bytes: Bytes
 
 
 class WholeCost(_Frozen):
     """The whole model timed at once, and the scale that makes the layer sum agree with it."""
 
-    fwd_s: float = Field(ge=0)
-    bwd_s: float = Field(ge=0)
-    optimizer_s: float = Field(default=0.0, ge=0)
+    fwd_s: Seconds
+    bwd_s: Seconds
+    optimizer_s: Seconds = 0.0
     layer_sum_s: float = Field(ge=0, description="sum of layer and loss fwd_s + bwd_s, unscaled")
-    scale: float = Field(gt=0, description="multiply layer times by this to match the whole")
+    scale: Factor = Field(description="multiply layer times by this to match the whole")
     launch_bound: bool = False
 
 
@@ -111,17 +138,17 @@ class Measurement(_Frozen):
     timer: str
     repeats: int = Field(ge=1)
     warmup: int = Field(ge=0)
-    threads: int | None = None
+    threads: int | None = Field(default=None, ge=1)
 
 
 class BatchInfo(_Frozen):
-    input_bytes_per_sample: int = Field(ge=0)
-    target_bytes_per_sample: int = Field(ge=0)
+    input_bytes_per_sample: Bytes
+    target_bytes_per_sample: Bytes
 
 
 class Profile(_Frozen):
     kind: Literal["profile"] = "profile"
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
     model: ModelRef
     device: DeviceInfo
     dtype: Dtype
@@ -143,8 +170,9 @@ class Profile(_Frozen):
         if not sizes:
             raise ValueError("layers[0].by_mbs is empty")
         for key in sizes:
-            if not key.isdigit() or int(key) < 1:
-                raise ValueError(f"by_mbs key {key!r} is not a positive integer")
+            if not re.fullmatch(r"[1-9][0-9]{0,5}", key):
+                raise ValueError(f"by_mbs key {key!r} is not a micro-batch size (a positive integer "
+                                 "written without leading zeros)")
         for i, layer in enumerate(self.layers):
             if set(layer.by_mbs) != sizes:
                 raise ValueError(f"layers[{i}] ({layer.name}) has micro-batch sizes "
@@ -164,6 +192,8 @@ class Profile(_Frozen):
                     raise ValueError(f"tied[{k}] names unknown layer {name!r}")
         if self.loss is not None and set(self.loss.by_mbs) != sizes:
             raise ValueError("loss.by_mbs sizes differ from the layers'")
+        if set(self.whole) - sizes:
+            raise ValueError(f"whole has micro-batch sizes {sorted(set(self.whole) - sizes)} the layers lack")
         return self
 
     @property
@@ -175,18 +205,18 @@ class Profile(_Frozen):
 
 
 class Link(_Frozen):
-    bandwidth_bytes_per_s: float = Field(gt=0)
-    latency_s: float = Field(ge=0)
-    cpu_s: float = Field(default=0.0, ge=0, description="time the receiving rank's own thread spends per "
+    bandwidth_bytes_per_s: float = Field(ge=1)
+    latency_s: Seconds
+    cpu_s: Seconds = Field(default=0.0, description="time the receiving rank's own thread spends per "
                          "message (gloo receives on the calling thread; NCCL works on the GPU: 0)")
 
 
 class DeviceSpec(_Frozen):
     name: str
     type: Literal["cpu", "cuda"] = "cuda"
-    memory_bytes: int = Field(gt=0)
-    speed: float = Field(default=1.0, gt=0, description="throughput relative to the profiled device")
-    action_overhead_s: float = Field(default=0.0, ge=0, description="the engine's bookkeeping per action on "
+    memory_bytes: Bytes = Field(gt=0)
+    speed: Factor = Field(default=1.0, description="throughput relative to the profiled device")
+    action_overhead_s: Seconds = Field(default=0.0, description="the engine's bookkeeping per action on "
                                      "the rank's thread (hidden behind GPU kernels: 0 on GPUs)")
 
 
@@ -197,12 +227,12 @@ class NodeSpec(_Frozen):
 
 class Cluster(_Frozen):
     kind: Literal["cluster"] = "cluster"
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
     name: str
     nodes: list[NodeSpec] = Field(min_length=1)
     intra_node: Link
     inter_node: Link | None = None
-    reserved_bytes: int = Field(default=0, ge=0,
+    reserved_bytes: Bytes = Field(default=0,
                                 description="per device, not available to tensors (runtime context)")
 
     @model_validator(mode="after")
@@ -305,7 +335,7 @@ class Stage(_Frozen):
     index: int = Field(ge=0)
     layers: list[str] = Field(min_length=1)
     rank: int = Field(ge=0, description="pipeline rank holding this stage")
-    devices: list[int] = Field(min_length=1, description="cluster device per data-parallel replica")
+    devices: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, description="cluster device per data-parallel replica")
     recompute: Literal["none", "full", "selective"] = "none"
     recompute_layers: list[str] = Field(default_factory=list)
     cost: StageCost
@@ -335,7 +365,7 @@ class Provenance(_Frozen):
 
 class Plan(_Frozen):
     kind: Literal["plan"] = "plan"
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Version = SCHEMA_VERSION
     model: ModelRef
     cluster: Cluster
     parallel: Parallel
@@ -343,6 +373,8 @@ class Plan(_Frozen):
     schedule: ScheduleSpec
     training: Training = Training()
     dtype: Dtype = "float32"
+    layers: list[str] | None = Field(default=None, description="the model's layers in order, as profiled: "
+                                     "the stages cut this sequence into contiguous runs (None: not recorded)")
     stages: list[Stage] = Field(min_length=1)
     predicted: Prediction
     baselines: list[BaselineResult] = Field(default_factory=list)
@@ -365,7 +397,103 @@ class Plan(_Frozen):
                 raise ValueError(f"stages[{i}] names a device beyond the cluster's {n}")
         if self.microbatch.global_batch != self.microbatch.size * self.microbatch.count * self.parallel.dp:
             raise ValueError("microbatch.global_batch must equal size x count x dp")
+        problem = plan_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+# ---------------------------------------------------------------------------- plan semantics
+
+
+def plan_problem(plan: Plan) -> str | None:
+    """What makes a well-typed plan one that cannot run, or None: its schedule, its devices,
+    its layers, its size. Every command reads plans through this (``Plan`` validates with it)."""
+    return _schedule_problem(plan) or _device_problem(plan) or _layer_problem(plan) or _size_problem(plan)
+
+
+def _schedule_problem(plan: Plan) -> str | None:
+    name, v = plan.schedule.name, plan.schedule.virtual_stages
+    if name not in SCHEDULES:
+        try:
+            return f"schedule.name {name!r} is an alias: write {canonical(name)!r}"
+        except ScheduleError:
+            return f"schedule.name {name!r} is unknown: choose one of {', '.join(SCHEDULES)}"
+    try:
+        check_combination(name, plan.parallel.pp, plan.microbatch.count, v)
+    except ScheduleError as e:
+        return f"schedule: {e}"
+    pp = plan.parallel.pp
+    for s, stage in enumerate(plan.stages):  # loop placement s % pp; V: rank r holds r and 2pp-1-r
+        want = s % pp if SCHEDULES[name].placement == "loop" else min(s, 2 * pp - 1 - s)
+        if stage.rank != want:
+            return f"stages[{s}].rank is {stage.rank}, but {name} places stage {s} on rank {want}"
+    return None
+
+
+def _device_problem(plan: Plan) -> str | None:
+    """A pipeline rank owns one device per replica, and no device is shared by two ranks."""
+    owner: dict[int, int] = {}
+    held: dict[int, list[int]] = {}
+    for s, stage in enumerate(plan.stages):
+        if len(set(stage.devices)) != len(stage.devices):
+            dup = next(d for d in stage.devices if stage.devices.count(d) > 1)
+            return f"stages[{s}] lists device {dup} twice: each data-parallel replica needs its own device"
+        mine = held.setdefault(stage.rank, stage.devices)
+        if mine != stage.devices:
+            return (f"stages[{s}] is on devices {stage.devices}, another stage of rank {stage.rank} on "
+                    f"{mine}: a rank's stages share its devices")
+        for d in stage.devices:
+            if owner.setdefault(d, stage.rank) != stage.rank:
+                return f"device {d} holds both rank {owner[d]} and rank {stage.rank} (stages[{s}])"
+    return None
+
+
+def _layer_problem(plan: Plan) -> str | None:
+    """Every layer in exactly one stage, the stages cutting the model's order into contiguous runs."""
+    where: dict[str, int] = {}
+    for s, stage in enumerate(plan.stages):
+        for name in stage.layers:
+            if name in where:
+                return f"layer {name!r} is in stages[{where[name]}] and stages[{s}]: each layer belongs to one stage"
+            where[name] = s
+        extra = sorted(set(stage.recompute_layers) - set(stage.layers))
+        if extra:
+            return f"stages[{s}].recompute_layers names {extra[0]!r}, which is not one of its layers"
+    if plan.layers is None:
+        return None
+    order = {name: k for k, name in enumerate(plan.layers)}
+    if len(order) != len(plan.layers):
+        dup = next(n for n in plan.layers if plan.layers.count(n) > 1)
+        return f"layers lists {dup!r} twice"
+    for name, s in where.items():
+        if name not in order:
+            return f"stages[{s}] names layer {name!r}, which the model lacks (it is not in layers)"
+    missing = [n for n in plan.layers if n not in where]
+    if missing:
+        return f"layer {missing[0]!r} is in no stage" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    flat = [n for stage in plan.stages for n in stage.layers]
+    if flat != plan.layers:
+        k = next(k for k, (a, b) in enumerate(zip(flat, plan.layers)) if a != b)
+        return (f"stages[{where[flat[k]]}] has {flat[k]!r} where the model's order has {plan.layers[k]!r}: "
+                "stages hold contiguous runs of the layers, in order")
+    return None
+
+
+def _size_problem(plan: Plan) -> str | None:
+    """A plan no larger than what solve simulates, and byte counts the simulator's 64-bit
+    arithmetic holds with every micro-batch in flight."""
+    m = plan.microbatch.count
+    actions = len(plan.stages) * m * 3  # F and B, or F, I and W, per stage and micro-batch (as solve counts)
+    if actions > MAX_ACTIONS:
+        return (f"{m:,} micro-batches over {len(plan.stages)} stages schedule about {actions:,} actions, "
+                f"more than the {MAX_ACTIONS:,} solve simulates: use fewer micro-batches")
+    for s, stage in enumerate(plan.stages):
+        c = stage.cost
+        held = (c.act_bytes + c.wgrad_bytes + c.grad_in_bytes + c.send_bytes) * (m + 1)
+        if c.static_bytes + c.batch_bytes + c.transient_bytes + held > MAX_INT // len(plan.stages):
+            return f"stages[{s}].cost byte counts are too large to simulate with {m} micro-batches in flight"
+    return None
 
 
 # ---------------------------------------------------------------------------------- load / dump
@@ -376,47 +504,103 @@ M = TypeVar("M", bound=BaseModel)
 
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     more = len(err.errors()) - 1
-    return f"field {loc}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+    return (f"field {loc}: " if loc else "") + msg + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
 def parse(data: Any, model: type[M], source: str) -> M:
-    """Validate already-decoded JSON as ``model``; ``source`` names it in errors."""
+    """Validate already-decoded JSON as ``model``; ``source`` names it in errors. Types are
+    strict: a file says ``0``, not ``"0"``, where a number is meant."""
     kind = model.model_fields["kind"].default
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a JSON object, found {type(data).__name__}")
     found = data.get("kind")
-    if found is not None and found != kind and found in KINDS:
+    if isinstance(found, str) and found != kind and found in KINDS:
         raise InputError(f"{source}: this is a planner {found}, not a {kind}")
     version = data.get("schema_version")
-    if version is not None and version != SCHEMA_VERSION:
+    if version is not None and (type(version) is not int or version != SCHEMA_VERSION):
         raise InputError(f"{source}: schema_version {version!r} is not supported "
                          f"(this planner reads {kind} schema_version {SCHEMA_VERSION})")
+    check_numbers(data, source)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)
     except ValidationError as err:
         raise InputError(f"{source}: {_describe(err)}") from None
 
 
+class _Refused(str):
+    """A number JSON should not hold (NaN, Infinity, a 20-digit integer), kept as its text so
+    that ``check_numbers`` can say where it is."""
+
+
+def _int_or_refused(text: str) -> int | _Refused:
+    return int(text) if len(text.lstrip("-")) <= 19 else _Refused(text)
+
+
+def check_numbers(data: Any, source: str) -> None:
+    """Finite numbers of sane size only, nested no deeper than the formats are (iteratively:
+    no recursion limit to hit)."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, where = stack.pop()
+        if len(where) > MAX_DEPTH:
+            raise InputError(f"{source}: nested deeper than {MAX_DEPTH} levels (at {_path(where)})")
+        if isinstance(value, dict):
+            stack.extend((v, (*where, k)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, (*where, k)) for k, v in enumerate(value))
+        elif isinstance(value, _Refused):
+            raise InputError(f"{source}: field {_path(where)}: {value[:24]}{'...' * (len(value) > 24)} "
+                             "is not a finite number of sane size")
+        elif isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        elif isinstance(value, int) and abs(value) > MAX_INT:
+            raise InputError(f"{source}: field {_path(where)}: {value} is beyond {MAX_INT} (2^62)")
+        elif isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_NUMBER):
+            raise InputError(f"{source}: field {_path(where)}: {value} is not a finite number "
+                             f"of at most {MAX_NUMBER:g}")
+
+
+def _path(where: tuple) -> str:
+    return ".".join(map(str, where)) or "(top level)"
+
+
 def read_json(path: str | os.PathLike) -> Any:
+    """A regular file's JSON. Pipes, devices and folders are refused before opening (a pipe
+    would block); NaN and Infinity, which Python's json accepts, are kept as ``_Refused``."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, expected a JSON file")
+    if not str(path):
+        raise InputError("an empty path was given where a file is expected")
     try:
-        text = p.read_text(encoding="utf-8")
+        info = p.stat()
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except OSError as err:
+        raise InputError(f"{p}: cannot read: {err.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(f"{p}: is a directory, expected a JSON file")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{p}: is not a regular file (a pipe, device or socket): give a JSON file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise InputError(f"{p}: {info.st_size:,} bytes, more than the {MAX_FILE_BYTES:,} a planner file may have")
+    try:
+        with open(p, encoding="utf-8") as f:
+            text = f.read(MAX_FILE_BYTES + 1)
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{p}: cannot read: {err}") from None
     if not text.strip():
         raise InputError(f"{p}: file is empty")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_Refused, parse_int=_int_or_refused)
     except json.JSONDecodeError as err:
         raise InputError(f"{p}: not valid JSON (line {err.lineno}, column {err.colno}): "
                          f"{err.msg}") from None
+    except RecursionError:
+        raise InputError(f"{p}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as err:  # e.g. a number too long to convert
+        raise InputError(f"{p}: not valid planner JSON: {err}") from None
 
 
 def load(path: str | os.PathLike, model: type[M]) -> M:
@@ -439,13 +623,51 @@ def to_json(obj: BaseModel) -> str:
     return obj.model_dump_json(indent=1, exclude_none=False) + "\n"
 
 
+def check_output(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike | None, ...] = (),
+                 flag: str = "-o") -> Path:
+    """Refuse, before any work, an output path that cannot be written or that names one of the
+    command's inputs (writing it would destroy what is being read). Probes the folder with a
+    temporary file, which is removed."""
+    p = Path(path)
+    if not str(path) or str(path) == ".":  # typer reads '' as Path(""), which is "."
+        raise InputError(f"{flag} {str(path)!r}: empty, or the current folder; give a file name")
+    if p.is_dir():
+        raise InputError(f"{flag} {p}: is a directory; give a file name inside it")
+    if p.exists() and not p.is_file():
+        raise InputError(f"{flag} {p}: is not a regular file (a pipe or device); give a file name")
+    for source in inputs:
+        if source is not None and str(source) and p.exists() and Path(source).exists() \
+                and os.path.samefile(p, source):
+            raise InputError(f"{flag} {p}: is also an input of this command; writing it would "
+                             "destroy it, choose another name")
+    parent = _parent(p)
+    if not parent.is_dir():
+        raise InputError(f"{flag} {p}: folder {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    except OSError as err:
+        raise InputError(f"{flag} {p}: cannot write in {parent}: {err.strerror}") from None
+    os.close(fd)
+    os.unlink(tmp)
+    return p
+
+
+def _parent(p: Path) -> Path:
+    return p.parent if str(p.parent) else Path(".")
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
+    parent = _parent(p)
     if not parent.is_dir():
         raise InputError(f"{p}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory; give a file name")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    except OSError as err:
+        raise InputError(f"{p}: cannot write in {parent}: {err.strerror}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -453,6 +675,9 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _mode_for(p))  # mkstemp makes it private; give it what a plain write would
         os.replace(tmp, p)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"{p}: cannot write: {err.strerror}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

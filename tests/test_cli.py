@@ -164,6 +164,7 @@ def test_megatron_layout_counts_encoder_and_decoder_layers_alike(tmp_path, plan)
     rename = {f"h.{i}": f"enc.{i}" if i < 4 else f"dec.{i - 4}" for i in range(8)}
     for st in data["stages"]:
         st["layers"] = [rename.get(n, n) for n in st["layers"]]
+    data["layers"] = [rename.get(n, n) for n in data["layers"]]  # the model's own list, renamed alike
     renamed = tmp_path / "encdec.json"
     renamed.write_text(json.dumps(data))
 
@@ -180,6 +181,7 @@ def test_megatron_export_is_accepted_as_megatron_reads_it(tmp_path, plan):
     # Megatron-LM names the loss once and needs a layer count for block recomputation
     data = json.loads(plan.read_text())
     data["stages"][2]["layers"].append("ln_f")
+    data["layers"].insert(data["layers"].index(data["stages"][3]["layers"][0]), "ln_f")  # the model has it
     data["stages"][0]["recompute"] = "full"
     path = tmp_path / "split.json"
     path.write_text(json.dumps(data))
