@@ -50,7 +50,7 @@ def _one_rank_group() -> bool:
     return True
 
 
-def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1) -> SingleResult:
+def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1, progress=None) -> SingleResult:
     dtype = DTYPES[plan.dtype]
     torch.manual_seed(0)
     spec = build_model(plan, device=device, dtype=dtype)
@@ -79,6 +79,8 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
         opt.step()
         times = []
         for step in range(1, warmup + steps + 1):
+            if progress:
+                progress(f"single device: step {step}/{warmup + steps}", step, warmup + steps)
             opt.zero_grad(set_to_none=True)
             inputs, target = make_batch(spec, size * m, batch_seed(step, 0, 1), device, dtype)
             if device.type == "cuda":
