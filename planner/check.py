@@ -159,6 +159,10 @@ def check_one(path: Path, *, profile: Profile | None, profile_path: str | None, 
     out = Outcome(str(path), 0)
     try:
         plan = load_plan(path)
+        if rebuild:
+            from planner.model import with_factory_found
+
+            plan = with_factory_found(plan, path)  # found next to the plan file, from any folder
         problems = check_memory(plan)
         if profile is not None:
             problems += check_fingerprint(plan, profile.model.fingerprint, profile_path or "the profile")

@@ -230,11 +230,14 @@ def execute(
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="torchrun: this node's rank"),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="torchrun: rendezvous host"),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="torchrun: rendezvous port (default: a free one)"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="where workers write their reports"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="where workers write their reports "
+                                           "(kept; default: a temporary folder, kept only if the run fails)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads per process (default 1: "
+                                          "one per worker, as the profile measures by default)"),
 ) -> None:
     """Run a plan with PyTorch's pipeline engine; report measured against predicted (needs torch)."""
     from planner import report
-    from planner.execute import Options, execute as run_execute, raise_on_failure
+    from planner.execute import Options, check_options, execute as run_execute, raise_on_failure
 
     from planner.formats import check_output
 
@@ -246,11 +249,15 @@ def execute(
         opts = Options(mode=mode, steps=steps, warmup=warmup, tolerance=tol, verify=not no_verify,
                        timeout_s=timeout, device=device, nnodes=nnodes, node_rank=node_rank,
                        master_addr=master_addr, master_port=master_port,
-                       run_dir=str(run_dir) if run_dir else None)
+                       run_dir=str(run_dir) if run_dir else None, threads=threads)
+        check_options(opts)
         if calibrate is not None and profile_file is None:
             from planner.errors import InputError
 
             raise InputError("--calibrate needs --profile (the profile the plan was solved from)")
+        for path, flag in ((report_file, "--report"), (calibrate, "--calibrate")):
+            if path is not None:
+                _check_output(path, flag, inputs=[plan_file] + ([profile_file] if profile_file else []))
         with report.progress(err) as bar:
             ver = run_execute(plan_file, opts, progress=bar)
         out.print(report.verification_table(ver))
@@ -343,6 +350,21 @@ def demo(
     except PlannerError as e:
         _fail(e)
     raise typer.Exit(code)
+
+
+def _check_output(path: Path, flag: str, inputs: list[Path]) -> None:
+    """Before a long run: the file can be written, and writing it destroys no input."""
+    from planner.errors import InputError
+
+    if str(path) == "" or path.is_dir():
+        raise InputError(f"{flag} {str(path)!r}: give a file name, not a folder")
+    if any(path.resolve() == p.resolve() for p in inputs):
+        raise InputError(f"{flag} {path}: that is an input of this command; write somewhere else")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{flag} {path}: not writable")
 
 
 def _fraction(text: str, flag: str) -> float:

@@ -7,7 +7,14 @@ Exit codes are the same for every command:
     2  bad input (missing or malformed file, unknown name, invalid combination)
     3  infeasible (nothing fits the devices' memory)
     4  measured outside tolerance
-    5  execution failed (a worker raised, ran out of memory, was killed or timed out)
+    5  execution failed (a worker raised, ran out of memory, was killed or timed out, or the
+       launcher itself was killed)
+  129  stopped by SIGHUP (the terminal closed)
+  130  interrupted by SIGINT (Ctrl-C)
+  143  stopped by SIGTERM (``timeout``, a CI cancellation, a job scheduler)
+
+A command that started processes (``execute``) stops all of them before it exits, whatever the
+reason, and its message says what happened.
 """
 
 from __future__ import annotations
@@ -71,3 +78,12 @@ class MissingExtraError(InputError):
         super().__init__(f"{needed_for} needs {package}, which is not installed{aside}: "
                          f"pip install -e '.[{EXTRAS.get(root, 'torch')}]' in the planner checkout "
                          "(or ./install.sh)")
+
+
+class Interrupted(PlannerError):
+    """Stopped by a signal; the exit code is the shell's, 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

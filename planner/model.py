@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,15 +110,58 @@ def _import_file(path: Path):
     return module
 
 
+ROOT_ENV = "PLANNER_MODEL_ROOT"  # a folder to find relative factory files in, before any other
+
+
+def _is_file_ref(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def find_factory_file(where: str, near: str | Path | None = None) -> Path:
+    """The file of a factory named by a path. A relative path is looked for under
+    $PLANNER_MODEL_ROOT, then in the current folder, then (``near``: the plan or profile that names
+    it) in that file's folder and each folder above it, so that ``models/gpt.py`` named by
+    ``plans/gpt.json`` is found from anywhere."""
+    path = Path(where)
+    if path.is_absolute():
+        if path.is_file():
+            return path
+        raise ModelError(f"{path}: no such file")
+    bases = [Path(os.environ[ROOT_ENV])] if os.environ.get(ROOT_ENV) else []
+    bases.append(Path.cwd())
+    if near is not None:
+        bases += list(Path(near).resolve().parents)
+    for base in bases:
+        if (base / path).is_file():
+            return (base / path).resolve()
+    searched = ", ".join(dict.fromkeys(str(b) for b in bases[:3])) + (", ..." if len(bases) > 3 else "")
+    raise ModelError(f"{where}: no such file (looked in {searched}); run planner from the folder the "
+                     f"profile was made in, or set {ROOT_ENV} to it")
+
+
+def resolve_factory(ref: str, near: str | Path | None = None) -> str:
+    """``ref`` with its file made absolute (see ``find_factory_file``); a module reference as it is."""
+    if ":" not in ref:
+        return ref
+    where, fn_name = ref.rsplit(":", 1)
+    if not _is_file_ref(where):
+        return ref
+    return f"{find_factory_file(where, near)}:{fn_name}"
+
+
+def with_factory_found(plan: Any, plan_path: str | Path) -> Any:
+    """The plan (a ``formats.Plan``), its factory resolved next to the plan file (in memory only)."""
+    factory = resolve_factory(plan.model.factory, near=plan_path)
+    return plan.model_copy(update={"model": plan.model.model_copy(update={"factory": factory})})
+
+
 def load_factory(ref: str) -> Callable[..., Any]:
     """'path/to/file.py:fn' or 'package.module:fn' -> the function."""
     if ":" not in ref:
         raise ModelError(f"model {ref!r}: write path/to/file.py:factory or package.module:factory")
     where, fn_name = ref.rsplit(":", 1)
-    if where.endswith(".py") or "/" in where or "\\" in where:
-        path = Path(where)
-        if not path.is_file():
-            raise ModelError(f"{path}: no such file")
+    if _is_file_ref(where):
+        path = find_factory_file(where)
         module = _import_file(path)
     else:
         try:

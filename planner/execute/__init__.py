@@ -13,11 +13,14 @@ Three ways to run, one entry point:
 from __future__ import annotations
 
 import math
+import shutil
+import signal
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from planner.errors import ExecutionError, InputError
+from planner.errors import ExecutionError, Interrupted, InputError, PlannerError
 from planner.formats import Plan, load_plan
 
 __all__ = ["Options", "Verification", "execute"]
@@ -36,7 +39,8 @@ class Options:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
-    run_dir: str | None = None
+    run_dir: str | None = None  # None: a temporary folder, removed after a run that passed
+    threads: int | None = None  # CPU threads per process; None: one, as each distributed worker has
 
 
 @dataclass
@@ -61,6 +65,10 @@ class Verification:
     checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (name, ok, detail)
     notes: list[str] = field(default_factory=list)
     tolerance: float = 0.10
+    run_dir: str | None = None
+
+    def passed(self) -> bool:
+        return all(ok for _, ok, _ in self.checks) and self.within()
 
     def worst(self) -> Row | None:
         rows = [r for r in self.rows if r.checked]
@@ -101,17 +109,53 @@ def _choose_mode(plan: Plan, opts: Options) -> str:
     return "single+replay"
 
 
-def execute(plan_path: Path, opts: Options, progress=None) -> Verification:
-    from planner.schedules import SCHEDULES
-
-    plan = load_plan(plan_path)
-    if not SCHEDULES[plan.schedule.name].executable:
-        raise InputError(f"{plan.schedule.name} is modelled only: PyTorch's pipeline engine has no "
-                         "asynchronous PipeDream schedules (no weight stashing); solve without it")
+def check_options(opts: Options) -> None:
+    """Refuse impossible options before anything is built or started."""
     if opts.mode not in ("auto", "distributed", "single", "replay", "single+replay"):
         raise InputError(f"--mode {opts.mode!r}: choose auto, distributed, single or replay")
     if opts.steps < 1:
         raise InputError("--steps must be at least 1")
+    if opts.nnodes < 1:
+        raise InputError("--nnodes must be at least 1")
+    if not 0 <= opts.node_rank < opts.nnodes:
+        raise InputError(f"--node-rank {opts.node_rank}: with --nnodes {opts.nnodes} it is 0 to {opts.nnodes - 1}")
+    if opts.master_port is not None and not 1 <= opts.master_port <= 65535:
+        raise InputError(f"--master-port {opts.master_port}: a TCP port is 1 to 65535")
+    if opts.nnodes > 1 and opts.mode not in ("auto", "distributed"):
+        raise InputError(f"--nnodes {opts.nnodes} runs distributed; --mode {opts.mode} runs in this process only")
+    if opts.threads is not None and opts.threads < 1:
+        raise InputError("--threads must be at least 1")
+    if not opts.timeout_s > 0:
+        raise InputError("--timeout must be positive")
+
+
+def load_runnable(plan_path: Path) -> Plan:
+    """The plan, its model factory found next to the plan file when not under the current folder."""
+    from planner.model import with_factory_found
+
+    return with_factory_found(load_plan(plan_path), plan_path)
+
+
+def execute(plan_path: Path, opts: Options, progress=None) -> Verification:
+    """Run the plan and compare with its prediction. However it ends (an error, Ctrl-C, SIGTERM,
+    SIGHUP), no process it started is left running."""
+    from planner.execute.launch import signals_as_errors
+
+    check_options(opts)
+    with signals_as_errors():
+        try:
+            return _execute(plan_path, opts, progress)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted by SIGINT (Ctrl-C)", signal.SIGINT) from None
+
+
+def _execute(plan_path: Path, opts: Options, progress) -> Verification:
+    from planner.schedules import SCHEDULES
+
+    plan = load_runnable(plan_path)
+    if not SCHEDULES[plan.schedule.name].executable:
+        raise InputError(f"{plan.schedule.name} is modelled only: PyTorch's pipeline engine has no "
+                         "asynchronous PipeDream schedules (no weight stashing); solve without it")
     from planner.check import check_fingerprint, rebuilt_fingerprint
     from planner.errors import CheckFailed
 
@@ -122,13 +166,48 @@ def execute(plan_path: Path, opts: Options, progress=None) -> Verification:
     mode = _choose_mode(plan, opts)
     device = _device(opts.device, plan)
     ver = Verification(mode=mode, device=str(device), tolerance=opts.tolerance)
+    threads = opts.threads or 1
     if "distributed" in mode:
+        if plan.cluster.devices[0].type == "cpu":
+            ver.notes.append(f"CPU: {threads} thread{'s' * (threads > 1)} per worker process "
+                             "(--threads to change; profile with the same to compare)")
         _distributed(plan, plan_path, opts, ver, progress)
-    if "single" in mode:
-        _single(plan, device, opts, ver, progress)
-    if "replay" in mode:
-        _replay(plan, device, ver, progress)
+    in_process = [m for m in ("single", "replay") if m in mode]
+    if in_process:
+        if device.type == "cpu":
+            ver.notes.append(f"CPU: {threads} thread{'s' * (threads > 1)} in this process, as each distributed "
+                             "worker runs (--threads to change)")
+        with _cpu_threads(device, threads):
+            if "single" in mode:
+                _guarded("single device", _single, plan, device, opts, ver, progress)
+            if "replay" in mode:
+                _guarded("replay", _replay, plan, device, ver, progress)
     return ver
+
+
+@contextmanager
+def _cpu_threads(device, threads: int):
+    import torch
+
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _guarded(where: str, fn, *args) -> None:
+    """An engine error in this process is a failed execution (exit 5) with its text, not a crash."""
+    from planner.execute.worker import error_text
+
+    try:
+        fn(*args)
+    except (PlannerError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise ExecutionError(f"{where} failed: {type(e).__name__}: {error_text(e)}") from None
 
 
 # ----------------------------------------------------------------------------- modes
@@ -139,7 +218,7 @@ def _single(plan: Plan, device, opts: Options, ver: Verification, progress) -> N
 
     if progress:
         progress("single device: all stages in one process", 0, 1)
-    r = run_single(plan, device, steps=opts.steps, warmup=opts.warmup)
+    r = run_single(plan, device, steps=opts.steps, warmup=opts.warmup, progress=progress)
     _record_checks(ver, "single device", r.loss, r.reference_loss, r.max_grad_error, r.grad_message, plan.dtype)
     ver.notes.append(f"single device: every stage in one process took {r.step_s * 1e3:.1f} ms per step; "
                      "this checks correctness, not the plan's speed")
@@ -156,7 +235,7 @@ def _replay(plan: Plan, device, ver: Verification, progress) -> None:
 
     if progress:
         progress(f"replay: {plan.parallel.pp} ranks one at a time on {device}", 0, 1)
-    replays = replay_all(plan, device)
+    replays = replay_all(plan, device, progress=progress)
     predicted = _predicted_peaks(plan)
     kind = "allocated" if device.type == "cuda" else "live tensor bytes"
     for r in replays:
@@ -179,16 +258,24 @@ def _distributed(plan: Plan, plan_path: Path, opts: Options, ver: Verification, 
     from planner.execute.launch import Rendezvous, launch
 
     world = plan.parallel.pp * plan.parallel.dp
+    if world % opts.nnodes:
+        raise InputError(f"the plan's {world} workers cannot be split evenly over --nnodes {opts.nnodes}")
     use_cuda = plan.cluster.devices[0].type == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ExecutionError("the plan's devices are GPUs and none is present: use --mode single or replay")
     if progress:
         progress(f"distributed: {world} workers through torchrun ({'nccl' if use_cuda else 'gloo'})", 0, 1)
     run_dir = Path(opts.run_dir) if opts.run_dir else Path(tempfile.mkdtemp(prefix="planner-run-"))
-    result = launch(plan, plan_path.resolve(), run_dir, steps=opts.steps, warmup=opts.warmup, verify=opts.verify,
-                    timeout_s=opts.timeout_s, use_cuda=use_cuda,
+    ver.run_dir = str(run_dir)
+    # on failure the folder stays for the post-mortem; every message names its launcher log
+    result = launch(plan, plan_path.resolve(), run_dir, steps=opts.steps, warmup=opts.warmup,
+                    verify=opts.verify, timeout_s=opts.timeout_s, use_cuda=use_cuda,
+                    threads=opts.threads or 1, progress=progress,
                     rdzv=Rendezvous(opts.nnodes, opts.node_rank, opts.master_addr, opts.master_port))
     reports = result.reports
+    if opts.nnodes > 1:
+        ver.notes.append(f"node {opts.node_rank} of {opts.nnodes}: the checks and times cover every rank of the "
+                         "run (the workers exchange their reports at the end)")
     steps = [max(r["step_times"][k] for r in reports) for k in range(min(len(r["step_times"]) for r in reports))]
     steps.sort()
     measured = steps[len(steps) // 2]
@@ -215,7 +302,20 @@ def _distributed(plan: Plan, plan_path: Path, opts: Options, ver: Verification, 
         loss = last[0]["loss"] if last else float("nan")
         ref = last[0]["reference_loss"] if last else float("nan")
         _record_checks(ver, "distributed", loss, ref, worst, messages[0] if messages else "", plan.dtype)
-    ver.notes.append(f"worker reports and the launcher log are in {run_dir}")
+    _record_run_dir(ver, kept=opts.run_dir is not None)
+
+
+def _record_run_dir(ver: Verification, kept: bool) -> None:
+    """A temporary run folder is removed after a run that passed; kept (and named) otherwise."""
+    if ver.run_dir is None:
+        return
+    if kept:
+        ver.notes.append(f"worker reports and the launcher log are in {ver.run_dir}")
+    elif ver.passed():
+        shutil.rmtree(ver.run_dir, ignore_errors=True)
+        ver.run_dir = None
+    else:
+        ver.notes.append(f"the run failed: worker reports and the launcher log are kept in {ver.run_dir}")
 
 
 def _record_checks(ver: Verification, where: str, loss: float, ref: float, grad_err: float, message: str,

@@ -182,20 +182,15 @@ def measured_costs(plan: Plan, replays: list[RankReplay]) -> list[StageCost]:
     return costs
 
 
-def replay_all(plan: Plan, device: torch.device, ranks: list[int] | None = None) -> list[RankReplay]:
-    """Replay each rank in turn. On a CPU with one thread, as each distributed worker runs."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        return _replay_all(plan, device, ranks)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _replay_all(plan: Plan, device: torch.device, ranks: list[int] | None) -> list[RankReplay]:
+def replay_all(plan: Plan, device: torch.device, ranks: list[int] | None = None,
+               progress=None) -> list[RankReplay]:
+    """Replay each rank in turn (on a CPU, with the threads the caller set: ``execute`` sets one
+    per process, as each distributed worker runs)."""
     out = []
-    for r in ranks if ranks is not None else range(plan.parallel.pp):
+    todo = list(ranks if ranks is not None else range(plan.parallel.pp))
+    for done, r in enumerate(todo):
+        if progress:
+            progress(f"replay: rank {r} ({done}/{len(todo)} done)", done, len(todo))
         try:
             out.append(replay_rank(plan, r, device))
         except torch.cuda.OutOfMemoryError as e:

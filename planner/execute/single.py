@@ -56,7 +56,7 @@ def _train_step(runtime, opt, inputs: tuple, target) -> None:
     opt.step()
 
 
-def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1) -> SingleResult:
+def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1, progress=None) -> SingleResult:
     dtype = DTYPES[plan.dtype]
     torch.manual_seed(0)
     spec = build_model(plan, device=device, dtype=dtype)
@@ -86,6 +86,8 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
         timer = Timer(device)
         times = []
         for step in range(1, warmup + steps + 1):
+            if progress:
+                progress(f"single device: step {step}/{warmup + steps}", step, warmup + steps)
             opt.zero_grad(set_to_none=True)
             inputs, target = make_batch(spec, size * m, batch_seed(step, 0, 1), device, dtype)
             seconds, _ = timer(partial(_train_step, runtime, opt, inputs, target))

@@ -4,8 +4,10 @@ Pipeline rank r and data-parallel replica d run as global rank ``r * dp + d`` (t
 placement). The worker builds the whole model with the same seed as every other worker, keeps
 its stages, runs the plan's action list on the engine, sums tied-weight gradients across the
 ranks that share them, averages gradients across replicas, steps the optimizer, and writes what
-it measured (or why it failed) to ``<run-dir>/rank<R>.json``. It always destroys its process
-group.
+it measured (or why it failed) to ``<run-dir>/rank<R>.json``. At the end every worker gathers every
+rank's report, so each node holds the whole run's (a node without the last stage still sees the
+loss). It always destroys its process group, and it exits by itself when its launcher or the
+planner process that started the run is gone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import resource
 import signal
 import sys
+import threading
+import time
 import traceback
 from datetime import timedelta
 from functools import partial
@@ -26,12 +30,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
 
+from planner.execute import load_runnable
+from planner.execute.launch import PARENT_ENV, alive
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages, canonical_params, tied_groups
 from planner.execute.train import (
     Reference, batch_seed, compare_grads, optimizer_for, stage_parameters,
 )
-from planner.formats import load_plan
 from planner.profile import DTYPES, make_batch
 from planner.profile.measure import LiveTensors, Timer
 from planner.schedules import build
@@ -39,17 +44,46 @@ from planner.schedules import build
 # Without this the last stage keeps every micro-batch's output for the step's return value.
 RETURN_NOTHING = {"return_outputs": False} if "return_outputs" in inspect.signature(
     _PipelineScheduleRuntime.step).parameters else {}
-FAULT = "PLANNER_FAULT"  # testing aid: "raise@R", "kill@R" or "oom@R" makes global rank R fail
+FAULT = "PLANNER_FAULT"  # testing aid: "raise@R", "kill@R", "oom@R" or "hang@R" makes global rank R fail
+ORPHANED = 3  # exit code of a worker whose launcher or planner went away
 
 
 class OutOfMemory(RuntimeError):
     pass
 
 
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+def _write(path: Path, data: dict | str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several workers may write one report
+    tmp.write_text(data if isinstance(data, str) else json.dumps(data, indent=1))
     tmp.replace(path)
+
+
+def _watch_parents(interval_s: float = 0.5) -> None:
+    """Exit when the launcher (the parent) or the planner process that started the run is gone:
+    a killed launcher must not leave its workers waiting on their peers for minutes."""
+    launcher = os.getppid()
+    planner = int(os.environ.get(PARENT_ENV, "0") or 0)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != launcher or (planner and not alive(planner)):
+                os._exit(ORPHANED)
+
+    threading.Thread(target=watch, name="planner-watchdog", daemon=True).start()
+
+
+def error_text(e: BaseException) -> str:
+    """One line that says what went wrong: the exception's first non-empty line, else where it
+    was raised (some engine errors carry no message, or start with a newline)."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return line.strip()
+    frames = traceback.extract_tb(e.__traceback__)
+    if frames:
+        f = frames[-1]
+        return f"raised without a message at {Path(f.filename).name}:{f.lineno} ({f.name})"
+    return "raised without a message"
 
 
 def _inject(rank: int) -> None:
@@ -65,6 +99,8 @@ def _inject(rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "oom":
         raise OutOfMemory("injected out-of-memory (PLANNER_FAULT)")
+    if kind == "hang":
+        time.sleep(3600)
 
 
 def _sync(params: list[torch.nn.Parameter], group, average: int = 0) -> None:
@@ -88,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
-    out = Path(args.run_dir) / f"rank{rank}.json"
-    plan = load_plan(args.plan)
+    run_dir = Path(args.run_dir)
+    out = run_dir / f"rank{rank}.json"
+    _watch_parents()
+    _write(run_dir / f"rank{rank}.pid", str(os.getpid()))
+    plan = load_runnable(Path(args.plan))
     pp_rank, dp_rank = divmod(rank, plan.parallel.dp)
     mine = [st.index for st in plan.stages if st.rank == pp_rank]
     report: dict = {"rank": rank, "pp_rank": pp_rank, "dp_rank": dp_rank, "stages": mine}
@@ -105,10 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report.update(_run(plan, args, rank, pp_rank, dp_rank, mine, device))
         _write(out, report)
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, report)
+        if local == 0:  # this node holds every rank's report, whichever node ran it
+            for other in everyone:
+                if other["rank"] != rank:
+                    _write(run_dir / f"rank{other['rank']}.json", other)
         return 0
     except BaseException as e:  # report why, then fail so torchrun stops the others
         oom = isinstance(e, (OutOfMemory, torch.cuda.OutOfMemoryError))
-        report.update(error=type(e).__name__, message=str(e).splitlines()[0] if str(e) else "",
+        report.update(error=type(e).__name__, message=error_text(e),
                       oom=oom, traceback=traceback.format_exc(limit=6),
                       peak_before_failure=torch.cuda.max_memory_allocated(device) if use_cuda else None)
         _write(out, report)
@@ -193,6 +238,7 @@ def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
             cpu_tracker = None
         if step > args.warmup:
             times.append(elapsed)
+        _write(Path(args.run_dir) / f"rank{rank}.step", str(step + 1))
     result["step_times"] = times
     if device.type == "cuda":
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
