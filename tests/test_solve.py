@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from planner.clusters import from_spec
@@ -98,6 +98,9 @@ def test_stage_bound_never_exceeds_the_simulation(d):
 
 
 @given(instances())
+# CBC's preprocessing once returned a worse "Optimal" here while memory rows were in bytes
+@example({"n": 7, "seed": 233053, "schedule": ("zb-h1", 1), "pp": 3, "m": 4, "memory": 6, "skip": True,
+          "tied": True})
 @settings(max_examples=40, deadline=None)
 def test_dp_and_ilp_minimise_the_same_bound(d):
     inst = build_instance(d)

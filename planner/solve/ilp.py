@@ -30,6 +30,12 @@ from planner.simulate import memory_states, rank_undominated
 from planner.solve.bounds import StageBounds
 from planner.solve.exact import Evaluator, InnerResult
 
+# Memory rows are written in GiB: with byte coefficients (1e9) beside binaries and seconds, CBC's
+# preprocessing was seen to return a worse solution as "Optimal" (the fluid bound scales the same
+# way). CBC's feasibility tolerance (1e-7) is then about 100 bytes: a plan it lets through that
+# overshoots by less is still refused by the simulator, which checks the exact bytes.
+GIB = float(2**30)
+
 MODES = ("none", "full", "auto", "selective")
 Expr: TypeAlias = pulp.LpAffineExpression | pulp.LpVariable | float | int  # a linear term
 
@@ -192,7 +198,7 @@ class _Model:
         b = self.b
         a, const = b.ar[s]
         has = pulp.LpVariable(f"has_params_{s}", cat="Binary")
-        self.prob += params <= float(b.t.PARAMS[-1] + 1) * has
+        self.prob += params * (1 / GIB) <= float(b.t.PARAMS[-1] + 1) / GIB * has
         return a * params + const * has + b.opt_per_byte / b.speed[s] * params
 
     def _fill_gap(self, s: int, f_s: Expr, b_s: Expr) -> Expr:
@@ -282,12 +288,12 @@ class _Model:
         """The largest one-layer workspace of stage s (a recomputed layer's activations included),
         the input gradient it sends back and the runtime's workspace."""
         t = self.b.t
-        tr = pulp.LpVariable(f"transient_{s}", lowBound=0)
+        tr = pulp.LpVariable(f"transient_gib_{s}", lowBound=0)
         for i in range(self.n):
-            self.prob += tr >= float(t.peak[i]) * self.x[i, s]
+            self.prob += tr >= float(t.peak[i]) / GIB * self.x[i, s]
             if self.mode != "none":
-                self.prob += tr >= float(t.act[i] + t.peak[i]) * self.u[i, s]
-        return tr + self.cut_in[s] + t.workspace
+                self.prob += tr >= float(t.act[i] + t.peak[i]) / GIB * self.u[i, s]
+        return GIB * tr + self.cut_in[s] + t.workspace
 
     def _static(self, s: int, params: Expr) -> Expr:
         """Weights, gradients, optimizer state, stashed versions, receive buffers and the batch."""
@@ -310,7 +316,7 @@ class _Model:
                 n_c * held[s] + i_c * wgrads[s] + d_c * self.cut_in[s]
                 + (o_c * self.cut_out[s] if s + 1 < self.S and b.schedule.stage_rank[s + 1] != r else 0)
                 for n_c, i_c, d_c, o_c, s in zip(counts, split, done, sent, mine, strict=True))
-            self.prob += base + in_flight + transient[mine[k]] <= cap
+            self.prob += (base + in_flight + transient[mine[k]]) * (1 / GIB) <= cap / GIB
 
     def exclude(self, seg: list[Segment]) -> None:
         """A no-good cut: the next solution differs from ``seg`` in some cut or recomputation."""
