@@ -208,19 +208,12 @@ def build_spec(ref: str, args: dict[str, Any]) -> ModelSpec:
     """Call the factory and check what it returns."""
     fn = load_factory(ref)
     check_args(ref, fn, args)
-    try:
-        result = fn(**args)
-    except TypeError as e:
-        raise ModelError(f"factory {ref} does not accept these arguments: {describe(e).split(': ', 1)[-1]}") \
-            from None
-    except (KeyboardInterrupt, PlannerError):
-        raise
-    except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] in EXTRAS:
-            raise MissingExtraError(e.name or "torch", what) from None
-        raise ModelError(f"{what} raised {describe(e)}") from None
-    except BaseException as e:
-        raise ModelError(f"factory {ref} raised {describe(e)}") from None
+    with user_code(f"factory {ref}"):
+        try:
+            result = fn(**args)
+        except TypeError as e:
+            raise ModelError(f"factory {ref} does not accept these arguments: "
+                             f"{describe(e).split(': ', 1)[-1]}") from None
     if isinstance(result, dict):
         unknown = set(result) - {"model", "batch", "loss", "layers", "name"}
         if unknown:
