@@ -231,7 +231,7 @@ class CostTable:
         bwd_input and bwd_weight its split parts. Recomputation repeats the forward of the
         recomputed layers before their backward (Chen et al., 2016)."""
         i, j = seg.start, seg.stop
-        again = sum(self.fwd[l] for l in seg.recomputed())
+        again = sum(self.fwd[layer] for layer in seg.recomputed())
         f = self.F[j] - self.F[i]
         bi = self.BI[j] - self.BI[i] + again
         bw = self.BW[j] - self.BW[i]
@@ -245,8 +245,8 @@ class CostTable:
             # each layer keeps only its inputs: every tensor produced in the stage, once
             return float(self.PRODUCED[j] - self.PRODUCED[i])
         held = self.ACT[j] - self.ACT[i] + self.held_extra[i, j]
-        for l in seg.recomputed():  # selective: drop the layer's saved bytes, keep its inputs
-            held += self.in_bytes[l] - self.act[l]
+        for layer in seg.recomputed():  # selective: drop the layer's saved bytes, keep its inputs
+            held += self.in_bytes[layer] - self.act[layer]
         return float(held)
 
     def transient_bytes(self, seg: Segment) -> float:
@@ -255,7 +255,7 @@ class CostTable:
         if seg.recompute == "full":
             base = self.recompute_peak_max[i, j]
         elif seg.recompute == "selective" and seg.recompute_layers:
-            base = max(base, max(self.act[l] + self.peak[l] for l in seg.recompute_layers))
+            base = max(base, max(self.act[k] + self.peak[k] for k in seg.recompute_layers))
         # plus the input gradient being sent back, plus the runtime's workspace
         return float(base + self.cut[i] + self.workspace)
 

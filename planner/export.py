@@ -36,7 +36,7 @@ def _blocks(plan: Plan) -> set[str]:
     'h.1', ...; an encoder's and a decoder's layers alike)."""
     names = [n for st in plan.stages for n in st.layers]
     keys = [m.group(1) if (m := re.fullmatch(r"(.*?)\d+", n)) else None for n in names]
-    return {n for n, k in zip(names, keys) if k is not None and keys.count(k) > 1}
+    return {n for n, k in zip(names, keys, strict=True) if k is not None and keys.count(k) > 1}
 
 
 def _megatron(plan: Plan) -> str:
@@ -89,8 +89,8 @@ def _one_embedding_and_loss(stage_letters: list[list[str]]) -> list[str]:
             for s in holders:
                 if s != home:
                     stage_letters[s][:] = [x for x in stage_letters[s] if x != letter]
-            notes.append(f"# planner splits the {'embedding' if letter == 'E' else 'final norm, output layer and loss'} "
-                         f"over stages {holders}; Megatron-LM keeps them on stage {home}")
+            what = "embedding" if letter == "E" else "final norm, output layer and loss"
+            notes.append(f"# planner splits the {what} over stages {holders}; Megatron-LM keeps them on stage {home}")
     return notes
 
 
@@ -129,9 +129,10 @@ def _deepspeed(plan: Plan) -> str:
 
 def _torchtitan(plan: Plan) -> str:
     """torchtitan: module names per model part (pipeline_module_split)."""
+    schedule = TORCH_CLASSES.get(plan.schedule.name, plan.schedule.name).removeprefix("Schedule")
     return json.dumps({
         "pipeline_parallel_degree": plan.parallel.pp,
-        "pipeline_parallel_schedule": TORCH_CLASSES.get(plan.schedule.name, plan.schedule.name).removeprefix("Schedule"),
+        "pipeline_parallel_schedule": schedule,
         "pipeline_parallel_microbatch_size": plan.microbatch.size,
         "module_names_per_model_chunk": [st.layers for st in plan.stages],
     }, indent=1) + "\n"

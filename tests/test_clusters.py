@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 from planner.cli import app
 from planner.clusters import MAX_DEVICES_PER_NODE, from_spec
 from planner.errors import InputError
-from planner.synthetic import chain_profile
 from planner.formats import dump
+from planner.synthetic import chain_profile
 
 runner = CliRunner()
 

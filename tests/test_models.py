@@ -4,6 +4,7 @@ those layers compute exactly what the whole model computes."""
 from __future__ import annotations
 
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def cut(spec):
 def run_stages(lm, bounds: list[int], inputs: tuple):
     """Run stages [bounds[0], bounds[1]), [bounds[1], bounds[2]), ... one after the other."""
     x = inputs
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in pairwise(bounds):
         x = lm.stage(a, b)(*x)
     return x
 
@@ -71,7 +72,7 @@ def test_batch_is_deterministic(key):
     spec = spec_of(file, args)
     (a, ta), (b, tb) = (spec.batch(3, torch.Generator().manual_seed(7)) for _ in range(2))
     assert isinstance(a, tuple) and len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     torch.testing.assert_close(ta, tb, rtol=0, atol=0)
 

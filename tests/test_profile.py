@@ -31,8 +31,9 @@ class WithBatchNorm(nn.Module):
 
 
 def bn_spec():
-    return ModelSpec(model=WithBatchNorm(), batch=lambda n, g: ((torch.randn(n + 1, 8, generator=g),), torch.randint(0, 2, (n + 1,), generator=g)),
-                     loss=nn.functional.cross_entropy, name="bn")
+    def batch(n, g):
+        return (torch.randn(n + 1, 8, generator=g),), torch.randint(0, 2, (n + 1,), generator=g)
+    return ModelSpec(model=WithBatchNorm(), batch=batch, loss=nn.functional.cross_entropy, name="bn")
 
 
 def test_profiling_leaves_the_model_as_it_was():
@@ -49,7 +50,8 @@ def test_profiling_leaves_the_model_as_it_was():
 
 
 def test_gpt_profile_adds_up():
-    spec = build_spec("models/gpt.py:build", {"n_layer": 2, "d_model": 32, "n_head": 2, "vocab": 64, "seq": 16, "tied": True})
+    spec = build_spec("models/gpt.py:build",
+                      {"n_layer": 2, "d_model": 32, "n_head": 2, "vocab": 64, "seq": 16, "tied": True})
     prof = profile_model(spec, "models/gpt.py:build", {}, FAST)
     assert [layer.name for layer in prof.layers] == ["transformer.emb", "transformer.h.0", "transformer.h.1",
                                                      "transformer.ln_f", "lm_head"]

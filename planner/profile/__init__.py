@@ -20,8 +20,19 @@ from torch import nn
 
 from planner.errors import InputError, ModelError
 from planner.formats import (
-    INPUT, LOSS, BatchInfo, DeviceInfo, Edge, Layer, LayerCost, LossCost, Measurement, ModelRef,
-    Profile, TiedGroup, WholeCost,
+    INPUT,
+    LOSS,
+    BatchInfo,
+    DeviceInfo,
+    Edge,
+    Layer,
+    LayerCost,
+    LossCost,
+    Measurement,
+    ModelRef,
+    Profile,
+    TiedGroup,
+    WholeCost,
 )
 from planner.model import ModelSpec, user_code
 from planner.profile.layer import LayerResult, Subject, measure

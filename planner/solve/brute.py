@@ -25,7 +25,7 @@ def every_plan(table: CostTable, cluster: Cluster, config: Config):
     for starts in all_partitions(table.n, config.n_stages):
         ends = starts[1:] + [table.n]
         for choice in product(("none", "full"), repeat=config.n_stages):
-            segments = [Segment(i, j, c) for i, j, c in zip(starts, ends, choice)]  # type: ignore[arg-type]
+            segments = [Segment(i, j, c) for i, j, c in zip(starts, ends, choice, strict=True)]  # type: ignore[arg-type]
             yield evaluate_plan(table, cluster, config, segments, detail=False)
 
 
@@ -36,7 +36,7 @@ def brute_force(b: StageBounds, evaluate: Evaluator) -> tuple[float, list[Segmen
     for starts in all_partitions(b.n, b.S):
         ends = starts[1:] + [b.n]
         segs = []
-        for s, (i, j) in enumerate(zip(starts, ends)):
+        for s, (i, j) in enumerate(zip(starts, ends, strict=True)):
             g, c = b.eval(s, np.array([i]), np.array([j]))
             choice = int(c[0]) if np.isfinite(g[0]) else 0
             segs.append(Segment(i, j, "full" if choice == FULL else "none"))

@@ -56,7 +56,7 @@ def fluid_bound(b: StageBounds, time_limit: float = 5.0) -> float:
         for held_counts in _fullest_states(states, len(mine)):
             prob += pulp.lpSum(
                 y[k, s, c] * float(params[k] * b.bpp + n * (prod[k] if c == FULL else act[k])) / GiB
-                for k in range(len(count)) for s, n in zip(mine, held_counts) for c in options) <= room
+                for k in range(len(count)) for s, n in zip(mine, held_counts, strict=True) for c in options) <= room
     prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
     status = pulp.LpStatus[prob.status]
     if status == "Infeasible":
