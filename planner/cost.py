@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 
 from planner.errors import InputError
-from planner.formats import DTYPE_BYTES, Link, Profile, StageCost, Training
+from planner.formats import DTYPE_BYTES, LayerCost, Link, Profile, StageCost, Training
 from planner.graph import LayerGraph
 
 Recompute = Literal["none", "full", "selective"]
@@ -214,7 +214,7 @@ class CostTable:
 
     def tied_split(self, bounds: list[int]) -> list[tuple[list[int], float]]:
         """For each tied group spread over several stages: the stages and the bytes to reduce."""
-        out = []
+        out: list[tuple[list[int], float]] = []
         for members, nbytes in self._tied:
             stages = sorted({_stage_of(bounds, m) for m in members})
             if len(stages) > 1:
@@ -224,7 +224,7 @@ class CostTable:
     # ------------------------------------------------------------------------ one stage
 
     def param_bytes(self, seg: Segment) -> float:
-        return self.PARAMS[seg.stop] - self.PARAMS[seg.start] - self.tied_dedup(seg.start, seg.stop)
+        return float(self.PARAMS[seg.stop] - self.PARAMS[seg.start] - self.tied_dedup(seg.start, seg.stop))
 
     def times(self, seg: Segment, speed: float = 1.0) -> tuple[float, float, float, float]:
         """(fwd, bwd_input, bwd_weight, bwd) seconds per micro-batch: bwd is the whole backward,
@@ -298,7 +298,7 @@ class CostTable:
         )
 
 
-def _split(c) -> tuple[float, float]:
+def _split(c: LayerCost) -> tuple[float, float]:
     """Input- and weight-gradient seconds: as measured, else the whole backward halved (the two
     matrix products of a linear layer's backward)."""
     if c.bwd_input_s is None or c.bwd_weight_s is None:

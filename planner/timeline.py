@@ -57,7 +57,9 @@ def layout(schedule: Schedule, sim: SimResult, title: str) -> Layout:
     span = WIDTH - LEFT - RIGHT
     scale = span / step
     height = TOP + pp * (ROW + GAP) + BOTTOM
-    boxes, texts, lines = [], [], []
+    boxes: list[Box] = []
+    texts: list[Text] = []
+    lines: list[tuple[float, float, float, float]] = []
     texts.append(Text(LEFT, 22, title, 15))
     texts.append(Text(LEFT, 42, f"step {_ms(step)}   bubble {sim.bubble_fraction:.1%}   "
                                f"{schedule.microbatches} micro-batches", 12))

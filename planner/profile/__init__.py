@@ -14,6 +14,7 @@ import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from planner.formats import (
     LOSS,
     BatchInfo,
     DeviceInfo,
+    Dtype,
     Edge,
     Layer,
     LayerCost,
@@ -392,10 +394,12 @@ def _assemble(spec: ModelSpec, factory: str, args: dict, opts: Options, m: Measu
     """The profile from the measurements."""
     layers, tied = _layers(m)
     cpu = m.device.type == "cpu"
+    assert m.batch is not None  # recorded at the largest size, which is always measured
+    dtype = cast(Dtype, opts.dtype)  # one of DTYPES: _check_options refused any other
     return Profile(
         model=ModelRef(name=spec.name or "model", factory=factory, args=args, depth=opts.depth,
                        fingerprint=fingerprint(spec.model)),
-        device=m.device, dtype=opts.dtype, layers=layers, edges=_edges(m),
+        device=m.device, dtype=dtype, layers=layers, edges=_edges(m),
         loss=LossCost(by_mbs={str(b): _cost(m.loss[b], 0) for b in m.sizes}),
         tied=tied, batch=m.batch, whole=_whole(m),
         measurement=Measurement(timer="perf_counter" if cpu else "cuda-events", repeats=opts.repeats,

@@ -92,6 +92,7 @@ class Subject:
     def forward(self, xs: tuple):
         with user_code(f"{self.name}: its forward"):
             if self.loss is None:
+                assert self.module is not None  # a Subject runs a module or the loss
                 return self.module(*xs)
             value = self.loss(xs[0], self.target)
         _check_loss(value, self.name)

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import combinations, product
 
 import numpy as np
 
 from planner.cost import CostTable, Segment
-from planner.evaluate import Config
+from planner.evaluate import Config, Evaluation
 from planner.evaluate import evaluate as evaluate_plan
 from planner.formats import Cluster
 from planner.solve.bounds import FULL, StageBounds
 from planner.solve.exact import Evaluator
 
 
-def all_partitions(n: int, stages: int):
+def all_partitions(n: int, stages: int) -> Iterator[list[int]]:
     """Stage start positions of every split of n layers into ``stages`` non-empty runs."""
     for cuts in combinations(range(1, n), stages - 1):
         yield [0, *cuts]
 
 
-def every_plan(table: CostTable, cluster: Cluster, config: Config):
+def every_plan(table: CostTable, cluster: Cluster, config: Config) -> Iterator[Evaluation]:
     """The evaluation of every partition with every per-stage recomputation choice (none or full)."""
     for starts in all_partitions(table.n, config.n_stages):
         ends = starts[1:] + [table.n]

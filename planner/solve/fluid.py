@@ -66,7 +66,7 @@ def fluid_bound(b: StageBounds, time_limit: float = 5.0) -> float:
     return float(pulp.value(step)) * (1 - 1e-6)  # the solver's tolerance
 
 
-def _classes(b: StageBounds):
+def _classes(b: StageBounds) -> tuple[np.ndarray, ...]:
     """Per class of similar layers: the smallest forward, backward (the cheaper of whole and
     split), saved and produced bytes and parameter bytes among its members, and its size."""
     t = b.t

@@ -26,6 +26,7 @@ import pulp
 
 from planner.cost import Segment
 from planner.errors import InputError
+from planner.graph import Tensor
 from planner.simulate import memory_states, rank_undominated
 from planner.solve.bounds import StageBounds
 from planner.solve.exact import Evaluator, InnerResult
@@ -159,7 +160,7 @@ class _Model:
         return pulp.lpSum(float(per_layer[i] / b.vmax) * self._upto(i, s - 1) for i in range(self.n)) \
             + int(b.hops[s]) * b.lat
 
-    def _own(self, per_layer: np.ndarray, s: int, which: dict | None = None) -> Expr:
+    def _own(self, per_layer: np.ndarray, s: int, which: dict[tuple[int, int], Expr] | None = None) -> Expr:
         """Seconds stage s spends on the layers it holds (or on those ``which`` marks)."""
         which = self.x if which is None else which
         speed = self.b.speed[s]
@@ -265,13 +266,13 @@ class _Model:
             held += pulp.lpSum(float(t.in_bytes[i]) * self.u[i, s] for i in range(self.n))
         return held
 
-    def _alive_after_stage(self, k: int, tensor, s: int, dropped: Expr) -> Expr:
+    def _alive_after_stage(self, k: int, tensor: Tensor, s: int, dropped: Expr) -> Expr:
         """1 when stage s produces the tensor, a later stage reads it, and it is not ``dropped``."""
         h = pulp.LpVariable(f"h_{k}_{s}", lowBound=0)
         self.prob += h >= self.x[tensor.producer, s] - self._upto(tensor.last_consumer, s) - dropped
         return h
 
-    def _tensor_held(self, k: int, tensor, s: int) -> Expr:
+    def _tensor_held(self, k: int, tensor: Tensor, s: int) -> Expr:
         """How much of one tensor stage s holds for backward (0 to 1): a saved one (or the
         model's output) while its producer keeps its activations, any other while a later stage
         still reads it."""
@@ -400,6 +401,7 @@ def solve_ilp(b: StageBounds, evaluate: Evaluator, mode: str = "auto", *, time_l
     proven = False
     evaluations = 0
     for _ in range(rounds):
+        assert sol.segments is not None  # the first solution is checked above, each next one below
         step, fits, payload = evaluate(sol.segments)
         evaluations += 1
         if fits and step < best_step:
