@@ -270,7 +270,10 @@ def execute(
             from planner.calibrate import calibrated_profile
             from planner.formats import dump, load_plan, load_profile
 
-            dump(calibrated_profile(load_profile(profile_file), load_plan(plan_file), ver), calibrate)
+            calibration = calibrated_profile(load_profile(profile_file), load_plan(plan_file), ver)
+            if calibration.warning:
+                err.print(f"warning: {calibration.warning}")
+            dump(calibration.profile, calibrate)
             out.print(f"calibrated profile written to {calibrate}")
         raise_on_failure(ver)
     except PlannerError as e:

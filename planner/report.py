@@ -111,7 +111,9 @@ def profile_table(prof: Profile) -> Table:
     scale = whole.scale if whole else 1.0
     rows = [(layer.name, layer.param_bytes, layer.by_mbs[size]) for layer in prof.layers]
     heaviest = max(range(len(rows)), key=lambda i: rows[i][2].fwd_s + rows[i][2].bwd_s)
-    table = Table(title=f"{prof.model.name} on {prof.device.name} ({prof.dtype}), micro-batch {size}",
+    threads = prof.measurement.threads if prof.measurement else None
+    where = f"{prof.device.name}, {threads} CPU thread{'s' if threads != 1 else ''}" if threads else prof.device.name
+    table = Table(title=f"{prof.model.name} on {where} ({prof.dtype}), micro-batch {size}",
                   title_justify="left")
     for col in ("layer", "params", "fwd", "bwd", "saved act.", "output"):
         table.add_column(col, justify="left" if col == "layer" else "right")
@@ -123,7 +125,8 @@ def profile_table(prof: Profile) -> Table:
                                                                      for g in prof.tied)
     notes = [f"{len(rows)} layers, {fmt_bytes(total_params)} of parameters"]
     if whole:
-        notes.append(f"layer sum / whole model = {1 / scale:.2f} (times above are calibrated to the whole)")
+        notes.append(f"layers timed one at a time add up to {1 / scale:.2f}x the whole model timed at once; "
+                     "the times above are scaled to match the whole")
         if whole.launch_bound:
             notes.append("launch-bound: layers timed alone are slower than inside the model; "
                          "the calibration corrects for it")

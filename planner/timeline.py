@@ -105,7 +105,7 @@ def layout(schedule: Schedule, sim: SimResult, title: str) -> Layout:
         x += 30 + 7 * len("all-reduce and optimizer step")
     if schedule.n_stages > schedule.pp:
         boxes.append(Box(x, legend_y - 10, 12, 12, LATER_CHUNK[Kind.FORWARD], "", "second chunk"))
-        texts.append(Text(x + 16, legend_y, "lighter: later chunk of the rank", 11))
+        texts.append(Text(x + 16, legend_y, "lighter shade: the rank's later model chunk (virtual stage)", 11))
     return Layout(WIDTH, height, boxes, texts, lines)
 
 
