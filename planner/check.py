@@ -14,7 +14,7 @@ from pathlib import Path
 from planner.errors import CheckFailed, InputError, MissingExtraError, PlannerError
 from planner.evaluate import Evaluation, profile_fingerprint, replay_plan
 from planner.formats import Plan, Profile, load_plan
-from planner.report import fmt_bytes
+from planner.units import fmt_bytes, fmt_time
 
 
 @dataclass
@@ -189,8 +189,6 @@ def check_one(path: Path, *, profile: Profile | None, profile_path: str | None, 
 
 def summary(plan_path: str) -> str:
     plan = load_plan(plan_path)
-    from planner.report import fmt_time
-
     return (f"pp={plan.parallel.pp} dp={plan.parallel.dp} {plan.schedule.name}, step "
             f"{fmt_time(plan.predicted.step_time_s)}, peak {fmt_bytes(plan.predicted.peak_memory_bytes)}")
 

@@ -52,7 +52,7 @@ def clusters() -> None:
     from rich.table import Table
 
     from planner.clusters import MAX_DEVICES, MAX_DEVICES_PER_NODE, PRESETS, describe_link, from_spec, kinds
-    from planner.report import fmt_bytes
+    from planner.units import fmt_bytes
 
     table = Table(title="device kinds (DEVICE in --cluster)", title_justify="left")
     for col in ("DEVICE", "device", "memory", "usable", "speed", "within a node", "between nodes"):
