@@ -40,7 +40,7 @@ def _cluster(device):
 def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int:
 
     from planner import report, timeline
-    from planner.evaluate import plan_schedule, replay_plan
+    from planner.plan import plan_schedule, replay_plan
     from planner.errors import ToleranceError
     from planner.execute import Options, execute, raise_on_failure
     from planner.formats import dump

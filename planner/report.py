@@ -113,7 +113,7 @@ def profile_table(prof: Profile) -> Table:
 
 def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
     """What `planner solve` prints: candidates, the chosen plan per stage, the baselines."""
-    from planner.evaluate import replay_plan
+    from planner.plan import replay_plan
 
     out: list = []
     if prof.device.type != (cluster.devices[0].type if cluster.devices else prof.device.type):

@@ -156,7 +156,7 @@ def _execute(plan_path: Path, opts: Options, progress) -> Verification:
     if not SCHEDULES[plan.schedule.name].executable:
         raise InputError(f"{plan.schedule.name} is modelled only: PyTorch's pipeline engine has no "
                          "asynchronous PipeDream schedules (no weight stashing); solve without it")
-    from planner.check import check_fingerprint, rebuilt_fingerprint
+    from planner.plan import check_fingerprint, rebuilt_fingerprint
     from planner.errors import CheckFailed
 
     # on the meta device: no memory, nothing started yet
@@ -230,7 +230,7 @@ def _predicted_peaks(plan: Plan) -> dict[int, int]:
 
 
 def _replay(plan: Plan, device, ver: Verification, progress) -> None:
-    from planner.evaluate import replay_plan
+    from planner.plan import replay_plan
     from planner.execute.replay import measured_costs, replay_all
 
     if progress:

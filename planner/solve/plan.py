@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from planner.evaluate import profile_fingerprint, to_plan
+from planner.plan import profile_fingerprint, to_plan
 from planner.formats import BaselineResult, Cluster, Plan, Profile
 from planner.solve.search import Settings, SolveResult
 
