@@ -86,8 +86,8 @@ def simulate(
 ) -> None:
     """Predict a plan's step time, bubble and memory, and draw its timeline."""
     from planner import report
-    from planner.plan import plan_schedule, replay_plan
     from planner.formats import check_output, load_plan
+    from planner.plan import plan_schedule, replay_plan
 
     try:
         if timeline is not None:
