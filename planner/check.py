@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planner.errors import CheckFailed, InputError, MissingExtraError, PlannerError
-from planner.evaluate import Evaluation, profile_fingerprint, replay_plan
+from planner.errors import CheckFailed, InputError, PlannerError
+from planner.evaluate import Config, Evaluation, evaluate
 from planner.formats import Plan, Profile, load_plan
-from planner.report import fmt_bytes
+from planner.plan import check_fingerprint, profile_fingerprint, rebuilt_fingerprint, replay_plan
+from planner.units import fmt_bytes, fmt_time
 
 
 @dataclass
@@ -38,27 +39,10 @@ def check_memory(plan: Plan) -> list[str]:
     return problems
 
 
-def check_fingerprint(plan: Plan, fingerprint: str, source: str) -> list[str]:
-    if plan.model.fingerprint != fingerprint:
-        return [f"the plan is stale: the model changed since it was made ({source} has structure "
-                f"{fingerprint[:19]}..., the plan {plan.model.fingerprint[:19]}...); profile and solve again"]
-    return []
-
-
-def rebuilt_fingerprint(plan: Plan) -> str:
-    """Build the plan's model on the meta device (no memory, no weights) and fingerprint it."""
-    try:
-        from planner.split import build_on_meta, fingerprint
-    except ImportError as e:
-        raise MissingExtraError(e.name or "torch", "building the plan's model") from None
-    return fingerprint(build_on_meta(plan.model.factory, dict(plan.model.args)).model)
-
-
 def price_on(plan: Plan, profile: Profile) -> Evaluation:
     """The plan's own configuration and partition, priced on ``profile``'s measurements (on the
     plan's cluster), as the solver prices every candidate."""
     from planner.cost import CostTable, Segment
-    from planner.evaluate import Config, evaluate
     from planner.graph import LayerGraph
 
     cfg = Config(pp=plan.parallel.pp, dp=plan.parallel.dp, mbs=plan.microbatch.size, m=plan.microbatch.count,
@@ -189,8 +173,6 @@ def check_one(path: Path, *, profile: Profile | None, profile_path: str | None, 
 
 def summary(plan_path: str) -> str:
     plan = load_plan(plan_path)
-    from planner.report import fmt_time
-
     return (f"pp={plan.parallel.pp} dp={plan.parallel.dp} {plan.schedule.name}, step "
             f"{fmt_time(plan.predicted.step_time_s)}, peak {fmt_bytes(plan.predicted.peak_memory_bytes)}")
 

@@ -52,7 +52,7 @@ def clusters() -> None:
     from rich.table import Table
 
     from planner.clusters import MAX_DEVICES, MAX_DEVICES_PER_NODE, PRESETS, describe_link, from_spec, kinds
-    from planner.report import fmt_bytes
+    from planner.units import fmt_bytes
 
     table = Table(title="device kinds (DEVICE in --cluster)", title_justify="left")
     for col in ("DEVICE", "device", "memory", "usable", "speed", "within a node", "between nodes"):
@@ -86,8 +86,8 @@ def simulate(
 ) -> None:
     """Predict a plan's step time, bubble and memory, and draw its timeline."""
     from planner import report
-    from planner.evaluate import plan_schedule, replay_plan
     from planner.formats import check_output, load_plan
+    from planner.plan import plan_schedule, replay_plan
 
     try:
         if timeline is not None:

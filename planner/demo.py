@@ -45,6 +45,7 @@ def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int
     from planner.execute import Options, execute, raise_on_failure
     from planner.formats import dump
     from planner.model import build_spec
+    from planner.plan import plan_schedule, replay_plan
     from planner.profile import Options as ProfileOptions
     from planner.profile import profile_model, resolve_device
     from planner.solve import Settings, solve

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from planner import __version__
 from planner.cost import CostTable, Segment, ring_allreduce_coeffs, ring_allreduce_time
 from planner.errors import InputError
-from planner.formats import (
-    BaselineResult, Cluster, Microbatch, Parallel, Plan, Prediction, Profile,
-    Provenance, ScheduleSpec, Stage, StageCost, StagePrediction, Training,
-)
+from planner.formats import Cluster, StageCost, Training
 from planner.schedules import Schedule, build, weight_versions
 from planner.simulate import CutLink, SimResult, peak_memory, simulate, step_time
 
@@ -97,10 +93,14 @@ class Evaluation:
 
     def detailed(self, timeline: bool = True) -> Evaluation:
         """The same evaluation with its simulation (and its timeline, unless told not to)."""
+        sim = self.simulation(timeline)
+        return self if sim is self.sim else replace(self, sim=sim)
+
+    def simulation(self, timeline: bool = True) -> SimResult:
+        """The whole simulation: the one attached, when it has what is asked, else run now."""
         if self.sim is not None and (self.sim.events or not timeline):
-            return self
-        sim = simulate(self.schedule, self.costs, self.cuts, timeline=timeline)
-        return replace(self, sim=sim)
+            return self.sim
+        return simulate(self.schedule, self.costs, self.cuts, timeline=timeline)
 
     @property
     def throughput(self) -> float:
@@ -164,60 +164,3 @@ def segments_from_bounds(bounds: list[int], n_layers: int, recompute: str = "non
     """Stage segments from their start positions (bounds[0] == 0)."""
     ends = list(bounds[1:]) + [n_layers]
     return [Segment(a, b, recompute) for a, b in zip(bounds, ends)]  # type: ignore[arg-type]
-
-
-def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
-            baselines: list[BaselineResult] | None = None, solver: dict | None = None) -> Plan:
-    """The plan file for an evaluated configuration."""
-    ev = ev.detailed()
-    cfg = ev.config
-    names = [layer.name for layer in profile.layers]
-    stages = []
-    for s, (seg, cost) in enumerate(zip(ev.segments, ev.costs)):
-        r = ev.schedule.stage_rank[s]
-        stages.append(Stage(
-            index=s, layers=names[seg.start:seg.stop], rank=r, devices=ev.ranks[r].devices,
-            recompute=seg.recompute, recompute_layers=[names[i] for i in seg.recompute_layers],
-            cost=cost,
-            predicted=StagePrediction(compute_s=ev.sim.stage_compute_s[s], peak_memory_bytes=ev.sim.peak_memory_bytes[r])))
-    return Plan(
-        model=profile.model, cluster=cluster,
-        parallel=Parallel(pp=cfg.pp, dp=cfg.dp),
-        microbatch=Microbatch(size=cfg.mbs, count=cfg.m, global_batch=cfg.global_batch),
-        schedule=ScheduleSpec(name=cfg.schedule, virtual_stages=cfg.v),
-        training=cfg.training, dtype=profile.dtype, layers=names, stages=stages,
-        predicted=Prediction(step_time_s=ev.step_time_s, throughput_samples_per_s=ev.throughput,
-                             bubble_fraction=ev.sim.bubble_fraction,
-                             peak_memory_bytes=max(ev.sim.peak_memory_bytes)),
-        baselines=baselines or [],
-        provenance=Provenance(profile_fingerprint=profile_fingerprint(profile),
-                              planner_version=__version__, solver=solver or {}),
-    )
-
-
-def profile_fingerprint(profile: Profile) -> str:
-    """The model's structure fingerprint plus a hash of the measured numbers."""
-    import hashlib
-
-    digest = hashlib.sha256(profile.model_dump_json(exclude={"measurement"}).encode()).hexdigest()
-    return f"{profile.model.fingerprint}+{digest[:16]}"
-
-
-def plan_cuts(plan: Plan) -> list[CutLink]:
-    """Transfer costs between a plan's consecutive stages, from the plan's own cluster."""
-    return [cut_link(plan.cluster, a.devices[0], b.devices[0], a.cost.send_bytes, same_rank=a.rank == b.rank)
-            for a, b in zip(plan.stages, plan.stages[1:])]
-
-
-def plan_schedule(plan: Plan) -> Schedule:
-    return build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count, plan.schedule.virtual_stages)
-
-
-def replay_plan(plan: Plan, costs: list[StageCost] | None = None, *, timeline: bool = False) -> SimResult:
-    """Simulate a plan from the stage costs it carries (or ``costs`` in their place); with
-    ``timeline`` the result carries every event, for drawing."""
-    schedule = plan_schedule(plan)
-    if tuple(st.rank for st in plan.stages) != schedule.stage_rank:
-        raise InputError(f"plan places stages on ranks {[st.rank for st in plan.stages]}, "
-                         f"{plan.schedule.name} places them on {list(schedule.stage_rank)}")
-    return simulate(schedule, costs or [st.cost for st in plan.stages], plan_cuts(plan), timeline=timeline)

@@ -1,4 +1,4 @@
-"""Human-readable output: number formatting and rich tables. Nothing here computes a cost."""
+"""Human-readable output: rich tables (numbers worded by units.py). Nothing here computes a cost."""
 
 from __future__ import annotations
 
@@ -12,30 +12,7 @@ from rich.table import Table
 
 from planner.formats import Plan, Profile
 from planner.simulate import SimResult
-
-
-def fmt_bytes(n: float) -> str:
-    n = float(n)
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def fmt_time(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s >= 1:
-        return f"{s:.3f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s * 1e6:.1f} us"
-
-
-def layer_span(layers: list[str]) -> str:
-    if len(layers) == 1:
-        return layers[0]
-    return f"{layers[0]} .. {layers[-1]} ({len(layers)})"
+from planner.units import fmt_bytes, fmt_time, layer_span
 
 
 def simulation_summary(plan: Plan, sim: SimResult) -> dict[str, Any]:
@@ -139,7 +116,7 @@ def profile_table(prof: Profile) -> Table:
 
 def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
     """What `planner solve` prints: candidates, the chosen plan per stage, the baselines."""
-    from planner.evaluate import replay_plan
+    from planner.plan import replay_plan
 
     out: list = []
     if prof.device.type != (cluster.devices[0].type if cluster.devices else prof.device.type):

@@ -241,7 +241,7 @@ def test_simulate_reports_each_stage_own_compute_as_the_plan_does():
         assert sum(st["compute_s"] for st in mine) == pytest.approx(mine[0]["rank_compute_s"])
     r = runner.invoke(app, ["simulate", plan_path])
     assert r.exit_code == 0, r.output
-    from planner.report import fmt_time
+    from planner.units import fmt_time
 
     for st in plan["stages"]:
         row = next(line for line in r.output.splitlines() if line.split("│")[1:2] == [f" {st['index']:>5} "])

@@ -174,7 +174,8 @@ def test_a_plans_stage_compute_is_what_the_simulator_runs(schedule, v, backward)
     # on 2 devices (v stages each), m = 4 micro-batches: a stage of k layers runs
     # 4 x k x (1 ms + its backward) of actions
     from planner.cost import CostTable, Segment
-    from planner.evaluate import evaluate, to_plan
+    from planner.evaluate import evaluate
+    from planner.plan import to_plan
 
     prof = chain_profile([1e-3] * 4, bwd_input_fraction=0.5, split_cost=1.5)
     cfg = Config(pp=2, dp=1, mbs=1, m=4, schedule=schedule, v=v)

@@ -156,8 +156,8 @@ def _execute(plan_path: Path, opts: Options, progress) -> Verification:
     if not SCHEDULES[plan.schedule.name].executable:
         raise InputError(f"{plan.schedule.name} is modelled only: PyTorch's pipeline engine has no "
                          "asynchronous PipeDream schedules (no weight stashing); solve without it")
-    from planner.check import check_fingerprint, rebuilt_fingerprint
     from planner.errors import CheckFailed
+    from planner.plan import check_fingerprint, rebuilt_fingerprint
 
     # on the meta device: no memory, nothing started yet
     stale = check_fingerprint(plan, rebuilt_fingerprint(plan), f"{plan.model.factory} built now")
@@ -230,8 +230,8 @@ def _predicted_peaks(plan: Plan) -> dict[int, int]:
 
 
 def _replay(plan: Plan, device, ver: Verification, progress) -> None:
-    from planner.evaluate import replay_plan
     from planner.execute.replay import measured_costs, replay_all
+    from planner.plan import replay_plan
 
     if progress:
         progress(f"replay: {plan.parallel.pp} ranks one at a time on {device}", 0, 1)

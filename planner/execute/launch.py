@@ -291,7 +291,7 @@ def _diagnose(plan: Plan, reports: list[dict], log: str, code: int, log_path: Pa
 
 
 def _describe(plan: Plan, r: dict, log_path: Path) -> str:
-    from planner.report import fmt_bytes
+    from planner.units import fmt_bytes
 
     where = f"rank {r['rank']} ({_stage_text(plan, r['pp_rank'])})"
     if r.get("oom"):

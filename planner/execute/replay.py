@@ -194,7 +194,7 @@ def replay_all(plan: Plan, device: torch.device, ranks: list[int] | None = None,
         try:
             out.append(replay_rank(plan, r, device))
         except torch.cuda.OutOfMemoryError as e:
-            from planner.report import fmt_bytes
+            from planner.units import fmt_bytes
 
             st = next(s for s in plan.stages if s.rank == r)
             raise ExecutionError(f"replay of rank {r} (stage {st.index}) ran out of memory: predicted "

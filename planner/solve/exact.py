@@ -86,11 +86,11 @@ def lb_partition(b: StageBounds, ub: float = np.inf, fixed: list[int] | None = N
         choices.append(picks[d, cols])
     if not np.isfinite(best[n]):
         return np.inf, None
-    stages, j = [], n
+    stages, stop = [], n
     for s in reversed(range(S)):
-        i = int(args[s][j])
-        stages.append((i, j, int(choices[s][j])))
-        j = i
+        start = int(args[s][stop])
+        stages.append((start, stop, int(choices[s][stop])))
+        stop = start
     return float(best[n]), stages[::-1]
 
 
@@ -145,14 +145,14 @@ def _reachable(b: StageBounds, tau: float) -> list[np.ndarray]:
 
 def first_solution(b: StageBounds, evaluate: Evaluator, *, ub: float = np.inf,
                    fixed: list[int] | None = None, floor: float = 0.0,
-                   warm: list[list[int]] = ()) -> InnerResult:
+                   warm: list[list[int] | None] | None = None) -> InnerResult:
     """The DP's partition, simulated; proven optimal when the simulation meets the bound.
     ``floor``: another valid lower bound on the step time, kept if higher. ``warm``: stage
     starts of partitions to try first (today's splits); the best that fits narrows the DP's
     search, and the result is never worse than any of them."""
     incumbent: tuple[float, list[Segment] | None, object] = (np.inf, None, None)
     count = 0
-    for starts in warm if fixed is None else ():
+    for starts in (warm or []) if fixed is None else []:
         if starts is None or len(starts) != b.S:
             continue
         _, stages = lb_partition(b, fixed=starts)
@@ -177,6 +177,117 @@ def first_solution(b: StageBounds, evaluate: Evaluator, *, ub: float = np.inf,
                        evaluations=count, payload=incumbent[2])
 
 
+class _RankRoom:
+    """With several stages per rank: the work assigned to each rank so far and the head and tail
+    of its first stage, to prune partitions whose ranks cannot all finish below tau."""
+
+    def __init__(self, b: StageBounds) -> None:
+        self.b = b
+        pp, place = b.schedule.pp, b.schedule.stage_rank
+        self.first_stage = {r: min(b.schedule.stages_of(r)) for r in range(pp)}
+        self.rank_speed = {r: b.speed[self.first_stage[r]] for r in range(pp)}
+        self.later_ranks = [sorted(set(place[s + 1:])) for s in range(b.S)]
+        self.busy = [0.0] * pp  # seconds of work assigned to each rank so far
+        self.edge = [0.0] * pp  # head + tail of each rank's first stage
+        self.total = b.t.F[-1] + b.t.BMIN[-1]
+
+    def assign(self, s: int, i: int, j: int, c: int) -> float:
+        """Give stage s layers [i, j) with choice c; the seconds of work added to its rank."""
+        r = self.b.schedule.stage_rank[s]
+        added = float(self.b.work(s, i, j, c))
+        if s == self.first_stage[r]:
+            self.edge[r] = float(self.b.head(s, i) + self.b.tail(s, i))
+        self.busy[r] += added
+        return added
+
+    def unassign(self, s: int, added: float) -> None:
+        r = self.b.schedule.stage_rank[s]
+        self.busy[r] -= added
+        if s == self.first_stage[r]:
+            self.edge[r] = 0.0
+
+    def prunes(self, s: int, j: int, tau: float) -> bool:
+        """A rank's assigned work alone already reaches tau, or the layers left do not fit in
+        what the ranks still to come can absorb below tau."""
+        b, r = self.b, self.b.schedule.stage_rank[s]
+        if self.edge[r] + self.busy[r] >= tau:
+            return True
+        left = (self.total - b.t.F[j] - b.t.BMIN[j]) * b.m
+        room = sum((tau - self.edge[q] - self.busy[q]) * self.rank_speed[q] for q in self.later_ranks[s])
+        return left > room * (1 + 1e-9)
+
+
+class _BranchAndBound:
+    """Depth-first search over stage ends, cheapest bound first, from the best partition found
+    so far; ``tau`` (the time to beat) falls as better partitions are simulated."""
+
+    def __init__(self, b: StageBounds, evaluate: Evaluator, found: InnerResult, tau: float, *,
+                 budget: int, nodes: int, deadline: float | None) -> None:
+        self.b, self.evaluate = b, evaluate
+        self.budget, self.nodes, self.deadline = budget, nodes, deadline
+        self.tau = tau
+        self.best_step = found.step_time_s
+        self.best: tuple[list[Segment] | None, object] = (found.segments, found.payload)
+        self.count, self.visited = found.evaluations, 0
+        self.proven = True
+        self.path: list[tuple[int, int, int]] = []
+        self.reach = _reachable(b, tau)
+        self.room = _RankRoom(b) if b.S > b.schedule.pp else None
+        self.cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def options(self, s: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stage s's possible ends from layer i (the rest still splittable below tau), with
+        their bounds and choices, by bound."""
+        key = (s, i)
+        if key not in self.cache:
+            b = self.b
+            j = np.arange(i + 1, b.n - (b.S - 1 - s) + 1)
+            j = j[self.reach[s + 1][j]]
+            g, c = b.eval(s, np.full(len(j), i), j)
+            order = np.argsort(g, kind="stable")
+            self.cache[key] = (j[order], g[order], c[order])
+        return self.cache[key]
+
+    def _exhausted(self) -> bool:
+        return (self.visited > self.nodes or self.count >= self.budget
+                or (self.deadline is not None and time.perf_counter() > self.deadline))
+
+    def _simulate_path(self) -> None:
+        segs = _segments(self.path)
+        step, fits, payload = self.evaluate(segs)
+        self.count += 1
+        if fits and step < self.best_step:
+            self.best_step, self.best = step, (segs, payload)
+            self.tau = min(self.tau, self.best_step)
+
+    def dfs(self, s: int, i: int) -> None:
+        if not self.proven:
+            return
+        self.visited += 1
+        if self._exhausted():
+            self.proven = False
+            return
+        if s == self.b.S:
+            self._simulate_path()
+            return
+        js, gs, cs = self.options(s, i)
+        for jk, gk, ck in zip(js.tolist(), gs.tolist(), cs.tolist()):
+            if gk >= self.tau * (1 - 1e-12) or not self.proven:
+                break
+            self._branch(s, i, jk, ck)
+
+    def _branch(self, s: int, i: int, j: int, c: int) -> None:
+        """Stage s takes layers [i, j) with choice c, unless its rank's room prunes it."""
+        added = self.room.assign(s, i, j, c) if self.room is not None else 0.0
+        pruned = self.room is not None and s < self.b.S - 1 and self.room.prunes(s, j, self.tau)
+        if not pruned:
+            self.path.append((i, j, c))
+            self.dfs(s + 1, j)
+            self.path.pop()
+        if self.room is not None:
+            self.room.unassign(s, added)
+
+
 def refine(b: StageBounds, evaluate: Evaluator, found: InnerResult, *, ub: float = np.inf,
            budget: int = 400, nodes: int = 20000, deadline: float | None = None) -> InnerResult:
     """Branch and bound over every partition whose bound is below the best simulated time (or
@@ -184,89 +295,17 @@ def refine(b: StageBounds, evaluate: Evaluator, found: InnerResult, *, ub: float
     search nodes or at ``deadline``."""
     if found.proven:
         return found
-    best_step = found.step_time_s
-    best = (found.segments, found.payload)
-    tau = min(best_step, ub)
+    tau = min(found.step_time_s, ub)
     if not np.isfinite(tau):
         tau = np.inf
-    reach = _reachable(b, tau)
-    count, visited = found.evaluations, 0
-    proven = True
-    path: list[tuple[int, int, int]] = []
-    multi = b.S > b.schedule.pp
-    place = b.schedule.stage_rank
-    first_stage = {r: min(b.schedule.stages_of(r)) for r in range(b.schedule.pp)}
-    rank_speed = {r: b.speed[first_stage[r]] for r in range(b.schedule.pp)}
-    later_ranks = [sorted(set(place[s + 1:])) for s in range(b.S)]
-    busy = [0.0] * b.schedule.pp  # seconds of work assigned to each rank so far
-    edge = [0.0] * b.schedule.pp  # head + tail of each rank's first stage
-    total = b.t.F[-1] + b.t.BMIN[-1]
-    cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def options(s: int, i: int):
-        key = (s, i)
-        if key not in cache:
-            j = np.arange(i + 1, b.n - (b.S - 1 - s) + 1)
-            j = j[reach[s + 1][j]]
-            g, c = b.eval(s, np.full(len(j), i), j)
-            order = np.argsort(g, kind="stable")
-            cache[key] = (j[order], g[order], c[order])
-        return cache[key]
-
-    def rank_prunes(s: int, j: int) -> bool:
-        """With several stages per rank: a rank's assigned work alone already reaches tau, or
-        the layers left do not fit in what the ranks still to come can absorb below tau."""
-        r = place[s]
-        if edge[r] + busy[r] >= tau:
-            return True
-        left = (total - b.t.F[j] - b.t.BMIN[j]) * b.m
-        room = sum((tau - edge[q] - busy[q]) * rank_speed[q] for q in later_ranks[s])
-        return left > room * (1 + 1e-9)
-
-    def dfs(s: int, i: int) -> None:
-        nonlocal best_step, best, count, tau, proven, visited
-        if not proven:
-            return
-        visited += 1
-        if visited > nodes or count >= budget or (deadline is not None and time.perf_counter() > deadline):
-            proven = False
-            return
-        if s == b.S:
-            segs = _segments(path)
-            step_, fits_, payload_ = evaluate(segs)
-            count += 1
-            if fits_ and step_ < best_step:
-                best_step, best = step_, (segs, payload_)
-                tau = min(tau, best_step)
-            return
-        js, gs, cs = options(s, i)
-        r = place[s]
-        for jk, gk, ck in zip(js.tolist(), gs.tolist(), cs.tolist()):
-            if gk >= tau * (1 - 1e-12) or not proven:
-                break
-            if multi:
-                added = float(b.work(s, i, jk, ck))
-                first = s == first_stage[r]
-                if first:
-                    edge[r] = float(b.head(s, i) + b.tail(s, i))
-                busy[r] += added
-                pruned = s < b.S - 1 and rank_prunes(s, jk)
-            else:
-                pruned = False
-            if not pruned:
-                path.append((i, jk, ck))
-                dfs(s + 1, jk)
-                path.pop()
-            if multi:
-                busy[r] -= added
-                if first:
-                    edge[r] = 0.0
-
-    dfs(0, 0)
+    search = _BranchAndBound(b, evaluate, found, tau, budget=budget, nodes=nodes, deadline=deadline)
+    search.dfs(0, 0)
+    segments, payload = search.best
     lb = found.lower_bound_s
-    if proven and best[0] is not None:
-        lb = max(lb, min(best_step, ub))  # nothing below the best (or ub) remains
-    return InnerResult(lb, best[0], best_step, proven=proven, evaluations=count, payload=best[1])
+    if search.proven and segments is not None:
+        lb = max(lb, min(search.best_step, ub))  # nothing below the best (or ub) remains
+    return InnerResult(lb, segments, search.best_step, proven=search.proven, evaluations=search.count,
+                       payload=payload)
 
 
 def solve_inner(b: StageBounds, evaluate: Evaluator, *, ub: float = np.inf,

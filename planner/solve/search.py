@@ -583,7 +583,7 @@ class Search:
 
     def explain_infeasible(self, configs: list[Config], deadline: float = float("inf")) -> str:
         """The least memory any configuration needs, where it overflows, and the ways out."""
-        from planner.report import fmt_bytes
+        from planner.units import fmt_bytes
 
         best = None
         for cfg in sorted(configs, key=lambda c: (-c.pp, c.mbs)):  # the most memory-friendly first

@@ -1,0 +1,95 @@
+"""From an evaluated configuration to the plan file, and back: the plan written out, replayed
+through the simulator from the costs it carries, and the fingerprints that tie it to its model
+and its profile. Torch-free: only rebuilding the model (``rebuilt_fingerprint``) needs torch,
+imported when it is called."""
+
+from __future__ import annotations
+
+import hashlib
+
+from planner import __version__
+from planner.errors import InputError, MissingExtraError
+from planner.evaluate import Evaluation, cut_link
+from planner.formats import (
+    BaselineResult, Cluster, Microbatch, Parallel, Plan, Prediction, Profile,
+    Provenance, ScheduleSpec, Stage, StageCost, StagePrediction,
+)
+from planner.schedules import Schedule, build
+from planner.simulate import CutLink, SimResult, simulate
+
+
+def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
+            baselines: list[BaselineResult] | None = None, solver: dict | None = None) -> Plan:
+    """The plan file for an evaluated configuration."""
+    sim = ev.simulation()
+    cfg = ev.config
+    names = [layer.name for layer in profile.layers]
+    stages = []
+    for s, (seg, cost) in enumerate(zip(ev.segments, ev.costs)):
+        r = ev.schedule.stage_rank[s]
+        stages.append(Stage(
+            index=s, layers=names[seg.start:seg.stop], rank=r, devices=ev.ranks[r].devices,
+            recompute=seg.recompute, recompute_layers=[names[i] for i in seg.recompute_layers],
+            cost=cost,
+            predicted=StagePrediction(compute_s=sim.stage_compute_s[s], peak_memory_bytes=sim.peak_memory_bytes[r])))
+    return Plan(
+        model=profile.model, cluster=cluster,
+        parallel=Parallel(pp=cfg.pp, dp=cfg.dp),
+        microbatch=Microbatch(size=cfg.mbs, count=cfg.m, global_batch=cfg.global_batch),
+        schedule=ScheduleSpec(name=cfg.schedule, virtual_stages=cfg.v),
+        training=cfg.training, dtype=profile.dtype, layers=names, stages=stages,
+        predicted=Prediction(step_time_s=ev.step_time_s, throughput_samples_per_s=ev.throughput,
+                             bubble_fraction=sim.bubble_fraction,
+                             peak_memory_bytes=max(sim.peak_memory_bytes)),
+        baselines=baselines or [],
+        provenance=Provenance(profile_fingerprint=profile_fingerprint(profile),
+                              planner_version=__version__, solver=solver or {}),
+    )
+
+
+def profile_fingerprint(profile: Profile) -> str:
+    """The model's structure fingerprint plus a hash of the measured numbers."""
+    digest = hashlib.sha256(profile.model_dump_json(exclude={"measurement"}).encode()).hexdigest()
+    return f"{profile.model.fingerprint}+{digest[:16]}"
+
+
+def check_fingerprint(plan: Plan, fingerprint: str, source: str) -> list[str]:
+    """The stale-plan problem, if ``fingerprint`` (the model's structure, as ``source`` has it)
+    is not the one the plan was made for."""
+    if plan.model.fingerprint != fingerprint:
+        return [(f"the plan is stale: the model changed since it was made ({source} has structure "
+                 f"{fingerprint[:19]}..., the plan {plan.model.fingerprint[:19]}...); profile and solve again")]
+    return []
+
+
+def rebuilt_fingerprint(plan: Plan) -> str:
+    """Build the plan's model on the meta device (no memory, no weights) and fingerprint it."""
+    try:
+        from planner.split import build_on_meta, fingerprint
+    except ImportError as e:
+        raise MissingExtraError(e.name or "torch", "building the plan's model") from None
+    return fingerprint(build_on_meta(plan.model.factory, dict(plan.model.args)).model)
+
+
+def plan_cuts(plan: Plan) -> list[CutLink]:
+    """Transfer costs between a plan's consecutive stages, from the plan's own cluster."""
+    return [cut_link(plan.cluster, a.devices[0], b.devices[0], a.cost.send_bytes, same_rank=a.rank == b.rank)
+            for a, b in zip(plan.stages, plan.stages[1:])]
+
+
+def plan_schedule(plan: Plan) -> Schedule:
+    return build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count, plan.schedule.virtual_stages)
+
+
+def replay_plan(plan: Plan, costs: list[StageCost] | None = None, *, timeline: bool = False) -> SimResult:
+    """Simulate a plan from the stage costs it carries (or ``costs`` in their place); with
+    ``timeline`` the result carries every event, for drawing."""
+    schedule = plan_schedule(plan)
+    if tuple(st.rank for st in plan.stages) != schedule.stage_rank:
+        raise InputError(f"plan places stages on ranks {[st.rank for st in plan.stages]}, "
+                         f"{plan.schedule.name} places them on {list(schedule.stage_rank)}")
+    return simulate(schedule, costs or [st.cost for st in plan.stages], plan_cuts(plan), timeline=timeline)
+
+
+__all__ = ["check_fingerprint", "plan_cuts", "plan_schedule", "profile_fingerprint", "rebuilt_fingerprint",
+           "replay_plan", "to_plan"]

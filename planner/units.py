@@ -1,0 +1,31 @@
+"""Plain-text formatting of bytes, seconds and layer spans: no rich, no torch, so the solver,
+``planner check`` and the launcher can word their messages without the table library."""
+
+from __future__ import annotations
+
+
+def fmt_bytes(n: float) -> str:
+    n = float(n)
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def layer_span(layers: list[str]) -> str:
+    if len(layers) == 1:
+        return layers[0]
+    return f"{layers[0]} .. {layers[-1]} ({len(layers)})"
+
+
+__all__ = ["fmt_bytes", "fmt_time", "layer_span"]
