@@ -41,7 +41,6 @@ def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int
 
     from planner import report, timeline
     from planner.errors import ToleranceError
-    from planner.evaluate import plan_schedule, replay_plan
     from planner.execute import Options, execute, raise_on_failure
     from planner.formats import dump
     from planner.model import build_spec
