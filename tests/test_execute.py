@@ -181,3 +181,53 @@ def test_explicit_layers_are_compared_under_the_models_names(tmp_path, monkeypat
     ref = Reference.of(spec.model, spec.layers)
     ref.run(spec, (torch.randn(2, 8),), torch.tensor([0, 1]))
     assert "could be matched" in compare_grads({"nope.weight": named["out.weight"]}, ref, "float32")[1]
+
+
+def _raised(e: Exception) -> Exception:
+    """``e`` with a traceback, as a raised exception has."""
+    try:
+        raise e
+    except Exception as caught:  # noqa: BLE001
+        return caught
+
+
+def test_an_error_without_text_is_named_by_where_it_was_raised():
+    from planner.execute.worker import error_text
+
+    assert error_text(RuntimeError("\nstage 1 got a tensor of the wrong shape\nmore")) == \
+        "stage 1 got a tensor of the wrong shape"
+    assert error_text(_raised(RuntimeError(""))).startswith("raised without a message at test_execute.py:")
+    assert error_text(RuntimeError()) == "raised without a message"
+
+
+def test_an_engine_error_in_this_process_carries_its_text():
+    from planner.execute import _guarded
+
+    def fails():
+        raise RuntimeError("   ")
+
+    with pytest.raises(ExecutionError, match=r"^single device failed: RuntimeError: raised without a message "
+                                             r"at test_execute.py:\d+ \(fails\)$"):
+        _guarded("single device", fails)
+
+
+def test_a_failed_workers_message_is_never_empty(tiny_profile, tmp_path):
+    from pathlib import Path
+
+    from planner.execute.launch import _diagnose
+
+    plan = load_plan(plan_for(tiny_profile, tmp_path, "1f1b"))
+    report = {"rank": 1, "pp_rank": 1, "dp_rank": 0, "stages": [1], "error": "RuntimeError", "message": ""}
+    text = _diagnose(plan, [report], "", 1, Path("launcher.log"))
+    assert text == "rank 1 (stage 1) failed: RuntimeError: no message (log: launcher.log)"
+
+
+def test_a_run_whose_reports_lack_the_loss_says_so_instead_of_nan():
+    from planner.execute import Verification, _record_checks
+
+    ver = Verification(mode="distributed", device="cpu")
+    _record_checks(ver, "distributed", None, 1.5, 0.0, "", "float32")
+    _, ok, detail = ver.checks[0]
+    assert not ok and detail == "no worker's report carries the loss (the rank of the last stage computes it)"
+    with pytest.raises(ExecutionError, match="loss equals the single-process reference failed: no worker's"):
+        raise_on_failure(ver)

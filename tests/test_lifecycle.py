@@ -70,25 +70,30 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def start_execute(plan: Path, run_dir: Path, marker: str, *extra: str, fault: str | None = None,
-                  log: Path | None = None) -> subprocess.Popen:
+def start_execute(plan: Path, run_dir: Path, marker: str, *extra: str, fault: str | None = None) -> subprocess.Popen:
+    """``planner execute`` in a process of its own; its output goes to ``<run_dir>.out``."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **{MARKER: marker})
     env.pop("PLANNER_FAULT", None)
     if fault:
         env["PLANNER_FAULT"] = fault
-    out = open(log or run_dir.with_name(run_dir.name + ".out"), "w")
     cmd = [sys.executable, "-m", "planner", "execute", str(plan), "--run-dir", str(run_dir),
            "--steps", "1", "--warmup", "1", "--timeout", "300", *extra]
-    with out:
+    with open(output_file(run_dir), "w") as out:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def output_of(proc: subprocess.Popen, run_dir: Path) -> str:
-    return run_dir.with_name(run_dir.name + ".out").read_text()
+def output_file(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".out")
 
 
 def workers_started(run_dir: Path, world: int = 2):
     return lambda: len(list(run_dir.glob("rank*.pid"))) == world
+
+
+def workers(marker: str) -> list[str]:
+    """The run's workers (torchrun's command line names the worker module too)."""
+    return [line for line in run_processes(marker)
+            if "planner.execute.worker" in line and "torch.distributed.run" not in line]
 
 
 def launcher_pid(marker: str) -> int | None:
@@ -126,11 +131,12 @@ def test_a_signal_to_planner_stops_every_process_of_the_run(tiny_plan, tmp_path,
     proc = start_execute(tiny_plan, run_dir, marker, fault="hang@1")
     try:
         wait_for(workers_started(run_dir), START_S, "both workers starting")
+        assert len(workers(marker)) == 2, run_processes(marker)  # the check below is not vacuous
         proc.send_signal(sig)
         proc.wait(timeout=60)
     finally:
         proc.kill()
-    text = output_of(proc, run_dir)
+    text = output_file(run_dir).read_text()
     assert proc.returncode == code, text
     assert message in text and f"kept in {run_dir}" in text
     assert "Traceback" not in text
@@ -143,13 +149,14 @@ def test_a_killed_launcher_is_reported_and_its_workers_end(tiny_plan, tmp_path, 
     proc = start_execute(tiny_plan, run_dir, marker, fault="hang@1")
     try:
         wait_for(workers_started(run_dir), START_S, "both workers starting")
+        assert len(workers(marker)) == 2, run_processes(marker)
         torchrun = launcher_pid(marker)
         assert torchrun is not None, run_processes(marker)
         os.kill(torchrun, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         proc.kill()
-    text = output_of(proc, run_dir)
+    text = output_file(run_dir).read_text()
     assert proc.returncode == 5, text
     assert "error: the launcher (torchrun) was killed by signal 9 (SIGKILL) from outside planner" in text
     wait_for(lambda: not run_processes(marker), GONE_S, f"the run's processes ({run_processes(marker)}) ending")
@@ -176,7 +183,7 @@ def test_two_launchers_as_two_nodes_each_report_the_whole_runs_verdict(tiny_plan
         for p in procs:
             p.kill()
     for node, p in enumerate(procs):
-        text = output_of(p, tmp_path / f"run{node}")
+        text = output_file(tmp_path / f"run{node}").read_text()
         assert p.returncode == 0, text
         ver = json.loads(reports[node].read_text())
         checks = {name: ok for name, ok, _ in ver["checks"]}
@@ -243,8 +250,8 @@ def test_a_factory_calling_sys_exit_is_a_model_error_not_planners_exit(tmp_path,
 
 
 @pytest.mark.parametrize("source,message", [
-    (_good(width=5), "error: layer blocks.0: its forward (blocks_0) raised RuntimeError: mat1 and mat2 shapes "
-                     "cannot be multiplied (2x5 and 8x8)"),
+    (_good(width=5), ("error: layer blocks.0: its forward (blocks_0) raised RuntimeError: mat1 and mat2 shapes "
+                     "cannot be multiplied (2x5 and 8x8)")),
     (_good(loss="lambda out, target: out.sum(-1)"),
      "error: the loss at micro-batch 2 returned a tensor of shape (2,), not a scalar: reduce it (mean or sum)"),
     (_good(loss="lambda out, target: 1 / 0"),
@@ -264,8 +271,8 @@ def test_the_good_model_of_these_tests_profiles(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (("--depth", "0"), "error: --depth 0: choose 1 (the model's children) to 5 (its deepest modules)"),
-    (("--arg", "n_layer=-1"), "raised ValueError: n_layer=-1, d_model=128, n_head=4, seq=128, vocab=2048: "
-                              "n_layer, d_model, n_head and seq must be at least 1"),
+    (("--arg", "n_layer=-1"), ("raised ValueError: n_layer=-1, d_model=128, n_head=4, seq=128, vocab=2048: "
+                              "n_layer, d_model, n_head and seq must be at least 1")),
 ])
 def test_impossible_profile_options_are_refused(tmp_path, extra, message):
     r = _profile(tmp_path, "models/gpt.py:build", *extra)

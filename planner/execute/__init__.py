@@ -299,7 +299,7 @@ def _distributed(plan: Plan, plan_path: Path, opts: Options, ver: Verification, 
         last = [r for r in reports if r.get("loss") is not None]
         worst = max((r["max_grad_error"] or 0.0) for r in reports)
         messages = [r["grad_message"] for r in reports if r.get("grad_message")]
-        loss = last[0]["loss"] if last else float("nan")
+        loss = last[0]["loss"] if last else None
         ref = last[0]["reference_loss"] if last else float("nan")
         _record_checks(ver, "distributed", loss, ref, worst, messages[0] if messages else "", plan.dtype)
     _record_run_dir(ver, kept=opts.run_dir is not None)
@@ -318,14 +318,16 @@ def _record_run_dir(ver: Verification, kept: bool) -> None:
         ver.notes.append(f"the run failed: worker reports and the launcher log are kept in {ver.run_dir}")
 
 
-def _record_checks(ver: Verification, where: str, loss: float, ref: float, grad_err: float, message: str,
+def _record_checks(ver: Verification, where: str, loss: float | None, ref: float, grad_err: float, message: str,
                    dtype: str) -> None:
+    """``loss`` None: no report carried it (the last stage's rank holds it)."""
     from planner.execute.train import TOLERANCE
 
     rtol, atol = TOLERANCE[dtype]
-    loss_ok = math.isfinite(loss) and abs(loss - ref) <= atol + rtol * abs(ref)
-    ver.checks.append((f"{where}: loss equals the single-process reference", loss_ok,
-                       f"{loss:.6f} vs {ref:.6f}"))
+    loss_ok = loss is not None and math.isfinite(loss) and abs(loss - ref) <= atol + rtol * abs(ref)
+    detail = f"{loss:.6f} vs {ref:.6f}" if loss is not None else \
+        "no worker's report carries the loss (the rank of the last stage computes it)"
+    ver.checks.append((f"{where}: loss equals the single-process reference", loss_ok, detail))
     ver.checks.append((f"{where}: gradients equal the reference (rtol {rtol:g}, atol {atol:g})", not message,
                        message or f"largest difference {grad_err:.2e}"))
 

@@ -224,9 +224,10 @@ def launch(plan: Plan, plan_path: Path, run_dir: Path, *, steps: int, warmup: in
         raise _launcher_killed(-code, reports, world, log_path)
     if code != 0:
         raise ExecutionError(_diagnose(plan, reports, text, code, log_path))
-    missing = sorted(set(range(rdzv.node_rank * per_node, (rdzv.node_rank + 1) * per_node)) - {r["rank"] for r in reports})
+    # the workers exchange their reports at the end: every node holds every rank's
+    missing = sorted(set(range(world)) - {r["rank"] for r in reports})
     if missing:
-        raise ExecutionError(f"ranks {missing} ended without a report (log: {log_path})")
+        raise ExecutionError(f"ranks {missing} ended without a report on node {rdzv.node_rank} (log: {log_path})")
     return DistributedResult(reports, text)
 
 

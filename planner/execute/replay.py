@@ -194,6 +194,7 @@ def replay_all(plan: Plan, device: torch.device, ranks: list[int] | None = None,
         try:
             out.append(replay_rank(plan, r, device))
         except torch.cuda.OutOfMemoryError as e:
+            from planner.execute.worker import error_text
             from planner.report import fmt_bytes
 
             st = next(s for s in plan.stages if s.rank == r)
@@ -201,7 +202,7 @@ def replay_all(plan: Plan, device: torch.device, ranks: list[int] | None = None,
                                  f"{fmt_bytes(st.predicted.peak_memory_bytes)}, device has "
                                  f"{fmt_bytes(torch.cuda.get_device_properties(device).total_memory)}, "
                                  f"measured peak before failure {fmt_bytes(torch.cuda.max_memory_allocated(device))} "
-                                 f"({str(e).splitlines()[0]})") from None
+                                 f"({error_text(e)})") from None
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     report["device"] = str(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=args.timeout))
     try:
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=args.timeout))
         report.update(_run(plan, args, rank, pp_rank, dp_rank, mine, device))
         _write(out, report)
         everyone: list = [None] * world
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         _write(out, report)
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
