@@ -231,3 +231,16 @@ def test_a_run_whose_reports_lack_the_loss_says_so_instead_of_nan():
     assert not ok and detail == "no worker's report carries the loss (the rank of the last stage computes it)"
     with pytest.raises(ExecutionError, match="loss equals the single-process reference failed: no worker's"):
         raise_on_failure(ver)
+
+
+@pytest.mark.parametrize("opts,message", [
+    (Options(nnodes=2), "--nnodes 2 needs --master-port: the same free port on every node"),
+    (Options(nnodes=2, node_rank=2, master_port=29500), "--node-rank 2: with --nnodes 2 it is 0 to 1"),
+    (Options(nnodes=2, master_port=29500, mode="single"), "--nnodes 2 runs distributed"),
+])
+def test_rendezvous_options_are_checked_before_anything_starts(opts, message):
+    from planner.errors import InputError
+    from planner.execute import check_options
+
+    with pytest.raises(InputError, match=message):
+        check_options(opts)

@@ -121,6 +121,9 @@ def check_options(opts: Options) -> None:
         raise InputError(f"--node-rank {opts.node_rank}: with --nnodes {opts.nnodes} it is 0 to {opts.nnodes - 1}")
     if opts.master_port is not None and not 1 <= opts.master_port <= 65535:
         raise InputError(f"--master-port {opts.master_port}: a TCP port is 1 to 65535")
+    if opts.nnodes > 1 and opts.master_port is None:
+        raise InputError(f"--nnodes {opts.nnodes} needs --master-port: the same free port on every node "
+                         "(each node would pick a different one)")
     if opts.nnodes > 1 and opts.mode not in ("auto", "distributed"):
         raise InputError(f"--nnodes {opts.nnodes} runs distributed; --mode {opts.mode} runs in this process only")
     if opts.threads is not None and opts.threads < 1:
