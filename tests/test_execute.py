@@ -192,7 +192,7 @@ def _raised(e: Exception) -> Exception:
 
 
 def test_an_error_without_text_is_named_by_where_it_was_raised():
-    from planner.execute.worker import error_text
+    from planner.execute.reports import error_text
 
     assert error_text(RuntimeError("\nstage 1 got a tensor of the wrong shape\nmore")) == \
         "stage 1 got a tensor of the wrong shape"
@@ -217,7 +217,9 @@ def test_a_failed_workers_message_is_never_empty(tiny_profile, tmp_path):
     from planner.execute.launch import _diagnose
 
     plan = load_plan(plan_for(tiny_profile, tmp_path, "1f1b"))
-    report = {"rank": 1, "pp_rank": 1, "dp_rank": 0, "stages": [1], "error": "RuntimeError", "message": ""}
+    from planner.execute.reports import Failure, WorkerReport
+
+    report = WorkerReport(rank=1, pp_rank=1, dp_rank=0, stages=[1], failure=Failure(error="RuntimeError", message=""))
     text = _diagnose(plan, [report], "", 1, Path("launcher.log"))
     assert text == "rank 1 (stage 1) failed: RuntimeError: no message (log: launcher.log)"
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from planner.errors import ExecutionError
+from planner.execute.reports import error_text
 from planner.execute.stages import build_model, build_stages
 from planner.execute.train import batch_seed, optimizer_for, stage_parameters
 from planner.formats import Plan, StageCost
@@ -194,7 +195,6 @@ def replay_all(plan: Plan, device: torch.device, ranks: list[int] | None = None,
         try:
             out.append(replay_rank(plan, r, device))
         except torch.cuda.OutOfMemoryError as e:
-            from planner.execute.worker import error_text
             from planner.report import fmt_bytes
 
             st = next(s for s in plan.stages if s.rank == r)
