@@ -242,8 +242,9 @@ def _replay(plan: Plan, device, ver: Verification, progress) -> None:
     kind = "allocated" if device.type == "cuda" else "live tensor bytes"
     for r in replays:
         pred = predicted[r.rank]
-        note = f"CUDA {kind}" + (f", reserved {r.reserved_bytes}" if r.reserved_bytes else "") if device.type == "cuda" \
-            else "CPU: live tensor bytes counted by planner (no allocator statistics on CPU)"
+        note = "CPU: live tensor bytes counted by planner (no allocator statistics on CPU)"
+        if device.type == "cuda":
+            note = f"CUDA {kind}" + (f", reserved {r.reserved_bytes}" if r.reserved_bytes else "")
         ver.rows.append(Row(f"rank {r.rank} peak memory (replay)", pred, r.peak_bytes, "bytes", note,
                             checked=device.type == "cuda"))
     step = replay_plan(plan, measured_costs(plan, replays)).step_time_s

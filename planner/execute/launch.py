@@ -277,7 +277,8 @@ def _diagnose(plan: Plan, reports: list[WorkerReport], log: str, code: int, log_
         if not silent or int(rank) in silent:
             rank, exit_code = int(rank), int(exit_code)
             how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
-            return f"rank {rank} ({_stage_text(plan, rank // plan.parallel.dp)}) {how} before reporting (log: {log_path})"
+            stages = _stage_text(plan, rank // plan.parallel.dp)
+            return f"rank {rank} ({stages}) {how} before reporting (log: {log_path})"
     if silent:
         rank = silent[0]
         return f"rank {rank} ({_stage_text(plan, rank // plan.parallel.dp)}) died without reporting (log: {log_path})"

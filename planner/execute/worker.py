@@ -139,10 +139,7 @@ class _Rank:
         return list(self.named.values())
 
     def batch(self, step: int) -> Batch:
-        """The step's batch of this replica, on the CPU (every rank makes the same)."""
-        m, size = self.plan.microbatch.count, self.plan.microbatch.size
-        return make_batch(self.spec, size * m, batch_seed(step, self.dp_rank, self.plan.parallel.dp),
-                          torch.device("cpu"), DTYPES[self.plan.dtype])
+        return _batch(self.plan, self.spec, step, self.dp_rank)
 
     def on_device(self, batch: Batch) -> Batch:
         inputs, target = batch
@@ -169,6 +166,13 @@ class _Rank:
     def train_step(self, batch: Batch) -> None:
         self.backward(batch)
         self.update()
+
+
+def _batch(plan: Plan, spec: ModelSpec, step: int, dp_rank: int) -> Batch:
+    """The step's batch of this replica, on the CPU: every rank of the replica makes the same."""
+    m, size = plan.microbatch.count, plan.microbatch.size
+    return make_batch(spec, size * m, batch_seed(step, dp_rank, plan.parallel.dp), torch.device("cpu"),
+                      DTYPES[plan.dtype])
 
 
 def _groups(pp: int, dp: int) -> tuple[list, list]:
@@ -209,7 +213,7 @@ def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_
     pp_groups, dp_groups = _groups(pp, dp)
     torch.manual_seed(0)
     spec = build_model(plan, device=torch.device("cpu"), dtype=dtype)
-    batch = make_batch(spec, size * m, batch_seed(0, dp_rank, dp), torch.device("cpu"), dtype)
+    batch = _batch(plan, spec, 0, dp_rank)
     reference = Reference.of(spec.model, spec.layers) if verify else None
     one = tuple(x[:size] if torch.is_tensor(x) else x for x in batch[0])
     built = build_stages(plan, spec, one, stages=mine)
@@ -287,8 +291,8 @@ def _memory_steps(r: _Rank, timer: Timer, batch: Batch, done: Callable[[int], No
 
 
 def _run(r: _Rank, batch: Batch, steps: int, warmup: int, done: Callable[[int], None]) -> Measured:
-    """Every step; ``done(step)`` after each. ``warmup`` counts the memory steps after the first
-    (at least 1: they are never timed)."""
+    """Every step, ``done(step)`` after each: steps 0 to ``warmup`` untimed (at least to step 1,
+    the second memory step), then ``steps`` timed steps."""
     timer = Timer(r.device)
     if r.reference is not None:  # before the memory count: the reference's tensors are not this rank's
         r.reference.run(r.spec, *batch)
