@@ -246,3 +246,33 @@ def test_rendezvous_options_are_checked_before_anything_starts(opts, message):
 
     with pytest.raises(InputError, match=message):
         check_options(opts)
+
+
+def test_a_worker_report_round_trips_and_refuses_a_misspelt_field(tmp_path):
+    from pydantic import ValidationError
+
+    from planner.execute.reports import Measured, WorkerReport, read_report
+
+    report = WorkerReport(rank=1, pp_rank=1, dp_rank=0, stages=[1, 3], device="cpu",
+                          measured=Measured(step_times_s=[0.5, 0.25], max_rss_bytes=2**30, loss=2.5))
+    assert WorkerReport.from_json(report.to_json()) == report
+    data = json.loads(report.to_json())
+    data["measured"]["step_time_s"] = data["measured"].pop("step_times_s")
+    with pytest.raises(ValidationError, match="step_times_s"):
+        WorkerReport.model_validate(data)
+    (tmp_path / "rank1.json").write_text('{"rank": 1')  # cut short
+    assert read_report(tmp_path / "rank1.json") is None
+
+
+def test_the_measured_step_time_is_the_median_of_the_slowest_rank_each_step(tiny_profile, tmp_path):
+    from planner.execute import Verification, _record_times
+    from planner.execute.reports import Measured
+
+    plan = load_plan(plan_for(tiny_profile, tmp_path, "1f1b"))
+    ver = Verification(mode="distributed", device="cpu")
+    # slowest each step: 2, 3, 2 -> sorted 2, 2, 3 -> median 2
+    _record_times(ver, plan, [Measured(step_times_s=[1.0, 3.0, 2.0], max_rss_bytes=0),
+                              Measured(step_times_s=[2.0, 1.0, 2.0], max_rss_bytes=0)])
+    step, throughput = ver.rows
+    assert (step.what, step.measured) == ("step time", 2.0)
+    assert throughput.measured == plan.microbatch.global_batch / 2.0
