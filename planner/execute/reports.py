@@ -59,7 +59,7 @@ class WorkerReport(_Model):
 
 
 def read_report(path: Path) -> WorkerReport | None:
-    """The report in ``path``; None if it cannot be read (a worker that died while writing it)."""
+    """The report in ``path``; None if it cannot be read or is not a report."""
     try:
         return WorkerReport.from_json(path.read_text())
     except (OSError, ValidationError):
