@@ -229,7 +229,8 @@ def execute(
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="torchrun: number of nodes"),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="torchrun: this node's rank"),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="torchrun: rendezvous host"),
-    master_port: Optional[int] = typer.Option(None, "--master-port", help="torchrun: rendezvous port (default: a free one)"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="torchrun: rendezvous port, the same "
+                                              "on every node (default on one node: a free one)"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="where workers write their reports "
                                            "(kept; default: a temporary folder, kept only if the run fails)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads per process (default 1: "

@@ -181,3 +181,98 @@ def test_explicit_layers_are_compared_under_the_models_names(tmp_path, monkeypat
     ref = Reference.of(spec.model, spec.layers)
     ref.run(spec, (torch.randn(2, 8),), torch.tensor([0, 1]))
     assert "could be matched" in compare_grads({"nope.weight": named["out.weight"]}, ref, "float32")[1]
+
+
+def _raised(e: Exception) -> Exception:
+    """``e`` with a traceback, as a raised exception has."""
+    try:
+        raise e
+    except Exception as caught:  # noqa: BLE001
+        return caught
+
+
+def test_an_error_without_text_is_named_by_where_it_was_raised():
+    from planner.execute.reports import error_text
+
+    assert error_text(RuntimeError("\nstage 1 got a tensor of the wrong shape\nmore")) == \
+        "stage 1 got a tensor of the wrong shape"
+    assert error_text(_raised(RuntimeError(""))).startswith("raised without a message at test_execute.py:")
+    assert error_text(RuntimeError()) == "raised without a message"
+
+
+def test_an_engine_error_in_this_process_carries_its_text():
+    from planner.execute import _guarded
+
+    def fails():
+        raise RuntimeError("   ")
+
+    with pytest.raises(ExecutionError, match=r"^single device failed: RuntimeError: raised without a message "
+                                             r"at test_execute.py:\d+ \(fails\)$"):
+        _guarded("single device", fails)
+
+
+def test_a_failed_workers_message_is_never_empty(tiny_profile, tmp_path):
+    from pathlib import Path
+
+    from planner.execute.launch import _diagnose
+
+    plan = load_plan(plan_for(tiny_profile, tmp_path, "1f1b"))
+    from planner.execute.reports import Failure, WorkerReport
+
+    report = WorkerReport(rank=1, pp_rank=1, dp_rank=0, stages=[1], failure=Failure(error="RuntimeError", message=""))
+    text = _diagnose(plan, [report], "", 1, Path("launcher.log"))
+    assert text == "rank 1 (stage 1) failed: RuntimeError: no message (log: launcher.log)"
+
+
+def test_a_run_whose_reports_lack_the_loss_says_so_instead_of_nan():
+    from planner.execute import Verification, _record_checks
+
+    ver = Verification(mode="distributed", device="cpu")
+    _record_checks(ver, "distributed", None, 1.5, 0.0, "", "float32")
+    _, ok, detail = ver.checks[0]
+    assert not ok and detail == "no worker's report carries the loss (the rank of the last stage computes it)"
+    with pytest.raises(ExecutionError, match="loss equals the single-process reference failed: no worker's"):
+        raise_on_failure(ver)
+
+
+@pytest.mark.parametrize("opts,message", [
+    (Options(nnodes=2), "--nnodes 2 needs --master-port: the same free port on every node"),
+    (Options(nnodes=2, node_rank=2, master_port=29500), "--node-rank 2: with --nnodes 2 it is 0 to 1"),
+    (Options(nnodes=2, master_port=29500, mode="single"), "--nnodes 2 runs distributed"),
+])
+def test_rendezvous_options_are_checked_before_anything_starts(opts, message):
+    from planner.errors import InputError
+    from planner.execute import check_options
+
+    with pytest.raises(InputError, match=message):
+        check_options(opts)
+
+
+def test_a_worker_report_round_trips_and_refuses_a_misspelt_field(tmp_path):
+    from pydantic import ValidationError
+
+    from planner.execute.reports import Measured, WorkerReport, read_report
+
+    report = WorkerReport(rank=1, pp_rank=1, dp_rank=0, stages=[1, 3], device="cpu",
+                          measured=Measured(step_times_s=[0.5, 0.25], max_rss_bytes=2**30, loss=2.5))
+    assert WorkerReport.from_json(report.to_json()) == report
+    data = json.loads(report.to_json())
+    data["measured"]["step_time_s"] = data["measured"].pop("step_times_s")
+    with pytest.raises(ValidationError, match="step_times_s"):
+        WorkerReport.model_validate(data)
+    (tmp_path / "rank1.json").write_text('{"rank": 1')  # cut short
+    assert read_report(tmp_path / "rank1.json") is None
+
+
+def test_the_measured_step_time_is_the_median_of_the_slowest_rank_each_step(tiny_profile, tmp_path):
+    from planner.execute import Verification, _record_times
+    from planner.execute.reports import Measured
+
+    plan = load_plan(plan_for(tiny_profile, tmp_path, "1f1b"))
+    ver = Verification(mode="distributed", device="cpu")
+    # slowest each step: 2, 3, 2 -> sorted 2, 2, 3 -> median 2
+    _record_times(ver, plan, [Measured(step_times_s=[1.0, 3.0, 2.0], max_rss_bytes=0),
+                              Measured(step_times_s=[2.0, 1.0, 2.0], max_rss_bytes=0)])
+    step, throughput = ver.rows
+    assert (step.what, step.measured) == ("step time", 2.0)
+    assert throughput.measured == plan.microbatch.global_batch / 2.0

@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from planner.errors import ExecutionError, Interrupted, InputError, PlannerError
+from planner.errors import ExecutionError, InputError, Interrupted, PlannerError
+from planner.execute.reports import Measured, WorkerReport, error_text
 from planner.formats import Plan, load_plan
 
 __all__ = ["Options", "Verification", "execute"]
@@ -121,6 +122,9 @@ def check_options(opts: Options) -> None:
         raise InputError(f"--node-rank {opts.node_rank}: with --nnodes {opts.nnodes} it is 0 to {opts.nnodes - 1}")
     if opts.master_port is not None and not 1 <= opts.master_port <= 65535:
         raise InputError(f"--master-port {opts.master_port}: a TCP port is 1 to 65535")
+    if opts.nnodes > 1 and opts.master_port is None:
+        raise InputError(f"--nnodes {opts.nnodes} needs --master-port: the same free port on every node "
+                         "(each node would pick a different one)")
     if opts.nnodes > 1 and opts.mode not in ("auto", "distributed"):
         raise InputError(f"--nnodes {opts.nnodes} runs distributed; --mode {opts.mode} runs in this process only")
     if opts.threads is not None and opts.threads < 1:
@@ -200,8 +204,6 @@ def _cpu_threads(device, threads: int):
 
 def _guarded(where: str, fn, *args) -> None:
     """An engine error in this process is a failed execution (exit 5) with its text, not a crash."""
-    from planner.execute.worker import error_text
-
     try:
         fn(*args)
     except (PlannerError, KeyboardInterrupt):
@@ -240,8 +242,9 @@ def _replay(plan: Plan, device, ver: Verification, progress) -> None:
     kind = "allocated" if device.type == "cuda" else "live tensor bytes"
     for r in replays:
         pred = predicted[r.rank]
-        note = f"CUDA {kind}" + (f", reserved {r.reserved_bytes}" if r.reserved_bytes else "") if device.type == "cuda" \
-            else "CPU: live tensor bytes counted by planner (no allocator statistics on CPU)"
+        note = "CPU: live tensor bytes counted by planner (no allocator statistics on CPU)"
+        if device.type == "cuda":
+            note = f"CUDA {kind}" + (f", reserved {r.reserved_bytes}" if r.reserved_bytes else "")
         ver.rows.append(Row(f"rank {r.rank} peak memory (replay)", pred, r.peak_bytes, "bytes", note,
                             checked=device.type == "cuda"))
     step = replay_plan(plan, measured_costs(plan, replays)).step_time_s
@@ -272,37 +275,51 @@ def _distributed(plan: Plan, plan_path: Path, opts: Options, ver: Verification, 
                     verify=opts.verify, timeout_s=opts.timeout_s, use_cuda=use_cuda,
                     threads=opts.threads or 1, progress=progress,
                     rdzv=Rendezvous(opts.nnodes, opts.node_rank, opts.master_addr, opts.master_port))
-    reports = result.reports
     if opts.nnodes > 1:
         ver.notes.append(f"node {opts.node_rank} of {opts.nnodes}: the checks and times cover every rank of the "
                          "run (the workers exchange their reports at the end)")
-    steps = [max(r["step_times"][k] for r in reports) for k in range(min(len(r["step_times"]) for r in reports))]
-    steps.sort()
-    measured = steps[len(steps) // 2]
-    ver.rows.append(Row("step time", plan.predicted.step_time_s, measured, "s",
+    measured = [r.measured for r in result.reports if r.measured is not None]
+    _record_times(ver, plan, measured)
+    _record_memory(ver, plan, [r for r in result.reports if r.measured is not None and r.dp_rank == 0])
+    if opts.verify:
+        _record_distributed_checks(ver, plan, measured)
+    _record_run_dir(ver, kept=opts.run_dir is not None)
+
+
+def _record_times(ver: Verification, plan: Plan, measured: list[Measured]) -> None:
+    """The median over steps of the slowest rank's time in each step."""
+    common = min(len(m.step_times_s) for m in measured)
+    steps = sorted(max(m.step_times_s[k] for m in measured) for k in range(common))
+    median = steps[len(steps) // 2]
+    ver.rows.append(Row("step time", plan.predicted.step_time_s, median, "s",
                         f"median of {len(steps)} steps, slowest rank each step"))
     ver.rows.append(Row("throughput (samples/s)", plan.predicted.throughput_samples_per_s,
-                        plan.microbatch.global_batch / measured, "1/s", checked=False))
+                        plan.microbatch.global_batch / median, "1/s", checked=False))
+
+
+def _record_memory(ver: Verification, plan: Plan, first_replica: list[WorkerReport]) -> None:
+    """Each pipeline rank's peak (replicas hold the same)."""
     predicted = _predicted_peaks(plan)
-    for r in reports:
-        if r["dp_rank"] != 0:
-            continue
-        pred = predicted[r["pp_rank"]]
-        if "peak_allocated_bytes" in r:
-            ver.rows.append(Row(f"rank {r['pp_rank']} peak memory", pred, r["peak_allocated_bytes"], "bytes",
-                                f"CUDA allocated; reserved {r['peak_reserved_bytes']}"))
-        elif "cpu_live_peak_bytes" in r:
-            ver.rows.append(Row(f"rank {r['pp_rank']} peak memory", pred, r["cpu_live_peak_bytes"], "bytes",
+    for r in first_replica:
+        m, pred = r.measured, predicted[r.pp_rank]
+        assert m is not None
+        if m.peak_allocated_bytes is not None:
+            ver.rows.append(Row(f"rank {r.pp_rank} peak memory", pred, m.peak_allocated_bytes, "bytes",
+                                f"CUDA allocated; reserved {m.peak_reserved_bytes}"))
+        elif m.cpu_live_peak_bytes is not None:
+            ver.rows.append(Row(f"rank {r.pp_rank} peak memory", pred, m.cpu_live_peak_bytes, "bytes",
                                 "CPU: live tensor bytes counted by planner during two steps (process RSS "
-                                f"{r['max_rss_bytes'] / 2**20:.0f} MiB includes Python and torch)", checked=False))
-    if opts.verify:
-        last = [r for r in reports if r.get("loss") is not None]
-        worst = max((r["max_grad_error"] or 0.0) for r in reports)
-        messages = [r["grad_message"] for r in reports if r.get("grad_message")]
-        loss = last[0]["loss"] if last else float("nan")
-        ref = last[0]["reference_loss"] if last else float("nan")
-        _record_checks(ver, "distributed", loss, ref, worst, messages[0] if messages else "", plan.dtype)
-    _record_run_dir(ver, kept=opts.run_dir is not None)
+                                f"{m.max_rss_bytes / 2**20:.0f} MiB includes Python and torch)", checked=False))
+
+
+def _record_distributed_checks(ver: Verification, plan: Plan, measured: list[Measured]) -> None:
+    """The loss (on the last stage's rank) and every rank's gradients against the reference."""
+    holder = next((m for m in measured if m.loss is not None), None)
+    worst = max((m.max_grad_error or 0.0) for m in measured)
+    message = next((m.grad_message for m in measured if m.grad_message), "")
+    _record_checks(ver, "distributed", holder.loss if holder else None,
+                   holder.reference_loss if holder and holder.reference_loss is not None else float("nan"),
+                   worst, message, plan.dtype)
 
 
 def _record_run_dir(ver: Verification, kept: bool) -> None:
@@ -318,14 +335,16 @@ def _record_run_dir(ver: Verification, kept: bool) -> None:
         ver.notes.append(f"the run failed: worker reports and the launcher log are kept in {ver.run_dir}")
 
 
-def _record_checks(ver: Verification, where: str, loss: float, ref: float, grad_err: float, message: str,
+def _record_checks(ver: Verification, where: str, loss: float | None, ref: float, grad_err: float, message: str,
                    dtype: str) -> None:
+    """``loss`` None: no report carried it (the last stage's rank holds it)."""
     from planner.execute.train import TOLERANCE
 
     rtol, atol = TOLERANCE[dtype]
-    loss_ok = math.isfinite(loss) and abs(loss - ref) <= atol + rtol * abs(ref)
-    ver.checks.append((f"{where}: loss equals the single-process reference", loss_ok,
-                       f"{loss:.6f} vs {ref:.6f}"))
+    loss_ok = loss is not None and math.isfinite(loss) and abs(loss - ref) <= atol + rtol * abs(ref)
+    detail = f"{loss:.6f} vs {ref:.6f}" if loss is not None else \
+        "no worker's report carries the loss (the rank of the last stage computes it)"
+    ver.checks.append((f"{where}: loss equals the single-process reference", loss_ok, detail))
     ver.checks.append((f"{where}: gradients equal the reference (rtol {rtol:g}, atol {atol:g})", not message,
                        message or f"largest difference {grad_err:.2e}"))
 

@@ -13,7 +13,6 @@ torchrun stops every worker once one fails. On top of that:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.errors import ExecutionError, Interrupted
+from planner.execute.reports import WorkerReport, read_report
 from planner.formats import Plan
 
 PARENT_ENV = "PLANNER_PARENT_PID"  # the planner process whose workers these are
@@ -44,7 +44,7 @@ class Rendezvous:
 
 @dataclass
 class DistributedResult:
-    reports: list[dict]
+    reports: list[WorkerReport]
     log: str = field(repr=False, default="")
 
 
@@ -224,9 +224,10 @@ def launch(plan: Plan, plan_path: Path, run_dir: Path, *, steps: int, warmup: in
         raise _launcher_killed(-code, reports, world, log_path)
     if code != 0:
         raise ExecutionError(_diagnose(plan, reports, text, code, log_path))
-    missing = sorted(set(range(rdzv.node_rank * per_node, (rdzv.node_rank + 1) * per_node)) - {r["rank"] for r in reports})
+    # the workers exchange their reports at the end: every node holds every rank's
+    missing = sorted(set(range(world)) - {r.rank for r in reports if r.measured is not None})
     if missing:
-        raise ExecutionError(f"ranks {missing} ended without a report (log: {log_path})")
+        raise ExecutionError(f"ranks {missing} ended without a report on node {rdzv.node_rank} (log: {log_path})")
     return DistributedResult(reports, text)
 
 
@@ -236,25 +237,20 @@ def _stopped(proc: subprocess.Popen, run_dir: Path, what: str, signum: int) -> I
                        f"reports and the launcher log are kept in {run_dir}", signum)
 
 
-def _launcher_killed(sig: int, reports: list[dict], world: int, log_path: Path) -> ExecutionError:
+def _launcher_killed(sig: int, reports: list[WorkerReport], world: int, log_path: Path) -> ExecutionError:
     name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-    done = len([r for r in reports if not r.get("error")])
+    done = len([r for r in reports if r.failure is None])
     return ExecutionError(f"the launcher (torchrun) was killed by signal {sig} ({name}) from outside planner; "
                          f"its workers were stopped ({done} of {world} ranks had finished) (log: {log_path})")
 
 
-def _reports(run_dir: Path) -> list[dict]:
-    out = []
-    for p in sorted(run_dir.glob("rank*.json")):
-        try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return sorted(out, key=lambda r: r["rank"])
+def _reports(run_dir: Path) -> list[WorkerReport]:
+    found = (read_report(p) for p in run_dir.glob("rank*.json"))
+    return sorted((r for r in found if r is not None), key=lambda r: r.rank)
 
 
 def _progress(run_dir: Path, world: int) -> str:
-    done = {r["rank"] for r in _reports(run_dir)}
+    done = {r.rank for r in _reports(run_dir)}
     waiting = sorted(set(range(world)) - done)
     return f"ranks {waiting} never finished" if waiting else "every rank reported"
 
@@ -264,15 +260,15 @@ def _stage_text(plan: Plan, pp_rank: int) -> str:
     return "stage " + ", ".join(map(str, stages)) if len(stages) == 1 else "stages " + ", ".join(map(str, stages))
 
 
-def _diagnose(plan: Plan, reports: list[dict], log: str, code: int, log_path: Path) -> str:
+def _diagnose(plan: Plan, reports: list[WorkerReport], log: str, code: int, log_path: Path) -> str:
     """One line: which rank failed first, on which stage, and why. A worker's own error wins over
     the errors its peers saw when it went away; a worker that left no report died silently."""
-    failed = [r for r in reports if r.get("error")]
+    failed = [r for r in reports if r.failure is not None]
     real = [r for r in failed if not _is_knock_on(r)]
     if real:
         return _describe(plan, real[0], log_path)
     world = plan.parallel.pp * plan.parallel.dp
-    silent = sorted(set(range(world)) - {r["rank"] for r in reports})
+    silent = sorted(set(range(world)) - {r.rank for r in reports})
     # torchrun's failure summary: "rank : 1 (local_rank: 1)" then "exitcode : -9 (pid: ...)", its
     # "Root Cause" section first (the other entries are often the peers it stopped with SIGTERM)
     root = log.split("Root Cause", 1)[1] if "Root Cause" in log else ""
@@ -281,7 +277,8 @@ def _diagnose(plan: Plan, reports: list[dict], log: str, code: int, log_path: Pa
         if not silent or int(rank) in silent:
             rank, exit_code = int(rank), int(exit_code)
             how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
-            return f"rank {rank} ({_stage_text(plan, rank // plan.parallel.dp)}) {how} before reporting (log: {log_path})"
+            stages = _stage_text(plan, rank // plan.parallel.dp)
+            return f"rank {rank} ({stages}) {how} before reporting (log: {log_path})"
     if silent:
         rank = silent[0]
         return f"rank {rank} ({_stage_text(plan, rank // plan.parallel.dp)}) died without reporting (log: {log_path})"
@@ -290,22 +287,24 @@ def _diagnose(plan: Plan, reports: list[dict], log: str, code: int, log_path: Pa
     return f"the workers failed (launcher exit code {code}) without reporting why (log: {log_path})"
 
 
-def _describe(plan: Plan, r: dict, log_path: Path) -> str:
+def _describe(plan: Plan, r: WorkerReport, log_path: Path) -> str:
     from planner.units import fmt_bytes
 
-    where = f"rank {r['rank']} ({_stage_text(plan, r['pp_rank'])})"
-    if r.get("oom"):
-        st = plan.stages[r["stages"][0]]
+    assert r.failure is not None
+    where = f"rank {r.rank} ({_stage_text(plan, r.pp_rank)})"
+    if r.failure.oom:
+        st = plan.stages[r.stages[0]]
         dev = plan.cluster.devices[st.devices[0]]
-        peak = r.get("peak_before_failure")
+        peak = r.failure.peak_before_failure_bytes
         measured = f", measured peak before failure {fmt_bytes(peak)}" if peak else ""
         return (f"{where} ran out of memory: predicted {fmt_bytes(st.predicted.peak_memory_bytes)}, device has "
-                f"{fmt_bytes(dev.memory_bytes)}{measured} ({r['message']})")
-    return f"{where} failed: {r['error']}: {r.get('message') or 'no message'} (log: {log_path})"
+                f"{fmt_bytes(dev.memory_bytes)}{measured} ({r.failure.message})")
+    return f"{where} failed: {r.failure.error}: {r.failure.message or 'no message'} (log: {log_path})"
 
 
-def _is_knock_on(report: dict) -> bool:
+def _is_knock_on(report: WorkerReport) -> bool:
     """Errors that only say a peer went away."""
-    text = (report.get("error", "") + " " + report.get("message", "")).lower()
+    f = report.failure
+    text = f"{f.error} {f.message}".lower() if f else ""
     return any(k in text for k in ("connection", "timed out", "timeout", "broken pipe", "closed",
                                    "peer", "socket", "gloo", "nccl"))

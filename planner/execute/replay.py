@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from planner.errors import ExecutionError
+from planner.execute.reports import error_text
 from planner.execute.stages import build_model, build_stages
 from planner.execute.train import batch_seed, optimizer_for, stage_parameters
 from planner.formats import Plan, StageCost
@@ -201,7 +202,7 @@ def replay_all(plan: Plan, device: torch.device, ranks: list[int] | None = None,
                                  f"{fmt_bytes(st.predicted.peak_memory_bytes)}, device has "
                                  f"{fmt_bytes(torch.cuda.get_device_properties(device).total_memory)}, "
                                  f"measured peak before failure {fmt_bytes(torch.cuda.max_memory_allocated(device))} "
-                                 f"({str(e).splitlines()[0]})") from None
+                                 f"({error_text(e)})") from None
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()

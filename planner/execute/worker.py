@@ -4,17 +4,20 @@ Pipeline rank r and data-parallel replica d run as global rank ``r * dp + d`` (t
 placement). The worker builds the whole model with the same seed as every other worker, keeps
 its stages, runs the plan's action list on the engine, sums tied-weight gradients across the
 ranks that share them, averages gradients across replicas, steps the optimizer, and writes what
-it measured (or why it failed) to ``<run-dir>/rank<R>.json``. At the end every worker gathers every
-rank's report, so each node holds the whole run's (a node without the last stage still sees the
-loss). It always destroys its process group, and it exits by itself when its launcher or the
-planner process that started the run is gone.
+it measured (or why it failed) to ``<run-dir>/rank<R>.json`` (a ``WorkerReport``). At the end every
+worker gathers every rank's report, so each node holds the whole run's (a node without the last
+stage still sees the loss). It always destroys its process group, and it exits by itself when its
+launcher or the planner process that started the run is gone.
+
+The steps, in order: step 0 is checked against the single-process reference; steps 0 and 1 are
+the memory steps (live tensors counted on a CPU; the CUDA peak is taken from step 1 on, once the
+optimizer's state exists); the steps after the warm-up are timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import resource
 import signal
@@ -22,9 +25,13 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,14 +39,18 @@ from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
 
 from planner.execute import load_runnable
 from planner.execute.launch import PARENT_ENV, alive
+from planner.execute.reports import Failure, Measured, WorkerReport, error_text
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages, canonical_params, tied_groups
-from planner.execute.train import (
-    Reference, batch_seed, compare_grads, optimizer_for, stage_parameters,
-)
+from planner.execute.train import Reference, batch_seed, compare_grads, optimizer_for, stage_parameters
+from planner.formats import Plan
+from planner.model import ModelSpec
 from planner.profile import DTYPES, make_batch
 from planner.profile.measure import LiveTensors, Timer
 from planner.schedules import build
+from planner.split import LayeredModel
+
+__all__ = ["RETURN_NOTHING", "error_text", "main"]
 
 # Without this the last stage keeps every micro-batch's output for the step's return value.
 RETURN_NOTHING = {"return_outputs": False} if "return_outputs" in inspect.signature(
@@ -47,14 +58,16 @@ RETURN_NOTHING = {"return_outputs": False} if "return_outputs" in inspect.signat
 FAULT = "PLANNER_FAULT"  # testing aid: "raise@R", "kill@R", "oom@R" or "hang@R" makes global rank R fail
 ORPHANED = 3  # exit code of a worker whose launcher or planner went away
 
+Batch = tuple[tuple, Any]  # (inputs, target)
+
 
 class OutOfMemory(RuntimeError):
     pass
 
 
-def _write(path: Path, data: dict | str) -> None:
+def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several workers may write one report
-    tmp.write_text(data if isinstance(data, str) else json.dumps(data, indent=1))
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -71,19 +84,6 @@ def _watch_parents(interval_s: float = 0.5) -> None:
                 os._exit(ORPHANED)
 
     threading.Thread(target=watch, name="planner-watchdog", daemon=True).start()
-
-
-def error_text(e: BaseException) -> str:
-    """One line that says what went wrong: the exception's first non-empty line, else where it
-    was raised (some engine errors carry no message, or start with a newline)."""
-    for line in str(e).splitlines():
-        if line.strip():
-            return line.strip()
-    frames = traceback.extract_tb(e.__traceback__)
-    if frames:
-        f = frames[-1]
-        return f"raised without a message at {Path(f.filename).name}:{f.lineno} ({f.name})"
-    return "raised without a message"
 
 
 def _inject(rank: int) -> None:
@@ -113,7 +113,209 @@ def _sync(params: list[torch.nn.Parameter], group, average: int = 0) -> None:
             p.grad /= average
 
 
-def main(argv: list[str] | None = None) -> int:
+# ----------------------------------------------------------------------------- one rank, built
+
+
+@dataclass
+class _Rank:
+    """One worker's part of the run: its stages on the engine and what trains them."""
+
+    plan: Plan
+    rank: int
+    dp_rank: int
+    device: torch.device
+    spec: ModelSpec
+    runtime: _PipelineScheduleRuntime
+    named: dict[str, torch.nn.Parameter]  # this rank's parameters under the model's names
+    tied: list[tuple[list[torch.nn.Parameter], Any]]  # (shared weights held here, their group)
+    dp_group: Any
+    opt: torch.optim.Optimizer
+    reference: Reference | None
+    first: bool  # holds the first stage: feeds the inputs
+    last: bool  # holds the last stage: computes the loss
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.named.values())
+
+    def batch(self, step: int) -> Batch:
+        return _batch(self.plan, self.spec, step, self.dp_rank)
+
+    def on_device(self, batch: Batch) -> Batch:
+        inputs, target = batch
+        inputs = tuple(x.to(self.device) if torch.is_tensor(x) else x for x in inputs)
+        return inputs, target.to(self.device) if torch.is_tensor(target) else target
+
+    def backward(self, batch: Batch) -> list:
+        """Forward and backward of every micro-batch; the losses on the last stage's rank."""
+        inputs, target = batch
+        losses: list = []
+        self.runtime.step(*(inputs if self.first else ()), target=target if self.last else None,
+                          losses=losses if self.last else None, **RETURN_NOTHING)
+        for params, group in self.tied:
+            _sync(params, group)
+        return losses
+
+    def update(self) -> None:
+        dp = self.plan.parallel.dp
+        if dp > 1:
+            _sync(self.params, self.dp_group, average=dp)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=False)
+
+    def train_step(self, batch: Batch) -> None:
+        self.backward(batch)
+        self.update()
+
+
+def _batch(plan: Plan, spec: ModelSpec, step: int, dp_rank: int) -> Batch:
+    """The step's batch of this replica, on the CPU: every rank of the replica makes the same."""
+    m, size = plan.microbatch.count, plan.microbatch.size
+    return make_batch(spec, size * m, batch_seed(step, dp_rank, plan.parallel.dp), torch.device("cpu"),
+                      DTYPES[plan.dtype])
+
+
+def _groups(pp: int, dp: int) -> tuple[list, list]:
+    """The pipeline group of each replica and the replica group of each pipeline rank (every
+    process creates every group, in the same order)."""
+    pp_groups = [dist.new_group([r * dp + d for r in range(pp)]) for d in range(dp)]
+    dp_groups = [dist.new_group([r * dp + d for d in range(dp)]) for r in range(pp)]
+    return pp_groups, dp_groups
+
+
+def _tied(plan: Plan, lm: LayeredModel, model: torch.nn.Module, named: dict[str, torch.nn.Parameter],
+          pp_rank: int, dp_rank: int) -> list:
+    """For each weight shared by stages on several ranks: the copies held here and the group of
+    the ranks (in this replica) that hold them. Every process creates every group."""
+    dp = plan.parallel.dp
+    by_name = canonical_params(model)
+    own = {id(p) for p in named.values()}
+    out = []
+    for stages, names in tied_groups(plan, lm, model):
+        ranks = sorted({plan.stages[s].rank for s in stages})
+        if len(ranks) < 2:
+            continue
+        groups = [dist.new_group([r * dp + d for r in ranks]) for d in range(dp)]
+        if pp_rank in ranks:
+            held = [by_name[n] for n in names if n in by_name and id(by_name[n]) in own]
+            out.append((held, groups[dp_rank]))
+    return out
+
+
+def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_Rank, Batch]:
+    """This rank's stages on the engine, and step 0's batch (its first micro-batch gives the
+    engine its shapes)."""
+    pp, dp = plan.parallel.pp, plan.parallel.dp
+    pp_rank, dp_rank = divmod(rank, dp)
+    mine = [st.index for st in plan.stages if st.rank == pp_rank]
+    dtype = DTYPES[plan.dtype]
+    m, size = plan.microbatch.count, plan.microbatch.size
+    pp_groups, dp_groups = _groups(pp, dp)
+    torch.manual_seed(0)
+    spec = build_model(plan, device=torch.device("cpu"), dtype=dtype)
+    batch = _batch(plan, spec, 0, dp_rank)
+    reference = Reference.of(spec.model, spec.layers) if verify else None
+    one = tuple(x[:size] if torch.is_tensor(x) else x for x in batch[0])
+    built = build_stages(plan, spec, one, stages=mine)
+    modules = {s: module.to(device) for s, module in zip(mine, built.modules)}
+    named = stage_parameters(modules, spec.model)
+    tied = _tied(plan, built.lm, spec.model, named, pp_rank, dp_rank)
+    schedule = build(plan.schedule.name, pp, m, plan.schedule.virtual_stages)
+    runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, spec.loss,
+                           group=pp_groups[dp_rank])
+    state = _Rank(plan=plan, rank=rank, dp_rank=dp_rank, device=device, spec=spec, runtime=runtime,
+                  named=named, tied=tied, dp_group=dp_groups[pp_rank], opt=optimizer_for(plan, list(named.values())),
+                  reference=reference, first=0 in mine, last=len(plan.stages) - 1 in mine)
+    return state, batch
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class _Checks:
+    loss: float | None = None
+    reference_loss: float | None = None
+    max_grad_error: float | None = None
+    grad_message: str = ""
+
+
+def _reference_step(r: _Rank, batch: Batch) -> _Checks:
+    """Step 0, its gradients compared with the single-process reference (run already) before the
+    optimizer steps; no check without a reference."""
+    dist.barrier()
+    losses = r.backward(r.on_device(batch))
+    checks = _Checks()
+    if r.reference is not None:
+        worst, message = compare_grads(r.named, r.reference, r.plan.dtype)
+        checks = _Checks(reference_loss=r.reference.loss, max_grad_error=worst, grad_message=message,
+                         loss=float(sum(float(x.detach()) for x in losses)) if r.last else None)
+    r.update()
+    return checks
+
+
+def _timed_step(r: _Rank, timer: Timer, step: int) -> float:
+    batch = r.on_device(r.batch(step))
+    dist.barrier()
+    seconds, _ = timer(partial(r.train_step, batch))
+    return seconds
+
+
+@contextmanager
+def _live_tensors(r: _Rank) -> Iterator[LiveTensors | None]:
+    """On a CPU, the live tensors created inside, this rank's parameters not counted (added back
+    by the caller); None on a GPU, whose allocator counts."""
+    if r.device.type != "cpu":
+        yield None
+        return
+    tracker = LiveTensors(ignore=[p.untyped_storage().data_ptr() for p in r.params])
+    with tracker:
+        yield tracker
+    tracker.sweep()
+
+
+def _memory_steps(r: _Rank, timer: Timer, batch: Batch, done: Callable[[int], None]) -> tuple[_Checks, int | None]:
+    """Steps 0 and 1, memory counted: the checks of step 0, and the CPU's live peak in bytes
+    (None on a GPU). Faults are injected at step 1, once the pipeline ran."""
+    with _live_tensors(r) as tracker:
+        checks = _reference_step(r, batch)
+        done(0)
+        _inject(r.rank)
+        if r.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(r.device)
+        _timed_step(r, timer, 1)
+    done(1)
+    if tracker is None:
+        return checks, None
+    return checks, tracker.peak + sum(p.numel() * p.element_size() for p in r.params)
+
+
+def _run(r: _Rank, batch: Batch, steps: int, warmup: int, done: Callable[[int], None]) -> Measured:
+    """Every step, ``done(step)`` after each: steps 0 to ``warmup`` untimed (at least to step 1,
+    the second memory step), then ``steps`` timed steps."""
+    timer = Timer(r.device)
+    if r.reference is not None:  # before the memory count: the reference's tensors are not this rank's
+        r.reference.run(r.spec, *batch)
+    checks, cpu_peak = _memory_steps(r, timer, batch, done)
+    times = []
+    for step in range(2, max(warmup, 1) + steps + 1):
+        seconds = _timed_step(r, timer, step)
+        if step > warmup:
+            times.append(seconds)
+        done(step)
+    cuda = r.device.type == "cuda"
+    return Measured(step_times_s=times, cpu_live_peak_bytes=cpu_peak,
+                    peak_allocated_bytes=torch.cuda.max_memory_allocated(r.device) if cuda else None,
+                    peak_reserved_bytes=torch.cuda.max_memory_reserved(r.device) if cuda else None,
+                    max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    loss=checks.loss, reference_loss=checks.reference_loss,
+                    max_grad_error=checks.max_grad_error, grad_message=checks.grad_message)
+
+
+# ----------------------------------------------------------------------------- the process
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m planner.execute.worker")
     ap.add_argument("--plan", required=True)
     ap.add_argument("--run-dir", required=True)
@@ -121,7 +323,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--verify", action="store_true")
     ap.add_argument("--timeout", type=float, default=300)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _device(plan: Plan, local_rank: int) -> torch.device:
+    """This worker's GPU, or the CPU with the launcher's thread count."""
+    if plan.cluster.devices[0].type == "cuda" and torch.cuda.is_available():
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+        return device
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return torch.device("cpu")
+
+
+def _failure(e: BaseException, device: torch.device) -> Failure:
+    return Failure(error=type(e).__name__, message=error_text(e),
+                   oom=isinstance(e, (OutOfMemory, torch.cuda.OutOfMemoryError)),
+                   traceback=traceback.format_exc(limit=6),
+                   peak_before_failure_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+
+
+def _share(report: WorkerReport, run_dir: Path, world: int, local_rank: int) -> None:
+    """Every rank's report to every node: local rank 0 writes the other ranks' reports."""
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, report.to_json())
+    if local_rank != 0:
+        return
+    for text in everyone:
+        other = WorkerReport.from_json(text)
+        if other.rank != report.rank:
+            _write(run_dir / f"rank{other.rank}.json", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     run_dir = Path(args.run_dir)
@@ -130,121 +365,27 @@ def main(argv: list[str] | None = None) -> int:
     _write(run_dir / f"rank{rank}.pid", str(os.getpid()))
     plan = load_runnable(Path(args.plan))
     pp_rank, dp_rank = divmod(rank, plan.parallel.dp)
-    mine = [st.index for st in plan.stages if st.rank == pp_rank]
-    report: dict = {"rank": rank, "pp_rank": pp_rank, "dp_rank": dp_rank, "stages": mine}
-    use_cuda = plan.cluster.devices[0].type == "cuda" and torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    report["device"] = str(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=args.timeout))
+    device = _device(plan, local)
+    report = WorkerReport(rank=rank, pp_rank=pp_rank, dp_rank=dp_rank, device=str(device),
+                          stages=[st.index for st in plan.stages if st.rank == pp_rank])
+
+    def done(step: int) -> None:
+        _write(run_dir / f"rank{rank}.step", str(step + 1))
+
     try:
-        report.update(_run(plan, args, rank, pp_rank, dp_rank, mine, device))
-        _write(out, report)
-        everyone: list = [None] * world
-        dist.all_gather_object(everyone, report)
-        if local == 0:  # this node holds every rank's report, whichever node ran it
-            for other in everyone:
-                if other["rank"] != rank:
-                    _write(run_dir / f"rank{other['rank']}.json", other)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=args.timeout))
+        state, batch = _build(plan, rank, device, args.verify)
+        report = report.model_copy(update={"measured": _run(state, batch, args.steps, args.warmup, done)})
+        _write(out, report.to_json())
+        _share(report, run_dir, world, local)
         return 0
     except BaseException as e:  # report why, then fail so torchrun stops the others
-        oom = isinstance(e, (OutOfMemory, torch.cuda.OutOfMemoryError))
-        report.update(error=type(e).__name__, message=error_text(e),
-                      oom=oom, traceback=traceback.format_exc(limit=6),
-                      peak_before_failure=torch.cuda.max_memory_allocated(device) if use_cuda else None)
-        _write(out, report)
+        _write(out, report.model_copy(update={"failure": _failure(e, device)}).to_json())
         raise
     finally:
-        dist.destroy_process_group()
-
-
-def _run(plan, args, rank, pp_rank, dp_rank, mine, device) -> dict:
-    pp, dp = plan.parallel.pp, plan.parallel.dp
-    dtype = DTYPES[plan.dtype]
-    m, size = plan.microbatch.count, plan.microbatch.size
-    # every process creates every group, in the same order
-    pp_groups = [dist.new_group([r * dp + d for r in range(pp)]) for d in range(dp)]
-    dp_groups = [dist.new_group([r * dp + d for d in range(dp)]) for r in range(pp)]
-    torch.manual_seed(0)
-    spec = build_model(plan, device=torch.device("cpu"), dtype=dtype)
-    inputs, target = make_batch(spec, size * m, batch_seed(0, dp_rank, dp), torch.device("cpu"), dtype)
-    reference = Reference.of(spec.model, spec.layers) if args.verify else None
-    one = tuple(x[:size] if torch.is_tensor(x) else x for x in inputs)
-    built = build_stages(plan, spec, one, stages=mine)
-    tied = []
-    for stages, names in tied_groups(plan, built.lm, spec.model):
-        ranks = sorted({plan.stages[s].rank for s in stages})
-        groups = [dist.new_group([r * dp + d for r in ranks]) for d in range(dp)] if len(ranks) > 1 else None
-        if groups and pp_rank in ranks:
-            tied.append((groups[dp_rank], names))
-    modules = {s: module.to(device) for s, module in zip(mine, built.modules)}
-    schedule = build(plan.schedule.name, pp, m, plan.schedule.virtual_stages)
-    runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, spec.loss,
-                           group=pp_groups[dp_rank])
-    named = stage_parameters(modules, spec.model)
-    params = list(named.values())
-    by_name = canonical_params(spec.model)
-    own = {id(p) for p in params}
-    tied_params = [([by_name[n] for n in names if n in by_name and id(by_name[n]) in own], g) for g, names in tied]
-    opt = optimizer_for(plan, params)
-    first = 0 in mine
-    last = len(plan.stages) - 1 in mine
-    result: dict = {"loss": None, "reference_loss": None, "max_grad_error": None, "grad_message": ""}
-    cpu_tracker = LiveTensors(ignore=[p.untyped_storage().data_ptr() for p in params]) if device.type == "cpu" else None
-    timer = Timer(device)
-
-    def train_step(step: int, inputs: tuple, target) -> None:
-        losses: list = []
-        step_args = inputs if first else ()
-        runtime.step(*step_args, target=target if last else None, losses=losses if last else None,
-                     **RETURN_NOTHING)
-        for group_params, group in tied_params:
-            _sync(group_params, group)
-        if step == 0 and reference is not None:
-            worst, message = compare_grads(named, reference, plan.dtype)
-            result.update(max_grad_error=worst, grad_message=message, reference_loss=reference.loss)
-            if last:
-                result["loss"] = float(sum(float(x.detach()) for x in losses))
-        if dp > 1:
-            _sync(params, dp_groups[pp_rank], average=dp)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-
-    times = []
-    total = args.warmup + args.steps
-    for step in range(total + 1):
-        if step > 0:  # step 0's batch was made above
-            inputs, target = make_batch(spec, size * m, batch_seed(step, dp_rank, dp), torch.device("cpu"), dtype)
-        if step == 0 and reference is not None:  # before the tracker: its tensors are not ours
-            reference.run(spec, inputs, target)
-        inputs = tuple(x.to(device) if torch.is_tensor(x) else x for x in inputs)
-        target = target.to(device) if torch.is_tensor(target) else target
-        if step == 1:
-            _inject(rank)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-        if step == 0 and cpu_tracker is not None:
-            cpu_tracker.__enter__()
-        dist.barrier()
-        elapsed, _ = timer(partial(train_step, step, inputs, target))
-        if step == 1 and cpu_tracker is not None:
-            cpu_tracker.__exit__(None, None, None)
-            cpu_tracker.sweep()
-            result["cpu_live_peak_bytes"] = cpu_tracker.peak + sum(p.numel() * p.element_size() for p in params)
-            cpu_tracker = None
-        if step > args.warmup:
-            times.append(elapsed)
-        _write(Path(args.run_dir) / f"rank{rank}.step", str(step + 1))
-    result["step_times"] = times
-    if device.type == "cuda":
-        result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-    result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return result
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
