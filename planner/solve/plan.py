@@ -32,6 +32,8 @@ def make_plan(profile: Profile, cluster: Cluster, result: SolveResult, settings:
         "configurations_solved": result.configs_solved,
         "notes": result.notes,
     }
+    if result.proven_for_fixed_cuts is not None:  # the split is the user's: proven only given it
+        solver["proven_for_fixed_cuts"] = result.proven_for_fixed_cuts
     solver["settings"]["fix_cuts"] = list(settings.fix_cuts) if settings.fix_cuts else None
     solver["settings"]["schedules"] = list(settings.schedules) if settings.schedules else None
     return to_plan(profile, cluster, best.evaluation,

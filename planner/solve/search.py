@@ -11,7 +11,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from math import comb
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -81,6 +81,9 @@ class SolveResult:
     configs_solved: int
     elapsed_s: float
     notes: list[str] = field(default_factory=list)
+    # with --fix-cuts: whether the micro-batching, schedule and recomputation are proven best for
+    # the user's split (``proven`` is then False: the split itself was not searched); else None
+    proven_for_fixed_cuts: bool | None = None
 
 
 # -------------------------------------------------------------------------- configurations
@@ -659,6 +662,10 @@ def _cores() -> int:
 def solve(profile: Profile, cluster: Cluster, settings: Settings,
           progress: Callable[[str, int, int], None] | None = None) -> SolveResult:
     result = Search(profile, cluster, settings, progress).run()
+    if settings.fix_cuts is not None:
+        result = replace(result, proven=False, proven_for_fixed_cuts=result.proven, notes=[
+            "the partition is yours (--fix-cuts), priced as given, not searched: nothing is claimed "
+            "about other splits (drop --fix-cuts to search them)", *result.notes])
     name = result.best.config.schedule
     if not SCHEDULES[name].executable:
         result.notes.append(f"{name} is modelled only: PyTorch's pipeline engine cannot run it, so "
