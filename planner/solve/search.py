@@ -12,6 +12,7 @@ from concurrent.futures.process import BrokenProcessPool
 from math import comb
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -36,8 +37,17 @@ ILP_SECONDS = 5.0  # per configuration
 ENUMERABLE = 100_000  # partitions: above this, multi-chunk configurations are not branched on
 
 
+Recompute = Literal["none", "full", "auto", "selective"]
+Objective = Literal["time", "memory"]
+RECOMPUTE: tuple[Recompute, ...] = get_args(Recompute)
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
+
+
 @dataclass(frozen=True)
 class Settings:
+    """What the search reads, and what a plan's provenance stores: checked when made, so a typo
+    fails here and not as a silently different search."""
+
     global_batch: int | None = None
     pp: int | None = None
     dp: int | None = None
@@ -45,7 +55,7 @@ class Settings:
     microbatches: int | None = None
     schedules: tuple[str, ...] | None = None  # None: every schedule the engine runs
     virtual_stages: int | None = None
-    recompute: str = "auto"  # none | full | auto (per stage) | selective (per layer, ILP)
+    recompute: Recompute = "auto"  # none | full | auto (per stage) | selective (per layer, ILP)
     training: Training = Training()
     fix_cuts: tuple[int, ...] | None = None  # stage start positions after the first
     top: int = 5
@@ -54,7 +64,19 @@ class Settings:
     ilp: bool = False  # bound interleaved / V configurations with the ILP (slower, tighter)
     time_limit_s: float = 10.0
     jobs: int | None = None  # worker processes; None: one per core for large searches
-    objective: str = "time"  # time: the fastest plan; memory: the least peak memory per device
+    objective: Objective = "time"  # time: the fastest plan; memory: the least peak memory per device
+
+    def __post_init__(self) -> None:
+        if self.recompute not in RECOMPUTE:
+            raise InputError(f"--recompute {self.recompute!r}: choose {', '.join(RECOMPUTE)}")
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"--objective {self.objective!r}: choose {' or '.join(OBJECTIVES)}")
+        if self.schedules is not None and not self.schedules:
+            raise InputError("--schedule names no schedule: give one or more, comma separated (gpipe,1f1b,...)")
+        for name in self.schedules or ():
+            if SCHEDULES[canonical(name)].placement == "v" and self.virtual_stages not in (None, 2):
+                raise InputError(f"--schedule {name} runs exactly 2 stages per device (V placement): "
+                                 f"--virtual-stages {self.virtual_stages} does not apply (drop it, or give 2)")
 
 
 @dataclass
@@ -97,8 +119,8 @@ def _schedules(settings: Settings) -> list[str]:
 
 def _virtuals(name: str, pp: int, n_layers: int, settings: Settings) -> list[int]:
     info = SCHEDULES[name]
-    if info.placement == "v":
-        return [2]
+    if info.placement == "v":  # two stages per rank, or none where another count is pinned
+        return [2] if settings.virtual_stages in (None, 2) else []
     if settings.virtual_stages is not None:
         return [settings.virtual_stages]
     if name == "interleaved-1f1b":
@@ -505,7 +527,10 @@ class Search:
         """Per-layer recomputation with the cuts, by the ILP, for the best configurations."""
         from planner.solve.ilp import solve_ilp
 
-        for cand in sorted(results.values(), key=self._rank_key)[: self.settings.top]:
+        best = sorted(results.values(), key=self._rank_key)[: self.settings.top]
+        for k, cand in enumerate(best):
+            if self.progress:  # an ILP each, seconds apiece
+                self.progress(f"selective recompute: {cand.config.describe()}", k, len(best))
             left = deadline - time.perf_counter()
             if left < 1:
                 break
