@@ -214,11 +214,11 @@ def _verdict(result, plan: Plan) -> list[str]:
     micro-batching and schedule for it, and which of today's splits beat it."""
     if not _pinned(plan):
         if result.proven and _by_memory(plan):
-            return ["[green]proven least memory[/] under the cost model: no configuration or partition "
-                    "searched needs less on its fullest device"]
+            return [("[green]proven least memory[/] under the cost model: no configuration or partition "
+                     "searched needs less on its fullest device")]
         if result.proven:
-            return ["[green]proven optimal[/] under the cost model: no configuration or partition "
-                    "searched can be faster"]
+            return [("[green]proven optimal[/] under the cost model: no configuration or partition "
+                     "searched can be faster")]
         return []
     lines = []
     if result.proven_for_fixed_cuts:

@@ -294,6 +294,8 @@ class Search:
         results: dict[Config, Candidate] = {}
         open_: list[tuple[Config, InnerResult]] = []  # solved but not yet proven
         unresolved: list[float] = []  # throughput upper bounds of configurations left undecided
+        undecided: list[Config] = []  # left undecided by the bounds, not by time
+        late = False  # the time limit cut the search short
         too_big: list[Config] = []
         solved = 0
         # Phase 1: every configuration that could enter the top K gets the DP and one simulation,
@@ -312,6 +314,7 @@ class Search:
                         break
                     if time.perf_counter() > deadline:
                         unresolved += [upper[c] for c in todo]
+                        late = True
                         todo = []
                         break
                     todo.pop(0)
@@ -346,6 +349,7 @@ class Search:
                 continue
             if time.perf_counter() > deadline:
                 unresolved.append(cfg.global_batch / max(inner.lower_bound_s, 1e-30))
+                late = True
                 continue
             if self._large_multi(cfg):
                 # Several stages per rank on a large instance: the DP's per-stage bounds are too
@@ -359,6 +363,8 @@ class Search:
                 results[cfg] = Candidate(cfg, done)
             if not done.proven:
                 unresolved.append(cfg.global_batch / max(done.lower_bound_s, 1e-30))
+                late = late or time.perf_counter() > deadline
+                undecided.append(cfg)
         if s.recompute == "selective":
             self._selective(results, deadline)
         if self.progress:
@@ -366,11 +372,15 @@ class Search:
         if not results:
             small = [c for c in configs if not self._too_big(c)]
             if not small:
-                raise InputError(f"every configuration schedules more than {MAX_ACTIONS:,} actions (e.g. "
-                                 f"{too_big[0].describe()}), more than planner simulates: lower --global-batch "
-                                 "or profile larger micro-batches")
+                raise InputError(_too_many_actions(too_big[0]))
+            if late:
+                raise InfeasibleError(f"no plan found within the time limit ({len(unresolved)} configuration(s) "
+                                      "left undecided); raise --time-limit")
             if unresolved:
-                raise InfeasibleError("no plan found within the time limit; raise --time-limit")
+                from planner.solve.infeasible import explain_undecided
+
+                raise InfeasibleError(explain_undecided(self, small, undecided,
+                                                        deadline=time.perf_counter() + s.time_limit_s))
             raise InfeasibleError(self.explain_infeasible(small, deadline=time.perf_counter() + s.time_limit_s))
         ordered = sorted(results.values(), key=self._rank_key)
         best = ordered[0]
@@ -433,11 +443,14 @@ class Search:
         s = self.settings
         deadline = start + s.time_limit_s
         results: dict[Config, Candidate] = {}
-        solved, late, loose = 0, 0, 0  # loose: least memory found but not proven least
+        solved, late, big, loose = 0, 0, 0, 0  # loose: least memory found but not proven least
         for k, cfg in enumerate(fitting):
             if self.progress:
                 self.progress(cfg.describe(), k, len(fitting))
-            if time.perf_counter() > deadline or self._too_big(cfg):
+            if self._too_big(cfg):
+                big += 1
+                continue
+            if time.perf_counter() > deadline:
                 late += 1
                 continue
             inner = self._least_memory_of(cfg, deadline)
@@ -451,7 +464,10 @@ class Search:
             if late:
                 raise InfeasibleError(f"no plan found within the time limit ({late} configuration(s) not "
                                       "tried); raise --time-limit")
-            raise InfeasibleError(self.explain_infeasible(configs, deadline=time.perf_counter() + s.time_limit_s))
+            small = [c for c in configs if not self._too_big(c)]
+            if not small:
+                raise InputError(_too_many_actions(configs[0]))
+            raise InfeasibleError(self.explain_infeasible(small, deadline=time.perf_counter() + s.time_limit_s))
         ordered = sorted(results.values(), key=self._rank_key)
         notes = []
         if loose:
@@ -459,9 +475,11 @@ class Search:
                          "(interleaved, V), have a least memory found but not proven (pin --schedule and "
                          "--virtual-stages 1 for a proven answer among one-stage-per-rank plans)")
         if late:
-            notes.append(f"{late} configuration(s) not tried (time limit, or too large to simulate)")
+            notes.append(f"{late} configuration(s) not tried (time limit)")
+        if big:
+            notes.append(f"{big} configuration(s) with over {MAX_ACTIONS:,} scheduled actions were not simulated")
         return SolveResult(best=ordered[0], ranked=ordered[: s.top], baselines=self.baselines(ordered[0].config),
-                           proven=not (loose or late), configs_total=len(configs), configs_solved=solved,
+                           proven=not (loose or late or big), configs_total=len(configs), configs_solved=solved,
                            elapsed_s=time.perf_counter() - start, notes=notes)
 
     def _least_memory_of(self, cfg: Config, deadline: float) -> InnerResult | None:
@@ -611,36 +629,14 @@ class Search:
 
     def explain_infeasible(self, configs: list[Config], deadline: float = float("inf")) -> str:
         """The least memory any configuration needs, where it overflows, and the ways out."""
-        from planner.report import fmt_bytes
+        from planner.solve.infeasible import explain
 
-        best = None
-        for cfg in sorted(configs, key=lambda c: (-c.pp, c.mbs)):  # the most memory-friendly first
-            if time.perf_counter() > deadline and best is not None:
-                break
-            b = StageBounds(self.table(cfg.mbs), self.cluster, cfg, build(cfg.schedule, cfg.pp, cfg.m, cfg.v),
-                            rank_devices(self.cluster, cfg.pp, cfg.dp), Policy("full"))
+        return explain(self, configs, deadline)
 
-            def mem(s, i, j, b=b):
-                return b.min_memory(s, i, j) - b.cap[s], np.zeros(i.shape, dtype=np.int8)
 
-            over, stages = lb_partition(b, cost=mem)
-            if stages is not None and (best is None or over < best[0]):
-                best = (over, cfg, stages, b)
-        if best is None:
-            return "nothing fits: no configuration has enough layers for its stages"
-        over, cfg, stages, b = best
-        worst = max(range(len(stages)), key=lambda s: float(b.min_memory(
-            s, np.array([stages[s][0]]), np.array([stages[s][1]]))[0]) - b.cap[s])
-        i, j, _ = stages[worst]
-        need = float(b.min_memory(worst, np.array([i]), np.array([j]))[0])
-        cap = b.cap[worst]
-        return (f"nothing fits: the least memory any plan needs is {fmt_bytes(need)} on one device "
-                f"({cfg.describe()}, full recomputation, stage {worst} holding "
-                f"{self.profile.layers[i].name}..{self.profile.layers[j - 1].name}); devices have "
-                f"{fmt_bytes(cap)} usable, {fmt_bytes(need - cap)} short. Ways out: more devices "
-                "(--cluster with more GPUs or nodes), --recompute full, a smaller micro-batch "
-                "(profile --mbs 1), a smaller --global-batch, or a cluster with more memory per "
-                "device (e.g. a100-80gbx8 or h100x8)")
+def _too_many_actions(cfg: Config) -> str:
+    return (f"every configuration schedules more than {MAX_ACTIONS:,} actions (e.g. {cfg.describe()}), more "
+            "than planner simulates: lower --global-batch or profile larger micro-batches")
 
 
 def _least_memory_cost(b: StageBounds, within_capacity: bool = False):
@@ -688,9 +684,9 @@ def solve(profile: Profile, cluster: Cluster, settings: Settings,
           progress: Callable[[str, int, int], None] | None = None) -> SolveResult:
     result = Search(profile, cluster, settings, progress).run()
     if settings.fix_cuts is not None:
-        result = replace(result, proven=False, proven_for_fixed_cuts=result.proven, notes=[
-            "the partition is yours (--fix-cuts), priced as given, not searched: nothing is claimed "
-            "about other splits (drop --fix-cuts to search them)", *result.notes])
+        pinned = ("the partition is yours (--fix-cuts), priced as given, not searched: nothing is claimed "
+                  "about other splits (drop --fix-cuts to search them)")
+        result = replace(result, proven=False, proven_for_fixed_cuts=result.proven, notes=[pinned, *result.notes])
     name = result.best.config.schedule
     if not SCHEDULES[name].executable:
         result.notes.append(f"{name} is modelled only: PyTorch's pipeline engine cannot run it, so "
