@@ -24,7 +24,8 @@ from planner.solve.bounds import FULL, Policy, StageBounds
 from planner.solve.exact import lb_partition
 
 if TYPE_CHECKING:
-    from planner.solve.search import Search, Settings
+    from planner.solve.search import Search
+    from planner.solve.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def least_need(search: Search, configs: Iterable[Config], policy: Policy, *, pin
     for cfg in sorted(configs, key=lambda c: (-c.pp, c.mbs)):  # the most memory-friendly first
         if time.perf_counter() > deadline and best:
             break
-        need = need_of(search, cfg, policy, search._fixed(cfg) if pinned_cuts else None)
+        need = need_of(search, cfg, policy, search.fixed(cfg) if pinned_cuts else None)
         if need is not None and (need.exact not in best or need.short_bytes < best[need.exact].short_bytes):
             best[need.exact] = need
     return best.get(True), best.get(False)
@@ -172,12 +173,9 @@ def ways_out(search: Search, configs: Sequence[Config], lead: Need, deadline: fl
 
 
 def _configs(search: Search, settings: Settings) -> list[Config]:
-    from planner.solve.search import configurations
+    from planner.solve.settings import search_space
 
-    configs = list(configurations(search.profile, search.cluster, settings))
-    if settings.fix_cuts is not None:
-        configs = [c for c in configs if c.n_stages == len(settings.fix_cuts) + 1]
-    return configs
+    return search_space(search.profile, search.cluster, settings)
 
 
 def _relaxations(s: Settings, policy: Policy):
@@ -205,7 +203,7 @@ def explain_undecided(search: Search, configs: Sequence[Config], undecided: Sequ
     from planner.solve.search import ILP_VARIABLES
 
     s = search.settings
-    loose = [c for c in undecided if search._large_multi(c)]
+    loose = [c for c in undecided if search.large_multi(c)]
     ilp = [c for c in loose if len(search.profile.layers) * c.n_stages <= ILP_VARIABLES]
     why = ("their stage bounds are too loose to branch on that many partitions" if loose
            else f"branch and bound stopped at its budget ({s.budget} simulations, or its search nodes, each)")
