@@ -1,6 +1,7 @@
 """A split pinned with --fix-cuts is the user's: priced as given, compared honestly with today's
 splits, and never called optimal."""
 
+import pytest
 from rich.console import Console
 
 from planner.clusters import from_spec
@@ -66,3 +67,12 @@ def test_versus_says_faster_slower_or_same():
     assert versus(2.004, 2.0) == "same" and versus(1.996, 2.0) == "same"
     assert versus(4.0, 2.0, "memory") == "2.00x memory"
     assert versus(1.0, 2.0, "memory") == "2.00x less memory"
+
+
+def test_baselines_are_named_fields_and_still_unpack():
+    r = solve(sixteen_blocks(), from_spec("h100x4"), Settings(global_batch=32, pp=4, dp=1, schedules=("1f1b",)))
+    first = r.baselines[0]
+    assert first.name.startswith("equal layers") and first.starts == [0, 4, 8, 12]
+    name, starts, ev = first
+    assert ev is first.evaluation
+    assert ev.step_time_s == pytest.approx(r.best.inner.step_time_s)  # on equal blocks the equal split is best

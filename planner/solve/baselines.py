@@ -11,7 +11,8 @@
 
 ``min_max`` (the contiguous split with the lightest heaviest stage) is what DeepSpeed's
 ``parameters`` method computes on parameter counts; the search also uses it on layer times as
-a first partition to beat.
+a first partition to beat. ``price`` runs each split as planner would (recomputing only where
+needed) for the chosen configuration, as a ``Baseline``.
 """
 
 from __future__ import annotations
