@@ -85,3 +85,13 @@ def test_the_time_limit_is_not_blamed_where_it_does_not_bind():
     assert "raising --time-limit does not help" in text and "raise --time-limit" not in text
     _, usable, short = need_usable_short(text)
     assert usable == 26 * MiB and short > 0
+
+
+def test_several_stages_per_device_are_counted_together():
+    # interleaved with 2 stages per device: the device's memory is both stages', priced by the
+    # simulator, not the larger stage's alone (which fits in 20 MiB)
+    text = message(20, schedules=("interleaved-1f1b",), virtual_stages=2)
+    assert "the lightest plan found needs" in text and re.search(r"rank \d holding \S+ and \S+\)", text)
+    need, usable, short = need_usable_short(text)
+    assert need > usable == 20 * MiB and short > 0
+    assert "--schedule 1f1b (needs" in text  # one stage per device needs less

@@ -139,6 +139,8 @@ def _claim(lead: Need, one: Need | None, several: Need | None, s: Settings) -> s
     else:
         what = f"the lightest plan found needs {_fmt(lead.need_bytes)} on its fullest device{among}"
     text = f"{what} ({lead.config.describe()}, {lead.where})"
+    if lead.usable_bytes <= 0:
+        return text + "; it has no usable memory (the runtime's reserve is larger than the device)"
     if lead.short_bytes > 0:
         return text + f"; it has {_fmt(lead.usable_bytes)} usable, {_fmt(lead.short_bytes)} short"
     # the stage bounds allow it, yet every plan simulated overflows
