@@ -208,17 +208,19 @@ def explain_undecided(search: Search, configs: Sequence[Config], undecided: Sequ
     loose = [c for c in undecided if search.large_multi(c)]
     ilp = [c for c in loose if len(search.profile.layers) * c.n_stages <= ILP_VARIABLES]
     why = ("their stage bounds are too loose to branch on that many partitions" if loose
-           else f"branch and bound stopped at its budget ({s.budget} simulations, or its search nodes, each)")
+           else f"branch and bound stopped at its budget ({search.budget(undecided[0])} simulations, or its "
+                "search nodes, each)")
     text = (f"no plan found: {len(undecided)} configuration(s) stayed undecided (e.g. {undecided[0].describe()}): "
             f"{why}, not the time limit (raising --time-limit does not help)")
     ways = (["add --ilp for tighter bounds"] if ilp and not s.ilp else []) + [
         "pin --virtual-stages 1 or a one-stage-per-device --schedule"
         if all(c.n_stages > c.pp for c in undecided) else "pin --pp, --mbs or --schedule"]
-    decided = [c for c in configs if c not in set(undecided)]
+    left_open = set(undecided)
+    decided = [c for c in configs if c not in left_open]
     one, several = least_need(search, decided, search.policy, deadline=deadline)
     lead = _headline(one, several)
     known = ""
     if lead is not None and lead.short_bytes > 0:
         known = f"; of the others, {_claim(lead, one, several, s)}"
-        ways += ways_out(search, decided, lead, deadline)[:-1]  # more memory would not decide the rest
+        ways += ways_out(search, decided, lead, deadline)
     return text + known + f". Ways out: {', '.join(ways)}"
