@@ -74,5 +74,5 @@ def test_baselines_are_named_fields_and_still_unpack():
     first = r.baselines[0]
     assert first.name.startswith("equal layers") and first.starts == [0, 4, 8, 12]
     name, starts, ev = first
-    assert ev is first.evaluation
+    assert (name, starts, ev) == (first.name, first.starts, first.evaluation)
     assert ev.step_time_s == pytest.approx(r.best.inner.step_time_s)  # on equal blocks the equal split is best
