@@ -95,3 +95,8 @@ def test_several_stages_per_device_are_counted_together():
     need, usable, short = need_usable_short(text)
     assert need > usable == 20 * MiB and short > 0
     assert "--schedule 1f1b (needs" in text  # one stage per device needs less
+
+
+def test_the_time_limit_is_blamed_where_it_binds():
+    with pytest.raises(InfeasibleError, match=r"no plan found within the time limit .*; raise --time-limit"):
+        solve(GPT, from_spec("cpu2"), Settings(global_batch=16, time_limit_s=1e-9))
