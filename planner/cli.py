@@ -181,22 +181,18 @@ def solve(
             check_output(output, inputs=(profile_file, cluster))
         prof = load_profile(profile_file)
         clu = from_spec(cluster)
-        if recompute not in ("none", "full", "auto", "selective"):
-            raise InputError(f"--recompute {recompute!r}: choose none, full, auto or selective")
-        if objective not in ("time", "memory"):
-            raise InputError(f"--objective {objective!r}: choose time or memory")
         if optimizer not in ("sgd", "sgd-momentum", "adam") or precision not in ("param", "mixed"):
             raise InputError("--optimizer must be sgd, sgd-momentum or adam; --precision param or mixed")
         names = [layer.name for layer in prof.layers]
         settings = Settings(
             global_batch=global_batch or (None if microbatches else 16 * len(clu.devices)),
             pp=pp, dp=dp, mbs=mbs, microbatches=microbatches,
-            schedules=tuple(x for x in schedule.split(",") if x) if schedule else None,
-            virtual_stages=virtual_stages, recompute=recompute,
+            schedules=tuple(x.strip() for x in schedule.split(",") if x.strip()) if schedule is not None else None,
+            virtual_stages=virtual_stages, recompute=recompute,  # type: ignore[arg-type]
             training=Training(optimizer=optimizer, precision=precision),  # type: ignore[arg-type]
             fix_cuts=_cuts(fix_cuts, names) if fix_cuts else None, top=top,
             include_model_only=include_model_only, time_limit_s=time_limit, ilp=ilp,
-            jobs=jobs, objective=objective)
+            jobs=jobs, objective=objective)  # type: ignore[arg-type]
         with report.progress(err) as bar:
             result = run_solve(prof, clu, settings, progress=bar)
         plan = make_plan(prof, clu, result, settings)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -137,37 +136,82 @@ def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
                      fmt_bytes(max(ev.peak_memory_bytes)), style="bold green" if k == 1 else None)
     out.append(cand)
     out.append(simulation_table(plan, replay_plan(plan)))
-    base = Table(title="against today's splits (same configuration, same cost model)", title_justify="left")
-    for col in ("partition", "layers per stage", "step", "vs planner", "peak mem"):
-        base.add_column(col, justify="left" if col in ("partition", "layers per stage") else "right")
-    mine = plan.predicted.step_time_s
-    sizes = [len(st.layers) for st in plan.stages]
-    base.add_row("planner", _sizes(sizes), fmt_time(mine), "1.00x", fmt_bytes(plan.predicted.peak_memory_bytes),
-                 style="bold green")
-    by_memory = isinstance(plan.provenance.solver, dict) and \
-        plan.provenance.solver.get("settings", {}).get("objective") == "memory"
-    for b in plan.baselines:
-        if not b.step_time_s:
-            ratio = "does not fit"
-        elif by_memory:
-            least = plan.predicted.peak_memory_bytes
-            ratio = "same" if b.peak_memory_bytes <= least * 1.005 else f"{b.peak_memory_bytes / least:.2f}x memory"
-        elif b.step_time_s <= mine * 1.005:
-            ratio = "same"
-        else:
-            ratio = f"{b.step_time_s / mine:.2f}x slower"
-        base.add_row(b.name, _sizes(b.layers_per_stage), fmt_time(b.step_time_s), ratio,
-                     fmt_bytes(b.peak_memory_bytes))
-    out.append(base)
-    if result.proven and by_memory:
-        out.append("[green]proven least memory[/] under the cost model: no configuration or partition "
-                   "searched needs less on its fullest device")
-    elif result.proven:
-        out.append("[green]proven optimal[/] under the cost model: no configuration or partition "
-                   "searched can be faster")
+    out.append(_baseline_table(plan))
+    out.extend(_verdict(result, plan))
     for note in result.notes:
         out.append(f"[yellow]note:[/] {note}")
     return out
+
+
+def _settings(plan: Plan) -> dict:
+    solver = plan.provenance.solver
+    return solver.get("settings", {}) if isinstance(solver, dict) else {}
+
+
+def _pinned(plan: Plan) -> bool:
+    """The plan's partition was given by the user (``--fix-cuts``), not searched."""
+    return bool(_settings(plan).get("fix_cuts"))
+
+
+def _by_memory(plan: Plan) -> bool:
+    return _settings(plan).get("objective") == "memory"
+
+
+def versus(theirs: float, mine: float, unit: str = "") -> str:
+    """How a baseline compares with the plan, on step time or (``unit="memory"``) peak memory:
+    "same" within half a percent, else how many times faster/slower or more/less memory."""
+    if theirs <= mine * 1.005 and mine <= theirs * 1.005:
+        return "same"
+    if unit == "memory":
+        return f"{theirs / mine:.2f}x memory" if theirs > mine else f"{mine / theirs:.2f}x less memory"
+    return f"{theirs / mine:.2f}x slower" if theirs > mine else f"{mine / theirs:.2f}x faster"
+
+
+def _baseline_table(plan: Plan) -> Table:
+    """The plan against today's splits; the plan's row says whose split it is."""
+    ours = "your split (--fix-cuts)" if _pinned(plan) else "planner"
+    base = Table(title="against today's splits (same configuration, same cost model)", title_justify="left")
+    for col in ("partition", "layers per stage", "step", "vs yours" if _pinned(plan) else "vs planner", "peak mem"):
+        base.add_column(col, justify="left" if col in ("partition", "layers per stage") else "right")
+    mine, least = plan.predicted.step_time_s, plan.predicted.peak_memory_bytes
+    sizes = [len(st.layers) for st in plan.stages]
+    base.add_row(ours, _sizes(sizes), fmt_time(mine), "1.00x", fmt_bytes(least), style="bold green")
+    for b in plan.baselines:
+        if not b.step_time_s:
+            ratio = "does not fit"
+        elif _by_memory(plan):
+            ratio = versus(b.peak_memory_bytes, least, "memory")
+        else:
+            ratio = versus(b.step_time_s, mine)
+        base.add_row(b.name, _sizes(b.layers_per_stage), fmt_time(b.step_time_s), ratio,
+                     fmt_bytes(b.peak_memory_bytes))
+    return base
+
+
+def _verdict(result, plan: Plan) -> list[str]:
+    """What was proven: optimality for a searched partition; for the user's split, only the best
+    micro-batching and schedule for it, and which of today's splits beat it."""
+    if not _pinned(plan):
+        if result.proven and _by_memory(plan):
+            return [("[green]proven least memory[/] under the cost model: no configuration or partition "
+                     "searched needs less on its fullest device")]
+        if result.proven:
+            return [("[green]proven optimal[/] under the cost model: no configuration or partition "
+                     "searched can be faster")]
+        return []
+    lines = []
+    if result.proven_for_fixed_cuts:
+        lines.append("[green]proven best for your split[/] under the cost model: no micro-batching, schedule "
+                     "or recomputation searched is " + ("lighter" if _by_memory(plan) else "faster")
+                     + " with these cuts")
+    mine = plan.predicted.step_time_s
+    faster = [(b.step_time_s, b.name) for b in plan.baselines
+              if b.fits and b.step_time_s and b.step_time_s * 1.005 < mine]
+    if faster and not _by_memory(plan):
+        step, name = min(faster)
+        lines.append(f"[yellow]today's split beats yours:[/] {name} is {mine / step:.2f}x "
+                     "faster; drop --fix-cuts to search the split")
+    return lines
 
 
 def _sizes(sizes: list[int]) -> str:

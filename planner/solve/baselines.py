@@ -11,17 +11,68 @@
 
 ``min_max`` (the contiguous split with the lightest heaviest stage) is what DeepSpeed's
 ``parameters`` method computes on parameter counts; the search also uses it on layer times as
-a first partition to beat.
+a first partition to beat. ``price`` runs each split as planner would (recomputing only where
+needed) for the chosen configuration, as a ``Baseline``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from planner.cost import Segment
+from planner.evaluate import Config, Evaluation, evaluate, segments_from_bounds
+from planner.solve.bounds import least_memory_cost
+from planner.solve.exact import lb_partition
+
+if TYPE_CHECKING:
+    from planner.solve.search import Search
+
 Partition = list[int]  # stage start positions, first is 0
+
+
+class Baseline(NamedTuple):
+    """One of today's splits, priced: None for both where it cannot split that many stages."""
+
+    name: str
+    starts: Partition | None
+    evaluation: Evaluation | None
+
+
+def today(search: Search, cfg: Config) -> list[tuple[str, Partition | None]]:
+    """Today's splits for cfg's stage count: (label, stage starts)."""
+    t = search.table(cfg.mbs)
+    names = [layer.name for layer in search.profile.layers]
+    S = cfg.n_stages
+    return [
+        ("equal layers (Megatron-LM, DeepSpeed uniform)", equal_blocks(names, S)),
+        ("parameter-balanced (DeepSpeed parameters)", min_max(t.params + 1e-9, S)),
+        ("torchgpipe balance_by_time (block partition of layer times)", block_partition(t.fwd + t.bwd, S)),
+    ]
+
+
+def price(search: Search, cfg: Config) -> list[Baseline]:
+    """Today's splits as planner would run them: recomputing only where needed (or, for the
+    memory objective, wherever it saves memory); one that does not fit is priced without
+    recomputation, to show by how much."""
+    t = search.table(cfg.mbs)
+    b = search.bounds(cfg)
+    cost = least_memory_cost(b) if search.settings.objective == "memory" else None
+    out = []
+    for label, starts in today(search, cfg):
+        if starts is None:
+            out.append(Baseline(label, None, None))
+            continue
+        _, stages = lb_partition(b, fixed=starts, cost=cost)
+        if stages is None:
+            segs = segments_from_bounds(starts, t.n)
+        else:
+            segs = [Segment(a, z, "full" if c == 1 else "none") for a, z, c in stages]
+        out.append(Baseline(label, starts, evaluate(t, search.cluster, cfg, segs, detail=False)))
+    return out
 
 
 def equal_blocks(names: Sequence[str], stages: int) -> Partition | None:
@@ -60,7 +111,7 @@ def _repeated_blocks(names: Sequence[str]) -> tuple[int, int] | None:
     return best
 
 
-def block_partition(weights: Sequence[float], stages: int) -> Partition | None:
+def block_partition(weights: Sequence[float] | np.ndarray, stages: int) -> Partition | None:
     """torchgpipe's ``blockpartition.solve`` (Bárány and Grinberg's algorithm): ``None`` where it
     would leave a stage empty or there are fewer layers than stages.
 
@@ -97,7 +148,7 @@ def block_partition(weights: Sequence[float], stages: int) -> Partition | None:
     return None
 
 
-def min_max(weights: Sequence[float], stages: int) -> Partition | None:
+def min_max(weights: Sequence[float] | np.ndarray, stages: int) -> Partition | None:
     """Contiguous partition minimising the heaviest stage: bisection on the bottleneck with a
     greedy feasibility test (exact for non-negative weights), then stages split until there are
     ``stages`` of them (splitting never makes a stage heavier)."""
@@ -127,8 +178,9 @@ def min_max(weights: Sequence[float], stages: int) -> Partition | None:
         else:
             lo = mid
     assert best is not None
-    while len(best) < stages:  # split the stage with the most layers
-        ends = best[1:] + [n]
-        k = max(range(len(best)), key=lambda s: ends[s] - best[s])
-        best = sorted(best + [best[k] + (ends[k] - best[k]) // 2])
-    return best
+    starts: Partition = best
+    while len(starts) < stages:  # split the stage with the most layers
+        ends = [*starts[1:], n]
+        k = max(range(len(starts)), key=lambda s: ends[s] - starts[s])
+        starts = sorted([*starts, starts[k] + (ends[k] - starts[k]) // 2])
+    return starts

@@ -249,3 +249,12 @@ def _weight_gradients_after_last_input(schedule: Schedule) -> list[int]:
             elif a.kind == "W" and a.stage not in seen_last_i:
                 out[a.stage] += 1
     return out
+
+
+def least_memory_cost(b: StageBounds, within_capacity: bool = False):
+    """A stage cost for ``lb_partition``: ``b.least_memory``, inf where it exceeds the stage's
+    device with ``within_capacity``."""
+    def memory(s: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        least, choice = b.least_memory(s, i, j)
+        return (np.where(least <= b.cap[s], least, np.inf) if within_capacity else least), choice
+    return memory

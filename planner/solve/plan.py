@@ -4,19 +4,22 @@ was found."""
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 from planner.formats import BaselineResult, Cluster, Plan, Profile
 from planner.plan import profile_fingerprint, to_plan
-from planner.solve.search import Settings, SolveResult
+from planner.solve.result import SolveResult
+from planner.solve.settings import Settings
 
 
 def baseline_results(result: SolveResult, n_layers: int) -> list[BaselineResult]:
     out = []
-    for name, starts, ev in result.baselines:
-        if starts is None or ev is None:
+    for b in result.baselines:
+        if b.starts is None or b.evaluation is None:
             continue
-        sizes = [b - a for a, b in zip(starts, [*starts[1:], n_layers])]
-        out.append(BaselineResult(name=name, layers_per_stage=sizes,
+        ev = b.evaluation
+        sizes = [z - a for a, z in zip(b.starts, [*b.starts[1:], n_layers], strict=True)]
+        out.append(BaselineResult(name=b.name, layers_per_stage=sizes,
                                   step_time_s=ev.step_time_s if ev.fits else None,
                                   peak_memory_bytes=max(ev.peak_memory_bytes), fits=ev.fits))
     return out
@@ -24,18 +27,21 @@ def baseline_results(result: SolveResult, n_layers: int) -> list[BaselineResult]
 
 def make_plan(profile: Profile, cluster: Cluster, result: SolveResult, settings: Settings) -> Plan:
     best = result.best
-    solver = {
-        "settings": {k: v for k, v in asdict(settings).items() if k not in ("training", "jobs")},
+    saved: dict[str, Any] = {k: v for k, v in asdict(settings).items() if k not in ("training", "jobs")}
+    saved["fix_cuts"] = list(settings.fix_cuts) if settings.fix_cuts else None
+    saved["schedules"] = list(settings.schedules) if settings.schedules else None
+    solver: dict[str, Any] = {
+        "settings": saved,
         "proven_optimal": result.proven,
         "lower_bound_s": best.inner.lower_bound_s,
         "configurations": result.configs_total,
         "configurations_solved": result.configs_solved,
         "notes": result.notes,
     }
-    solver["settings"]["fix_cuts"] = list(settings.fix_cuts) if settings.fix_cuts else None
-    solver["settings"]["schedules"] = list(settings.schedules) if settings.schedules else None
+    if result.proven_for_fixed_cuts is not None:  # the split is the user's: proven only given it
+        solver["proven_for_fixed_cuts"] = result.proven_for_fixed_cuts
     return to_plan(profile, cluster, best.evaluation,
                    baselines=baseline_results(result, len(profile.layers)), solver=solver)
 
 
-__all__ = ["make_plan", "baseline_results", "profile_fingerprint"]
+__all__ = ["baseline_results", "make_plan", "profile_fingerprint"]

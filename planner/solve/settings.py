@@ -1,0 +1,160 @@
+"""What the search reads (``Settings``, checked when made) and the configurations it walks:
+pipeline and data-parallel degrees, micro-batch size and count, schedule, virtual stages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from planner.errors import InputError, ScheduleError
+from planner.evaluate import Config
+from planner.formats import Cluster, Profile, Training
+from planner.schedules import SCHEDULES, canonical, check_combination
+
+VIRTUAL = (2, 4)  # chunks per rank tried for interleaved schedules
+SMALL_CLUSTER = 64  # up to this many devices every pp is tried, above it the divisors
+
+Recompute = Literal["none", "full", "auto", "selective"]
+Objective = Literal["time", "memory"]
+RECOMPUTE: tuple[Recompute, ...] = get_args(Recompute)
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the search reads, and what a plan's provenance stores: checked when made, so a typo
+    fails here and not as a silently different search."""
+
+    global_batch: int | None = None
+    pp: int | None = None
+    dp: int | None = None
+    mbs: int | None = None
+    microbatches: int | None = None
+    schedules: tuple[str, ...] | None = None  # None: every schedule the engine runs
+    virtual_stages: int | None = None
+    recompute: Recompute = "auto"  # none | full | auto (per stage) | selective (per layer, ILP)
+    training: Training = Training()  # noqa: RUF009 (frozen, so one shared default is safe)
+    fix_cuts: tuple[int, ...] | None = None  # stage start positions after the first
+    top: int = 5
+    include_model_only: bool = False
+    budget: int = 400  # simulations per configuration in branch and bound
+    ilp: bool = False  # bound interleaved / V configurations with the ILP (slower, tighter)
+    time_limit_s: float = 10.0
+    jobs: int | None = None  # worker processes; None: one per core for large searches
+    objective: Objective = "time"  # time: the fastest plan; memory: the least peak memory per device
+
+    def __post_init__(self) -> None:
+        if self.recompute not in RECOMPUTE:
+            raise InputError(f"--recompute {self.recompute!r}: choose {', '.join(RECOMPUTE)}")
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"--objective {self.objective!r}: choose {' or '.join(OBJECTIVES)}")
+        if self.schedules is not None and not self.schedules:
+            raise InputError("--schedule names no schedule: give one or more, comma separated (gpipe,1f1b,...)")
+        for name in self.schedules or ():
+            if SCHEDULES[canonical(name)].placement == "v" and self.virtual_stages not in (None, 2):
+                raise InputError(f"--schedule {name} runs exactly 2 stages per device (V placement): "
+                                 f"--virtual-stages {self.virtual_stages} does not apply (drop it, or give 2)")
+
+
+def _schedules(settings: Settings) -> list[str]:
+    if settings.schedules:
+        return [canonical(s) for s in settings.schedules]
+    return [name for name, info in SCHEDULES.items() if info.executable or settings.include_model_only]
+
+
+def _virtuals(name: str, pp: int, n_layers: int, settings: Settings) -> list[int]:
+    info = SCHEDULES[name]
+    if info.placement == "v":  # two stages per rank, or none where another count is pinned
+        return [2] if settings.virtual_stages in (None, 2) else []
+    if settings.virtual_stages is not None:
+        return [settings.virtual_stages]
+    if name == "interleaved-1f1b":
+        return [v for v in VIRTUAL if pp * v <= n_layers]
+    if name == "zb-h1":
+        return [1] + [v for v in VIRTUAL if pp * v <= n_layers]
+    return [1]
+
+
+def _check_pins(profile: Profile, n_dev: int, settings: Settings) -> None:
+    if settings.mbs and settings.mbs not in profile.mbs_sizes:
+        raise InputError(f"--mbs {settings.mbs} was not profiled (profiled: "
+                         f"{', '.join(map(str, profile.mbs_sizes))}); profile it with --mbs")
+    if settings.pp and settings.pp * (settings.dp or 1) > n_dev:
+        raise InputError(f"--pp {settings.pp}" + (f" x --dp {settings.dp}" if settings.dp else "")
+                         + f" needs {settings.pp * (settings.dp or 1)} devices; the cluster has {n_dev}")
+
+
+def _pipeline_degrees(n_dev: int, n_layers: int, settings: Settings) -> list[int]:
+    if settings.pp:
+        return [settings.pp]
+    if n_dev <= SMALL_CLUSTER:
+        return list(range(1, min(n_layers, n_dev) + 1))
+    return [p for p in range(1, min(n_layers, n_dev) + 1) if n_dev % p == 0]  # every device used
+
+
+def _data_degrees(n_dev: int, pp: int, settings: Settings) -> list[int]:
+    if settings.dp:
+        dps = [settings.dp]
+    elif n_dev <= SMALL_CLUSTER:  # using fewer devices can pay off when all-reduce is costly
+        dps = sorted({n_dev // pp, max(n_dev // pp // 2, 1)}, reverse=True)
+    else:
+        dps = [n_dev // pp]
+    return [dp for dp in dps if dp >= 1 and pp * dp <= n_dev]
+
+
+def _microbatches(pp: int, dp: int, mbs: int, settings: Settings) -> int | None:
+    """Micro-batches per replica, None where the global batch does not split into them."""
+    if not settings.global_batch:
+        return settings.microbatches or 4 * pp
+    per_replica, rem = divmod(settings.global_batch, dp)
+    if rem or per_replica % mbs:
+        return None
+    m = per_replica // mbs
+    return None if settings.microbatches and settings.microbatches != m else m
+
+
+def _wanted(name: str, pp: int, m: int, settings: Settings) -> bool:
+    if settings.schedules:
+        return True
+    if (m == 1) != (name == "naive"):
+        return False  # with one micro-batch every schedule is the naive one
+    return not (pp == 1 and name != "1f1b" and m > 1)  # one rank runs every schedule alike: keep one
+
+
+def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> Iterator[Config]:
+    n_dev = len(cluster.devices)
+    n_layers = len(profile.layers)
+    _check_pins(profile, n_dev, settings)
+    sizes = [settings.mbs] if settings.mbs else profile.mbs_sizes
+    names = _schedules(settings)
+    for pp in _pipeline_degrees(n_dev, n_layers, settings):
+        if pp * (settings.virtual_stages or 1) > n_layers:
+            continue
+        for dp in _data_degrees(n_dev, pp, settings):
+            for mbs in sizes:
+                m = _microbatches(pp, dp, mbs, settings)
+                if m is None:
+                    continue
+                for name in (n for n in names if _wanted(n, pp, m, settings)):
+                    for v in _virtuals(name, pp, n_layers, settings):
+                        try:
+                            check_combination(name, pp, m, v)
+                        except ScheduleError:
+                            continue
+                        yield Config(pp=pp, dp=dp, mbs=mbs, m=m, schedule=name, v=v,
+                                     training=settings.training)
+
+
+def search_space(profile: Profile, cluster: Cluster, settings: Settings) -> list[Config]:
+    """Every configuration the settings allow (with --fix-cuts, those with its stage count)."""
+    configs = list(configurations(profile, cluster, settings))
+    if settings.fix_cuts is not None:
+        configs = [c for c in configs if c.n_stages == len(settings.fix_cuts) + 1]
+        if not configs:
+            raise InputError(f"--fix-cuts gives {len(settings.fix_cuts) + 1} stages; no configuration "
+                             "matches (pin --pp and --virtual-stages to agree)")
+    if not configs:
+        raise InputError("no configuration to search: check --pp, --dp, --mbs, --microbatches, "
+                         "--global-batch and --schedule against the profile and cluster")
+    return configs

@@ -1,0 +1,64 @@
+"""Solver settings are checked where they are made: a pin that cannot hold is refused, not
+silently widened or changed."""
+
+import pytest
+
+from planner.clusters import from_spec
+from planner.errors import InputError
+from planner.solve import Settings, solve
+from planner.synthetic import chain_profile
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("name", ["zb-v", "dualpipe-v", "ZB_V"])
+def test_v_schedules_refuse_another_virtual_stage_count(name):
+    with pytest.raises(InputError, match="runs exactly 2 stages per device .* --virtual-stages 3"):
+        Settings(schedules=(name,), virtual_stages=3)
+    Settings(schedules=(name,), virtual_stages=2)  # the count it runs is fine
+
+
+def test_unpinned_v_schedules_are_left_out_where_another_count_is_pinned():
+    prof = chain_profile([1e-3] * 8, act_bytes=2**20, param_bytes=2**20)
+    from planner.solve.search import configurations
+
+    configs = list(configurations(prof, from_spec("h100x4"), Settings(global_batch=16, virtual_stages=4)))
+    assert configs and {c.v for c in configs} == {4}
+
+
+def test_an_empty_schedule_list_is_refused():
+    with pytest.raises(InputError, match="--schedule names no schedule"):
+        Settings(schedules=())
+
+
+def test_recompute_and_objective_are_checked():
+    with pytest.raises(InputError, match="--objective 'bogus'"):
+        Settings(objective="bogus")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="--recompute 'bogus'"):
+        Settings(recompute="bogus")  # type: ignore[arg-type]
+
+
+def test_selective_recomputation_reports_progress():
+    # GPipe holds all four micro-batches: each ILP round shows on the progress bar
+    prof = chain_profile([1.0] * 4, act_bytes=[2**30, 2**28, 2**30, 2**28], param_bytes=2**20)
+    seen = []
+    solve(prof, from_spec("h100x4", memory_bytes=5 * GiB + 2**30),
+          Settings(microbatches=4, pp=1, dp=1, schedules=("gpipe",), recompute="selective"),
+          progress=lambda label, done, total: seen.append((label, done, total)))
+    assert any(label.startswith("selective recompute: pp=1") for label, _, _ in seen)
+
+
+@pytest.mark.parametrize("args,needle", [(["--schedule", ","], "--schedule names no schedule"),
+                                         (["--schedule", "zb-v", "--virtual-stages", "3"], "--virtual-stages 3"),
+                                         (["--recompute", "bogus"], "--recompute 'bogus'")])
+def test_the_command_refuses_with_one_line(tmp_path, args, needle):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+    from planner.formats import dump
+
+    p = tmp_path / "prof.json"
+    dump(chain_profile([1e-3] * 8, act_bytes=2**20, param_bytes=2**20), p)
+    r = CliRunner().invoke(app, ["solve", str(p), "--cluster", "h100x4", *args])
+    assert r.exit_code == 2 and r.output.startswith("error:") and needle in r.output
+    assert r.output.count("\n") == 1, r.output
