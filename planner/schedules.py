@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
 from enum import StrEnum
-from typing import Callable, NamedTuple
+from functools import cached_property, lru_cache
+from typing import NamedTuple
 
 from planner.errors import ScheduleError
 
@@ -130,8 +131,10 @@ SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
                  "Narayanan et al., PipeDream-2BW, ICML 2021 (PipeDream-Flush)", True, "loop", False),
     ScheduleInfo("interleaved-1f1b", "1F1B over v model chunks per rank",
                  "Narayanan et al., Megatron-LM, SC 2021, section 2.2", True, "loop", False),
-    ScheduleInfo("zb-h1", "1F1B with backward split into input and weight gradients",
-                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024 (ZB-H1)", True, "loop", True),
+    ScheduleInfo("zb-h1", "1F1B's warm-up, backward split, weight gradients deferred into the drain",
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.1 (ZB-H1)", True, "loop", True),
+    ScheduleInfo("zb-h2", "deeper warm-up (2(pp - r) - 1 forwards), split backward, about 2pp in flight",
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.2 (ZB-H2)", True, "loop", True),
     ScheduleInfo("zb-v", "V placement, split backward, 1F1B's activation memory",
                  "Qi et al., Pipeline Parallelism with Controllable Memory, NeurIPS 2024 (ZB-V)",
                  True, "v", True),
@@ -147,7 +150,7 @@ SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
 ALIASES = {
     "pipedream-flush": "1f1b", "1f1b-flush": "1f1b", "interleaved": "interleaved-1f1b",
     "interleaved1f1b": "interleaved-1f1b", "i1f1b": "interleaved-1f1b", "zbh1": "zb-h1",
-    "zero-bubble": "zb-h1", "zbv": "zb-v", "dualpipev": "dualpipe-v", "dualpipe": "dualpipe-v",
+    "zb1p": "zb-h1", "zero-bubble": "zb-h1", "zbh2": "zb-h2", "zb2p": "zb-h2", "zbv": "zb-v", "dualpipev": "dualpipe-v", "dualpipe": "dualpipe-v",
     "2bw": "pipedream-2bw", "pipedream2bw": "pipedream-2bw", "none": "naive",
 }
 
@@ -242,18 +245,80 @@ def _backward(stage: int, mb: int, split: bool) -> list[Action]:
     return [Action(Kind.FULL_BACKWARD, stage, mb)]
 
 
-def _one_f_one_b(pp: int, m: int, split: bool) -> list[list[Action]]:
+def _one_f_one_b(pp: int, m: int) -> list[list[Action]]:
     """Rank r runs min(pp - r, m) warm-up forwards, then alternates backward and forward, so it
-    holds at most pp - r micro-batches (Narayanan et al. 2021, PipeDream-Flush). With ``split``,
-    each backward is I then W (ZB-H1, Qi et al. 2024: the input gradient leaves W earlier)."""
+    holds at most pp - r micro-batches (Narayanan et al. 2021, PipeDream-Flush)."""
     out = []
     for r in range(pp):
         warm = min(pp - r, m)
         acts = [Action(Kind.FORWARD, r, k) for k in range(warm)]
         for k in range(m):
-            acts += _backward(r, k, split)
+            acts.append(Action(Kind.FULL_BACKWARD, r, k))
             if warm + k < m:
                 acts.append(Action(Kind.FORWARD, r, warm + k))
+        out.append(acts)
+    return out
+
+
+def _zb_h1(pp: int, m: int) -> list[list[Action]]:
+    """ZB-H1 (Qi et al. 2024, section 2.1 and figure 3): 1F1B's warm-up and steady state with
+    each backward split, rank r's weight gradients starting r input gradients late ("the starting
+    points of W passes adjusted by the number of warm-up micro-batches"; PyTorch's
+    ScheduleInterleavedZeroBubble delays W the same way, by ``rank`` backwards). Later ranks
+    thereby pass input gradients up sooner, and the deferred W fill the drain: with uniform
+    stages and no communication the step is m(F + B + W) + (pp - 1)(F + B - W), B the input
+    gradient (section 2's table of bubble sizes; 1F1B: (pp - 1)(F + B + W)).
+
+    Memory, counting a micro-batch from its F until its W: every rank holds at most pp ("all
+    stages have the same number of in-flight micro-batches"), 1F1B's peak on rank 0; the paper's
+    claim is about that peak, W needing less memory than B (Table 1). On rank r > 0 this is more
+    than 1F1B's pp - r; the micro-batches still waiting for their input gradient stay pp - r."""
+    out = []
+    for r in range(pp):
+        warm = min(pp - r, m)
+        acts = [Action(Kind.FORWARD, r, k) for k in range(warm)]
+        done_w = 0
+        for k in range(m):
+            acts.append(Action(Kind.BACKWARD_INPUT, r, k))
+            if k >= r:  # W runs r input gradients behind; before the next F, so at most pp held
+                acts.append(Action(Kind.BACKWARD_WEIGHT, r, done_w))
+                done_w += 1
+            if warm + k < m:
+                acts.append(Action(Kind.FORWARD, r, warm + k))
+        acts += [Action(Kind.BACKWARD_WEIGHT, r, k) for k in range(done_w, m)]
+        out.append(acts)
+    return out
+
+
+def _zb_h2(pp: int, m: int) -> list[list[Action]]:
+    """ZB-H2 (Qi et al. 2024, section 2.2 and figure 4): rank r warms up with 2(pp - r) - 1
+    forwards, enough to fill the wait for its first input gradient; then each input gradient is
+    followed by a forward, a W running only when the next forward would hold more than 2pp - 1
+    micro-batches (the paper's (2p - 1) M_B peak); in the drain each input gradient is followed
+    by one W and the rest come last, which makes the paper's parallelogram. The paper's bubble
+    for it, (pp - 1)(F + B - 2W) (section 2's table of bubble sizes), is rank 0's idle time: the
+    authors measure a bubble on the longest rank's own span, from its first action to its last
+    (their schedule playground: 1 - m(F + B + W) / longest stage time). A flushed step also
+    waits for the last rank, which starts (pp - 1)F late and then computes m(F + B + W), so the
+    step is the larger of m(F + B + W) + (pp - 1)(F + B - 2W) and m(F + B + W) + (pp - 1)F."""
+    cap = 2 * pp - 1
+    out = []
+    for r in range(pp):
+        started = min(2 * (pp - r) - 1, m)
+        acts = [Action(Kind.FORWARD, r, k) for k in range(started)]
+        done_w = 0
+        for k in range(m):
+            acts.append(Action(Kind.BACKWARD_INPUT, r, k))
+            if started < m:
+                while started - done_w >= cap:
+                    acts.append(Action(Kind.BACKWARD_WEIGHT, r, done_w))
+                    done_w += 1
+                acts.append(Action(Kind.FORWARD, r, started))
+                started += 1
+            elif done_w <= k:
+                acts.append(Action(Kind.BACKWARD_WEIGHT, r, done_w))
+                done_w += 1
+        acts += [Action(Kind.BACKWARD_WEIGHT, r, k) for k in range(done_w, m)]
         out.append(acts)
     return out
 
@@ -395,9 +460,11 @@ def build(name: str, pp: int, m: int, v: int = 1) -> Schedule:
     if name in ("naive", "gpipe"):
         ranks, placement = _gpipe(pp, m), _loop(pp, 1)
     elif name in ("1f1b", "pipedream", "pipedream-2bw"):
-        ranks, placement = _one_f_one_b(pp, m, split=False), _loop(pp, 1)
+        ranks, placement = _one_f_one_b(pp, m), _loop(pp, 1)
     elif name == "zb-h1" and v == 1:
-        ranks, placement = _one_f_one_b(pp, m, split=True), _loop(pp, 1)
+        ranks, placement = _zb_h1(pp, m), _loop(pp, 1)
+    elif name == "zb-h2":
+        ranks, placement = _zb_h2(pp, m), _loop(pp, 1)
     elif name in ("interleaved-1f1b", "zb-h1"):
         ranks, placement = _interleaved(pp, v, m, split=info.split_backward), _loop(pp, v)
     elif name == "zb-v":
