@@ -323,40 +323,49 @@ def _zb_h2(pp: int, m: int) -> list[list[Action]]:
     return out
 
 
+def _interleaved_slot(pp: int, v: int, rank: int, n: int, backward: bool) -> tuple[int, int]:
+    """(stage, micro-batch) of rank's n-th forward (or backward) in Megatron-LM's interleaved
+    order: groups of pp micro-batches go through chunk 0, then chunk 1, ... (backwards: the
+    last chunk first)."""
+    group, within = divmod(n, pp * v)
+    chunk = within // pp
+    if backward:
+        chunk = v - 1 - chunk
+    return chunk * pp + rank, group * pp + within % pp
+
+
 def _interleaved(pp: int, v: int, m: int, split: bool) -> list[list[Action]]:
-    """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, section 2.2): micro-batches run in
-    groups of pp through chunk 0, then chunk 1, ...; rank r warms up with (pp - r - 1) * 2 +
-    (v - 1) * pp forwards, then alternates forward and backward."""
+    """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, section 2.2): rank r warms up with
+    (pp - r - 1) * 2 + (v - 1) * pp forwards, then alternates forward and backward. Its step on
+    uniform stages is m(tF + tB) + (pp - 1)(tF + tB) / v, tF and tB a rank's whole share."""
     total = v * m
     out = []
     for r in range(pp):
-        def order(n: int, backward: bool) -> tuple[int, int]:
-            group, within = divmod(n, pp * v)
-            chunk = within // pp
-            if backward:
-                chunk = v - 1 - chunk
-            return chunk * pp + r, group * pp + within % pp
-
-        fwd = [Action(Kind.FORWARD, *order(n, False)) for n in range(total)]
-        bwd = [order(n, True) for n in range(total)]
+        fwd = [Action(Kind.FORWARD, *_interleaved_slot(pp, v, r, n, False)) for n in range(total)]
+        bwd = [_backward(*_interleaved_slot(pp, v, r, n, True), split) for n in range(total)]
         warm = min((pp - r - 1) * 2 + (v - 1) * pp, total)
         acts = fwd[:warm]
-
-        def backward(n: int) -> list[Action]:
-            s, k = bwd[n]
-            return _backward(s, k, split)
-
         for n in range(total - warm):
             acts.append(fwd[warm + n])
-            acts += backward(n)
+            acts += bwd[n]
         for n in range(total - warm, total):
-            acts += backward(n)
+            acts += bwd[n]
         out.append(acts)
     return out
 
 
-def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
-            first_forward_priority: Callable[[int, int], bool]) -> list[list[Action]]:
+class _Option(NamedTuple):
+    """A rank's candidate next action, ordered as the list scheduler prefers: earliest start,
+    then priority (-1 warm-up forward, 0 input gradient, 1 forward, 2 deferred W), then later
+    stages first."""
+
+    start: int
+    priority: int
+    minus_stage: int
+    action: Action
+
+
+class _Greedy:
     """List-schedule split-backward actions on unit costs (F = I = W = 1).
 
     Each rank takes, among the actions it could start earliest, a backward input gradient
@@ -367,88 +376,112 @@ def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
     a policy put forwards ahead of backwards during warm-up. The order found on unit costs is
     kept for any stage costs: it is a valid order whatever the durations.
     """
-    S = len(stage_rank)
-    stages = [[s for s in range(S) if stage_rank[s] == r] for r in range(pp)]
-    later_first = [sorted(x, reverse=True) for x in stages]
-    end_f = [[-1] * m for _ in range(S)]  # when each forward / input gradient ends; -1: not yet
-    end_i = [[-1] * m for _ in range(S)]
-    next_f, next_i = [0] * S, [0] * S
-    clock, inflight, started = [0] * pp, [0] * pp, [0] * pp
-    pending_w: list[deque] = [deque() for _ in range(pp)]
-    lists: list[list[Action]] = [[] for _ in range(pp)]
-    remaining = 3 * S * m
 
-    def best(r: int):
-        """(start, priority, -stage, kind, stage, mb) of rank r's next action, or None."""
-        top = None
-        now, first = clock[r], stages[r][0]
-        for s in later_first[r]:
-            k = next_i[s]
-            if k < m and (own := end_f[s][k]) >= 0:
-                ready = own if s == S - 1 else (max(own, end_i[s + 1][k]) if end_i[s + 1][k] >= 0 else -1)
-                if ready >= 0:
-                    option = (max(now, ready), 0, -s, Kind.BACKWARD_INPUT, s, k)
-                    top = option if top is None or option < top else top
-            k = next_f[s]
-            if k < m and (s != first or inflight[r] < cap):
-                ready = 0 if s == 0 else end_f[s - 1][k]
-                if ready >= 0:
-                    prio = -1 if first_forward_priority(r, started[r]) else 1
-                    option = (max(now, ready), prio, -s, Kind.FORWARD, s, k)
-                    top = option if top is None or option < top else top
-        if pending_w[r]:
-            w = pending_w[r][0]
-            option = (now, 2, -w.stage, Kind.BACKWARD_WEIGHT, w.stage, w.mb)
-            top = option if top is None or option < top else top
-        return top
+    def __init__(self, pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
+                 first_forward_priority: Callable[[int, int], bool]):
+        self.pp, self.stage_rank, self.m, self.cap = pp, stage_rank, m, cap
+        self.first_forward_priority = first_forward_priority
+        S = self.S = len(stage_rank)
+        stages = [[s for s in range(S) if stage_rank[s] == r] for r in range(pp)]
+        self.first_stage = [x[0] for x in stages]
+        self.later_first = [sorted(x, reverse=True) for x in stages]
+        self.end_f = [[-1] * m for _ in range(S)]  # when each forward / input gradient ends; -1: not yet
+        self.end_i = [[-1] * m for _ in range(S)]
+        self.next_f, self.next_i = [0] * S, [0] * S
+        self.clock, self.inflight, self.started = [0] * pp, [0] * pp, [0] * pp
+        self.pending_w: list[deque[Action]] = [deque() for _ in range(pp)]
+        self.lists: list[list[Action]] = [[] for _ in range(pp)]
 
-    # Each rank's best option is cached in a heap and recomputed only when an action that
-    # could change it completes (its own, or a neighbour stage's).
-    heap: list[tuple[int, int, int, int, Kind, int, int]] = []  # ..., rank, version, kind, stage, mb
-    version = [0] * pp
-
-    def push(r: int) -> None:
-        version[r] += 1
-        b = best(r)
-        if b is not None:
-            heapq.heappush(heap, (b[0], b[1], r, version[r], b[3], b[4], b[5]))
-
-    for r in range(pp):
-        push(r)
-    while remaining:
-        while heap and heap[0][3] != version[heap[0][2]]:
-            heapq.heappop(heap)
-        if not heap:
-            raise ScheduleError(f"schedule builder deadlocked (pp={pp}, m={m}, cap={cap})")
-        start, _, r, _, kind, stage, mb = heapq.heappop(heap)
-        a = Action(kind, stage, mb)
-        finish = start + 1
-        clock[r] = finish
-        lists[r].append(a)
-        if a.kind == Kind.FORWARD:
-            end_f[a.stage][a.mb] = finish
-        elif a.kind == Kind.BACKWARD_INPUT:
-            end_i[a.stage][a.mb] = finish
-        remaining -= 1
-        if a.kind == Kind.FORWARD:
-            next_f[a.stage] += 1
-            inflight[r] += 1
-            if a.stage == stages[r][0]:
-                started[r] += 1
-        elif a.kind == Kind.BACKWARD_INPUT:
-            next_i[a.stage] += 1
-            pending_w[r].append(Action(Kind.BACKWARD_WEIGHT, a.stage, a.mb))
+    def _input_gradient(self, r: int, s: int) -> _Option | None:
+        """Stage s's next I, once its own forward and the next stage's I have ended."""
+        k = self.next_i[s]
+        if k >= self.m or (own := self.end_f[s][k]) < 0:
+            return None
+        if s == self.S - 1:
+            ready = own
+        elif (grad := self.end_i[s + 1][k]) >= 0:
+            ready = max(own, grad)
         else:
-            pending_w[r].popleft()
-            inflight[r] -= 1
-        touched = {r}
-        if a.stage + 1 < S:
-            touched.add(stage_rank[a.stage + 1])
-        if a.stage > 0:
-            touched.add(stage_rank[a.stage - 1])
-        for q in touched:
-            push(q)
-    return lists
+            return None
+        return _Option(max(self.clock[r], ready), 0, -s, Action(Kind.BACKWARD_INPUT, s, k))
+
+    def _forward(self, r: int, s: int) -> _Option | None:
+        """Stage s's next F, once the previous stage's has ended and, on the rank's first stage,
+        while fewer than ``cap`` micro-batches are in flight."""
+        k = self.next_f[s]
+        if k >= self.m or (s == self.first_stage[r] and self.inflight[r] >= self.cap):
+            return None
+        ready = 0 if s == 0 else self.end_f[s - 1][k]
+        if ready < 0:
+            return None
+        prio = -1 if self.first_forward_priority(r, self.started[r]) else 1
+        return _Option(max(self.clock[r], ready), prio, -s, Action(Kind.FORWARD, s, k))
+
+    def best(self, r: int) -> _Option | None:
+        """Rank r's preferred next action, or None while it has nothing it could start."""
+        options = [o for s in self.later_first[r] for o in (self._input_gradient(r, s), self._forward(r, s))
+                   if o is not None]
+        if self.pending_w[r]:
+            w = self.pending_w[r][0]
+            options.append(_Option(self.clock[r], 2, -w.stage, w))
+        return min(options, default=None)
+
+    def commit(self, r: int, start: int, a: Action) -> None:
+        """Run ``a`` on rank r from ``start`` for one unit."""
+        finish = start + 1
+        self.clock[r] = finish
+        self.lists[r].append(a)
+        if a.kind == Kind.FORWARD:
+            self.end_f[a.stage][a.mb] = finish
+            self.next_f[a.stage] += 1
+            self.inflight[r] += 1
+            self.started[r] += a.stage == self.first_stage[r]
+        elif a.kind == Kind.BACKWARD_INPUT:
+            self.end_i[a.stage][a.mb] = finish
+            self.next_i[a.stage] += 1
+            self.pending_w[r].append(Action(Kind.BACKWARD_WEIGHT, a.stage, a.mb))
+        else:
+            self.pending_w[r].popleft()
+            self.inflight[r] -= 1
+
+    def neighbours(self, stage: int) -> set[int]:
+        """The ranks whose options an action of ``stage`` can change: its own and its neighbours'."""
+        out = {self.stage_rank[stage]}
+        if stage + 1 < self.S:
+            out.add(self.stage_rank[stage + 1])
+        if stage > 0:
+            out.add(self.stage_rank[stage - 1])
+        return out
+
+    def run(self) -> list[list[Action]]:
+        # Each rank's best option is cached in a heap and recomputed only when an action that
+        # could change it completes (its own, or a neighbour stage's); stale entries are skipped.
+        heap: list[tuple[int, int, int, int, Action]] = []  # start, priority, rank, version, action
+        version = [0] * self.pp
+
+        def push(r: int) -> None:
+            version[r] += 1
+            if (b := self.best(r)) is not None:
+                heapq.heappush(heap, (b.start, b.priority, r, version[r], b.action))
+
+        for r in range(self.pp):
+            push(r)
+        for _ in range(3 * self.S * self.m):
+            while heap and heap[0][3] != version[heap[0][2]]:
+                heapq.heappop(heap)
+            if not heap:
+                raise ScheduleError(f"schedule builder deadlocked (pp={self.pp}, m={self.m}, cap={self.cap})")
+            start, _, r, _, a = heapq.heappop(heap)
+            self.commit(r, start, a)
+            for q in self.neighbours(a.stage):
+                push(q)
+        return self.lists
+
+
+def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
+            first_forward_priority: Callable[[int, int], bool]) -> list[list[Action]]:
+    """The unit-cost list schedule of ``_Greedy`` for this placement and in-flight cap."""
+    return _Greedy(pp, stage_rank, m, cap, first_forward_priority).run()
 
 
 @lru_cache(maxsize=256)
