@@ -374,7 +374,12 @@ class _Greedy:
     micro-batch on its first stage only while fewer than ``cap`` stage-micro-batches are in
     flight on it, which bounds activation memory. ``first_forward_priority(rank, started)`` lets
     a policy put forwards ahead of backwards during warm-up. The order found on unit costs is
-    kept for any stage costs: it is a valid order whatever the durations.
+    kept for any stage costs: it is a valid order whatever the durations, but tuned for F = I
+    = W only. With the input gradient 1.5 to 2 times the forward, ZB-V's and DualPipe-V's orders
+    run 9 to 46% over DualPipeV's published bubble (p - 1)(F&B + B - 3W) (deepseek-ai/DualPipe
+    README), which the same list schedule on the real durations meets; the authors' ZB-V
+    builder takes the measured F, B, W and communication times for that reason
+    (sail-sg/zero-bubble-pipeline-parallelism, scheduler/zbv.py).
     """
 
     def __init__(self, pp: int, stage_rank: tuple[int, ...], m: int, cap: int,

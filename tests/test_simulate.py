@@ -28,6 +28,16 @@ def test_interleaved_bubble(p, m, v):
     assert simulate(s, uniform(s)).step_time_s == pytest.approx(m * 3.0 + (p - 1) * 3.0 / v)
 
 
+@pytest.mark.parametrize("p,m,v,f,b", [(8, 24, 2, 18.522, 27.423), (8, 24, 4, 18.522, 27.423),
+                                       (4, 12, 2, 2.0, 4.0), (4, 8, 3, 3.0, 1.0)])
+def test_interleaved_bubble_with_unequal_forward_and_backward(p, m, v, f, b):
+    # the same expression with a rank's measured forward f and whole backward b (I + W), split
+    # over its v chunks: m(f + b) + (p - 1)(f + b) / v
+    s = build("interleaved-1f1b", p, m, v)
+    step = simulate(s, uniform(s, f, b, 0.0)).step_time_s
+    assert step == pytest.approx(m * (f + b) + (p - 1) * (f + b) / v)
+
+
 # Unequal F, B (input gradient) and W: measured per-layer times of a GPT block (ms), and a
 # small case checkable by hand. No communication, one layer per stage.
 UNEQUAL = [(8, 24, 18.522, 18.086, 9.337), (4, 12, 2.0, 3.0, 1.0), (2, 4, 1.0, 1.5, 0.5), (8, 16, 1.0, 1.0, 1.0)]
@@ -64,6 +74,31 @@ def test_zb_h1_issue_example_by_number():
     # each I (1F1B split) would take 1358.936
     s = build("zb-h1", 8, 24)
     assert simulate(s, uniform(s, 18.522, 18.086, 9.337)).step_time_s == pytest.approx(1293.577)
+
+
+@pytest.mark.parametrize("p,m,f,b,w,c", [(4, 12, 2.0, 3.0, 1.0, 0.5), (4, 12, 2.0, 3.0, 1.0, 1.0),
+                                         (8, 24, 18.522, 18.086, 9.337, 0.5), (8, 24, 18.522, 18.086, 9.337, 5.0)])
+def test_zb_h2_with_link_latency(p, m, f, b, w, c):
+    # while its deep warm-up covers the round trips (latency c at most about F), each of rank 0's
+    # p - 1 round trips to the last rank adds 2c to the published span, and the last rank
+    # starts (p - 1)(F + c) late; derived from the section 2.2 expression, not published
+    s = build("zb-h2", p, m)
+    step = simulate(s, uniform(s, f, b, w), [CutLink(latency_s=c)] * (p - 1)).step_time_s
+    assert step == pytest.approx(m * (f + b + w) + (p - 1) * max(f + b - 2 * w + 2 * c, f + c))
+
+
+@pytest.mark.parametrize("name", ["zb-v", "dualpipe-v"])
+@pytest.mark.parametrize("p,m", [(4, 12), (8, 24), (6, 18)])
+def test_v_schedules_within_dualpipe_v_expression_on_equal_passes(name, p, m):
+    # DualPipeV's bubble, (PP/2 - 1)(F&B + B - 3W) for PP stages on PP/2 = p ranks, per-chunk
+    # times, B the whole backward and F&B = F + B without compute overlap (deepseek-ai/DualPipe
+    # README, DualPipeV row; DualPipe's in the DeepSeek-V3 technical report, 2024, table 2).
+    # With F = I = W planner's orders stay within it; with unequal times its unit-cost orders
+    # do not (see planner.schedules._Greedy).
+    s = build(name, p, m, 2)
+    f = i = w = 0.5  # a rank's share of F, I and W is 1 each, over two chunks
+    step = simulate(s, [stage_cost(f, i, w)] * (2 * p)).step_time_s
+    assert step <= 2 * m * (f + i + w) + (p - 1) * (f + 2 * (i + w) - 3 * w) + 1e-9
 
 
 @pytest.mark.parametrize("name", ["1f1b", "zb-h1", "zb-h2"])
