@@ -138,8 +138,8 @@ SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
     ScheduleInfo("zb-v", "V placement, split backward, 1F1B's activation memory",
                  "Qi et al., Pipeline Parallelism with Controllable Memory, NeurIPS 2024 (ZB-V)",
                  True, "v", True),
-    ScheduleInfo("dualpipe-v", "V placement, split backward, deeper warm-up than ZB-V",
-                 "DeepSeek-AI, DeepSeek-V3 technical report, 2024 (DualPipe, cut in half)",
+    ScheduleInfo("dualpipe-v", "V placement, DualPipeV's eight steps, 2pp + 1 chunk activations",
+                 "DeepSeek-AI, DeepSeek-V3 technical report, 2024 (DualPipe); deepseek-ai/DualPipe (DualPipeV)",
                  True, "v", True),
     ScheduleInfo("pipedream", "asynchronous 1F1B with weight stashing (model only)",
                  "Narayanan et al., PipeDream, SOSP 2019", False, "loop", False),
@@ -375,11 +375,12 @@ class _Greedy:
     flight on it, which bounds activation memory. ``first_forward_priority(rank, started)`` lets
     a policy put forwards ahead of backwards during warm-up. The order found on unit costs is
     kept for any stage costs: it is a valid order whatever the durations, but tuned for F = I
-    = W only. With the input gradient 1.5 to 2 times the forward, ZB-V's and DualPipe-V's orders
-    run 9 to 46% over DualPipeV's published bubble (p - 1)(F&B + B - 3W) (deepseek-ai/DualPipe
-    README), which the same list schedule on the real durations meets; the authors' ZB-V
-    builder takes the measured F, B, W and communication times for that reason
-    (sail-sg/zero-bubble-pipeline-parallelism, scheduler/zbv.py).
+    = W only: with the input gradient 1.5 to 2 times the forward, ZB-V's order runs 9 to 46%
+    over DualPipeV's published bubble (p - 1)(F&B + B - 3W) (deepseek-ai/DualPipe README), which
+    the same list schedule on the real durations meets; the authors' ZB-V builder takes the
+    measured F, B, W and communication times for that reason
+    (sail-sg/zero-bubble-pipeline-parallelism, scheduler/zbv.py). The cap counts stage-micro-
+    batches started on the first chunk only, so the second chunk's forwards can exceed it.
     """
 
     def __init__(self, pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
@@ -489,6 +490,72 @@ def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
     return _Greedy(pp, stage_rank, m, cap, first_forward_priority).run()
 
 
+class _VRank:
+    """One rank's action list under a V placement: chunk 0 is stage r, chunk 1 stage 2pp-1-r,
+    each running its micro-batches in order; deferred weight gradients wait in a queue."""
+
+    def __init__(self, pp: int, rank: int):
+        self.stage = (rank, 2 * pp - 1 - rank)
+        self.next_f, self.next_b = [0, 0], [0, 0]
+        self.deferred: deque[Action] = deque()
+        self.actions: list[Action] = []
+
+    def forward(self, chunk: int) -> None:
+        self.actions.append(Action(Kind.FORWARD, self.stage[chunk], self.next_f[chunk]))
+        self.next_f[chunk] += 1
+
+    def backward(self, chunk: int, defer_w: bool = False) -> None:
+        """The next backward of ``chunk``: I then W at once, or I with its W queued."""
+        s, k = self.stage[chunk], self.next_b[chunk]
+        self.next_b[chunk] += 1
+        self.actions.append(Action(Kind.BACKWARD_INPUT, s, k))
+        w = Action(Kind.BACKWARD_WEIGHT, s, k)
+        if defer_w:
+            self.deferred.append(w)
+        else:
+            self.actions.append(w)
+
+    def weight(self) -> None:
+        self.actions.append(self.deferred.popleft())
+
+
+def _dualpipe_v_rank(pp: int, m: int, r: int) -> list[Action]:
+    """Rank r's order in DualPipeV, DualPipe (DeepSeek-V3 report, section 3.3.1) cut in half
+    onto a V (deepseek-ai/DualPipe, DualPipeV: eight steps, m >= 2pp). Where DualPipe overlaps
+    a forward of one chunk with a backward of the other (F&B), planner runs them one after the
+    other; a backward DualPipe runs whole is I then W at once, priced like every backward of a
+    split schedule. Every rank holds at most 2pp + 1 chunk activations (the README's PP + 1),
+    and the bubble stays within the published (PP/2 - 1)(F&B + B - 3W), PP = 2pp stages."""
+    q, x, last = _VRank(pp, r), pp - r - 1, r + 1
+    for _ in range(2 * x):  # 1: chunk-0 forwards
+        q.forward(0)
+    for _ in range(last):  # 2: forward pairs down chunk 0 and back up chunk 1
+        q.forward(0)
+        q.forward(1)
+    for _ in range(x):  # 3: zero-bubble chunk-1 backward, its W, a chunk-1 forward
+        q.backward(1, defer_w=True)
+        q.weight()
+        q.forward(1)
+    for _ in range(m - 2 * pp + last):  # 4: steady state, F0 & B1 then F1 & B0
+        q.forward(0)
+        q.backward(1)
+        q.forward(1)
+        q.backward(0)
+    for _ in range(x):  # 5: chunk-0 forwards are done
+        q.backward(1)
+        q.forward(1)
+        q.backward(0)
+    for i in range(last):  # 6: backward pairs; the second half defers W
+        q.backward(1, defer_w=i > last // 2 or (i == last // 2 and r % 2 == 1))
+        q.backward(0, defer_w=i >= last // 2)
+    for _ in range(x):  # 7: deferred W interleaved with the last chunk-0 backwards
+        q.weight()
+        q.backward(0, defer_w=True)
+    while q.deferred:  # 8: the remaining W
+        q.weight()
+    return q.actions
+
+
 @lru_cache(maxsize=256)
 def build(name: str, pp: int, m: int, v: int = 1) -> Schedule:
     """The per-rank action lists of schedule ``name`` for pp ranks, m micro-batches and v chunks."""
@@ -510,7 +577,11 @@ def build(name: str, pp: int, m: int, v: int = 1) -> Schedule:
         # i.e. 2 * pp stage-micro-batches of half the size (Qi et al. 2024, section 4).
         placement = _vee(pp)
         ranks = _greedy(pp, placement, m, cap=2 * pp, first_forward_priority=lambda r, n: False)
-    else:  # dualpipe-v: warm-up of 2(pp - r) - 1 first-chunk forwards before any backward
+    elif m >= 2 * pp:  # dualpipe-v as published
+        placement = _vee(pp)
+        ranks = [_dualpipe_v_rank(pp, m, r) for r in range(pp)]
+    else:  # dualpipe-v with fewer micro-batches than DualPipeV runs: a greedy order with its
+        # deeper warm-up, 2(pp - r) - 1 first-chunk forwards before any backward
         placement = _vee(pp)
         ranks = _greedy(pp, placement, m, cap=2 * pp + 1,
                         first_forward_priority=lambda r, n: n < 2 * (pp - r) - 1)

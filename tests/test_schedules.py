@@ -73,6 +73,26 @@ def test_zb_h2_warms_up_deeper_and_holds_2p_minus_1(p, m):
     assert inflight_peaks(s) == [min(2 * p - 1, m)] * p
 
 
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (8, 24), (3, 7)])
+def test_dualpipe_v_holds_2p_plus_1_chunk_activations(p, m):
+    # deepseek-ai/DualPipe README: DualPipeV keeps PP + 1 activations per device, PP = 2p stages
+    from planner.simulate import memory_states
+
+    held = [int(x[:, 1:3].sum(axis=1).max()) for x in memory_states(build("dualpipe-v", p, m, 2))]
+    assert held == [2 * p + 1] * p
+
+
+def test_dualpipe_v_order_by_hand():
+    # pp=2, m=4 on rank 1 (stages 1 and 2): DualPipeV's step 2 (two F0 F1 pairs), step 4
+    # (m - 2pp + 2 = two F0 B1 F1 B0 rounds), step 6 (two backward pairs, W deferred in the
+    # second: rank 1 is odd) and step 8 (the deferred W)
+    s = build("dualpipe-v", 2, 4, 2)
+    assert " ".join(map(str, s.ranks[1])) == ("1F0 2F0 1F1 2F1 "
+                                              "1F2 2I0 2W0 2F2 1I0 1W0 1F3 2I1 2W1 2F3 1I1 1W1 "
+                                              "2I2 2W2 1I2 1W2 2I3 1I3 "
+                                              "2W3 1W3")
+
+
 def test_zb_h1_order_by_hand():
     # pp=2, m=3: rank 0 (1F1B warm-up of 2) runs each W at once; rank 1 runs W one I late,
     # so it sends its second input gradient before its first W

@@ -93,12 +93,22 @@ def test_v_schedules_within_dualpipe_v_expression_on_equal_passes(name, p, m):
     # DualPipeV's bubble, (PP/2 - 1)(F&B + B - 3W) for PP stages on PP/2 = p ranks, per-chunk
     # times, B the whole backward and F&B = F + B without compute overlap (deepseek-ai/DualPipe
     # README, DualPipeV row; DualPipe's in the DeepSeek-V3 technical report, 2024, table 2).
-    # With F = I = W planner's orders stay within it; with unequal times its unit-cost orders
-    # do not (see planner.schedules._Greedy).
+    # With F = I = W both orders stay within it.
     s = build(name, p, m, 2)
     f = i = w = 0.5  # a rank's share of F, I and W is 1 each, over two chunks
     step = simulate(s, [stage_cost(f, i, w)] * (2 * p)).step_time_s
     assert step <= 2 * m * (f + i + w) + (p - 1) * (f + 2 * (i + w) - 3 * w) + 1e-9
+
+
+@pytest.mark.parametrize("p,m,f,b,w", UNEQUAL + [(4, 16, 1.0, 2.0, 0.5), (3, 9, 3.0, 2.0, 1.0)])
+def test_dualpipe_v_within_its_published_bubble_with_unequal_passes(p, m, f, b, w):
+    # the expression above with a rank's F, I and W split over its two chunks; the old greedy
+    # order, found on equal pass times, ran 9% over it in the first case and 45% in the fifth
+    s = build("dualpipe-v", p, m, 2)
+    fc, ic, wc = f / 2, b / 2, w / 2
+    step = simulate(s, [stage_cost(fc, ic, wc)] * (2 * p)).step_time_s
+    assert step <= m * (f + b + w) + (p - 1) * (fc + 2 * (ic + wc) - 3 * wc) + 1e-9
+    assert step >= m * (f + b + w)
 
 
 @pytest.mark.parametrize("name", ["1f1b", "zb-h1", "zb-h2"])
