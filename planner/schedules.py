@@ -135,7 +135,7 @@ SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
                  "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.1 (ZB-H1)", True, "loop", True),
     ScheduleInfo("zb-h2", "deeper warm-up (2(pp - r) - 1 forwards), split backward, about 2pp in flight",
                  "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.2 (ZB-H2)", True, "loop", True),
-    ScheduleInfo("zb-v", "V placement, split backward, 1F1B's activation memory",
+    ScheduleInfo("zb-v", "V placement, the authors' handcrafted order, 1F1B's activation memory",
                  "Qi et al., Pipeline Parallelism with Controllable Memory, NeurIPS 2024 (ZB-V)",
                  True, "v", True),
     ScheduleInfo("dualpipe-v", "V placement, DualPipeV's eight steps, 2pp + 1 chunk activations",
@@ -375,12 +375,9 @@ class _Greedy:
     flight on it, which bounds activation memory. ``first_forward_priority(rank, started)`` lets
     a policy put forwards ahead of backwards during warm-up. The order found on unit costs is
     kept for any stage costs: it is a valid order whatever the durations, but tuned for F = I
-    = W only: with the input gradient 1.5 to 2 times the forward, ZB-V's order runs 9 to 46%
-    over DualPipeV's published bubble (p - 1)(F&B + B - 3W) (deepseek-ai/DualPipe README), which
-    the same list schedule on the real durations meets; the authors' ZB-V builder takes the
-    measured F, B, W and communication times for that reason
-    (sail-sg/zero-bubble-pipeline-parallelism, scheduler/zbv.py). The cap counts stage-micro-
-    batches started on the first chunk only, so the second chunk's forwards can exceed it.
+    = W only (with the input gradient 1.5 to 2 times the forward, such orders ran 9 to 46% over
+    DualPipeV's published bubble). It now serves only DualPipe-V with fewer than 2pp
+    micro-batches, which DualPipeV's own order does not cover.
     """
 
     def __init__(self, pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
@@ -515,8 +512,46 @@ class _VRank:
         else:
             self.actions.append(w)
 
-    def weight(self) -> None:
-        self.actions.append(self.deferred.popleft())
+    def weight(self, chunk: int | None = None) -> None:
+        """The oldest deferred W, or the oldest of ``chunk``."""
+        at = 0 if chunk is None else next(n for n, w in enumerate(self.deferred) if w.stage == self.stage[chunk])
+        self.actions.append(self.deferred[at])
+        del self.deferred[at]
+
+
+def _zb_v_rank(pp: int, m: int, r: int) -> list[Action]:
+    """Rank r's order in ZB-V (Qi et al., Pipeline Parallelism with Controllable Memory,
+    NeurIPS 2024; the ZB paper's V schedule; the authors' handcrafted ZB-V,
+    sail-sg/zero-bubble-pipeline-parallelism, handcrafted_zb_v): built for
+    max(m, 2pp - 1) micro-batches, the extra ones then dropped. Every rank holds at most 2pp
+    chunk activations, pp whole micro-batches: 1F1B's peak. With F = I = W the only idle time
+    is the last rank's (pp - 1) chunk forwards before it starts."""
+    n = max(m, 2 * pp - 1)
+    q = _VRank(pp, r)
+    for _ in range(2 * (pp - r) - 1):  # warm-up: chunk-0 forwards,
+        q.forward(0)
+    for _ in range(r):  # then chunk-1 and chunk-0 forwards in turn,
+        q.forward(1)
+        q.forward(0)
+    for _ in range(pp - r):  # then chunk-1 forward and backward
+        q.forward(1)
+        q.backward(1)
+    while q.next_f[1] < q.next_f[0] or q.next_f[0] < n:  # steady: F0 B0 F1 B1, each B with its W
+        if q.next_f[0] < n:
+            q.forward(0)
+        q.backward(0)
+        q.forward(1)
+        q.backward(1)
+    for _ in range(r):  # cool-down: input gradients first, their W deferred
+        q.backward(0, defer_w=True)
+        q.backward(1, defer_w=True)
+    for _ in range(pp - r):
+        q.backward(0, defer_w=True)
+        q.weight(0)
+    for chunk in (1, 0):
+        while any(w.stage == q.stage[chunk] for w in q.deferred):
+            q.weight(chunk)
+    return [a for a in q.actions if a.mb < m]
 
 
 def _dualpipe_v_rank(pp: int, m: int, r: int) -> list[Action]:
@@ -573,10 +608,8 @@ def build(name: str, pp: int, m: int, v: int = 1) -> Schedule:
     elif name in ("interleaved-1f1b", "zb-h1"):
         ranks, placement = _interleaved(pp, v, m, split=info.split_backward), _loop(pp, v)
     elif name == "zb-v":
-        # ZB-V keeps 1F1B's peak activation memory: pp micro-batches of the whole per-rank model,
-        # i.e. 2 * pp stage-micro-batches of half the size (Qi et al. 2024, section 4).
         placement = _vee(pp)
-        ranks = _greedy(pp, placement, m, cap=2 * pp, first_forward_priority=lambda r, n: False)
+        ranks = [_zb_v_rank(pp, m, r) for r in range(pp)]
     elif m >= 2 * pp:  # dualpipe-v as published
         placement = _vee(pp)
         ranks = [_dualpipe_v_rank(pp, m, r) for r in range(pp)]

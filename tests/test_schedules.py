@@ -82,6 +82,24 @@ def test_dualpipe_v_holds_2p_plus_1_chunk_activations(p, m):
     assert held == [2 * p + 1] * p
 
 
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (8, 24), (3, 7)])
+def test_zb_v_holds_1f1b_memory(p, m):
+    # Qi et al. 2024: ZB-V's peak is 1F1B's, p whole micro-batches, 2p chunk activations
+    from planner.simulate import memory_states
+
+    held = [int(x[:, 1:3].sum(axis=1).max()) for x in memory_states(build("zb-v", p, m, 2))]
+    assert held == [2 * p] * p
+
+
+def test_zb_v_order_by_hand():
+    # pp=2, m=4 on rank 1 (stages 1 and 2): 2(pp - r) - 1 = 1 chunk-0 forward, one F1 F0 pair,
+    # one F1 B1, the steady F0 B0 F1 B1 rounds, then I first with W deferred
+    s = build("zb-v", 2, 4, 2)
+    assert " ".join(map(str, s.ranks[1])) == ("1F0 2F0 1F1 2F1 2I0 2W0 "
+                                              "1F2 1I0 1W0 2F2 2I1 2W1 1F3 1I1 1W1 2F3 2I2 2W2 "
+                                              "1I2 2I3 1I3 1W2 2W3 1W3")
+
+
 def test_dualpipe_v_order_by_hand():
     # pp=2, m=4 on rank 1 (stages 1 and 2): DualPipeV's step 2 (two F0 F1 pairs), step 4
     # (m - 2pp + 2 = two F0 B1 F1 B0 rounds), step 6 (two backward pairs, W deferred in the
