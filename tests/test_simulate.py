@@ -113,6 +113,22 @@ def test_v_schedules_within_dualpipe_v_bubble_with_unequal_passes(name, p, m, f,
     assert step >= m * (f + b + w)
 
 
+@pytest.mark.parametrize("name", ["zb-v", "dualpipe-v"])
+@pytest.mark.parametrize("p,m,f,b,w", UNEQUAL[:2] + [(4, 8, 1.0, 1.0, 1.0)])
+@pytest.mark.parametrize("share", [0.05, 0.25])
+def test_v_schedules_with_link_latency(name, p, m, f, b, w, share):
+    # DualPipeV's expression assumes communication hidden behind compute. With a latency c per
+    # hop, transfers lie on the critical path only in the fill and the drain: the first
+    # micro-batch down the V and back up, the last one's backward likewise, 4(p - 1) hops.
+    # Derived here, not published: the step stays within the expression plus 4(p - 1)c.
+    s = build(name, p, m, 2)
+    fc, ic, wc, c = f / 2, b / 2, w / 2, share * f
+    step = simulate(s, [stage_cost(fc, ic, wc)] * (2 * p), [CutLink(latency_s=c)] * (2 * p - 1)).step_time_s
+    assert step <= m * (f + b + w) + (p - 1) * (fc + 2 * (ic + wc) - 3 * wc + 4 * c) + 1e-9
+    # and the last rank cannot start before the first micro-batch has crossed p - 1 ranks
+    assert step >= m * (f + b + w) + (p - 1) * (fc + c) - 1e-9
+
+
 @pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 12), (8, 16), (6, 18)])
 def test_zb_v_has_no_bubble_on_equal_passes(p, m):
     # Qi et al. 2024 (ZB-V): zero bubble with F = B = W; a flushed step then only waits for the
