@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
 from enum import StrEnum
-from typing import Callable, NamedTuple
+from functools import cached_property, lru_cache
+from typing import NamedTuple
 
 from planner.errors import ScheduleError
 
@@ -130,13 +131,15 @@ SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
                  "Narayanan et al., PipeDream-2BW, ICML 2021 (PipeDream-Flush)", True, "loop", False),
     ScheduleInfo("interleaved-1f1b", "1F1B over v model chunks per rank",
                  "Narayanan et al., Megatron-LM, SC 2021, section 2.2", True, "loop", False),
-    ScheduleInfo("zb-h1", "1F1B with backward split into input and weight gradients",
-                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024 (ZB-H1)", True, "loop", True),
-    ScheduleInfo("zb-v", "V placement, split backward, 1F1B's activation memory",
+    ScheduleInfo("zb-h1", "1F1B's warm-up, backward split, weight gradients deferred into the drain",
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.1 (ZB-H1)", True, "loop", True),
+    ScheduleInfo("zb-h2", "deeper warm-up (2(pp - r) - 1 forwards), split backward, about 2pp in flight",
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.2 (ZB-H2)", True, "loop", True),
+    ScheduleInfo("zb-v", "V placement, the authors' handcrafted order, 1F1B's activation memory",
                  "Qi et al., Pipeline Parallelism with Controllable Memory, NeurIPS 2024 (ZB-V)",
                  True, "v", True),
-    ScheduleInfo("dualpipe-v", "V placement, split backward, deeper warm-up than ZB-V",
-                 "DeepSeek-AI, DeepSeek-V3 technical report, 2024 (DualPipe, cut in half)",
+    ScheduleInfo("dualpipe-v", "V placement, DualPipeV's eight steps, 2pp + 1 chunk activations",
+                 "DeepSeek-AI, DeepSeek-V3 technical report, 2024 (DualPipe); deepseek-ai/DualPipe (DualPipeV)",
                  True, "v", True),
     ScheduleInfo("pipedream", "asynchronous 1F1B with weight stashing (model only)",
                  "Narayanan et al., PipeDream, SOSP 2019", False, "loop", False),
@@ -147,7 +150,7 @@ SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
 ALIASES = {
     "pipedream-flush": "1f1b", "1f1b-flush": "1f1b", "interleaved": "interleaved-1f1b",
     "interleaved1f1b": "interleaved-1f1b", "i1f1b": "interleaved-1f1b", "zbh1": "zb-h1",
-    "zero-bubble": "zb-h1", "zbv": "zb-v", "dualpipev": "dualpipe-v", "dualpipe": "dualpipe-v",
+    "zb1p": "zb-h1", "zero-bubble": "zb-h1", "zbh2": "zb-h2", "zb2p": "zb-h2", "zbv": "zb-v", "dualpipev": "dualpipe-v", "dualpipe": "dualpipe-v",
     "2bw": "pipedream-2bw", "pipedream2bw": "pipedream-2bw", "none": "naive",
 }
 
@@ -242,56 +245,127 @@ def _backward(stage: int, mb: int, split: bool) -> list[Action]:
     return [Action(Kind.FULL_BACKWARD, stage, mb)]
 
 
-def _one_f_one_b(pp: int, m: int, split: bool) -> list[list[Action]]:
+def _one_f_one_b(pp: int, m: int) -> list[list[Action]]:
     """Rank r runs min(pp - r, m) warm-up forwards, then alternates backward and forward, so it
-    holds at most pp - r micro-batches (Narayanan et al. 2021, PipeDream-Flush). With ``split``,
-    each backward is I then W (ZB-H1, Qi et al. 2024: the input gradient leaves W earlier)."""
+    holds at most pp - r micro-batches (Narayanan et al. 2021, PipeDream-Flush)."""
     out = []
     for r in range(pp):
         warm = min(pp - r, m)
         acts = [Action(Kind.FORWARD, r, k) for k in range(warm)]
         for k in range(m):
-            acts += _backward(r, k, split)
+            acts.append(Action(Kind.FULL_BACKWARD, r, k))
             if warm + k < m:
                 acts.append(Action(Kind.FORWARD, r, warm + k))
         out.append(acts)
     return out
 
 
-def _interleaved(pp: int, v: int, m: int, split: bool) -> list[list[Action]]:
-    """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, section 2.2): micro-batches run in
-    groups of pp through chunk 0, then chunk 1, ...; rank r warms up with (pp - r - 1) * 2 +
-    (v - 1) * pp forwards, then alternates forward and backward."""
-    total = v * m
+def _zb_h1(pp: int, m: int) -> list[list[Action]]:
+    """ZB-H1 (Qi et al. 2024, section 2.1 and figure 3): 1F1B's warm-up and steady state with
+    each backward split, rank r's weight gradients starting r input gradients late ("the starting
+    points of W passes adjusted by the number of warm-up micro-batches"; PyTorch's
+    ScheduleInterleavedZeroBubble delays W the same way, by ``rank`` backwards). Later ranks
+    thereby pass input gradients up sooner, and the deferred W fill the drain: with uniform
+    stages and no communication the step is m(F + B + W) + (pp - 1)(F + B - W), B the input
+    gradient (section 2's table of bubble sizes; 1F1B: (pp - 1)(F + B + W)).
+
+    Memory, counting a micro-batch from its F until its W: every rank holds at most pp ("all
+    stages have the same number of in-flight micro-batches"), 1F1B's peak on rank 0; the paper's
+    claim is about that peak, W needing less memory than B (Table 1). On rank r > 0 this is more
+    than 1F1B's pp - r; the micro-batches still waiting for their input gradient stay pp - r."""
     out = []
     for r in range(pp):
-        def order(n: int, backward: bool) -> tuple[int, int]:
-            group, within = divmod(n, pp * v)
-            chunk = within // pp
-            if backward:
-                chunk = v - 1 - chunk
-            return chunk * pp + r, group * pp + within % pp
-
-        fwd = [Action(Kind.FORWARD, *order(n, False)) for n in range(total)]
-        bwd = [order(n, True) for n in range(total)]
-        warm = min((pp - r - 1) * 2 + (v - 1) * pp, total)
-        acts = fwd[:warm]
-
-        def backward(n: int) -> list[Action]:
-            s, k = bwd[n]
-            return _backward(s, k, split)
-
-        for n in range(total - warm):
-            acts.append(fwd[warm + n])
-            acts += backward(n)
-        for n in range(total - warm, total):
-            acts += backward(n)
+        warm = min(pp - r, m)
+        acts = [Action(Kind.FORWARD, r, k) for k in range(warm)]
+        done_w = 0
+        for k in range(m):
+            acts.append(Action(Kind.BACKWARD_INPUT, r, k))
+            if k >= r:  # W runs r input gradients behind; before the next F, so at most pp held
+                acts.append(Action(Kind.BACKWARD_WEIGHT, r, done_w))
+                done_w += 1
+            if warm + k < m:
+                acts.append(Action(Kind.FORWARD, r, warm + k))
+        acts += [Action(Kind.BACKWARD_WEIGHT, r, k) for k in range(done_w, m)]
         out.append(acts)
     return out
 
 
-def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
-            first_forward_priority: Callable[[int, int], bool]) -> list[list[Action]]:
+def _zb_h2(pp: int, m: int) -> list[list[Action]]:
+    """ZB-H2 (Qi et al. 2024, section 2.2 and figure 4): rank r warms up with 2(pp - r) - 1
+    forwards, enough to fill the wait for its first input gradient; then each input gradient is
+    followed by a forward, a W running only when the next forward would hold more than 2pp - 1
+    micro-batches (the paper's (2p - 1) M_B peak); in the drain each input gradient is followed
+    by one W and the rest come last, which makes the paper's parallelogram. The paper's bubble
+    for it, (pp - 1)(F + B - 2W) (section 2's table of bubble sizes), is rank 0's idle time: the
+    authors measure a bubble on the longest rank's own span, from its first action to its last
+    (their schedule playground: 1 - m(F + B + W) / longest stage time). A flushed step also
+    waits for the last rank, which starts (pp - 1)F late and then computes m(F + B + W), so the
+    step is the larger of m(F + B + W) + (pp - 1)(F + B - 2W) and m(F + B + W) + (pp - 1)F."""
+    cap = 2 * pp - 1
+    out = []
+    for r in range(pp):
+        started = min(2 * (pp - r) - 1, m)
+        acts = [Action(Kind.FORWARD, r, k) for k in range(started)]
+        done_w = 0
+        for k in range(m):
+            acts.append(Action(Kind.BACKWARD_INPUT, r, k))
+            if started < m:
+                while started - done_w >= cap:
+                    acts.append(Action(Kind.BACKWARD_WEIGHT, r, done_w))
+                    done_w += 1
+                acts.append(Action(Kind.FORWARD, r, started))
+                started += 1
+            elif done_w <= k:
+                acts.append(Action(Kind.BACKWARD_WEIGHT, r, done_w))
+                done_w += 1
+        acts += [Action(Kind.BACKWARD_WEIGHT, r, k) for k in range(done_w, m)]
+        out.append(acts)
+    return out
+
+
+def _interleaved_slot(pp: int, v: int, rank: int, n: int, backward: bool) -> tuple[int, int]:
+    """(stage, micro-batch) of rank's n-th forward (or backward) in Megatron-LM's interleaved
+    order: groups of pp micro-batches go through chunk 0, then chunk 1, ... (backwards: the
+    last chunk first)."""
+    group, within = divmod(n, pp * v)
+    chunk = within // pp
+    if backward:
+        chunk = v - 1 - chunk
+    return chunk * pp + rank, group * pp + within % pp
+
+
+def _interleaved(pp: int, v: int, m: int, split: bool) -> list[list[Action]]:
+    """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, section 2.2): rank r warms up with
+    (pp - r - 1) * 2 + (v - 1) * pp forwards, then alternates forward and backward. Its step on
+    uniform stages is m(tF + tB) + (pp - 1)(tF + tB) / v, tF and tB a rank's whole share."""
+    total = v * m
+    out = []
+    for r in range(pp):
+        fwd = [Action(Kind.FORWARD, *_interleaved_slot(pp, v, r, n, False)) for n in range(total)]
+        bwd = [_backward(*_interleaved_slot(pp, v, r, n, True), split) for n in range(total)]
+        warm = min((pp - r - 1) * 2 + (v - 1) * pp, total)
+        acts = fwd[:warm]
+        for n in range(total - warm):
+            acts.append(fwd[warm + n])
+            acts += bwd[n]
+        for n in range(total - warm, total):
+            acts += bwd[n]
+        out.append(acts)
+    return out
+
+
+class _Option(NamedTuple):
+    """A rank's candidate next action, ordered as the list scheduler prefers: earliest start,
+    then priority (-1 warm-up forward, 0 input gradient, 1 forward, 2 deferred W), then later
+    stages first."""
+
+    start: int
+    priority: int
+    minus_stage: int
+    action: Action
+
+
+class _Greedy:
     """List-schedule split-backward actions on unit costs (F = I = W = 1).
 
     Each rank takes, among the actions it could start earliest, a backward input gradient
@@ -300,90 +374,221 @@ def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
     micro-batch on its first stage only while fewer than ``cap`` stage-micro-batches are in
     flight on it, which bounds activation memory. ``first_forward_priority(rank, started)`` lets
     a policy put forwards ahead of backwards during warm-up. The order found on unit costs is
-    kept for any stage costs: it is a valid order whatever the durations.
+    kept for any stage costs: it is a valid order whatever the durations, but tuned for F = I
+    = W only (with the input gradient 1.5 to 2 times the forward, such orders ran 9 to 46% over
+    DualPipeV's published bubble). It now serves only DualPipe-V with fewer than 2pp
+    micro-batches, which DualPipeV's own order does not cover.
     """
-    S = len(stage_rank)
-    stages = [[s for s in range(S) if stage_rank[s] == r] for r in range(pp)]
-    later_first = [sorted(x, reverse=True) for x in stages]
-    end_f = [[-1] * m for _ in range(S)]  # when each forward / input gradient ends; -1: not yet
-    end_i = [[-1] * m for _ in range(S)]
-    next_f, next_i = [0] * S, [0] * S
-    clock, inflight, started = [0] * pp, [0] * pp, [0] * pp
-    pending_w: list[deque] = [deque() for _ in range(pp)]
-    lists: list[list[Action]] = [[] for _ in range(pp)]
-    remaining = 3 * S * m
 
-    def best(r: int):
-        """(start, priority, -stage, kind, stage, mb) of rank r's next action, or None."""
-        top = None
-        now, first = clock[r], stages[r][0]
-        for s in later_first[r]:
-            k = next_i[s]
-            if k < m and (own := end_f[s][k]) >= 0:
-                ready = own if s == S - 1 else (max(own, end_i[s + 1][k]) if end_i[s + 1][k] >= 0 else -1)
-                if ready >= 0:
-                    option = (max(now, ready), 0, -s, Kind.BACKWARD_INPUT, s, k)
-                    top = option if top is None or option < top else top
-            k = next_f[s]
-            if k < m and (s != first or inflight[r] < cap):
-                ready = 0 if s == 0 else end_f[s - 1][k]
-                if ready >= 0:
-                    prio = -1 if first_forward_priority(r, started[r]) else 1
-                    option = (max(now, ready), prio, -s, Kind.FORWARD, s, k)
-                    top = option if top is None or option < top else top
-        if pending_w[r]:
-            w = pending_w[r][0]
-            option = (now, 2, -w.stage, Kind.BACKWARD_WEIGHT, w.stage, w.mb)
-            top = option if top is None or option < top else top
-        return top
+    def __init__(self, pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
+                 first_forward_priority: Callable[[int, int], bool]):
+        self.pp, self.stage_rank, self.m, self.cap = pp, stage_rank, m, cap
+        self.first_forward_priority = first_forward_priority
+        S = self.S = len(stage_rank)
+        stages = [[s for s in range(S) if stage_rank[s] == r] for r in range(pp)]
+        self.first_stage = [x[0] for x in stages]
+        self.later_first = [sorted(x, reverse=True) for x in stages]
+        self.end_f = [[-1] * m for _ in range(S)]  # when each forward / input gradient ends; -1: not yet
+        self.end_i = [[-1] * m for _ in range(S)]
+        self.next_f, self.next_i = [0] * S, [0] * S
+        self.clock, self.inflight, self.started = [0] * pp, [0] * pp, [0] * pp
+        self.pending_w: list[deque[Action]] = [deque() for _ in range(pp)]
+        self.lists: list[list[Action]] = [[] for _ in range(pp)]
 
-    # Each rank's best option is cached in a heap and recomputed only when an action that
-    # could change it completes (its own, or a neighbour stage's).
-    heap: list[tuple[int, int, int, int, Kind, int, int]] = []  # ..., rank, version, kind, stage, mb
-    version = [0] * pp
-
-    def push(r: int) -> None:
-        version[r] += 1
-        b = best(r)
-        if b is not None:
-            heapq.heappush(heap, (b[0], b[1], r, version[r], b[3], b[4], b[5]))
-
-    for r in range(pp):
-        push(r)
-    while remaining:
-        while heap and heap[0][3] != version[heap[0][2]]:
-            heapq.heappop(heap)
-        if not heap:
-            raise ScheduleError(f"schedule builder deadlocked (pp={pp}, m={m}, cap={cap})")
-        start, _, r, _, kind, stage, mb = heapq.heappop(heap)
-        a = Action(kind, stage, mb)
-        finish = start + 1
-        clock[r] = finish
-        lists[r].append(a)
-        if a.kind == Kind.FORWARD:
-            end_f[a.stage][a.mb] = finish
-        elif a.kind == Kind.BACKWARD_INPUT:
-            end_i[a.stage][a.mb] = finish
-        remaining -= 1
-        if a.kind == Kind.FORWARD:
-            next_f[a.stage] += 1
-            inflight[r] += 1
-            if a.stage == stages[r][0]:
-                started[r] += 1
-        elif a.kind == Kind.BACKWARD_INPUT:
-            next_i[a.stage] += 1
-            pending_w[r].append(Action(Kind.BACKWARD_WEIGHT, a.stage, a.mb))
+    def _input_gradient(self, r: int, s: int) -> _Option | None:
+        """Stage s's next I, once its own forward and the next stage's I have ended."""
+        k = self.next_i[s]
+        if k >= self.m or (own := self.end_f[s][k]) < 0:
+            return None
+        if s == self.S - 1:
+            ready = own
+        elif (grad := self.end_i[s + 1][k]) >= 0:
+            ready = max(own, grad)
         else:
-            pending_w[r].popleft()
-            inflight[r] -= 1
-        touched = {r}
-        if a.stage + 1 < S:
-            touched.add(stage_rank[a.stage + 1])
-        if a.stage > 0:
-            touched.add(stage_rank[a.stage - 1])
-        for q in touched:
-            push(q)
-    return lists
+            return None
+        return _Option(max(self.clock[r], ready), 0, -s, Action(Kind.BACKWARD_INPUT, s, k))
+
+    def _forward(self, r: int, s: int) -> _Option | None:
+        """Stage s's next F, once the previous stage's has ended and, on the rank's first stage,
+        while fewer than ``cap`` micro-batches are in flight."""
+        k = self.next_f[s]
+        if k >= self.m or (s == self.first_stage[r] and self.inflight[r] >= self.cap):
+            return None
+        ready = 0 if s == 0 else self.end_f[s - 1][k]
+        if ready < 0:
+            return None
+        prio = -1 if self.first_forward_priority(r, self.started[r]) else 1
+        return _Option(max(self.clock[r], ready), prio, -s, Action(Kind.FORWARD, s, k))
+
+    def best(self, r: int) -> _Option | None:
+        """Rank r's preferred next action, or None while it has nothing it could start."""
+        options = [o for s in self.later_first[r] for o in (self._input_gradient(r, s), self._forward(r, s))
+                   if o is not None]
+        if self.pending_w[r]:
+            w = self.pending_w[r][0]
+            options.append(_Option(self.clock[r], 2, -w.stage, w))
+        return min(options, default=None)
+
+    def commit(self, r: int, start: int, a: Action) -> None:
+        """Run ``a`` on rank r from ``start`` for one unit."""
+        finish = start + 1
+        self.clock[r] = finish
+        self.lists[r].append(a)
+        if a.kind == Kind.FORWARD:
+            self.end_f[a.stage][a.mb] = finish
+            self.next_f[a.stage] += 1
+            self.inflight[r] += 1
+            self.started[r] += a.stage == self.first_stage[r]
+        elif a.kind == Kind.BACKWARD_INPUT:
+            self.end_i[a.stage][a.mb] = finish
+            self.next_i[a.stage] += 1
+            self.pending_w[r].append(Action(Kind.BACKWARD_WEIGHT, a.stage, a.mb))
+        else:
+            self.pending_w[r].popleft()
+            self.inflight[r] -= 1
+
+    def neighbours(self, stage: int) -> set[int]:
+        """The ranks whose options an action of ``stage`` can change: its own and its neighbours'."""
+        out = {self.stage_rank[stage]}
+        if stage + 1 < self.S:
+            out.add(self.stage_rank[stage + 1])
+        if stage > 0:
+            out.add(self.stage_rank[stage - 1])
+        return out
+
+    def run(self) -> list[list[Action]]:
+        # Each rank's best option is cached in a heap and recomputed only when an action that
+        # could change it completes (its own, or a neighbour stage's); stale entries are skipped.
+        heap: list[tuple[int, int, int, int, Action]] = []  # start, priority, rank, version, action
+        version = [0] * self.pp
+
+        def push(r: int) -> None:
+            version[r] += 1
+            if (b := self.best(r)) is not None:
+                heapq.heappush(heap, (b.start, b.priority, r, version[r], b.action))
+
+        for r in range(self.pp):
+            push(r)
+        for _ in range(3 * self.S * self.m):
+            while heap and heap[0][3] != version[heap[0][2]]:
+                heapq.heappop(heap)
+            if not heap:
+                raise ScheduleError(f"schedule builder deadlocked (pp={self.pp}, m={self.m}, cap={self.cap})")
+            start, _, r, _, a = heapq.heappop(heap)
+            self.commit(r, start, a)
+            for q in self.neighbours(a.stage):
+                push(q)
+        return self.lists
+
+
+def _greedy(pp: int, stage_rank: tuple[int, ...], m: int, cap: int,
+            first_forward_priority: Callable[[int, int], bool]) -> list[list[Action]]:
+    """The unit-cost list schedule of ``_Greedy`` for this placement and in-flight cap."""
+    return _Greedy(pp, stage_rank, m, cap, first_forward_priority).run()
+
+
+class _VRank:
+    """One rank's action list under a V placement: chunk 0 is stage r, chunk 1 stage 2pp-1-r,
+    each running its micro-batches in order; deferred weight gradients wait in a queue."""
+
+    def __init__(self, pp: int, rank: int):
+        self.stage = (rank, 2 * pp - 1 - rank)
+        self.next_f, self.next_b = [0, 0], [0, 0]
+        self.deferred: deque[Action] = deque()
+        self.actions: list[Action] = []
+
+    def forward(self, chunk: int) -> None:
+        self.actions.append(Action(Kind.FORWARD, self.stage[chunk], self.next_f[chunk]))
+        self.next_f[chunk] += 1
+
+    def backward(self, chunk: int, defer_w: bool = False) -> None:
+        """The next backward of ``chunk``: I then W at once, or I with its W queued."""
+        s, k = self.stage[chunk], self.next_b[chunk]
+        self.next_b[chunk] += 1
+        self.actions.append(Action(Kind.BACKWARD_INPUT, s, k))
+        w = Action(Kind.BACKWARD_WEIGHT, s, k)
+        if defer_w:
+            self.deferred.append(w)
+        else:
+            self.actions.append(w)
+
+    def weight(self, chunk: int | None = None) -> None:
+        """The oldest deferred W, or the oldest of ``chunk``."""
+        at = 0 if chunk is None else next(n for n, w in enumerate(self.deferred) if w.stage == self.stage[chunk])
+        self.actions.append(self.deferred[at])
+        del self.deferred[at]
+
+
+def _zb_v_rank(pp: int, m: int, r: int) -> list[Action]:
+    """Rank r's order in ZB-V (Qi et al., Pipeline Parallelism with Controllable Memory,
+    NeurIPS 2024; the ZB paper's V schedule; the authors' handcrafted ZB-V,
+    sail-sg/zero-bubble-pipeline-parallelism, handcrafted_zb_v): built for
+    max(m, 2pp - 1) micro-batches, the extra ones then dropped. Every rank holds at most 2pp
+    chunk activations, pp whole micro-batches: 1F1B's peak. With F = I = W the only idle time
+    is the last rank's (pp - 1) chunk forwards before it starts."""
+    n = max(m, 2 * pp - 1)
+    q = _VRank(pp, r)
+    for _ in range(2 * (pp - r) - 1):  # warm-up: chunk-0 forwards,
+        q.forward(0)
+    for _ in range(r):  # then chunk-1 and chunk-0 forwards in turn,
+        q.forward(1)
+        q.forward(0)
+    for _ in range(pp - r):  # then chunk-1 forward and backward
+        q.forward(1)
+        q.backward(1)
+    while q.next_f[1] < q.next_f[0] or q.next_f[0] < n:  # steady: F0 B0 F1 B1, each B with its W
+        if q.next_f[0] < n:
+            q.forward(0)
+        q.backward(0)
+        q.forward(1)
+        q.backward(1)
+    for _ in range(r):  # cool-down: input gradients first, their W deferred
+        q.backward(0, defer_w=True)
+        q.backward(1, defer_w=True)
+    for _ in range(pp - r):
+        q.backward(0, defer_w=True)
+        q.weight(0)
+    for chunk in (1, 0):
+        while any(w.stage == q.stage[chunk] for w in q.deferred):
+            q.weight(chunk)
+    return [a for a in q.actions if a.mb < m]
+
+
+def _dualpipe_v_rank(pp: int, m: int, r: int) -> list[Action]:
+    """Rank r's order in DualPipeV, DualPipe (DeepSeek-V3 report, section 3.3.1) cut in half
+    onto a V (deepseek-ai/DualPipe, DualPipeV: eight steps, m >= 2pp). Where DualPipe overlaps
+    a forward of one chunk with a backward of the other (F&B), planner runs them one after the
+    other; a backward DualPipe runs whole is I then W at once, priced like every backward of a
+    split schedule. Every rank holds at most 2pp + 1 chunk activations (the README's PP + 1),
+    and the bubble stays within the published (PP/2 - 1)(F&B + B - 3W), PP = 2pp stages."""
+    q, x, last = _VRank(pp, r), pp - r - 1, r + 1
+    for _ in range(2 * x):  # 1: chunk-0 forwards
+        q.forward(0)
+    for _ in range(last):  # 2: forward pairs down chunk 0 and back up chunk 1
+        q.forward(0)
+        q.forward(1)
+    for _ in range(x):  # 3: zero-bubble chunk-1 backward, its W, a chunk-1 forward
+        q.backward(1, defer_w=True)
+        q.weight()
+        q.forward(1)
+    for _ in range(m - 2 * pp + last):  # 4: steady state, F0 & B1 then F1 & B0
+        q.forward(0)
+        q.backward(1)
+        q.forward(1)
+        q.backward(0)
+    for _ in range(x):  # 5: chunk-0 forwards are done
+        q.backward(1)
+        q.forward(1)
+        q.backward(0)
+    for i in range(last):  # 6: backward pairs; the second half defers W
+        q.backward(1, defer_w=i > last // 2 or (i == last // 2 and r % 2 == 1))
+        q.backward(0, defer_w=i >= last // 2)
+    for _ in range(x):  # 7: deferred W interleaved with the last chunk-0 backwards
+        q.weight()
+        q.backward(0, defer_w=True)
+    while q.deferred:  # 8: the remaining W
+        q.weight()
+    return q.actions
 
 
 @lru_cache(maxsize=256)
@@ -395,17 +600,21 @@ def build(name: str, pp: int, m: int, v: int = 1) -> Schedule:
     if name in ("naive", "gpipe"):
         ranks, placement = _gpipe(pp, m), _loop(pp, 1)
     elif name in ("1f1b", "pipedream", "pipedream-2bw"):
-        ranks, placement = _one_f_one_b(pp, m, split=False), _loop(pp, 1)
+        ranks, placement = _one_f_one_b(pp, m), _loop(pp, 1)
     elif name == "zb-h1" and v == 1:
-        ranks, placement = _one_f_one_b(pp, m, split=True), _loop(pp, 1)
+        ranks, placement = _zb_h1(pp, m), _loop(pp, 1)
+    elif name == "zb-h2":
+        ranks, placement = _zb_h2(pp, m), _loop(pp, 1)
     elif name in ("interleaved-1f1b", "zb-h1"):
         ranks, placement = _interleaved(pp, v, m, split=info.split_backward), _loop(pp, v)
     elif name == "zb-v":
-        # ZB-V keeps 1F1B's peak activation memory: pp micro-batches of the whole per-rank model,
-        # i.e. 2 * pp stage-micro-batches of half the size (Qi et al. 2024, section 4).
         placement = _vee(pp)
-        ranks = _greedy(pp, placement, m, cap=2 * pp, first_forward_priority=lambda r, n: False)
-    else:  # dualpipe-v: warm-up of 2(pp - r) - 1 first-chunk forwards before any backward
+        ranks = [_zb_v_rank(pp, m, r) for r in range(pp)]
+    elif m >= 2 * pp:  # dualpipe-v as published
+        placement = _vee(pp)
+        ranks = [_dualpipe_v_rank(pp, m, r) for r in range(pp)]
+    else:  # dualpipe-v with fewer micro-batches than DualPipeV runs: a greedy order with its
+        # deeper warm-up, 2(pp - r) - 1 first-chunk forwards before any backward
         placement = _vee(pp)
         ranks = _greedy(pp, placement, m, cap=2 * pp + 1,
                         first_forward_priority=lambda r, n: n < 2 * (pp - r) - 1)

@@ -35,7 +35,7 @@ def plan_for(profile, tmp_path, schedule, pp=2, dp=1, gb=8, name="plan.json"):
     return path
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v", "dualpipe-v"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v"])
 def test_single_device_runs_every_schedule_with_matching_gradients(tiny_profile, tmp_path, schedule):
     plan = load_plan(plan_for(tiny_profile, tmp_path, schedule))
     r = run_single(plan, torch.device("cpu"), steps=1, warmup=0)

@@ -3,13 +3,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.errors import ScheduleError
-from planner.schedules import SCHEDULES, build, canonical, inflight_peaks, to_engine_csv, validate
+from planner.schedules import (
+    SCHEDULES,
+    build,
+    canonical,
+    inflight_peaks,
+    to_engine_csv,
+    validate,
+)
 
 
 @given(pp=st.integers(1, 6), m=st.integers(1, 12))
 @settings(max_examples=60, deadline=None)
 def test_one_chunk_schedules_are_valid(pp, m):
-    for name in ("gpipe", "1f1b", "zb-h1", "pipedream", "pipedream-2bw"):
+    for name in ("gpipe", "1f1b", "zb-h1", "zb-h2", "pipedream", "pipedream-2bw"):
         validate(build(name, pp, m))
 
 
@@ -32,7 +39,92 @@ def test_v_schedules_are_valid(pp, m):
 def test_one_f_one_b_holds_p_minus_i_in_flight():
     # Narayanan et al. 2021: stage i of p keeps p - i micro-batches
     assert inflight_peaks(build("1f1b", 4, 8)) == [4, 3, 2, 1]
-    assert inflight_peaks(build("zb-h1", 4, 8)) == [4, 3, 2, 1]
+
+
+def _awaiting_input_gradient(schedule) -> list[int]:
+    """Per stage, the most micro-batches whose forward has run and whose I (or B) has not."""
+    peak = [0] * schedule.n_stages
+    for actions in schedule.ranks:
+        held = [0] * schedule.n_stages
+        for a in actions:
+            held[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("B", "I") else 0
+            peak[a.stage] = max(peak[a.stage], held[a.stage])
+    return peak
+
+
+@pytest.mark.parametrize("p,m", [(4, 8), (8, 24), (3, 3), (5, 2)])
+def test_zb_h1_memory_is_1f1b_peak_on_every_rank(p, m):
+    # Qi et al. 2024, section 2.1: every stage has the same number of micro-batches in flight
+    # (counted until their W), 1F1B's peak min(p, m); those still waiting for their input
+    # gradient stay at 1F1B's min(p - r, m) on rank r
+    one = inflight_peaks(build("1f1b", p, m))
+    zb = build("zb-h1", p, m)
+    assert inflight_peaks(zb) == [max(one)] * p
+    assert _awaiting_input_gradient(zb) == one
+
+
+@pytest.mark.parametrize("p,m", [(4, 8), (8, 24), (4, 12), (3, 3)])
+def test_zb_h2_warms_up_deeper_and_holds_2p_minus_1(p, m):
+    # Qi et al. 2024, section 2.2: 2(p - r) - 1 forwards before the first input gradient, and
+    # a peak of (2p - 1) micro-batches' activations
+    s = build("zb-h2", p, m)
+    for r, acts in enumerate(s.ranks):
+        assert [a.kind for a in acts].index("I") == min(2 * (p - r) - 1, m)
+    assert inflight_peaks(s) == [min(2 * p - 1, m)] * p
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (8, 24), (3, 7)])
+def test_dualpipe_v_holds_2p_plus_1_chunk_activations(p, m):
+    # deepseek-ai/DualPipe README: DualPipeV keeps PP + 1 activations per device, PP = 2p stages
+    from planner.simulate import memory_states
+
+    held = [int(x[:, 1:3].sum(axis=1).max()) for x in memory_states(build("dualpipe-v", p, m, 2))]
+    assert held == [2 * p + 1] * p
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (8, 24), (3, 7)])
+def test_zb_v_holds_1f1b_memory(p, m):
+    # Qi et al. 2024: ZB-V's peak is 1F1B's, p whole micro-batches, 2p chunk activations
+    from planner.simulate import memory_states
+
+    held = [int(x[:, 1:3].sum(axis=1).max()) for x in memory_states(build("zb-v", p, m, 2))]
+    assert held == [2 * p] * p
+
+
+def test_zb_v_order_by_hand():
+    # pp=2, m=4 on rank 1 (stages 1 and 2): 2(pp - r) - 1 = 1 chunk-0 forward, one F1 F0 pair,
+    # one F1 B1, the steady F0 B0 F1 B1 rounds, then I first with W deferred
+    s = build("zb-v", 2, 4, 2)
+    assert " ".join(map(str, s.ranks[1])) == ("1F0 2F0 1F1 2F1 2I0 2W0 "
+                                              "1F2 1I0 1W0 2F2 2I1 2W1 1F3 1I1 1W1 2F3 2I2 2W2 "
+                                              "1I2 2I3 1I3 1W2 2W3 1W3")
+
+
+def test_dualpipe_v_order_by_hand():
+    # pp=2, m=4 on rank 1 (stages 1 and 2): DualPipeV's step 2 (two F0 F1 pairs), step 4
+    # (m - 2pp + 2 = two F0 B1 F1 B0 rounds), step 6 (two backward pairs, W deferred in the
+    # second: rank 1 is odd) and step 8 (the deferred W)
+    s = build("dualpipe-v", 2, 4, 2)
+    assert " ".join(map(str, s.ranks[1])) == ("1F0 2F0 1F1 2F1 "
+                                              "1F2 2I0 2W0 2F2 1I0 1W0 1F3 2I1 2W1 2F3 1I1 1W1 "
+                                              "2I2 2W2 1I2 1W2 2I3 1I3 "
+                                              "2W3 1W3")
+
+
+def test_zb_h1_order_by_hand():
+    # pp=2, m=3: rank 0 (1F1B warm-up of 2) runs each W at once; rank 1 runs W one I late,
+    # so it sends its second input gradient before its first W
+    s = build("zb-h1", 2, 3)
+    assert " ".join(map(str, s.ranks[0])) == "0F0 0F1 0I0 0W0 0F2 0I1 0W1 0I2 0W2"
+    assert " ".join(map(str, s.ranks[1])) == "1F0 1I0 1F1 1I1 1W0 1F2 1I2 1W1 1W2"
+
+
+def test_zb_h2_order_by_hand():
+    # pp=2, m=4: rank 0 warms up with 3 forwards; rank 1 with 1, and defers W until a fourth
+    # forward would hold more than 2pp - 1 = 3 micro-batches; the drain runs one W per I
+    s = build("zb-h2", 2, 4)
+    assert " ".join(map(str, s.ranks[0])) == "0F0 0F1 0F2 0I0 0W0 0F3 0I1 0W1 0I2 0W2 0I3 0W3"
+    assert " ".join(map(str, s.ranks[1])) == "1F0 1I0 1F1 1I1 1F2 1I2 1W0 1F3 1I3 1W1 1W2 1W3"
 
 
 def test_gpipe_holds_every_micro_batch():
@@ -57,6 +149,7 @@ def test_engine_csv_has_one_row_per_rank():
     ("interleaved-1f1b", 4, 8, 1, "at least 2 virtual stages"),
     ("zb-v", 4, 8, 3, "virtual stages must be 2"),
     ("gpipe", 4, 8, 2, "virtual stages must be 1"),
+    ("zb-h2", 4, 8, 2, "virtual stages must be 1"),
 ])
 def test_invalid_combinations_are_refused(name, pp, m, v, match):
     with pytest.raises(ScheduleError, match=match):
@@ -66,7 +159,8 @@ def test_invalid_combinations_are_refused(name, pp, m, v, match):
 def test_names_and_aliases():
     assert canonical("PipeDream-Flush") == "1f1b"
     assert canonical("zbv") == "zb-v"
-    assert set(SCHEDULES) >= {"naive", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v",
+    assert canonical("ZB2P") == "zb-h2"
+    assert set(SCHEDULES) >= {"naive", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v",
                               "dualpipe-v", "pipedream", "pipedream-2bw"}
     with pytest.raises(ScheduleError, match="unknown schedule 'ring'"):
         canonical("ring")
@@ -74,7 +168,8 @@ def test_names_and_aliases():
 
 def test_model_only_schedules_are_flagged():
     assert not SCHEDULES["pipedream"].executable and not SCHEDULES["pipedream-2bw"].executable
-    assert all(SCHEDULES[n].executable for n in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v", "dualpipe-v"))
+    assert all(SCHEDULES[n].executable for n in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v",
+                                                 "dualpipe-v"))
 
 
 def test_action_kinds_are_an_enum_printing_as_the_engine_does():
@@ -82,7 +177,7 @@ def test_action_kinds_are_an_enum_printing_as_the_engine_does():
 
     assert [str(k) for k in Kind] == ["F", "B", "I", "W"] and [k.slot for k in Kind] == [0, 1, 2, 3]
     assert str(Action(Kind.BACKWARD_INPUT, 2, 0)) == "2I0"
-    for name in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "zb-v", "dualpipe-v"):
+    for name in ("gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved-1f1b", "zb-v", "dualpipe-v"):
         s = build(name, 2, 4, 2 if name in ("interleaved-1f1b", "zb-v", "dualpipe-v") else 1)
         assert all(type(a.kind) is Kind for acts in s.ranks for a in acts), name
 
@@ -104,7 +199,7 @@ def test_global_order_refuses_a_deadlock():
         s.global_order()
 
 
-@given(name=st.sampled_from(["gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "zb-v", "dualpipe-v"]),
+@given(name=st.sampled_from(["gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved-1f1b", "zb-v", "dualpipe-v"]),
        pp=st.integers(1, 4), rounds=st.integers(1, 3))
 @settings(max_examples=40, deadline=None)
 def test_global_order_keeps_each_rank_order_and_every_input_first(name, pp, rounds):

@@ -33,7 +33,7 @@ def instances():
         "n": st.integers(3, 7),
         "seed": st.integers(0, 10**6),
         "schedule": st.sampled_from([("1f1b", 1), ("gpipe", 1), ("zb-h1", 1), ("interleaved-1f1b", 2),
-                                     ("zb-h1", 2), ("zb-v", 2), ("dualpipe-v", 2), ("pipedream", 1)]),
+                                     ("zb-h1", 2), ("zb-h2", 1), ("zb-v", 2), ("dualpipe-v", 2), ("pipedream", 1)]),
         "pp": st.integers(1, 3),
         "m": st.sampled_from([1, 2, 4]),
         "memory": st.sampled_from([6, 12, 40]),
