@@ -67,8 +67,9 @@ _zero_integer_placeholders()
 # the stage inputs' gradients and keeps, for W, the gradient arriving at every graph node where a
 # weight's path joins the input path; W continues from those nodes to the weights. planner runs
 # its own split rather than the engine's default one, which fails on stages that are not a plain
-# chain: it detaches every output in place (an output that is a view, such as a tensor passed
-# through the stage untouched, cannot be), and it runs W once per group of weights, each run
+# chain: it detaches every output in place after I (an output that is a view, such as a tensor
+# passed through the stage untouched, cannot be; one that a later layer of the stage saved for
+# backward is then lost to W), and it runs W once per group of weights, each run
 # freeing the graph the next one still needs whenever a weight's path joins the input path deep
 # inside the stage (layers fed by a model input that needs no gradient, as a decoder fed by
 # target tokens). Here W is one autograd call over every kept node, so each node runs once.
@@ -155,9 +156,8 @@ def backward_input(outputs, output_grads, inputs: list, weights: Iterable[nn.Par
         for h in handles:
             h.remove()
     by_id = {id(x): g for x, g in zip(wanted, grads, strict=True)}
-    for o, _ in pairs:
-        if not o._is_view():  # views cannot be detached in place; W holds the graph it needs
-            o.detach_()
+    # The outputs are not detached: one may be saved by a later layer of the stage (a skip
+    # connection both sent on and used here) or be a view; W frees the graph when it runs.
     return tuple(by_id.get(id(x)) if isinstance(x, torch.Tensor) else None for x in inputs), work
 
 
@@ -198,6 +198,15 @@ class _Stage(PipelineStage):
             backward_weight(bwd_kwargs["param_groups"])
             return (), None
         return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+
+
+def failure_text(e: BaseException) -> str:
+    """What went wrong in the engine, on one line: the engine re-raises a stage's error under a
+    header and a dump of tensor shapes, so the root cause is the innermost exception's first line."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    line = next((x.strip() for x in str(e).splitlines() if x.strip()), "raised without a message")
+    return f"{type(e).__name__}: {line}"
 
 
 def make_runtime(modules: dict[int, nn.Module], n_stages: int, device: torch.device,

@@ -12,8 +12,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from planner.errors import ExecutionError
-from planner.execute.runtime import engine_actions, make_runtime
+from planner.errors import ExecutionError, PlannerError
+from planner.execute.runtime import engine_actions, failure_text, make_runtime
 from planner.execute.stages import build_model, build_stages
 from planner.execute.worker import RETURN_NOTHING
 from planner.execute.train import (
@@ -51,8 +51,21 @@ def _one_rank_group() -> bool:
     return True
 
 
-def _train_step(runtime, opt, inputs: tuple, target) -> None:
-    runtime.step(*inputs, target=target, losses=[], **RETURN_NOTHING)
+def _engine_step(runtime, inputs: tuple, target, losses: list, device: torch.device) -> None:
+    """One step on the engine; its failures become an ExecutionError that carries their cause."""
+    try:
+        runtime.step(*inputs, target=target, losses=losses, **RETURN_NOTHING)
+    except (PlannerError, KeyboardInterrupt):
+        raise
+    except torch.cuda.OutOfMemoryError as e:
+        raise ExecutionError(f"single-device mode ran out of memory: the whole model does not fit on "
+                             f"{device} ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise ExecutionError(f"single device: the engine's step failed: {failure_text(e)}") from None
+
+
+def _train_step(runtime, opt, inputs: tuple, target, device: torch.device) -> None:
+    _engine_step(runtime, inputs, target, [], device)
     opt.step()
 
 
@@ -75,11 +88,7 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
         opt = optimizer_for(plan, list(named.values()))
         reference.run(spec, inputs, target)
         losses: list = []
-        try:
-            runtime.step(*inputs, target=target, losses=losses, **RETURN_NOTHING)
-        except torch.cuda.OutOfMemoryError as e:
-            raise ExecutionError(f"single-device mode ran out of memory: the whole model does not fit on "
-                                 f"{device} ({str(e).splitlines()[0]})") from None
+        _engine_step(runtime, inputs, target, losses, device)
         loss = float(sum(float(x.detach()) for x in losses))
         worst, message = compare_grads(named, reference, plan.dtype)
         opt.step()
@@ -90,7 +99,7 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
                 progress(f"single device: step {step}/{warmup + steps}", step, warmup + steps)
             opt.zero_grad(set_to_none=True)
             inputs, target = make_batch(spec, size * m, batch_seed(step, 0, 1), device, dtype)
-            seconds, _ = timer(partial(_train_step, runtime, opt, inputs, target))
+            seconds, _ = timer(partial(_train_step, runtime, opt, inputs, target, device))
             if step > warmup:
                 times.append(seconds)
     finally:
