@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -51,17 +52,23 @@ def _one_rank_group() -> bool:
     return True
 
 
-def _engine_step(runtime, inputs: tuple, target, losses: list, device: torch.device) -> None:
-    """One step on the engine; its failures become an ExecutionError that carries their cause."""
+@contextmanager
+def _failures(what: str, device: torch.device):
+    """Errors of the model or the engine in ``what`` become an ExecutionError carrying their cause."""
     try:
-        runtime.step(*inputs, target=target, losses=losses, **RETURN_NOTHING)
+        yield
     except (PlannerError, KeyboardInterrupt):
         raise
     except torch.cuda.OutOfMemoryError as e:
         raise ExecutionError(f"single-device mode ran out of memory: the whole model does not fit on "
                              f"{device} ({str(e).splitlines()[0]})") from None
     except Exception as e:
-        raise ExecutionError(f"single device: the engine's step failed: {failure_text(e)}") from None
+        raise ExecutionError(f"single device: {what} failed: {failure_text(e)}") from None
+
+
+def _engine_step(runtime, inputs: tuple, target, losses: list, device: torch.device) -> None:
+    with _failures("the engine's step", device):
+        runtime.step(*inputs, target=target, losses=losses, **RETURN_NOTHING)
 
 
 def _train_step(runtime, opt, inputs: tuple, target, device: torch.device) -> None:
@@ -86,7 +93,8 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
                                m, spec.loss)
         named = stage_parameters(modules, spec.model)
         opt = optimizer_for(plan, list(named.values()))
-        reference.run(spec, inputs, target)
+        with _failures("the single-process reference run", device):
+            reference.run(spec, inputs, target)
         losses: list = []
         _engine_step(runtime, inputs, target, losses, device)
         loss = float(sum(float(x.detach()) for x in losses))
