@@ -9,7 +9,8 @@ from torch import nn
 from planner.clusters import from_spec
 from planner.errors import ExecutionError
 from planner.execute import Options, execute, raise_on_failure
-from planner.execute.runtime import backward_input, backward_weight, failure_text
+from planner.execute.runtime import backward_input, backward_weight
+from planner.execute.worker import error_text
 from planner.execute.single import run_single
 from planner.formats import dump, load_plan
 from planner.model import build_spec
@@ -110,7 +111,7 @@ def test_the_engines_failure_is_named_by_its_cause():
         except RuntimeError as inner:
             raise RuntimeError("\n        Failed to run stage backward input:\n        Stage output: ...") from inner
     except RuntimeError as e:
-        assert failure_text(e) == "RuntimeError: Can't detach views in-place. Use detach() instead."
+        assert error_text(e) == "Can't detach views in-place. Use detach() instead."
 
 
 # ------------------------------------------------------- every schedule on every bundled model
@@ -167,6 +168,13 @@ def test_every_schedule_runs_every_bundled_model_in_single_mode(tmp_path, model,
 ])
 def test_partitions_that_broke_the_engines_split_backward(tmp_path, model, schedule, v, cuts, why):
     assert_single_matches(plan_path(tmp_path, model, schedule, v, cuts))
+
+
+def test_replay_runs_split_backwards_on_a_model_with_skips(tmp_path):
+    path = plan_path(tmp_path, "unet", "zb-h1", 2, (1, 3, 4))
+    ver = execute(path, Options(mode="replay"))
+    memory = [r for r in ver.rows if "peak memory" in r.what]
+    assert len(memory) == 2 and all(r.measured > 0 for r in memory)
 
 
 FAILS_IN_BACKWARD = '''

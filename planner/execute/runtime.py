@@ -200,15 +200,6 @@ class _Stage(PipelineStage):
         return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
 
 
-def failure_text(e: BaseException) -> str:
-    """What went wrong in the engine, on one line: the engine re-raises a stage's error under a
-    header and a dump of tensor shapes, so the root cause is the innermost exception's first line."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    line = next((x.strip() for x in str(e).splitlines() if x.strip()), "raised without a message")
-    return f"{type(e).__name__}: {line}"
-
-
 def make_runtime(modules: dict[int, nn.Module], n_stages: int, device: torch.device,
                  actions: dict[int, list[_Action]], m: int, loss: Callable, group=None) -> _PipelineScheduleRuntime:
     """A runtime for this rank's stages (``modules``: stage index -> module)."""

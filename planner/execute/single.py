@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from planner.errors import ExecutionError, PlannerError
-from planner.execute.runtime import engine_actions, failure_text, make_runtime
+from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages
-from planner.execute.worker import RETURN_NOTHING
+from planner.execute.worker import RETURN_NOTHING, error_text
 from planner.execute.train import (
     Reference, batch_seed, compare_grads, optimizer_for, stage_parameters,
 )
@@ -63,7 +63,14 @@ def _failures(what: str, device: torch.device):
         raise ExecutionError(f"single-device mode ran out of memory: the whole model does not fit on "
                              f"{device} ({str(e).splitlines()[0]})") from None
     except Exception as e:
-        raise ExecutionError(f"single device: {what} failed: {failure_text(e)}") from None
+        raise ExecutionError(f"single device: {what} failed: {_root(e).__name__}: {error_text(e)}") from None
+
+
+def _root(e: BaseException) -> type:
+    """The innermost cause's type: the engine re-raises a stage's error as a RuntimeError."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return type(e)
 
 
 def _engine_step(runtime, inputs: tuple, target, losses: list, device: torch.device) -> None:
