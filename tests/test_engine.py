@@ -10,8 +10,8 @@ from planner.clusters import from_spec
 from planner.errors import ExecutionError
 from planner.execute import Options, execute, raise_on_failure
 from planner.execute.runtime import backward_input, backward_weight
-from planner.execute.worker import error_text
 from planner.execute.single import run_single
+from planner.execute.worker import error_text
 from planner.formats import dump, load_plan
 from planner.model import build_spec
 from planner.profile import Options as ProfileOptions

@@ -75,11 +75,18 @@ _zero_integer_placeholders()
 # target tokens). Here W is one autograd call over every kept node, so each node runs once.
 
 
-def _node(t: torch.Tensor) -> Node | None:
-    """The autograd node that receives ``t``'s gradient (a leaf's gradient accumulator)."""
+def _node(t: torch.Tensor) -> Node:
+    """The autograd node that receives ``t``'s gradient (a leaf's gradient accumulator), for a
+    tensor that requires gradients."""
     if t.grad_fn is not None:
         return t.grad_fn
-    return t.view_as(t).grad_fn.next_functions[0][0] if t.requires_grad else None
+    view = t.view_as(t).grad_fn  # a leaf's accumulator is made on first use
+    if view is None:
+        raise RuntimeError("the split backward ran under torch.no_grad()")
+    accumulator = view.next_functions[0][0]
+    if accumulator is None:
+        raise RuntimeError("a tensor that requires gradients has no gradient accumulator")
+    return accumulator
 
 
 def _consumers(roots: list[Node]) -> dict[Node, list[Node]]:

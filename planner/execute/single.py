@@ -16,10 +16,10 @@ import torch.distributed as dist
 from planner.errors import ExecutionError, PlannerError
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages
-from planner.execute.worker import RETURN_NOTHING, error_text
 from planner.execute.train import (
     Reference, batch_seed, compare_grads, optimizer_for, stage_parameters,
 )
+from planner.execute.worker import RETURN_NOTHING, error_text
 from planner.formats import Plan
 from planner.profile import DTYPES, make_batch
 from planner.profile.measure import Timer
