@@ -163,8 +163,12 @@ def backward_input(outputs, output_grads, inputs: list, weights: Iterable[nn.Par
         for h in handles:
             h.remove()
     by_id = {id(x): g for x, g in zip(wanted, grads, strict=True)}
-    # The outputs are not detached: one may be saved by a later layer of the stage (a skip
-    # connection both sent on and used here) or be a view; W frees the graph when it runs.
+    if output_grads is None:  # the loss: its part of the graph (the logits' softmax) is I's alone
+        for o, _ in pairs:
+            if not o._is_view():
+                o.detach_()
+    # Other outputs stay attached: one may be a view, or be saved by a later layer of the stage (a
+    # skip connection sent on and used here); W frees the graph when it runs.
     return tuple(by_id.get(id(x)) if isinstance(x, torch.Tensor) else None for x in inputs), work
 
 
