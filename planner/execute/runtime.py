@@ -127,7 +127,6 @@ class WeightWork:
     """What I leaves for W: the nodes where weight paths join the input path, with the gradient
     each received, and the outputs reached from weights without passing an input's path."""
 
-    joins: list[Node]
     grads: dict[Node, tuple] = field(default_factory=dict)
     roots: list[tuple[GradientEdge, torch.Tensor]] = field(default_factory=list)
     weights: list[nn.Parameter] = field(default_factory=list)
@@ -146,7 +145,7 @@ def backward_input(outputs, output_grads, inputs: list, weights: Iterable[nn.Par
     on_input_path, _ = _reach([_node(x) for x in wanted], consumers, set())
     params = [p for p in weights if p.requires_grad]
     _, joins = _reach([_node(p) for p in params], consumers, on_input_path)
-    work = WeightWork(joins=list(joins), weights=params)
+    work = WeightWork(weights=params)
     work.roots = [(GradientEdge(n, o.output_nr), g) for n, (o, g) in zip(out_nodes, pairs, strict=True)
                   if n not in on_input_path]
 
@@ -173,7 +172,7 @@ def backward_input(outputs, output_grads, inputs: list, weights: Iterable[nn.Par
 
 
 def backward_weight(work: WeightWork) -> None:
-    """W: the weights' gradients, accumulated into ``.grad``. Every join node's gradient is pinned
+    """W: the weights' gradients, accumulated into their ``.grad``. Every join node's gradient is pinned
     to what it received in I, so gradients reaching it again through other joins are not added twice."""
     edges, seeds = [], []
     for node, grads in work.grads.items():
@@ -187,15 +186,13 @@ def backward_weight(work: WeightWork) -> None:
     if not edges or not work.weights:
         return
     handles = [n.register_prehook(lambda _, kept=kept: kept) for n, kept in work.grads.items()]
-    try:
-        targets = [GradientEdge(_node(p), 0) for p in work.weights]
-        found = torch.autograd.grad(edges, targets, seeds, allow_unused=True)
+    try:  # accumulates into each weight's .grad in place, as a plain backward does
+        torch.autograd.backward(edges, seeds, inputs=work.weights)
     finally:
         for h in handles:
             h.remove()
-    for p, g in zip(work.weights, found, strict=True):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
+        work.grads.clear()  # W consumes the work: the graph and the kept gradients go now
+        work.roots.clear()
 
 
 class _Stage(PipelineStage):
