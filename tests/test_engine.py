@@ -54,6 +54,16 @@ def test_a_linear_layer_splits_into_the_two_textbook_gradients():
     assert w.grad.tolist() == [[1.0, -1.0], [1.0, -1.0]]
 
 
+def test_a_first_stage_leaves_the_whole_weight_backward_to_w():
+    # token ids need no gradient: I computes nothing, W is the full backward; unused weights stay None
+    w, unused = nn.Parameter(torch.tensor([2.0, 3.0])), nn.Parameter(torch.zeros(2))
+    tokens = torch.tensor([5.0, 7.0])
+    dinputs, work = backward_input(((w * tokens).sum(),), None, [tokens], iter([w, unused]))
+    assert dinputs == (None,) and w.grad is None
+    backward_weight(work)
+    assert w.grad.tolist() == [5.0, 7.0] and unused.grad is None
+
+
 def test_an_output_that_is_a_view_of_the_input_passes_through():
     # a skip connection crossing the stage untouched: the stage returns a view of its input
     w = nn.Parameter(torch.randn(3, 3))
