@@ -72,7 +72,8 @@ _zero_integer_placeholders()
 # backward is then lost to W), and it runs W once per group of weights, each run
 # freeing the graph the next one still needs whenever a weight's path joins the input path deep
 # inside the stage (layers fed by a model input that needs no gradient, as a decoder fed by
-# target tokens). Here W is one autograd call over every kept node, so each node runs once.
+# target tokens). Here weights are grouped so that no node seeds two groups, and every W pass but
+# the last keeps the graph; it is freed when the last pass has run.
 
 
 def _node(t: torch.Tensor) -> Node:
@@ -122,14 +123,46 @@ def _reach(starts: Iterable[Node], consumers: dict[Node, list[Node]], stop: set[
     return seen, met
 
 
+@dataclass(eq=False)  # removed from lists by identity: equality would compare weight tensors
+class _Group:
+    """Weights whose paths meet the rest of the graph at the same nodes: the join nodes on the
+    input path, and the outputs reached without passing an input's path (with their gradients)."""
+
+    weights: list[nn.Parameter]
+    seeds: set[Node]
+    joins: list[Node] = field(default_factory=list)
+    roots: list[tuple[GradientEdge, torch.Tensor]] = field(default_factory=list)
+
+
 @dataclass
 class WeightWork:
-    """What I leaves for W: the nodes where weight paths join the input path, with the gradient
-    each received, and the outputs reached from weights without passing an input's path."""
+    """What I leaves for W: the weight groups, and the gradient each join node received in I."""
 
+    groups: list[_Group]
     grads: dict[Node, tuple] = field(default_factory=dict)
-    roots: list[tuple[GradientEdge, torch.Tensor]] = field(default_factory=list)
-    weights: list[nn.Parameter] = field(default_factory=list)
+
+
+def _weight_groups(params: list[nn.Parameter], consumers: dict[Node, list[Node]], on_input_path: set[Node],
+                   roots: dict[Node, tuple[GradientEdge, torch.Tensor]]) -> list[_Group]:
+    """Weights grouped so that no two groups share a seed node (a weight whose path meets two
+    groups' seeds merges them): each W pass then computes its weights' gradients exactly once."""
+    groups: list[_Group] = []
+    for p in params:
+        seen, met = _reach([_node(p)], consumers, on_input_path)
+        seeds = met | (seen & roots.keys())
+        if not seeds:
+            continue  # not used by this stage's outputs: no gradient
+        overlapping = [g for g in groups if g.seeds & seeds]
+        merged = _Group([p], seeds)
+        for g in overlapping:
+            merged.weights = g.weights + merged.weights
+            merged.seeds |= g.seeds
+            groups.remove(g)
+        groups.append(merged)
+    for g in groups:
+        g.joins = [n for n in g.seeds if n in on_input_path]
+        g.roots = [roots[n] for n in g.seeds if n in roots]
+    return groups
 
 
 def backward_input(outputs, output_grads, inputs: list, weights: Iterable[nn.Parameter]) -> tuple[tuple, WeightWork]:
@@ -143,18 +176,16 @@ def backward_input(outputs, output_grads, inputs: list, weights: Iterable[nn.Par
     consumers = _consumers(out_nodes)
     wanted = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
     on_input_path, _ = _reach([_node(x) for x in wanted], consumers, set())
-    params = [p for p in weights if p.requires_grad]
-    _, joins = _reach([_node(p) for p in params], consumers, on_input_path)
-    work = WeightWork(weights=params)
-    work.roots = [(GradientEdge(n, o.output_nr), g) for n, (o, g) in zip(out_nodes, pairs, strict=True)
-                  if n not in on_input_path]
+    roots = {n: (GradientEdge(n, o.output_nr), g) for n, (o, g) in zip(out_nodes, pairs, strict=True)
+             if n not in on_input_path}
+    work = WeightWork(_weight_groups([p for p in weights if p.requires_grad], consumers, on_input_path, roots))
 
     def keeper(node: Node):
         def hook(grad_outputs):
             work.grads[node] = grad_outputs
         return hook
 
-    handles = [n.register_prehook(keeper(n)) for n in joins]
+    handles = [n.register_prehook(keeper(n)) for g in work.groups for n in g.joins]
     try:
         grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], retain_graph=True,
                                     allow_unused=True) if pairs and wanted else [None] * len(wanted)
@@ -171,28 +202,42 @@ def backward_input(outputs, output_grads, inputs: list, weights: Iterable[nn.Par
     return tuple(by_id.get(id(x)) if isinstance(x, torch.Tensor) else None for x in inputs), work
 
 
-def backward_weight(work: WeightWork) -> None:
-    """W: the weights' gradients, accumulated into their ``.grad``. Every join node's gradient is pinned
-    to what it received in I, so gradients reaching it again through other joins are not added twice."""
+def _group_backward(group: _Group, kept: dict[Node, tuple], last: bool) -> None:
+    """One W pass: the group's weights from its seeds, its join nodes pinned to what they received
+    in I (gradients reaching one again through another are not added twice). The graph is kept for
+    the passes after it, whose paths may run through the same nodes."""
     edges, seeds = [], []
-    for node, grads in work.grads.items():
-        for i, g in enumerate(grads):
+    for node in group.joins:
+        for i, g in enumerate(kept.get(node, ())):
             if g is not None:
                 edges.append(GradientEdge(node, i))
                 seeds.append(g)
-    for edge, g in work.roots:
+    for edge, g in group.roots:
         edges.append(edge)
         seeds.append(g)
-    if not edges or not work.weights:
+    if not edges:
         return
-    handles = [n.register_prehook(lambda _, kept=kept: kept) for n, kept in work.grads.items()]
-    try:  # accumulates into each weight's .grad in place, as a plain backward does
-        torch.autograd.backward(edges, seeds, inputs=work.weights)
+    handles = [n.register_prehook(lambda _, pinned=kept[n]: pinned) for n in group.joins if n in kept]
+    try:
+        found = torch.autograd.grad(edges, [GradientEdge(_node(p), 0) for p in group.weights], seeds,
+                                    retain_graph=not last, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-        work.grads.clear()  # W consumes the work: the graph and the kept gradients go now
-        work.roots.clear()
+    for p, g in zip(group.weights, found, strict=True):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
+
+
+def backward_weight(work: WeightWork) -> None:
+    """W: the weights' gradients, accumulated into their ``.grad``, one pass per weight group (a
+    pass over every group at once would redo input-path work lying between them)."""
+    try:
+        for k, group in enumerate(work.groups):
+            _group_backward(group, work.grads, last=k == len(work.groups) - 1)
+    finally:
+        work.groups.clear()  # W consumes the work: the graph and the kept gradients go now
+        work.grads.clear()
 
 
 class _Stage(PipelineStage):
