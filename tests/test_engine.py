@@ -77,18 +77,20 @@ def test_an_output_that_is_a_view_of_the_input_passes_through():
 
 
 def test_a_weight_path_joining_the_input_path_deep_in_the_stage():
-    # as a decoder fed by target tokens: a branch that needs no input gradient (tokens -> a, b)
-    # meets the input only after two weighted layers, and both join the input path at once
-    a, b, c = (nn.Parameter(torch.randn(4, 4)) for _ in range(3))
+    # as a decoder fed by target tokens: h needs no input gradient (tokens -> a), and meets the
+    # input's path twice, in the product with memory and in the residual add after d. W for a
+    # runs back through d's layer; d's own W must still find that layer's graph.
+    a, b, c, d = (nn.Parameter(torch.randn(4, 4)) for _ in range(4))
     tokens = torch.randn(2, 4)  # needs no gradient
     memory = torch.randn(2, 4, requires_grad=True)
 
     def build():
         h = torch.tanh(tokens @ a)
-        h = h + torch.tanh(h @ b) * (memory @ c)
-        return (h * h).sum(), (memory,)
+        att = (h @ b) * (memory @ c)
+        out = h + att @ d
+        return (out * out).sum(), (memory,)
 
-    _assert_split_equals_full(build, [a, b, c])
+    _assert_split_equals_full(build, [a, b, c, d])
 
 
 def test_an_output_also_saved_by_a_later_layer_of_the_stage():
