@@ -109,7 +109,7 @@ def _buffers(built, mine, cut_values, m, n, device) -> dict:
 
 
 def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S, device, timings) -> None:
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+    from planner.execute.runtime import backward_input, backward_weight
 
     saved: dict[tuple[int, int], tuple] = {}
     groups: dict[tuple[int, int], list] = {}
@@ -145,7 +145,7 @@ def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S,
                 local_out[(s, k)] = out
             continue
         if a.kind == "W":
-            timed((s, "W"), lambda: stage_backward_weight(iter(p for p in mod.parameters()), groups.pop((s, k))))
+            timed((s, "W"), lambda: backward_weight(groups.pop((s, k))))
             saved.pop((s, k), None)
             continue
         xs, out, _ = saved[(s, k)]
@@ -158,7 +158,7 @@ def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S,
         else:
             params = [p for p in mod.parameters() if p.requires_grad]
             ins = [x for x in xs if torch.is_tensor(x) and x.requires_grad]
-            _, pg = timed((s, "I"), lambda: stage_backward_input(outs, grads, ins, iter(params)))
+            _, pg = timed((s, "I"), lambda: backward_input(outs, grads, ins, iter(params)))
             groups[(s, k)] = pg
 
 

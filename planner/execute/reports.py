@@ -68,7 +68,10 @@ def read_report(path: Path) -> WorkerReport | None:
 
 def error_text(e: BaseException) -> str:
     """One line that says what went wrong: the exception's first non-empty line, else where it
-    was raised (some engine errors carry no message, or start with a newline)."""
+    was raised (some engine errors carry no message, or start with a newline). The engine re-raises
+    a stage's error under a header and a dump of shapes: the innermost cause says what happened."""
+    while e.__cause__ is not None:
+        e = e.__cause__
     for line in str(e).splitlines():
         if line.strip():
             return line.strip()

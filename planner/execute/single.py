@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from planner.errors import ExecutionError
+from planner.errors import ExecutionError, PlannerError
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages
-from planner.execute.worker import RETURN_NOTHING
 from planner.execute.train import (
     Reference, batch_seed, compare_grads, optimizer_for, stage_parameters,
 )
+from planner.execute.reports import error_text
+from planner.execute.worker import RETURN_NOTHING
 from planner.formats import Plan
 from planner.profile import DTYPES, make_batch
 from planner.profile.measure import Timer
@@ -51,8 +53,34 @@ def _one_rank_group() -> bool:
     return True
 
 
-def _train_step(runtime, opt, inputs: tuple, target) -> None:
-    runtime.step(*inputs, target=target, losses=[], **RETURN_NOTHING)
+@contextmanager
+def _failures(what: str, device: torch.device):
+    """Errors of the model or the engine in ``what`` become an ExecutionError carrying their cause."""
+    try:
+        yield
+    except (PlannerError, KeyboardInterrupt):
+        raise
+    except torch.cuda.OutOfMemoryError as e:
+        raise ExecutionError(f"single-device mode ran out of memory: the whole model does not fit on "
+                             f"{device} ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise ExecutionError(f"single device: {what} failed: {_root(e).__name__}: {error_text(e)}") from None
+
+
+def _root(e: BaseException) -> type:
+    """The innermost cause's type: the engine re-raises a stage's error as a RuntimeError."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return type(e)
+
+
+def _engine_step(runtime, inputs: tuple, target, losses: list, device: torch.device) -> None:
+    with _failures("the engine's step", device):
+        runtime.step(*inputs, target=target, losses=losses, **RETURN_NOTHING)
+
+
+def _train_step(runtime, opt, inputs: tuple, target, device: torch.device) -> None:
+    _engine_step(runtime, inputs, target, [], device)
     opt.step()
 
 
@@ -73,13 +101,10 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
                                m, spec.loss)
         named = stage_parameters(modules, spec.model)
         opt = optimizer_for(plan, list(named.values()))
-        reference.run(spec, inputs, target)
+        with _failures("the single-process reference run", device):
+            reference.run(spec, inputs, target)
         losses: list = []
-        try:
-            runtime.step(*inputs, target=target, losses=losses, **RETURN_NOTHING)
-        except torch.cuda.OutOfMemoryError as e:
-            raise ExecutionError(f"single-device mode ran out of memory: the whole model does not fit on "
-                                 f"{device} ({str(e).splitlines()[0]})") from None
+        _engine_step(runtime, inputs, target, losses, device)
         loss = float(sum(float(x.detach()) for x in losses))
         worst, message = compare_grads(named, reference, plan.dtype)
         opt.step()
@@ -90,7 +115,7 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
                 progress(f"single device: step {step}/{warmup + steps}", step, warmup + steps)
             opt.zero_grad(set_to_none=True)
             inputs, target = make_batch(spec, size * m, batch_seed(step, 0, 1), device, dtype)
-            seconds, _ = timer(partial(_train_step, runtime, opt, inputs, target))
+            seconds, _ = timer(partial(_train_step, runtime, opt, inputs, target, device))
             if step > warmup:
                 times.append(seconds)
     finally:

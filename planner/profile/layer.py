@@ -173,8 +173,8 @@ def _time_split(subject: Subject, timer: Timer) -> tuple[float, float] | None:
 
 def _split_backward(timer: Timer, outs, grads, xs, params) -> tuple[float, float]:
     """Input-gradient then weight-gradient time, with the functions the engine's zero-bubble
-    schedules call (torch.distributed.pipelining._backward)."""
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+    schedules call (planner's split backward, ``planner.execute.runtime``)."""
+    from planner.execute.runtime import backward_input, backward_weight
 
     float_inputs = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
     if not params:
@@ -183,8 +183,8 @@ def _split_backward(timer: Timer, outs, grads, xs, params) -> tuple[float, float
     if not float_inputs:
         t_w, _ = timer(lambda: torch.autograd.backward(outs, grads))
         return 0.0, t_w
-    t_i, (_, groups) = timer(lambda: stage_backward_input(outs, grads, float_inputs, iter(params)))
-    t_w, _ = timer(lambda: stage_backward_weight(iter(params), groups))
+    t_i, (_, work) = timer(lambda: backward_input(outs, grads, float_inputs, iter(params)))
+    t_w, _ = timer(lambda: backward_weight(work))
     return t_i, t_w
 
 
@@ -239,7 +239,7 @@ def _backward_peak(subject: Subject, out, device: torch.device, ignore: set[int]
 def _wgrad_bytes(subject: Subject, device: torch.device, ignore: set[int]) -> int:
     """Bytes the input-gradient pass leaves for the weight-gradient pass (the intermediate
     gradients it keeps), beyond the input gradients it returns."""
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+    from planner.execute.runtime import backward_input, backward_weight
 
     xs = subject.leaves()
     outs = _differentiable(subject.forward(xs))
@@ -249,7 +249,7 @@ def _wgrad_bytes(subject: Subject, device: torch.device, ignore: set[int]) -> in
     grads = _grads_for(outs, subject.gen)
     params = subject.params
     with MemoryProbe(device, ignore | {storage_key(g) for g in grads}) as probe:
-        dinputs, groups = stage_backward_input(outs, grads, float_inputs, iter(params))
+        dinputs, work = backward_input(outs, grads, float_inputs, iter(params))
     returned = sum(nbytes(d) for d in dinputs if isinstance(d, torch.Tensor))
-    stage_backward_weight(iter(params), groups)
+    backward_weight(work)
     return max(int(probe.final - returned), 0)
