@@ -32,7 +32,7 @@ from planner.profile.meta import available_bytes, param_bytes, value_bytes
 from planner.profile.structure import flow_bytes, layer_signature, same_as
 from planner.split import LayeredModel
 
-__all__ = ["Measurements", "Steps", "Run", "measure_model"]
+__all__ = ["Measurements", "Steps", "Run", "measure_model", "batch_info", "crossing_keys", "rekey", "layer_module"]
 
 Key = tuple[int, int]
 
@@ -81,7 +81,7 @@ class Run:
     memory_bytes: int | None  # the memory the profiler may use; None: what the device has free
     batches: dict[int, tuple[tuple, Any]]  # size -> (inputs, target) on the device
     whole: Callable[[int], WholeTimes] | None = None  # time the whole model at a size (in memory)
-    optimizer_s: list[float] = field(default_factory=list)  # per measured layer, where timed
+    optimizer_s: list[float | None] = field(default_factory=list)  # per layer; None: not timed (no room)
 
     def room(self) -> int:
         return self.memory_bytes if self.memory_bytes is not None else available_bytes(self.device)
@@ -90,13 +90,13 @@ class Run:
 def measure_model(source, run: Run, device_info: DeviceInfo, steps: Steps) -> Measurements:
     lm, sizes = source.lm, sorted(run.batches)
     flows = {b: source.flow(run.batches[b][0], f"at micro-batch {b}") for b in sizes}
-    signatures = [layer_signature(lm, i, _layer_module(lm, source, i), source.stages[i], [flows[b] for b in sizes])
+    signatures = [layer_signature(lm, i, layer_module(lm, source, i), source.stages[i], [flows[b] for b in sizes])
                   for i in range(lm.n_layers)]
     reps: list[int | None] = same_as(signatures) if run.dedupe else [None] * lm.n_layers
     m = Measurements(device=device_info, lm=lm, stages=source.stages, sizes=sizes, same_as=reps,
                      bytes_of={b: flow_bytes(lm, flows[b]) for b in sizes})
-    _batch_info(m, run)
-    run.optimizer_s = [0.0] * lm.n_layers
+    batch_info(m, run)
+    run.optimizer_s = [None] * lm.n_layers
     results: dict[int, list[LayerResult]] = {b: [] for b in sizes}
     for i in range(lm.n_layers):
         _layer(source, run, m, flows, results, i, steps)
@@ -112,14 +112,14 @@ def measure_model(source, run: Run, device_info: DeviceInfo, steps: Steps) -> Me
     return m
 
 
-def _layer_module(lm: LayeredModel, source, i: int) -> nn.Module:
+def layer_module(lm: LayeredModel, source, i: int) -> nn.Module:
     modules = getattr(lm, "modules_", None)
     if modules is not None:
         return modules[i]
     return lm.gm.get_submodule(lm.names[i])  # type: ignore[attr-defined]
 
 
-def _batch_info(m: Measurements, run: Run) -> None:
+def batch_info(m: Measurements, run: Run) -> None:
     big = m.sizes[-1]
     inputs, target = run.batches[big]
     m.batch = BatchInfo(input_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(inputs)) // big,
@@ -127,7 +127,7 @@ def _batch_info(m: Measurements, run: Run) -> None:
     m.input_bytes = [x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0 for x in inputs]
 
 
-def _keys(lm: LayeredModel, k: int) -> list[Key]:
+def crossing_keys(lm: LayeredModel, k: int) -> list[Key]:
     return [t.key for t in lm.crossing(k)]
 
 
@@ -138,7 +138,7 @@ def _layer(source, run: Run, m: Measurements, flows: dict, results: dict[int, li
     if rep is not None:
         for b in m.sizes:
             steps.start(f"mbs {b}: layer {i + 1}/{L} {lm.names[i]} (same as {lm.names[rep]})")
-            results[b].append(_rekey(results[b][rep], lm, rep, i))
+            results[b].append(rekey(results[b][rep], lm, rep, i))
             steps.finish()
         run.optimizer_s[i] = run.optimizer_s[rep]
         return
@@ -150,18 +150,20 @@ def _layer(source, run: Run, m: Measurements, flows: dict, results: dict[int, li
             gen = torch.Generator().manual_seed(run.seed + i)
             inputs = source.inputs_of(flows[b], i, run.batches[b][0], gen)
             subject = Subject(f"layer {lm.names[i]} at micro-batch {b}", inputs, run.seed, module=module)
-            results[b].append(measure(subject, _keys(lm, i), _keys(lm, i + 1), i, run.device, run.warmup,
-                                      run.repeats))
+            results[b].append(measure(subject, crossing_keys(lm, i), crossing_keys(lm, i + 1), i, run.device,
+                                      run.warmup, run.repeats))
             del subject, inputs
             steps.finish()
-        if run.whole is None:  # the model is not timed whole: its optimizer step is, layer by layer
+        # Where the model is not timed whole, its optimizer step is timed layer by layer, where
+        # Adam's two more copies of the parameters fit.
+        if run.whole is None and 2 * param_bytes(module) <= run.room():
             run.optimizer_s[i] = time_optimizer(list(module.parameters()), Timer(run.device), run.repeats)
 
 
-def _rekey(r: LayerResult, lm: LayeredModel, src: int, dst: int) -> LayerResult:
+def rekey(r: LayerResult, lm: LayeredModel, src: int, dst: int) -> LayerResult:
     """Layer ``src``'s result for the identical layer ``dst``: tensors renamed by position."""
-    ins = dict(zip(_keys(lm, src), _keys(lm, dst), strict=True))
-    outs = dict(zip(_keys(lm, src + 1), _keys(lm, dst + 1), strict=True))
+    ins = dict(zip(crossing_keys(lm, src), crossing_keys(lm, dst), strict=True))
+    outs = dict(zip(crossing_keys(lm, src + 1), crossing_keys(lm, dst + 1), strict=True))
     w = r.weights
     weights = Weights(act_bytes=w.act_bytes, peak_bytes=w.peak_bytes, wgrad_bytes=w.wgrad_bytes,
                       saved_inputs={ins[k] for k in w.saved_inputs}, saved_outputs={outs[k] for k in w.saved_outputs},
@@ -190,7 +192,7 @@ def _loss(source, run: Run, flow: list, b: int) -> LayerResult:
     final = source.output_of(flow, gen)
     subject = Subject(f"the loss at micro-batch {b}", (final,), run.seed, loss=run.spec.loss,
                       target=run.batches[b][1])
-    return measure(subject, _keys(lm, L)[:1], [], L, run.device, run.warmup, run.repeats)
+    return measure(subject, crossing_keys(lm, L)[:1], [], L, run.device, run.warmup, run.repeats)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -224,8 +226,17 @@ def _calibrate(source, run: Run, m: Measurements, flow: list, b: int) -> Calibra
     if chain is None:
         return Calibration(None, None)
     times = _time_chain(source, run, flow, b, *chain, optimizer=chain == (0, L))
-    opt = times.optimizer_s if times.optimizer_s is not None else sum(run.optimizer_s)
+    opt = times.optimizer_s if times.optimizer_s is not None else _summed_optimizer(run, m)
     return Calibration(WholeTimes(times.fwd, times.bwd, opt), None if chain == (0, L) else chain)
+
+
+def _summed_optimizer(run: Run, m: Measurements) -> float:
+    """The model's optimizer step as the sum of its layers'; a layer not timed is counted at the
+    seconds per byte of those that were (Adam's step is elementwise: its time is linear in the
+    parameters, Kingma and Ba 2015, Algorithm 1)."""
+    timed = [(t, param_bytes(m.stages[i])) for i, t in enumerate(run.optimizer_s) if t is not None]
+    per_byte = sum(t for t, _ in timed) / max(sum(n for _, n in timed), 1)
+    return sum(t if t is not None else per_byte * param_bytes(m.stages[i]) for i, t in enumerate(run.optimizer_s))
 
 
 def _time_chain(source, run: Run, flow: list, b: int, a: int, c: int, optimizer: bool) -> ChainTimes:
