@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -81,7 +82,7 @@ def clusters() -> None:
 def simulate(
     plan_file: Path = typer.Argument(..., metavar="PLAN", help="plan JSON written by planner solve"),
     as_json: bool = typer.Option(False, "--json", help="print the prediction as JSON"),
-    timeline: Path | None = typer.Option(None, "--timeline", help="draw the schedule (.png, .svg, .html)"),
+    timeline: Optional[Path] = typer.Option(None, "--timeline", help="draw the schedule (.png, .svg, .html)"),
 ) -> None:
     """Predict a plan's step time, bubble and memory, and draw its timeline."""
     from planner import report
@@ -111,20 +112,23 @@ def simulate(
 def profile(
     model: str = typer.Argument(..., metavar="MODEL", help="path/to/file.py:factory or package.module:factory"),
     output: Path = typer.Option(..., "-o", "--output", help="profile JSON to write"),
-    arg: list[str] = typer.Option([], "--arg", help="factory argument NAME=VALUE (repeatable)"),
+    arg: List[str] = typer.Option([], "--arg", help="factory argument NAME=VALUE (repeatable)"),
     mbs: str = typer.Option("1,2", "--mbs", help="micro-batch sizes to measure, e.g. 1,2,4,8"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
-    depth: int | None = typer.Option(None, "--depth", help="cut at this module depth instead of the natural blocks"),
+    depth: Optional[int] = typer.Option(None, "--depth", help="cut at this module depth instead of the natural blocks"),
     repeats: int = typer.Option(10, "--repeats", min=1, help="timed repetitions per measurement"),
     warmup: int = typer.Option(3, "--warmup", min=0, help="untimed repetitions first"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (match how you will run)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (match how you will run)"),
     no_dedupe: bool = typer.Option(False, "--no-dedupe", help="measure every layer, identical ones too"),
     no_meta: bool = typer.Option(False, "--no-meta", help="build the model in memory, not on the meta device "
                                  "(for a factory that computes with its weights while building)"),
-    memory: float | None = typer.Option(None, "--memory", min=0.001, metavar="GIB",
+    memory: Optional[float] = typer.Option(None, "--memory", min=0.001, metavar="GIB",
                                            help="memory the profiler may use, in GiB (default: what the device "
                                            "has free)"),
+    estimate: Optional[str] = typer.Option(None, "--estimate", metavar="DEVICE",
+                                           help="run nothing: price each layer's FLOPs and bytes at this "
+                                           "device's datasheet peaks (h100, h200, a100, a100-80gb, rtx4090)"),
 ) -> None:
     """Measure a model layer by layer into a profile (needs torch). The model is built on the meta
     device and each layer made real only while it is measured, so a model larger than the device
@@ -142,7 +146,7 @@ def profile(
         spec = build_spec(model, args) if no_meta else build_meta_spec(model, args)
         opts = Options(device=device, dtype=dtype, mbs=tuple(sizes), depth=depth, repeats=repeats,
                        warmup=warmup, threads=threads, dedupe=not no_dedupe,
-                       memory_bytes=int(memory * 1024**3) if memory is not None else None)
+                       memory_bytes=int(memory * 1024**3) if memory is not None else None, estimate=estimate)
         with report.progress(err) as bar:
             prof = profile_model(spec, model, args, opts, progress=bar)
         dump(prof, output)
@@ -156,24 +160,24 @@ def profile(
 def solve(
     profile_file: Path = typer.Argument(..., metavar="PROFILE", help="profile JSON from planner profile"),
     cluster: str = typer.Option(..., "--cluster", "-c", help="preset (h100x8, 2xh100x8, cpu2, ...) or cluster JSON"),
-    output: Path | None = typer.Option(None, "-o", "--output", help="plan JSON to write"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="plan JSON to write"),
     as_json: bool = typer.Option(False, "--json", help="print the plan JSON to stdout"),
-    global_batch: int | None = typer.Option(None, "--global-batch", min=1, help="samples per step (default 16 per device)"),
-    pp: int | None = typer.Option(None, "--pp", min=1, help="pin the pipeline degree"),
-    dp: int | None = typer.Option(None, "--dp", min=1, help="pin the data-parallel degree"),
-    mbs: int | None = typer.Option(None, "--mbs", min=1, help="pin the micro-batch size"),
-    microbatches: int | None = typer.Option(None, "--microbatches", min=1, help="pin the micro-batch count"),
-    schedule: str | None = typer.Option(None, "--schedule", help="pin schedules, comma separated (gpipe,1f1b,...)"),
-    virtual_stages: int | None = typer.Option(None, "--virtual-stages", min=1, help="pin chunks per rank"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", min=1, help="samples per step (default 16 per device)"),
+    pp: Optional[int] = typer.Option(None, "--pp", min=1, help="pin the pipeline degree"),
+    dp: Optional[int] = typer.Option(None, "--dp", min=1, help="pin the data-parallel degree"),
+    mbs: Optional[int] = typer.Option(None, "--mbs", min=1, help="pin the micro-batch size"),
+    microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, help="pin the micro-batch count"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="pin schedules, comma separated (gpipe,1f1b,...)"),
+    virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages", min=1, help="pin chunks per rank"),
     recompute: str = typer.Option("auto", "--recompute", help="none, full, auto (per stage) or selective (per layer)"),
     optimizer: str = typer.Option("adam", "--optimizer", help="sgd, sgd-momentum or adam"),
     precision: str = typer.Option("param", "--precision", help="param (states in the parameter dtype) or mixed (fp32 master)"),
-    fix_cuts: str | None = typer.Option(None, "--fix-cuts", help="pin stage starts: layer indices or names, e.g. 4,10,17"),
+    fix_cuts: Optional[str] = typer.Option(None, "--fix-cuts", help="pin stage starts: layer indices or names, e.g. 4,10,17"),
     top: int = typer.Option(5, "--top", min=1, help="candidates to list"),
     include_model_only: bool = typer.Option(False, "--include-model-only", help="also rank PipeDream schedules the engine cannot run"),
     time_limit: float = typer.Option(10.0, "--time-limit", min=0.1, help="seconds before the search stops and reports its gap"),
     ilp: bool = typer.Option(False, "--ilp", help="also bound interleaved and V configurations with the ILP (slower, tighter)"),
-    jobs: int | None = typer.Option(None, "--jobs", min=1, help="worker processes (default: one per core, for large searches)"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="worker processes (default: one per core, for large searches)"),
     objective: str = typer.Option("time", "--objective", help="time: the fastest plan; memory: the least peak memory per device (the fastest among those)"),
 ) -> None:
     """Find the fastest plan that fits (does not need torch)."""
@@ -181,8 +185,7 @@ def solve(
     from planner.clusters import from_spec
     from planner.errors import InputError
     from planner.formats import Training, check_output, dump, load_profile, to_json
-    from planner.solve import Settings
-    from planner.solve import solve as run_solve
+    from planner.solve import Settings, solve as run_solve
     from planner.solve.plan import make_plan
 
     try:
@@ -229,25 +232,25 @@ def execute(
     steps: int = typer.Option(5, "--steps", min=1, help="measured steps (median reported)"),
     warmup: int = typer.Option(2, "--warmup", min=1, help="steps before measuring"),
     tolerance: str = typer.Option("10%", "--tolerance", help="allowed relative error, e.g. 10% or 0.1"),
-    report_file: Path | None = typer.Option(None, "--report", help="write the verification as JSON"),
-    calibrate: Path | None = typer.Option(None, "--calibrate", help="write a profile with measured costs (needs --profile)"),
-    profile_file: Path | None = typer.Option(None, "--profile", help="the profile the plan was solved from"),
+    report_file: Optional[Path] = typer.Option(None, "--report", help="write the verification as JSON"),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="write a profile with measured costs (needs --profile)"),
+    profile_file: Optional[Path] = typer.Option(None, "--profile", help="the profile the plan was solved from"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the single-process reference check"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (single and replay modes)"),
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds before workers are stopped"),
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="torchrun: number of nodes"),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="torchrun: this node's rank"),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="torchrun: rendezvous host"),
-    master_port: int | None = typer.Option(None, "--master-port", help="torchrun: rendezvous port (default: a free one)"),
-    run_dir: Path | None = typer.Option(None, "--run-dir", help="where workers write their reports "
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="torchrun: rendezvous port (default: a free one)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="where workers write their reports "
                                            "(kept; default: a temporary folder, kept only if the run fails)"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads per process (default 1: "
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads per process (default 1: "
                                           "one per worker, as the profile measures by default)"),
 ) -> None:
     """Run a plan with PyTorch's pipeline engine; report measured against predicted (needs torch)."""
     from planner import report
-    from planner.execute import Options, check_options, raise_on_failure
-    from planner.execute import execute as run_execute
+    from planner.execute import Options, check_options, execute as run_execute, raise_on_failure
+
     from planner.formats import check_output
 
     try:
@@ -291,8 +294,8 @@ def execute(
 
 @app.command()
 def check(
-    plans: list[Path] = typer.Argument(..., metavar="PLAN...", help="plan JSON files (e.g. plans/*.json)"),
-    profile_file: Path | None = typer.Option(None, "--profile", help="compare with this profile's model"),
+    plans: List[Path] = typer.Argument(..., metavar="PLAN...", help="plan JSON files (e.g. plans/*.json)"),
+    profile_file: Optional[Path] = typer.Option(None, "--profile", help="compare with this profile's model"),
     rebuild: bool = typer.Option(False, "--rebuild", help="rebuild each model on the meta device and compare (needs torch)"),
     resolve: bool = typer.Option(False, "--resolve", help="search again (needs --profile); fail if a better plan exists"),
     tolerance: str = typer.Option("5%", "--tolerance", help="how much better a new plan must be to fail the check"),
@@ -329,7 +332,7 @@ def check(
 def export(
     plan_file: Path = typer.Argument(..., metavar="PLAN"),
     fmt: str = typer.Option(..., "--format", "-f", help="megatron, deepspeed, torchtitan or torch"),
-    output: Path | None = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
 ) -> None:
     """Translate a plan for Megatron-LM, DeepSpeed, torchtitan or torch.distributed.pipelining."""
     from planner.export import export as run_export

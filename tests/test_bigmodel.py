@@ -9,9 +9,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from planner.cli import app
-from planner.errors import InfeasibleError, ModelError
+from planner.clusters import device_peaks
+from planner.errors import InfeasibleError, InputError, ModelError
 from planner.formats import load_profile
-from planner.model import build_spec
+from planner.model import ModelSpec, build_spec
 from planner.profile import Options, build_meta_spec, profile_model
 from planner.profile.chain import longest_fit
 from planner.profile.meta import is_meta, materialise, to_meta
@@ -198,3 +199,50 @@ def test_hf_models_build_on_meta_with_no_weights():
         tensors = [*spec.model.parameters(), *spec.model.buffers()]
         assert tensors and all(t.is_meta for t in tensors), model_type
         assert spec.layers == ["embed", "blocks.0", "blocks.1", "norm", "lm_head"]
+
+
+class TwoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(64, 256, bias=False), nn.Linear(256, 64, bias=False)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def two_linear_spec():
+    with torch.device("meta"):
+        model = TwoLinear()
+    return ModelSpec(model=model, batch=lambda n, g: ((torch.randn(n, 64, generator=g),), torch.zeros(n, 64)),
+                     loss=nn.functional.mse_loss, name="two")
+
+
+def test_estimate_prices_flops_and_bytes_at_the_datasheet_peaks():
+    prof = profile_model(two_linear_spec(), "m", {}, Options(mbs=(8,), estimate="h100"))
+    first = prof.layers[0].by_mbs["8"]
+    # forward: 2 * 8 * 64 * 256 = 262,144 FLOPs, 3.9 ns at 67 TFLOP/s; it reads 64 KiB of weights and
+    # 2 KiB of input and writes 8 KiB of output, 75,776 bytes: 22.6 ns at 3.35 TB/s, the bound
+    assert first.fwd_s == pytest.approx(75_776 / 3.35e12)
+    # backward: twice the FLOPs; reads the weights, writes their gradient: 141,312 bytes
+    assert first.bwd_s == pytest.approx(141_312 / 3.35e12)
+    assert prof.device.name == "H100-80GB" and prof.whole == {}
+    assert prof.measurement is not None and "H100" in prof.measurement.timer
+
+
+def test_estimate_of_a_wide_block_is_bound_by_arithmetic():
+    spec = build_meta_spec("models/gpt.py:build", {"n_layer": 2, "d_model": 1024, "n_head": 8, "vocab": 512,
+                                                   "seq": 512})
+    prof = profile_model(spec, "m", {}, Options(mbs=(8,), estimate="a100", dtype="bfloat16"))
+    block = prof.layers[1].by_mbs["8"]
+    # matrix products: 12 d^2 weights, 2 FLOPs each per token, 4096 tokens; attention: Q K^T and
+    # its product with V, 2 * 2 * seq^2 * d per sample. 25 MB of bf16 weights take 16 us at 1.555 TB/s;
+    # 1.1e11 FLOPs take 358 us at 312 TFLOP/s
+    flops = 2 * 4096 * 12 * 1024**2 + 8 * 4 * 512**2 * 1024
+    assert block.fwd_s == pytest.approx(flops / 312e12)
+
+
+def test_estimate_needs_a_device_with_known_peaks():
+    with pytest.raises(InputError, match="--estimate 'cpu': no datasheet peaks for it; choose one of .*h100"):
+        device_peaks("cpu")

@@ -17,6 +17,7 @@ are restored afterwards.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from planner.clusters import device_peaks
 from planner.errors import InputError, ModelError
 from planner.formats import (
     INPUT,
@@ -45,6 +47,7 @@ from planner.formats import (
 from planner.model import ModelSpec, user_code
 from planner.profile.chain import WholeTimes, time_optimizer
 from planner.profile.collect import Measurements, Run, Steps, measure_model
+from planner.profile.estimate import estimate_model
 from planner.profile.layer import LayerResult
 from planner.profile.measure import Timer, stat, tensors
 from planner.profile.meta import build_meta_spec, is_meta
@@ -70,6 +73,7 @@ class Options:
     seed: int = 0
     dedupe: bool = True  # identical layers measured once
     memory_bytes: int | None = None  # what the profiler may use; None: what the device has free
+    estimate: str | None = None  # a device kind (h100): FLOPs and bytes priced at its peaks, nothing run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -242,6 +246,8 @@ def profile_model(spec: ModelSpec, factory: str, args: dict, opts: Options,
         torch.set_num_threads(threads)
     try:
         dtype = DTYPES[opts.dtype]
+        if opts.estimate is not None:
+            return _assemble(spec, factory, args, opts, _estimate(spec, opts, dtype, progress))
         workspace = _workspace(device, dtype)
         if is_meta(model):
             return _assemble(spec, factory, args, opts, _measure(spec, opts, device, dtype, workspace, progress))
@@ -252,6 +258,22 @@ def profile_model(spec: ModelSpec, factory: str, args: dict, opts: Options,
             return _assemble(spec, factory, args, opts, _measure(spec, opts, device, dtype, workspace, progress))
     finally:
         torch.set_num_threads(before)
+
+
+def _estimate(spec: ModelSpec, opts: Options, dtype: torch.dtype,
+              progress: Callable[[str, int, int], None] | None) -> Measurements:
+    """Counted on the meta device and priced at the device's datasheet peaks: nothing is run."""
+    assert opts.estimate is not None
+    kind, peaks = device_peaks(opts.estimate)
+    cpu = torch.device("cpu")
+    sizes = sorted(set(opts.mbs))
+    batches = {b: make_batch(spec, b, opts.seed, cpu, dtype) for b in sizes}
+    model = spec.model if is_meta(spec.model) else copy.deepcopy(spec.model).to("meta")
+    source = OnMeta(model, batches[sizes[0]][0], spec.layers, opts.depth, cpu, dtype)
+    run = Run(spec=spec, device=cpu, warmup=0, repeats=1, seed=opts.seed, dedupe=opts.dedupe,
+              memory_bytes=None, batches=batches)
+    info = DeviceInfo(type=kind.device.type, name=kind.device.name, memory_bytes=kind.device.memory_bytes)
+    return estimate_model(source, run, peaks, opts.dtype, info, Steps(progress, len(sizes) * (source.lm.n_layers + 1)))
 
 
 def _measure(spec: ModelSpec, opts: Options, device: torch.device, dtype: torch.dtype, workspace: int,
@@ -339,9 +361,9 @@ def _whole(m: Measurements) -> dict[str, WholeCost]:
     scale that makes the sum of those layers' times agree with them."""
     whole = {}
     for b in m.sizes:
-        calibration, L = m.whole[b], m.lm.n_layers
-        w = calibration.times
-        if w is None:
+        calibration, L = m.whole.get(b), m.lm.n_layers
+        w = calibration.times if calibration is not None else None
+        if calibration is None or w is None:
             continue
         a, c = calibration.chain or (0, L)
         lsum = sum(r.times.fwd.median + r.times.bwd.median for r in m.layers[b][a:c])
@@ -356,6 +378,15 @@ def _whole(m: Measurements) -> dict[str, WholeCost]:
     return whole
 
 
+def _measurement(opts: Options, cpu: bool) -> Measurement:
+    if opts.estimate is not None:
+        _, peaks = device_peaks(opts.estimate)
+        return Measurement(timer=f"estimate: roofline at the peaks of the {peaks.source}", repeats=1, warmup=0,
+                           dedupe=opts.dedupe)
+    return Measurement(timer="perf_counter" if cpu else "cuda-events", repeats=opts.repeats, warmup=opts.warmup,
+                       threads=torch.get_num_threads() if cpu else None, dedupe=opts.dedupe)
+
+
 def _assemble(spec: ModelSpec, factory: str, args: dict, opts: Options, m: Measurements) -> Profile:
     """The profile from the measurements."""
     layers, tied = _layers(m)
@@ -368,7 +399,5 @@ def _assemble(spec: ModelSpec, factory: str, args: dict, opts: Options, m: Measu
         device=m.device, dtype=dtype, layers=layers, edges=_edges(m),
         loss=LossCost(by_mbs={str(b): _cost(m.loss[b], 0) for b in m.sizes}),
         tied=tied, batch=m.batch, whole=_whole(m),
-        measurement=Measurement(timer="perf_counter" if cpu else "cuda-events", repeats=opts.repeats,
-                                warmup=opts.warmup, threads=torch.get_num_threads() if cpu else None,
-                                dedupe=opts.dedupe),
+        measurement=_measurement(opts, cpu),
     )
