@@ -12,7 +12,7 @@ from planner.cli import app
 from planner.clusters import device_peaks
 from planner.errors import InfeasibleError, InputError, ModelError
 from planner.formats import load_profile
-from planner.model import ModelSpec, build_spec
+from planner.model import ModelSpec, build_spec, user_code
 from planner.profile import Options, build_meta_spec, profile_model
 from planner.profile.chain import longest_fit
 from planner.profile.meta import is_meta, materialise, to_meta
@@ -246,3 +246,10 @@ def test_estimate_of_a_wide_block_is_bound_by_arithmetic():
 def test_estimate_needs_a_device_with_known_peaks():
     with pytest.raises(InputError, match="--estimate 'cpu': no datasheet peaks for it; choose one of .*h100"):
         device_peaks("cpu")
+
+
+def test_running_out_of_memory_is_infeasible_not_an_internal_error():
+    with pytest.raises(InfeasibleError, match=r"layer h.3: its forward ran out of memory \(RuntimeError: "
+                                              r"DefaultCPUAllocator: can't allocate memory.*\): lower --mbs"):
+        with user_code("layer h.3: its forward"):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 805306368 bytes.")

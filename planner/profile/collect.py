@@ -157,7 +157,8 @@ def _layer(source, run: Run, m: Measurements, flows: dict, results: dict[int, li
         # Where the model is not timed whole, its optimizer step is timed layer by layer, where
         # Adam's two more copies of the parameters fit.
         if run.whole is None and 2 * param_bytes(module) <= run.room():
-            run.optimizer_s[i] = time_optimizer(list(module.parameters()), Timer(run.device), run.repeats)
+            with user_code(f"layer {lm.names[i]}: an Adam step over its parameters"):
+                run.optimizer_s[i] = time_optimizer(list(module.parameters()), Timer(run.device), run.repeats)
 
 
 def rekey(r: LayerResult, lm: LayeredModel, src: int, dst: int) -> LayerResult:

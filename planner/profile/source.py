@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from planner.model import user_code
 from planner.profile.meta import materialise, real_like, to_meta
 from planner.split import INPUT, LayeredModel, layered
 
@@ -87,7 +88,8 @@ class OnMeta(Source):
     def module(self, a: int, b: int) -> Iterator[nn.Module]:
         stage = self.stages[a] if b == a + 1 else self.lm.stage(a, b)
         name = self.lm.names[a] if b == a + 1 else f"{self.lm.names[a]}..{self.lm.names[b - 1]}"
-        real = materialise(stage, self.device, self.dtype, name)
+        with user_code(f"layer {name}, made real on {self.device}"):
+            real = materialise(stage, self.device, self.dtype, name)
         try:
             yield real
         finally:
