@@ -137,7 +137,7 @@ def test_a_model_too_large_to_time_whole_is_calibrated_on_a_chain():
 
 def test_a_layer_larger_than_the_memory_is_refused_with_its_size():
     spec = build_meta_spec("models/gpt.py:build", TINY)
-    with pytest.raises(InfeasibleError, match=r"layer transformer.emb needs .* KiB .* 1.0 KiB free: cut it finer"):
+    with pytest.raises(InfeasibleError, match=r"layer transformer.emb needs .* KiB .*; --memory gives 1.0 KiB: cut it finer"):
         profile_model(spec, "m", {}, Options(mbs=(1,), repeats=1, warmup=0, threads=1, memory_bytes=1024))
 
 

@@ -181,10 +181,11 @@ def _check_fits(source, run: Run, m: Measurements, flows: dict, i: int) -> None:
     need = 2 * param_bytes(source.stages[i]) + value_bytes(tuple(flow[i])) + value_bytes(tuple(flow[i + 1]))
     room = run.room()
     if need > room:
-        what = "the memory given (--memory)" if run.memory_bytes is not None else f"the {run.device.type} has"
+        has = f"--memory gives {fmt_bytes(room)}" if run.memory_bytes is not None else \
+            f"the {run.device.type} has {fmt_bytes(room)} free"
         raise InfeasibleError(f"layer {m.lm.names[i]} needs {fmt_bytes(need)} to be measured at micro-batch {big} "
-                              f"(its parameters, their gradients, its inputs and outputs); {what} "
-                              f"{fmt_bytes(room)} free: cut it finer with --depth, or profile it on a larger device")
+                              f"(its parameters, their gradients, its inputs and outputs); {has}: cut it finer "
+                              "with --depth, or profile it on a larger device")
 
 
 def _loss(source, run: Run, flow: list, b: int) -> LayerResult:
