@@ -137,7 +137,8 @@ def test_a_model_too_large_to_time_whole_is_calibrated_on_a_chain():
 
 def test_a_layer_larger_than_the_memory_is_refused_with_its_size():
     spec = build_meta_spec("models/gpt.py:build", TINY)
-    with pytest.raises(InfeasibleError, match=r"layer transformer.emb needs .* KiB .*; --memory gives 1.0 KiB: cut it finer"):
+    with pytest.raises(InfeasibleError,
+                       match=r"layer transformer.emb needs .* KiB .*; --memory gives 1.0 KiB: cut it finer"):
         profile_model(spec, "m", {}, Options(mbs=(1,), repeats=1, warmup=0, threads=1, memory_bytes=1024))
 
 
@@ -253,3 +254,18 @@ def test_running_out_of_memory_is_infeasible_not_an_internal_error():
                                               r"DefaultCPUAllocator: can't allocate memory.*\): lower --mbs"):
         with user_code("layer h.3: its forward"):
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 805306368 bytes.")
+
+
+@pytest.mark.parametrize("factory", ["models/unet.py:build", "models/encdec.py:build"])
+def test_meta_and_in_memory_profiles_agree_on_every_byte(factory):
+    """Skip connections (U-Net) and a model input used by many layers (the decoder's tokens):
+    edges, saved flags and bytes found on meta, deduplicated, are the ones measured in memory."""
+    opts = Options(mbs=(2,), repeats=1, warmup=0, threads=1)
+    meta = profile_model(build_meta_spec(factory, {}), factory, {}, opts)
+    real = profile_model(build_spec(factory, {}), factory, {}, Options(mbs=(2,), repeats=1, warmup=0, threads=1,
+                                                                      dedupe=False))
+    assert meta.edges == real.edges and meta.tied == real.tied
+    assert meta.model.fingerprint == real.model.fingerprint
+    for a, b in zip(meta.layers, real.layers, strict=True):
+        assert (a.name, a.param_bytes, a.by_mbs["2"].act_bytes, a.by_mbs["2"].out_bytes) == \
+               (b.name, b.param_bytes, b.by_mbs["2"].act_bytes, b.by_mbs["2"].out_bytes)
