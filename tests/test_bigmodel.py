@@ -269,3 +269,28 @@ def test_meta_and_in_memory_profiles_agree_on_every_byte(factory):
     for a, b in zip(meta.layers, real.layers, strict=True):
         assert (a.name, a.param_bytes, a.by_mbs["2"].act_bytes, a.by_mbs["2"].out_bytes) == \
                (b.name, b.param_bytes, b.by_mbs["2"].act_bytes, b.by_mbs["2"].out_bytes)
+
+
+class HalfReal(nn.Module):
+    """Built on meta but for a buffer the factory made on the CPU on purpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.register_buffer("offset", torch.ones(8, device="cpu"))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x) + self.offset
+        return x
+
+
+def test_a_model_partly_real_is_profiled_from_meta():
+    with torch.device("meta"):
+        model = HalfReal()
+    assert model.offset.device.type == "cpu" and is_meta(model)
+    spec = ModelSpec(model=model, batch=lambda n, g: ((torch.randn(n, 8, generator=g),), torch.zeros(n, 8)),
+                     loss=nn.functional.mse_loss)
+    prof = profile_model(spec, "m", {}, Options(mbs=(2,), repeats=1, warmup=0, threads=1))
+    assert [layer.name for layer in prof.layers] == ["layers.0", "layers.1"]
+    assert model.offset.device.type == "cpu" and torch.equal(model.offset, torch.ones(8))

@@ -66,7 +66,10 @@ class OnMeta(Source):
 
     def __init__(self, model: nn.Module, first_inputs: tuple, layers: list[str] | None, depth: int | None,
                  device: torch.device, dtype: torch.dtype):
-        meta = copy.deepcopy(model).to(dtype=dtype)  # the factory's model stays as it was
+        # The factory's model stays as it was. Tensors it made real (a table built on the CPU
+        # explicitly, say) go to meta too, so that the meta run does not mix devices; measured
+        # layers get fresh values for them, which timing does not depend on.
+        meta = copy.deepcopy(model).to(dtype=dtype).to("meta")
         self.lm = layered(meta, to_meta(first_inputs), layers, depth)
         self.stages = [self.lm.stage(i, i + 1) for i in range(self.lm.n_layers)]
         self.device, self.dtype = device, dtype
