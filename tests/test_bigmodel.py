@@ -202,6 +202,14 @@ def test_hf_models_build_on_meta_with_no_weights():
         assert spec.layers == ["embed", "blocks.0", "blocks.1", "norm", "lm_head"]
 
 
+def test_hf_adapter_is_checked_on_meta_too():
+    pytest.importorskip("transformers")
+    # Falcon's blocks need ALiBi biases passed in: the adapter cannot run them one by one, and says
+    # so on the meta device as it does in memory
+    with pytest.raises(ModelError, match="model_type='falcon' is not supported.*run layer by layer it raised"):
+        build_meta_spec("models/hf.py:build", {"model_type": "falcon", "n_layer": 2})
+
+
 class TwoLinear(nn.Module):
     def __init__(self):
         super().__init__()
