@@ -29,6 +29,7 @@ from planner.profile.chain import (
 from planner.profile.layer import LayerResult, Subject, Weights, measure
 from planner.profile.measure import Timer, tensors
 from planner.profile.meta import available_bytes, param_bytes, value_bytes
+from planner.profile.source import Source
 from planner.profile.structure import flow_bytes, layer_signature, same_as
 from planner.split import LayeredModel
 
@@ -87,10 +88,10 @@ class Run:
         return self.memory_bytes if self.memory_bytes is not None else available_bytes(self.device)
 
 
-def measure_model(source, run: Run, device_info: DeviceInfo, steps: Steps) -> Measurements:
+def measure_model(source: Source, run: Run, device_info: DeviceInfo, steps: Steps) -> Measurements:
     lm, sizes = source.lm, sorted(run.batches)
     flows = {b: source.flow(run.batches[b][0], f"at micro-batch {b}") for b in sizes}
-    signatures = [layer_signature(lm, i, layer_module(lm, source, i), source.stages[i], [flows[b] for b in sizes])
+    signatures = [layer_signature(lm, i, layer_module(lm, i), source.stages[i], [flows[b] for b in sizes])
                   for i in range(lm.n_layers)]
     reps: list[int | None] = same_as(signatures) if run.dedupe else [None] * lm.n_layers
     m = Measurements(device=device_info, lm=lm, stages=source.stages, sizes=sizes, same_as=reps,
@@ -112,7 +113,8 @@ def measure_model(source, run: Run, device_info: DeviceInfo, steps: Steps) -> Me
     return m
 
 
-def layer_module(lm: LayeredModel, source, i: int) -> nn.Module:
+def layer_module(lm: LayeredModel, i: int) -> nn.Module:
+    """Layer ``i``'s own module (a traced stage holds it under its path)."""
     modules = getattr(lm, "modules_", None)
     if modules is not None:
         return modules[i]
@@ -131,7 +133,7 @@ def crossing_keys(lm: LayeredModel, k: int) -> list[Key]:
     return [t.key for t in lm.crossing(k)]
 
 
-def _layer(source, run: Run, m: Measurements, flows: dict, results: dict[int, list[LayerResult]], i: int,
+def _layer(source: Source, run: Run, m: Measurements, flows: dict, results: dict[int, list[LayerResult]], i: int,
            steps: Steps) -> None:
     """Layer ``i`` at every size: measured, or its identical predecessor's costs."""
     lm, L, rep = m.lm, m.lm.n_layers, m.same_as[i]
@@ -172,7 +174,7 @@ def rekey(r: LayerResult, lm: LayeredModel, src: int, dst: int) -> LayerResult:
     return LayerResult(r.times, weights)
 
 
-def _check_fits(source, run: Run, m: Measurements, flows: dict, i: int) -> None:
+def _check_fits(source: Source, run: Run, m: Measurements, flows: dict, i: int) -> None:
     """Refuse a layer whose parameters, gradients, inputs and outputs alone exceed the memory."""
     from planner.report import fmt_bytes
 
@@ -188,7 +190,7 @@ def _check_fits(source, run: Run, m: Measurements, flows: dict, i: int) -> None:
                               "with --depth, or profile it on a larger device")
 
 
-def _loss(source, run: Run, flow: list, b: int) -> LayerResult:
+def _loss(source: Source, run: Run, flow: list, b: int) -> LayerResult:
     lm, L = source.lm, source.lm.n_layers
     gen = torch.Generator().manual_seed(run.seed + L)
     final = source.output_of(flow, gen)
@@ -212,7 +214,7 @@ def _costs(m: Measurements, b: int) -> list[int]:
     return out
 
 
-def _calibrate(source, run: Run, m: Measurements, flow: list, b: int) -> Calibration:
+def _calibrate(source: Source, run: Run, m: Measurements, flow: list, b: int) -> Calibration:
     if run.whole is not None:
         with user_code("the whole model, run at once to calibrate the layer times,"):
             return Calibration(run.whole(b), None)
@@ -241,7 +243,7 @@ def _summed_optimizer(run: Run, m: Measurements) -> float:
     return sum(t if t is not None else per_byte * param_bytes(m.stages[i]) for i, t in enumerate(run.optimizer_s))
 
 
-def _time_chain(source, run: Run, flow: list, b: int, a: int, c: int, optimizer: bool) -> ChainTimes:
+def _time_chain(source: Source, run: Run, flow: list, b: int, a: int, c: int, optimizer: bool) -> ChainTimes:
     lm = source.lm
     what = "the whole model" if (a, c) == (0, lm.n_layers) else f"layers {lm.names[a]} to {lm.names[c - 1]}"
     gen = torch.Generator().manual_seed(run.seed + a)

@@ -114,7 +114,7 @@ def estimate_model(source: OnMeta, run: Run, peaks: Peaks, dtype: str, device_in
     """Every layer and the loss, counted and priced at ``peaks``, at every size; no calibration."""
     lm, sizes = source.lm, sorted(run.batches)
     flows = {b: source.flow(run.batches[b][0], f"at micro-batch {b}") for b in sizes}
-    signatures = [layer_signature(lm, i, layer_module(lm, source, i), source.stages[i], [flows[b] for b in sizes])
+    signatures = [layer_signature(lm, i, layer_module(lm, i), source.stages[i], [flows[b] for b in sizes])
                   for i in range(lm.n_layers)]
     reps: list[int | None] = same_as(signatures) if run.dedupe else [None] * lm.n_layers
     m = Measurements(device=device_info, lm=lm, stages=source.stages, sizes=sizes, same_as=reps,
