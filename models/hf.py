@@ -147,20 +147,31 @@ def wrap(hf_model: nn.Module, model_type: str = "?") -> CausalLM:
     return CausalLM(hf_model, Embed(tokens, positions, drop), blocks, norm, lm_head)
 
 
+def _run_ours(model: CausalLM, model_type: str, ids: torch.Tensor) -> torch.Tensor:
+    try:
+        return model(ids)
+    except Exception as e:
+        raise _unsupported(model_type, f"run layer by layer it raised {type(e).__name__}: "
+                                       f"{str(e).strip().splitlines()[0] if str(e) else ''}") from None
+
+
 def _check(model: CausalLM, model_type: str, vocab: int, seq: int, seed: int) -> None:
-    """The wrapper must compute the original model's logits."""
+    """The wrapper must compute the original model's logits. Built on the meta device, where
+    there are no values to compare, it must at least run and give the logits' shape."""
+    meta = next(model.parameters()).is_meta
     ids = torch.randint(0, vocab, (1, min(seq, 16)), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to("meta") if meta else ids
     modes = {name: m.training for name, m in model.original.named_modules()}
     model.original.eval()
     try:
         with torch.no_grad():
+            ours = _run_ours(model, model_type, ids)
+            if meta:
+                if tuple(ours.shape) != (1, ids.shape[1], vocab):
+                    raise _unsupported(model_type, f"run layer by layer it gives logits of shape "
+                                                   f"{tuple(ours.shape)}, not {(1, ids.shape[1], vocab)}")
+                return
             theirs = model.original(input_ids=ids, use_cache=False).logits
-            try:
-                ours = model(ids)
-            except Exception as e:
-                raise _unsupported(model_type, f"run layer by layer it raised {type(e).__name__}: "
-                                               f"{str(e).strip().splitlines()[0] if str(e) else ''}") \
-                    from None
     finally:
         for name, m in model.original.named_modules():
             m.training = modes[name]
@@ -239,7 +250,7 @@ def build(model_type: str = "gpt2", n_layer: int = 4, d_model: int = 128, n_head
     except ValueError as e:  # no causal LM for this type, or no SDPA attention
         raise _unsupported(model_type, str(e).strip().splitlines()[0]) from None
     model = wrap(original, model_type)
-    if check and not next(model.parameters()).is_meta:  # built on the meta device: nothing to compare
+    if check:
         _check(model, model_type, vocab, seq, seed)
     model.train()
 

@@ -120,8 +120,19 @@ def profile(
     repeats: int = typer.Option(10, "--repeats", min=1, help="timed repetitions per measurement"),
     warmup: int = typer.Option(3, "--warmup", min=0, help="untimed repetitions first"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (match how you will run)"),
+    no_dedupe: bool = typer.Option(False, "--no-dedupe", help="measure every layer, identical ones too"),
+    no_meta: bool = typer.Option(False, "--no-meta", help="build the model in memory, not on the meta device "
+                                 "(for a factory that computes with its weights while building)"),
+    memory: Optional[float] = typer.Option(None, "--memory", min=0.001, metavar="GIB",
+                                           help="memory the profiler may use, in GiB (default: what the device "
+                                           "has free)"),
+    estimate: Optional[str] = typer.Option(None, "--estimate", metavar="DEVICE",
+                                           help="run nothing: price each layer's FLOPs and bytes at this "
+                                           "device's datasheet peaks (h100, h200, a100, a100-80gb, rtx4090)"),
 ) -> None:
-    """Measure a model layer by layer into a profile (needs torch)."""
+    """Measure a model layer by layer into a profile (needs torch). The model is built on the meta
+    device and each layer made real only while it is measured, so a model larger than the device
+    can be profiled."""
     from planner import report
     from planner.formats import check_output, dump
     from planner.model import build_spec, parse_args
@@ -130,11 +141,12 @@ def profile(
         check_output(output)
         sizes = _int_list(mbs, "--mbs")
         args = parse_args(arg)
-        spec = build_spec(model, args)
-        from planner.profile import Options, profile_model
+        from planner.profile import Options, build_meta_spec, profile_model
 
+        spec = build_spec(model, args) if no_meta else build_meta_spec(model, args)
         opts = Options(device=device, dtype=dtype, mbs=tuple(sizes), depth=depth, repeats=repeats,
-                       warmup=warmup, threads=threads)
+                       warmup=warmup, threads=threads, dedupe=not no_dedupe,
+                       memory_bytes=int(memory * 1024**3) if memory is not None else None, estimate=estimate)
         with report.progress(err) as bar:
             prof = profile_model(spec, model, args, opts, progress=bar)
         dump(prof, output)

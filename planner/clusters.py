@@ -83,6 +83,47 @@ PRESETS = {
 
 
 
+@dataclass(frozen=True)
+class Peaks:
+    """A device's datasheet peaks, dense (no structured sparsity): arithmetic by dtype, and memory
+    bandwidth. float32 is the plain FP32 rate: PyTorch does not use TF32 for float32 matrix
+    products unless told to (torch.backends.cuda.matmul.allow_tf32 is False by default)."""
+
+    flops_per_s: dict[str, float]
+    bandwidth_bytes_per_s: float
+    source: str
+
+
+# NVIDIA H100 Tensor Core GPU datasheet (SXM5): FP32 67 TFLOPS, BF16/FP16 Tensor 1,979 TFLOPS
+# with sparsity (989.5 dense), HBM3 3.35 TB/s.
+_H100_PEAKS = Peaks({"float32": 67e12, "bfloat16": 989.5e12, "float16": 989.5e12}, 3.35e12,
+                    "NVIDIA H100 Tensor Core GPU datasheet, SXM5")
+# NVIDIA H200 Tensor Core GPU datasheet (SXM): the H100's arithmetic, HBM3e 4.8 TB/s.
+_H200_PEAKS = Peaks(_H100_PEAKS.flops_per_s, 4.8e12, "NVIDIA H200 Tensor Core GPU datasheet, SXM")
+# NVIDIA A100 Tensor Core GPU datasheet (SXM): FP32 19.5 TFLOPS, BF16/FP16 Tensor 312 TFLOPS dense,
+# HBM2 1,555 GB/s (40 GB) and HBM2e 2,039 GB/s (80 GB).
+_A100_40_PEAKS = Peaks({"float32": 19.5e12, "bfloat16": 312e12, "float16": 312e12}, 1.555e12,
+                       "NVIDIA A100 Tensor Core GPU datasheet, SXM 40GB")
+_A100_80_PEAKS = Peaks(_A100_40_PEAKS.flops_per_s, 2.039e12, "NVIDIA A100 Tensor Core GPU datasheet, SXM 80GB")
+# NVIDIA Ada GPU architecture whitepaper, appendix table for the RTX 4090: FP32 82.6 TFLOPS,
+# FP16/BF16 Tensor with FP32 accumulate 165.2 TFLOPS dense, GDDR6X 1,008 GB/s.
+_RTX4090_PEAKS = Peaks({"float32": 82.6e12, "bfloat16": 165.2e12, "float16": 165.2e12}, 1.008e12,
+                       "NVIDIA Ada GPU architecture whitepaper, GeForce RTX 4090")
+
+PEAKS: dict[int, Peaks] = {id(_H100): _H100_PEAKS, id(_H200): _H200_PEAKS, id(_A100_40): _A100_40_PEAKS,
+                           id(_A100_80): _A100_80_PEAKS, id(_RTX4090): _RTX4090_PEAKS}
+
+
+def device_peaks(name: str) -> tuple[DeviceKind, Peaks]:
+    """The device kind named as ``--cluster`` names it (``h100``) and its peaks."""
+    kind = KINDS.get(name.lower())
+    peaks = PEAKS.get(id(kind)) if kind is not None else None
+    if kind is None or peaks is None:
+        known = ", ".join(sorted(n for n, k in KINDS.items() if id(k) in PEAKS))
+        raise InputError(f"--estimate {name!r}: no datasheet peaks for it; choose one of {known}")
+    return kind, peaks
+
+
 def kinds() -> list[tuple[list[str], DeviceKind]]:
     """Each device kind once, with every name ``--cluster`` accepts for it."""
     grouped: dict[int, tuple[list[str], DeviceKind]] = {}

@@ -100,6 +100,9 @@ class Layer(_Frozen):
     name: str = Field(description="module path, e.g. 'transformer.h.3'")
     param_bytes: Bytes
     by_mbs: dict[str, LayerCost]
+    same_as: str | None = Field(default=None, description="the identical layer (module class, parameter "
+                                "shapes, input shapes and dtypes) whose measured costs this one shares; "
+                                "None: measured itself")
 
 
 class Edge(_Frozen):
@@ -128,6 +131,10 @@ class WholeCost(_Frozen):
     layer_sum_s: float = Field(ge=0, description="sum of layer and loss fwd_s + bwd_s, unscaled")
     scale: Factor = Field(description="multiply layer times by this to match the whole")
     launch_bound: bool = False
+    calibrated_on: list[str] | None = Field(default=None, min_length=2, max_length=2, description="first and "
+                                            "last layer of the chain timed at once where the whole model did "
+                                            "not fit the device (fwd_s, bwd_s and layer_sum_s are the chain's, "
+                                            "optimizer_s the layers' summed); None: the whole model")
 
 
 class LossCost(_Frozen):
@@ -139,6 +146,7 @@ class Measurement(_Frozen):
     repeats: int = Field(ge=1)
     warmup: int = Field(ge=0)
     threads: int | None = Field(default=None, ge=1)
+    dedupe: bool = Field(default=False, description="identical layers measured once (see Layer.same_as)")
 
 
 class BatchInfo(_Frozen):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.errors import EXTRAS, MissingExtraError, ModelError, PlannerError
+from planner.errors import EXTRAS, InfeasibleError, MissingExtraError, ModelError, PlannerError
 
 
 @dataclass
@@ -66,7 +66,17 @@ def user_code(what: str) -> Iterator[None]:
             raise MissingExtraError(e.name or "torch", what) from None
         raise ModelError(f"{what} raised {describe(e)}") from None
     except BaseException as e:
+        if _out_of_memory(e):
+            raise InfeasibleError(f"{what} ran out of memory ({describe(e)}): lower --mbs, cut the model finer "
+                                  "with --depth, or run where more memory is free") from None
         raise ModelError(f"{what} raised {describe(e)}") from None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the
+    CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in str(e)
 
 
 def parse_args(pairs: list[str]) -> dict[str, Any]:

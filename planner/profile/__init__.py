@@ -1,29 +1,37 @@
 """``planner profile``: measure a model layer by layer into a profile.
 
-Each layer is run as the one-layer stage the executor would build (``planner.split``), on the
-inputs it receives in the real model, so that what is measured is what later runs. Per layer and
-micro-batch size: forward and backward time (and the backward's input- and weight-gradient parts,
-with the engine's own split), bytes saved for backward, transient bytes, output bytes. Then the
-whole model is timed at once and the profile records the scale that makes the layer sum agree
-with it. The model's parameters, buffers, gradients and training mode are restored afterwards.
+Each layer is run as the one-layer stage the executor would build (``planner.split``), so that
+what is measured is what later runs. Per layer and micro-batch size: forward and backward time
+(and the backward's input- and weight-gradient parts, with the engine's own split), bytes saved
+for backward, transient bytes, output bytes. Identical layers (same module class, parameter
+shapes, input shapes and dtypes) are measured once and share their costs. Then the whole model,
+or where it does not fit the device the longest chain of layers that does, is timed at once and
+the profile records the scale that makes the layer sum agree with it.
+
+A model built on the meta device (the default of ``planner profile``) is never whole in memory:
+each layer is made real on the device while it is measured, on inputs of the shapes the meta run
+gave, then freed. A model built in memory is moved to the device, each layer measured on the
+inputs it receives in the real model, and its parameters, buffers, gradients and training mode
+are restored afterwards.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import nn
 
+from planner.clusters import device_peaks
 from planner.errors import InputError, ModelError
 from planner.formats import (
     INPUT,
     LOSS,
-    BatchInfo,
     DeviceInfo,
     Dtype,
     Edge,
@@ -37,12 +45,17 @@ from planner.formats import (
     WholeCost,
 )
 from planner.model import ModelSpec, user_code
-from planner.profile.layer import LayerResult, Subject, measure
-from planner.profile.measure import Stat, Timer, stat, tensors
+from planner.profile.chain import WholeTimes, time_optimizer
+from planner.profile.collect import Measurements, Run, Steps, measure_model
+from planner.profile.estimate import estimate_model
+from planner.profile.layer import LayerResult
+from planner.profile.measure import Timer, stat, tensors
+from planner.profile.meta import build_meta_spec, is_meta
+from planner.profile.source import InMemory, OnMeta, Source
 from planner.split import INPUT as SPLIT_INPUT
-from planner.split import LayeredModel, fingerprint, layered, run_whole
+from planner.split import fingerprint, run_whole
 
-__all__ = ["profile_model", "resolve_device", "cpu_threads", "make_batch", "Options", "DTYPES"]
+__all__ = ["profile_model", "build_meta_spec", "resolve_device", "cpu_threads", "make_batch", "Options", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAUNCH_BOUND_SCALE = 0.85  # layer sum over 1/0.85 of the whole: launch or dispatch overhead dominates
@@ -58,6 +71,9 @@ class Options:
     warmup: int = 3
     threads: int | None = None
     seed: int = 0
+    dedupe: bool = True  # identical layers measured once
+    memory_bytes: int | None = None  # what the profiler may use; None: what the device has free
+    estimate: str | None = None  # a device kind (h100): FLOPs and bytes priced at its peaks, nothing run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,6 +136,9 @@ def make_batch(spec: ModelSpec, size: int, seed: int, device: torch.device, dtyp
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ModelError(f"{what} returned a {type(batch).__name__}, not a pair (inputs, target)")
     inputs, target = batch
+    if any(t.is_meta for t in tensors(batch)):
+        raise ModelError(f"{what} returned meta tensors: make them when batch is called, not while the "
+                         "factory builds the model, or pass --no-meta to build it in memory")
     if not isinstance(inputs, tuple):
         inputs = (inputs,)
     return _cast(inputs, device, dtype), _cast(target, device, dtype)
@@ -159,44 +178,6 @@ class _Restore:
 # ------------------------------------------------------------------------------- the model
 
 
-@dataclass(frozen=True)
-class WholeTimes:
-    """The whole model run at once, as training runs it."""
-
-    fwd: Stat
-    bwd: Stat
-    optimizer_s: float
-
-
-@dataclass
-class Measurements:
-    """Everything measured, per micro-batch size, from which the profile is assembled."""
-
-    device: DeviceInfo
-    lm: LayeredModel
-    stages: list[nn.Module]  # the one-layer stages that were measured
-    sizes: list[int]  # micro-batch sizes, ascending
-    layers: dict[int, list[LayerResult]] = field(default_factory=dict)  # size -> per layer
-    loss: dict[int, LayerResult] = field(default_factory=dict)
-    whole: dict[int, WholeTimes] = field(default_factory=dict)
-    batch: BatchInfo | None = None  # at the largest size
-    input_bytes: list[int] = field(default_factory=list)  # each model input at the largest size
-
-
-class _Steps:
-    """Progress through the measurements, reported as ``(label, done, total)``."""
-
-    def __init__(self, progress: Callable[[str, int, int], None] | None, total: int):
-        self.report = progress or (lambda label, done, total: None)
-        self.done, self.total = 0, total
-
-    def start(self, label: str) -> None:
-        self.report(label, self.done, self.total)
-
-    def finish(self) -> None:
-        self.done += 1
-
-
 def _param_bytes(module: nn.Module) -> tuple[int, dict[int, int]]:
     seen = {}
     for p in module.parameters():
@@ -204,12 +185,8 @@ def _param_bytes(module: nn.Module) -> tuple[int, dict[int, int]]:
     return sum(seen.values()), seen
 
 
-def _time_whole(spec: ModelSpec, inputs, target, device, opts: Options) -> WholeTimes:
-    with user_code("the whole model, run at once to calibrate the layer times,"):
-        return _time_whole_model(spec, inputs, target, device, opts)
-
-
 def _time_whole_model(spec: ModelSpec, inputs, target, device, opts: Options) -> WholeTimes:
+    """The model as built, in memory on the device, timed at once as training runs it."""
     model = spec.model
     timer = Timer(device)
     fwd, bwd = [], []
@@ -224,10 +201,7 @@ def _time_whole_model(spec: ModelSpec, inputs, target, device, opts: Options) ->
             fwd.append(t_f)
             bwd.append(t_b)
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-    opt = torch.optim.Adam(params, lr=0.0)
-    opt.step()  # allocate state outside the timing
-    t_opt = stat([timer(opt.step)[0] for _ in range(max(3, opts.repeats))]).median
-    del opt
+    t_opt = time_optimizer(params, timer, opts.repeats)
     for p in model.parameters():
         p.grad = None
     return WholeTimes(stat(fwd), stat(bwd), t_opt)
@@ -255,7 +229,11 @@ def cpu_threads(opts: Options, device: torch.device) -> int | None:
 
 def profile_model(spec: ModelSpec, factory: str, args: dict, opts: Options,
                   progress: Callable[[str, int, int], None] | None = None) -> Profile:
-    """Measure ``spec`` into a profile. ``progress(label, done, total)`` is called per layer."""
+    """Measure ``spec`` into a profile. ``progress(label, done, total)`` is called per layer.
+
+    A model built on the meta device (``build_meta_spec``) is measured one layer at a time, each
+    made real on the device only while it is; a model built in memory is moved to the device
+    whole, and put back as it was afterwards."""
     device = resolve_device(opts.device)
     _check_options(opts)
     model = spec.model
@@ -268,15 +246,34 @@ def profile_model(spec: ModelSpec, factory: str, args: dict, opts: Options,
         torch.set_num_threads(threads)
     try:
         dtype = DTYPES[opts.dtype]
+        if opts.estimate is not None:
+            return _assemble(spec, factory, args, opts, _estimate(spec, opts, dtype, progress))
         workspace = _workspace(device, dtype)
+        if is_meta(model):
+            return _assemble(spec, factory, args, opts, _measure(spec, opts, device, dtype, workspace, progress))
         with user_code(f"moving the model to {device} in {opts.dtype}"):
             model.to(device=device, dtype=dtype)
         with _Restore(model):
             model.train()
-            measured = _measure(spec, opts, device, dtype, workspace, progress)
-            return _assemble(spec, factory, args, opts, measured)
+            return _assemble(spec, factory, args, opts, _measure(spec, opts, device, dtype, workspace, progress))
     finally:
         torch.set_num_threads(before)
+
+
+def _estimate(spec: ModelSpec, opts: Options, dtype: torch.dtype,
+              progress: Callable[[str, int, int], None] | None) -> Measurements:
+    """Counted on the meta device and priced at the device's datasheet peaks: nothing is run."""
+    assert opts.estimate is not None
+    kind, peaks = device_peaks(opts.estimate)
+    cpu = torch.device("cpu")
+    sizes = sorted(set(opts.mbs))
+    batches = {b: make_batch(spec, b, opts.seed, cpu, dtype) for b in sizes}
+    model = spec.model if is_meta(spec.model) else copy.deepcopy(spec.model).to("meta")
+    source = OnMeta(model, batches[sizes[0]][0], spec.layers, opts.depth, cpu, dtype)
+    run = Run(spec=spec, device=cpu, warmup=0, repeats=1, seed=opts.seed, dedupe=opts.dedupe,
+              memory_bytes=None, batches=batches)
+    info = DeviceInfo(type=kind.device.type, name=kind.device.name, memory_bytes=kind.device.memory_bytes)
+    return estimate_model(source, run, peaks, opts.dtype, info, Steps(progress, len(sizes) * (source.lm.n_layers + 1)))
 
 
 def _measure(spec: ModelSpec, opts: Options, device: torch.device, dtype: torch.dtype, workspace: int,
@@ -284,42 +281,18 @@ def _measure(spec: ModelSpec, opts: Options, device: torch.device, dtype: torch.
     sizes = sorted(set(opts.mbs))
     if progress:
         progress("tracing the model into layers", 0, 1)
-    first_inputs, _ = make_batch(spec, sizes[0], opts.seed, device, dtype)
-    lm = layered(spec.model, first_inputs, spec.layers, opts.depth)
-    m = Measurements(device=_device_info(device, workspace), lm=lm,
-                     stages=[lm.stage(i, i + 1) for i in range(lm.n_layers)], sizes=sizes)
-    steps = _Steps(progress, len(sizes) * (lm.n_layers + 2))
-    for b in sizes:
-        _measure_size(spec, m, b, opts, device, dtype, steps)
-    steps.start("done")
-    return m
-
-
-def _measure_size(spec: ModelSpec, m: Measurements, b: int, opts: Options, device: torch.device,
-                  dtype: torch.dtype, steps: _Steps) -> None:
-    """Every layer, the loss and the whole model at micro-batch size ``b``."""
-    lm, L = m.lm, m.lm.n_layers
-    inputs, target = make_batch(spec, b, opts.seed, device, dtype)
-    if b == m.sizes[-1]:
-        m.batch = BatchInfo(
-            input_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(inputs)) // b,
-            target_bytes_per_sample=sum(t.numel() * t.element_size() for t in tensors(target)) // b)
-        m.input_bytes = [x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0 for x in inputs]
-    *layer_inputs, final = lm.layer_inputs(inputs, m.stages, where=f"at micro-batch {b}")
-    m.layers[b] = []
-    for i in range(L):
-        steps.start(f"mbs {b}: layer {i + 1}/{L} {lm.names[i]}")
-        subject = Subject(f"layer {lm.names[i]} at micro-batch {b}", layer_inputs[i], opts.seed, module=m.stages[i])
-        m.layers[b].append(measure(subject, [t.key for t in lm.crossing(i)], [t.key for t in lm.crossing(i + 1)],
-                                   i, device, opts.warmup, opts.repeats))
-        steps.finish()
-    steps.start(f"mbs {b}: loss")
-    subject = Subject(f"the loss at micro-batch {b}", (final,), opts.seed, loss=spec.loss, target=target)
-    m.loss[b] = measure(subject, [t.key for t in lm.crossing(L)][:1], [], L, device, opts.warmup, opts.repeats)
-    steps.finish()
-    steps.start(f"mbs {b}: whole model (calibration)")
-    m.whole[b] = _time_whole(spec, inputs, target, device, opts)
-    steps.finish()
+    batches = {b: make_batch(spec, b, opts.seed, device, dtype) for b in sizes}
+    first = batches[sizes[0]][0]
+    run = Run(spec=spec, device=device, warmup=opts.warmup, repeats=opts.repeats, seed=opts.seed,
+              dedupe=opts.dedupe, memory_bytes=opts.memory_bytes, batches=batches)
+    source: Source
+    if is_meta(spec.model):
+        source = OnMeta(spec.model, first, spec.layers, opts.depth, device, dtype)
+    else:
+        source = InMemory(spec.model, first, spec.layers, opts.depth, device)
+        run.whole = lambda b: _time_whole_model(spec, batches[b][0], batches[b][1], device, opts)
+    steps = Steps(progress, len(sizes) * (source.lm.n_layers + 2))
+    return measure_model(source, run, _device_info(device, workspace), steps)
 
 
 # ---------------------------------------------------------------------------- the profile
@@ -335,6 +308,11 @@ def _cost(r: LayerResult, out_total: int) -> LayerCost:
                      fwd_spread=round(t.fwd.spread, 4), bwd_spread=round(t.bwd.spread, 4))
 
 
+def _out_bytes(m: Measurements, b: int, i: int) -> int:
+    """Bytes of the tensors layer ``i`` makes for later layers (from the shapes the model runs with)."""
+    return sum(n for key, n in m.bytes_of[b].items() if key[0] == i)
+
+
 def _layers(m: Measurements) -> tuple[list[Layer], list[TiedGroup]]:
     """Each layer's parameters and costs, and the parameters that several layers share."""
     names = m.lm.names
@@ -346,8 +324,10 @@ def _layers(m: Measurements) -> tuple[list[Layer], list[TiedGroup]]:
         for pid, n in ids.items():
             owners.setdefault(pid, []).append(i)
             sizes_of[pid] = n
-        by = {str(b): _cost(m.layers[b][i], sum(m.layers[b][i].weights.out_bytes.values())) for b in m.sizes}
-        layers.append(Layer(name=names[i], param_bytes=pbytes, by_mbs=by))
+        by = {str(b): _cost(m.layers[b][i], _out_bytes(m, b, i)) for b in m.sizes}
+        rep = m.same_as[i]
+        layers.append(Layer(name=names[i], param_bytes=pbytes, by_mbs=by,
+                            same_as=names[rep] if rep is not None else None))
     tied_groups: dict[tuple[int, ...], int] = {}
     for pid, where in owners.items():
         if len(where) > 1:
@@ -368,7 +348,7 @@ def _edges(m: Measurements) -> list[Edge]:
         if t.producer == SPLIT_INPUT:
             src, nb = INPUT, m.input_bytes[t.index]
         else:
-            src, nb = names[t.producer], results[t.producer].out_bytes.get(t.key, 0)
+            src, nb = names[t.producer], m.bytes_of[big].get(t.key, 0)
         for c in t.consumers:
             consumer_saved = (c < L and t.key in results[c].saved_inputs) or (c == L and loss_saves)
             edges.append(Edge(src=src, dst=names[c] if c < L else LOSS, bytes_per_sample=nb // big,
@@ -377,17 +357,34 @@ def _edges(m: Measurements) -> list[Edge]:
 
 
 def _whole(m: Measurements) -> dict[str, WholeCost]:
-    """The whole model's times and the scale that makes the layer sum agree with them."""
+    """The whole model's times (or the longest chain of layers that fits the device's) and the
+    scale that makes the sum of those layers' times agree with them."""
     whole = {}
     for b in m.sizes:
-        w, loss = m.whole[b], m.loss[b].times
-        lsum = sum(r.times.fwd.median + r.times.bwd.median for r in m.layers[b])
-        lsum += loss.fwd.median + loss.bwd.median
+        calibration, L = m.whole.get(b), m.lm.n_layers
+        w = calibration.times if calibration is not None else None
+        if calibration is None or w is None:
+            continue
+        a, c = calibration.chain or (0, L)
+        lsum = sum(r.times.fwd.median + r.times.bwd.median for r in m.layers[b][a:c])
+        if c == L:
+            lsum += m.loss[b].times.fwd.median + m.loss[b].times.bwd.median
         measured = w.fwd.median + w.bwd.median
         scale = measured / lsum if lsum > 0 else 1.0
+        chain = [m.lm.names[a], m.lm.names[c - 1]] if calibration.chain else None
         whole[str(b)] = WholeCost(fwd_s=w.fwd.median, bwd_s=w.bwd.median, optimizer_s=w.optimizer_s,
-                                  layer_sum_s=lsum, scale=scale, launch_bound=scale < LAUNCH_BOUND_SCALE)
+                                  layer_sum_s=lsum, scale=scale, launch_bound=scale < LAUNCH_BOUND_SCALE,
+                                  calibrated_on=chain)
     return whole
+
+
+def _measurement(opts: Options, cpu: bool) -> Measurement:
+    if opts.estimate is not None:
+        _, peaks = device_peaks(opts.estimate)
+        return Measurement(timer=f"estimate: roofline at the peaks of the {peaks.source}", repeats=1, warmup=0,
+                           dedupe=opts.dedupe)
+    return Measurement(timer="perf_counter" if cpu else "cuda-events", repeats=opts.repeats, warmup=opts.warmup,
+                       threads=torch.get_num_threads() if cpu else None, dedupe=opts.dedupe)
 
 
 def _assemble(spec: ModelSpec, factory: str, args: dict, opts: Options, m: Measurements) -> Profile:
@@ -402,6 +399,5 @@ def _assemble(spec: ModelSpec, factory: str, args: dict, opts: Options, m: Measu
         device=m.device, dtype=dtype, layers=layers, edges=_edges(m),
         loss=LossCost(by_mbs={str(b): _cost(m.loss[b], 0) for b in m.sizes}),
         tied=tied, batch=m.batch, whole=_whole(m),
-        measurement=Measurement(timer="perf_counter" if cpu else "cuda-events", repeats=opts.repeats,
-                                warmup=opts.warmup, threads=torch.get_num_threads() if cpu else None),
+        measurement=_measurement(opts, cpu),
     )
