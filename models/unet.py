@@ -106,7 +106,7 @@ class UNet(nn.Module):
             x = block(x)
             skips.append(x)
         x = self.mid(x)
-        for block, skip in zip(self.up, reversed(skips)):
+        for block, skip in zip(self.up, reversed(skips), strict=True):
             x = block(x, skip)
         return self.head(x)
 

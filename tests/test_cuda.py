@@ -46,7 +46,7 @@ def test_calibrated_layer_sum_matches_a_fresh_whole_model_timing(gpt_profile):
         (x,), y = spec.batch(size, torch.Generator().manual_seed(3))
         x, y = x.cuda(), y.cuda()
 
-        def step():
+        def step(x=x, y=y):
             spec.loss(model(x), y).backward()
 
         for _ in range(5):

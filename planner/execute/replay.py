@@ -11,6 +11,7 @@ optimizer's state exists from the first on, as in training); the second is measu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -109,18 +110,18 @@ def _buffers(built, mine, cut_values, m, n, device) -> dict:
 
 
 def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S, device, timings) -> None:
-    from planner.execute.runtime import backward_input, backward_weight
+    from planner.execute.runtime import WeightWork, backward_input, backward_weight
 
     saved: dict[tuple[int, int], tuple] = {}
-    groups: dict[tuple[int, int], list] = {}
+    groups: dict[tuple[int, int], WeightWork] = {}
     local_out: dict[tuple[int, int], tuple] = {}
 
     timer = Timer(device)
 
-    def timed(key, fn):
+    def timed(key, fn, *args):
         if timings is None:
-            return fn()
-        seconds, result = timer(fn)
+            return fn(*args)
+        seconds, result = timer(functools.partial(fn, *args))
         timings.setdefault(key, []).append(seconds)
         return result
 
@@ -134,7 +135,7 @@ def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S,
                 xs = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in local_out.pop((s - 1, k)))
             else:
                 xs = tuple(t.requires_grad_(t.is_floating_point()) for t in buffers[s][0][k])
-            out = timed((s, "F"), lambda: mod(*xs))
+            out = timed((s, "F"), mod, *xs)
             kept = out  # the engine keeps a stage's outputs until its backward, the last stage's too
             if s == S - 1:
                 out = (loss_fn(out, target) / m,)
@@ -145,20 +146,20 @@ def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S,
                 local_out[(s, k)] = out
             continue
         if a.kind == "W":
-            timed((s, "W"), lambda: backward_weight(groups.pop((s, k))))
+            timed((s, "W"), backward_weight, groups.pop((s, k)))
             saved.pop((s, k), None)
             continue
         xs, out, _ = saved[(s, k)]
         grads = None if s == S - 1 else [g for g in buffers[s][1][k]]
         outs = [o for o in out if o.requires_grad]
-        grads = None if grads is None else [g for o, g in zip(out, grads) if o.requires_grad]
+        grads = None if grads is None else [g for o, g in zip(out, grads, strict=True) if o.requires_grad]
         if a.kind == "B":
-            timed((s, "B"), lambda: torch.autograd.backward(outs, grads))
+            timed((s, "B"), torch.autograd.backward, outs, grads)
             saved.pop((s, k))
         else:
             params = [p for p in mod.parameters() if p.requires_grad]
             ins = [x for x in xs if torch.is_tensor(x) and x.requires_grad]
-            _, pg = timed((s, "I"), lambda: backward_input(outs, grads, ins, iter(params)))
+            _, pg = timed((s, "I"), backward_input, outs, grads, ins, iter(params))
             groups[(s, k)] = pg
 
 

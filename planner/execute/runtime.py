@@ -27,7 +27,7 @@ _KIND = {
 }
 
 
-def engine_actions(schedule: Schedule, single: bool = False) -> dict[int, list[_Action]]:
+def engine_actions(schedule: Schedule, single: bool = False) -> dict[int, list[_Action | None]]:
     """The engine's per-rank action lists. ``single``: every stage on rank 0, in the order the
     simulator executes the plan's actions (a valid order of the whole pipeline)."""
     if single:
@@ -55,7 +55,7 @@ def _zero_integer_placeholders() -> None:
         return t
 
     to_tensor._planner = True  # type: ignore[attr-defined]
-    _TensorMeta.to_tensor = to_tensor
+    setattr(_TensorMeta, "to_tensor", to_tensor)  # noqa: B010 (a method replaced on purpose)
 
 
 _zero_integer_placeholders()
@@ -254,7 +254,8 @@ class _Stage(PipelineStage):
 
 
 def make_runtime(modules: dict[int, nn.Module], n_stages: int, device: torch.device,
-                 actions: dict[int, list[_Action]], m: int, loss: Callable, group=None) -> _PipelineScheduleRuntime:
+                 actions: dict[int, list[_Action | None]], m: int, loss: Callable,
+                 group=None) -> _PipelineScheduleRuntime:
     """A runtime for this rank's stages (``modules``: stage index -> module)."""
     stages = [_Stage(mod, s, n_stages, device, group=group) for s, mod in sorted(modules.items())]
 

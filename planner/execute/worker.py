@@ -53,7 +53,7 @@ from planner.split import LayeredModel
 __all__ = ["RETURN_NOTHING", "error_text", "main"]
 
 # Without this the last stage keeps every micro-batch's output for the step's return value.
-RETURN_NOTHING = {"return_outputs": False} if "return_outputs" in inspect.signature(
+RETURN_NOTHING: dict[str, Any] = {"return_outputs": False} if "return_outputs" in inspect.signature(
     _PipelineScheduleRuntime.step).parameters else {}
 FAULT = "PLANNER_FAULT"  # testing aid: "raise@R", "kill@R", "oom@R" or "hang@R" makes global rank R fail
 ORPHANED = 3  # exit code of a worker whose launcher or planner went away
