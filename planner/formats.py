@@ -166,6 +166,9 @@ class Profile(_Frozen):
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"layer name {dup!r} appears twice")
+        reserved = next((n for n in names if n in (INPUT, LOSS)), None)
+        if reserved is not None:
+            raise ValueError(f"layer name {reserved!r} is reserved: edges use it for the batch and the loss")
         sizes = set(self.layers[0].by_mbs)
         if not sizes:
             raise ValueError("layers[0].by_mbs is empty")
@@ -186,10 +189,9 @@ class Profile(_Frozen):
             if index.get(e.src, -1) >= index.get(e.dst, len(names)):
                 raise ValueError(f"edges[{k}] goes from {e.src!r} back to {e.dst!r}: "
                                  "layers must be in topological order")
-        for k, group in enumerate(self.tied):
-            for name in group.layers:
-                if name not in index:
-                    raise ValueError(f"tied[{k}] names unknown layer {name!r}")
+        problem = _edge_problem(self.edges) or _tied_problem(self.tied, {layer.name: layer for layer in self.layers})
+        if problem:
+            raise ValueError(problem)
         if self.loss is not None and set(self.loss.by_mbs) != sizes:
             raise ValueError("loss.by_mbs sizes differ from the layers'")
         if set(self.whole) - sizes:
@@ -199,6 +201,35 @@ class Profile(_Frozen):
     @property
     def mbs_sizes(self) -> list[int]:
         return sorted(int(k) for k in self.layers[0].by_mbs)
+
+
+def _edge_problem(edges: list[Edge]) -> str | None:
+    """One edge per (tensor, consumer): a repeated edge would send and hold its bytes twice."""
+    seen: dict[tuple[str, int, str], int] = {}
+    for k, e in enumerate(edges):
+        j = seen.setdefault((e.src, e.tensor, e.dst), k)
+        if j != k:
+            return f"edges[{k}] repeats edges[{j}] ({e.src!r} output {e.tensor} to {e.dst!r})"
+    return None
+
+
+def _tied_problem(tied: list[TiedGroup], layers: dict[str, Layer]) -> str | None:
+    """Tied bytes are counted in each member's param_bytes and subtracted where members share a
+    stage, so a layer's tied bytes, over all its groups, are at most its own parameter bytes."""
+    shared: dict[str, int] = {}
+    for k, group in enumerate(tied):
+        for name in group.layers:
+            if name not in layers:
+                return f"tied[{k}] names unknown layer {name!r}"
+            shared[name] = shared.get(name, 0) + group.param_bytes
+        if len(set(group.layers)) != len(group.layers):
+            dup = next(n for n in group.layers if group.layers.count(n) > 1)
+            return f"tied[{k}] names layer {dup!r} twice"
+    for name, nbytes in shared.items():
+        if nbytes > layers[name].param_bytes:
+            return (f"tied groups share {nbytes:,} parameter bytes of layer {name!r}, which has "
+                    f"{layers[name].param_bytes:,}: tied bytes are counted in each layer's param_bytes")
+    return None
 
 
 # --------------------------------------------------------------------------------------- cluster
@@ -460,6 +491,9 @@ def _layer_problem(plan: Plan) -> str | None:
         extra = sorted(set(stage.recompute_layers) - set(stage.layers))
         if extra:
             return f"stages[{s}].recompute_layers names {extra[0]!r}, which is not one of its layers"
+        if stage.recompute_layers and stage.recompute != "selective":
+            return (f"stages[{s}].recompute_layers names layers, but recompute is {stage.recompute!r}: "
+                    "only 'selective' recomputes a chosen list")
     if plan.layers is None:
         return None
     order = {name: k for k, name in enumerate(plan.layers)}

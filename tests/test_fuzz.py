@@ -28,7 +28,8 @@ import traceback
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -49,11 +50,14 @@ class Raw(str):
     """JSON text put into a tree as it is (NaN, 10**400, 40 levels of brackets)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Base:
     name: str  # the committed file, and how it was prepared
     kind: str  # "plan" or "profile"
     tree: Any
+
+    def __repr__(self) -> str:
+        return f"Base({self.name})"
 
 
 class Mutant:
@@ -209,8 +213,20 @@ def schema_mutant(base: Base, what: str, tree: Any) -> Mutant:
 
 
 def _path(draw, base: Base, keep: Callable[[Any], bool] = lambda v: True) -> tuple | None:
-    options = [p for p in _paths(base.name) if keep(get(base.tree, p))]
-    return draw(st.sampled_from(options)) if options else None
+    """A node's path: first a field (``stages.*.cost.fwd_s``), then one place it occurs, so that
+    every field is drawn as often as any other however many times it repeats."""
+    fields: dict[tuple, list[tuple]] = {}
+    for p in _paths(base.name):
+        if keep(get(base.tree, p)):
+            fields.setdefault(_field(p), []).append(p)
+    if not fields:
+        return None
+    return draw(st.sampled_from(fields[draw(st.sampled_from(sorted(fields, key=str)))]))
+
+
+def _field(path: tuple) -> tuple:
+    """The path with list indices and micro-batch sizes as '*'."""
+    return tuple("*" if isinstance(k, int) or k.isdigit() else k for k in path)
 
 
 @cache
@@ -223,7 +239,7 @@ def _fmt(path: tuple) -> str:
 
 
 def delete_key(draw, base: Base) -> Mutant:
-    path = draw(st.sampled_from([p for p in _paths(base.name) if isinstance(p[-1], str)]))
+    path = _path(draw, base)  # a key of an object, or an element of a list
     return schema_mutant(base, f"delete {_fmt(path)}", deleted(base.tree, path))
 
 
@@ -261,6 +277,18 @@ def scaled_number(draw, base: Base) -> Mutant:
     old = get(base.tree, path)
     value = type(old)(old * factor)
     return schema_mutant(base, f"{_fmt(path)} x {factor}", replaced(base.tree, path, value))
+
+
+def set_everywhere(draw, base: Base) -> Mutant:
+    """Every occurrence of one numeric field (all layers' fwd_s, all stages' act_bytes) set to
+    one value: extreme but often valid inputs for the solver and the simulator."""
+    path = _path(draw, base, lambda v: type(v) in (int, float))
+    value = draw(st.sampled_from([0, 1, 10**6, 2**40, 2**50]))
+    tree = copy.deepcopy(base.tree)
+    for p in _paths(base.name):
+        if _field(p) == _field(path) and type(get(tree, p)) in (int, float):
+            get(tree, p[:-1])[p[-1]] = type(get(tree, p))(value)
+    return schema_mutant(base, f"every {_fmt(_field(path))} = {value}", tree)
 
 
 def extra_key(draw, base: Base) -> Mutant:
@@ -306,8 +334,8 @@ def non_utf8(draw, base: Base) -> Mutant:
     return Mutant(base.name, f"{junk!r} at byte {at}", text[:at] + junk + text[at:], True)
 
 
-GENERIC = [delete_key, wrong_type, bad_number, edge_number, scaled_number, extra_key, empty_list,
-           deep_nesting, truncated, non_utf8]
+GENERIC = [delete_key, wrong_type, bad_number, edge_number, scaled_number, set_everywhere, extra_key,
+           empty_list, deep_nesting, truncated, non_utf8]
 
 # -------------------------------------------------------------------------- plan mutations
 
@@ -447,7 +475,26 @@ def microbatches(draw, base: Base) -> Mutant:
                   encode(tree), invalid)
 
 
-PLAN_ONLY = [layer_edit, reorder_stages, share_device, cluster_devices, schedule_name, virtual_stages,
+def recompute_edit(draw, base: Base) -> Mutant:
+    """A stage's recomputation: another mode, a chosen list for a mode without one, a layer it lacks."""
+    tree = copy.deepcopy(base.tree)
+    s = draw(st.integers(0, len(tree["stages"]) - 1))
+    stage = tree["stages"][s]
+    how = draw(st.sampled_from(["mode", "list without selective", "selective list", "layer it lacks"]))
+    if how == "mode":
+        stage["recompute"] = draw(st.sampled_from(["none", "full", "selective", "Full", "partial"]))
+        return schema_mutant(base, f"stages.{s}.recompute = {stage['recompute']!r}", tree)
+    if how == "selective list":
+        stage["recompute"] = "selective"
+        stage["recompute_layers"] = draw(st.lists(st.sampled_from(stage["layers"]), unique=True))
+        return schema_mutant(base, f"stages.{s}: selective {stage['recompute_layers']}", tree)
+    stage["recompute_layers"] = [stage["layers"][0]] if how == "list without selective" else ["no.such.layer"]
+    if how == "list without selective":
+        stage["recompute"] = draw(st.sampled_from(["none", "full"]))
+    return Mutant(base.name, f"stages.{s}: {how}", encode(tree), True)
+
+
+PLAN_ONLY = [recompute_edit, layer_edit, reorder_stages, share_device, cluster_devices, schedule_name, virtual_stages,
              parallel_degree, microbatches]
 
 # ----------------------------------------------------------------------- profile mutations
@@ -533,7 +580,57 @@ def edge_edit(draw, base: Base) -> Mutant:
     return Mutant(base.name, f"edges.{k}: {how}", encode(tree), True)
 
 
-PROFILE_ONLY = [profile_layer, mbs_keys, edge_edit]
+def tied_edit(draw, base: Base) -> Mutant:
+    """A tied group: a member twice, more shared bytes than a member has, or a new group."""
+    tree = copy.deepcopy(base.tree)
+    layers = tree["layers"]
+    if not tree["tied"] or draw(st.booleans()):
+        a, b = draw(st.lists(st.integers(0, len(layers) - 1), min_size=2, max_size=2, unique=True))
+        most = min(layers[a]["param_bytes"], layers[b]["param_bytes"])
+        nbytes = draw(st.sampled_from([0, most, most + 1]))
+        tree["tied"].append({"layers": [layers[a]["name"], layers[b]["name"]], "param_bytes": nbytes})
+        held = {n: sum(g["param_bytes"] for g in tree["tied"] if n in g["layers"]) for g in tree["tied"] for n in g["layers"]}
+        invalid = any(held[x["name"]] > x["param_bytes"] for x in layers if x["name"] in held)
+        return Mutant(base.name, f"tied {layers[a]['name']} and {layers[b]['name']}, {nbytes} bytes",
+                      encode(tree), invalid)
+    group = tree["tied"][draw(st.integers(0, len(tree["tied"]) - 1))]
+    if draw(st.booleans()):
+        group["layers"].append(group["layers"][0])
+        return Mutant(base.name, f"tied group names {group['layers'][0]} twice", encode(tree), True)
+    group["param_bytes"] = min(x["param_bytes"] for x in layers if x["name"] in group["layers"]) + 1
+    return Mutant(base.name, f"tied group shares {group['param_bytes']} bytes, more than a member has",
+                  encode(tree), True)
+
+
+def rename_layer(draw, base: Base) -> Mutant:
+    """A layer renamed everywhere it is named: to a new name (valid), to another layer's name or
+    to a reserved pseudo-layer name (refused)."""
+    tree = copy.deepcopy(base.tree)
+    names = [x["name"] for x in tree["layers"]]
+    old = draw(st.sampled_from(names))
+    new = draw(st.sampled_from(["renamed.layer", "", "@input", "@loss", "with space"]) | st.sampled_from(names))
+    if new == old:
+        new += ".x"
+    swap = {old: new}
+    for layer in tree["layers"]:
+        layer["name"] = swap.get(layer["name"], layer["name"])
+    for e in tree["edges"]:
+        e["src"], e["dst"] = swap.get(e["src"], e["src"]), swap.get(e["dst"], e["dst"])
+    for group in tree["tied"]:
+        group["layers"] = [swap.get(n, n) for n in group["layers"]]
+    return Mutant(base.name, f"layer {old!r} renamed {new!r}", encode(tree), new in names or new in ("@input", "@loss"))
+
+
+def duplicate_edge(draw, base: Base) -> Mutant:
+    tree = copy.deepcopy(base.tree)
+    if not tree["edges"]:
+        return profile_layer(draw, base)
+    k = draw(st.integers(0, len(tree["edges"]) - 1))
+    tree["edges"].insert(k, copy.deepcopy(tree["edges"][k]))
+    return Mutant(base.name, f"edges.{k} twice", encode(tree), True)
+
+
+PROFILE_ONLY = [profile_layer, mbs_keys, edge_edit, tied_edit, rename_layer, duplicate_edge]
 
 
 @st.composite
@@ -632,14 +729,52 @@ def case(base: str, what: str, tree: Any, invalid: bool) -> Mutant:
     return Mutant(b.name, what, encode(tree(copy.deepcopy(b.tree))), invalid)
 
 
+def _in_stage0(key: str, value: Any) -> Callable[[Any], Any]:
+    def edit(tree: Any) -> Any:
+        tree["stages"][0][key] = value
+        return tree
+    return edit
+
+
+def _tied(param_bytes: int | None = None, repeat: bool = False) -> Callable[[Any], Any]:
+    def edit(tree: Any) -> Any:
+        group = tree["tied"][0]
+        group["param_bytes"] = group["param_bytes"] if param_bytes is None else param_bytes
+        group["layers"] += group["layers"][:1] if repeat else []
+        return tree
+    return edit
+
+
+def _last_layer_named(name: str) -> Callable[[Any], Any]:
+    def edit(tree: Any) -> Any:
+        old = tree["layers"][-1]["name"]
+        tree["layers"][-1]["name"] = name
+        tree["edges"] = [e for e in tree["edges"] if old not in (e["src"], e["dst"])]
+        tree["tied"] = [g for g in tree["tied"] if old not in g["layers"]]
+        return tree
+    return edit
+
+
 @FUZZ
 @given(mutant=plan_mutants())
+# check wrapped a long refusal over two lines at the console's width
+@example(mutant=case("cnn.h200x8.json", "provenance.solver.settings.budget = Infinity",
+                     lambda t: replaced(t, ("provenance", "solver", "settings", "budget"), Raw("Infinity")), True))
+# a recomputation list beside a mode that ignores it was accepted
+@example(mutant=case("gpt.cpu2-pp2.json", "stages.0: recompute none with a list",
+                     _in_stage0("recompute_layers", ["transformer.emb"]), True))
 def test_plan_mutants_are_run_or_refused_in_one_line(mutant):
     assert_behaves(mutant, "plan")
 
 
 @settings(FUZZ, max_examples=max(10, settings().max_examples // 2))  # solve: a tenth of a second each
 @given(mutant=profile_mutants())
+# tied bytes beyond a member's own: a negative stage memory, and solve failed writing its plan
+@example(mutant=case("gpt-tied-50k.h200.json", "tied.0.param_bytes = 2**31", _tied(2**31), True))
+@example(mutant=case("gpt-tied-50k.h200.json", "tied.0 names a layer twice", _tied(2**36, repeat=True), True))
+# accepted: an edge given twice (its bytes sent twice), a layer named like the loss
+@example(mutant=case("gpt.cpu.json", "edges.1 twice", lambda t: t.update(edges=t["edges"][:2] + t["edges"][1:]) or t, True))
+@example(mutant=case("gpt.cpu.json", "last layer named @loss", _last_layer_named("@loss"), True))
 def test_profile_mutants_are_solved_or_refused_in_one_line(mutant):
     assert_behaves(mutant, "profile")
 
