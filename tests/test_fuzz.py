@@ -25,10 +25,10 @@ import json
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
@@ -700,12 +700,13 @@ def _one_error_line(result, command: str) -> str | None:
     return f"exit 2 with an unexpected line: stdout {result.stdout!r}, stderr {result.stderr!r}"
 
 
-def run_mutant(mutant: Mutant, kind: str) -> list[Run]:
+def run_mutant(mutant: Mutant, kind: str, more: Callable[[str, str], list[list[str]]] | None = None) -> list[Run]:
+    """Every command on the mutant; ``more(path, folder)`` adds commands (benchmarks/fuzz.py)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mutant.json"
         path.write_bytes(mutant.text)
         runs = []
-        for args in commands(mutant, kind, str(path)):
+        for args in commands(mutant, kind, str(path)) + (more(str(path), tmp) if more else []):
             start = time.perf_counter()
             result = runner.invoke(app, args)
             seconds = time.perf_counter() - start
