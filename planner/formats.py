@@ -388,6 +388,30 @@ class BaselineResult(_Frozen):
     fits: bool
 
 
+class SavedSettings(BaseModel):
+    """The solver settings a plan was made with (``planner.solve.Settings`` less its training and
+    jobs), which ``check --resolve`` searches with again. Keys a newer planner adds are kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    global_batch: int | None = Field(default=None, ge=1)
+    pp: int | None = Field(default=None, ge=1)
+    dp: int | None = Field(default=None, ge=1)
+    mbs: int | None = Field(default=None, ge=1)
+    microbatches: int | None = Field(default=None, ge=1)
+    schedules: list[str] | None = Field(default=None, min_length=1)
+    virtual_stages: int | None = Field(default=None, ge=1)
+    recompute: Literal["none", "full", "auto", "selective"] = "auto"
+    fix_cuts: list[int] | None = None
+    top: int = Field(default=5, ge=1)
+    include_model_only: bool = False
+    budget: int = Field(default=400, ge=1)
+    ilp: bool = False
+    time_limit_s: float = Field(default=10.0, gt=0, le=MAX_MEASURED_S)
+    jobs: int | None = Field(default=None, ge=1)
+    objective: Literal["time", "memory"] = "time"
+
+
 class Provenance(_Frozen):
     profile_fingerprint: str
     planner_version: str
@@ -440,7 +464,8 @@ class Plan(_Frozen):
 def plan_problem(plan: Plan) -> str | None:
     """What makes a well-typed plan one that cannot run, or None: its schedule, its devices,
     its layers, its size. Every command reads plans through this (``Plan`` validates with it)."""
-    return _schedule_problem(plan) or _device_problem(plan) or _layer_problem(plan) or _size_problem(plan)
+    return (_schedule_problem(plan) or _device_problem(plan) or _layer_problem(plan) or _size_problem(plan)
+            or _settings_problem(plan))
 
 
 def _schedule_problem(plan: Plan) -> str | None:
@@ -527,6 +552,23 @@ def _size_problem(plan: Plan) -> str | None:
         held = (c.act_bytes + c.wgrad_bytes + c.grad_in_bytes + c.send_bytes) * (m + 1)
         if c.static_bytes + c.batch_bytes + c.transient_bytes + held > MAX_INT // len(plan.stages):
             return f"stages[{s}].cost byte counts are too large to simulate with {m} micro-batches in flight"
+    return None
+
+
+def _settings_problem(plan: Plan) -> str | None:
+    """Saved solver settings that a search could run with: typed, in range, and cuts that fall
+    inside the plan's own layers."""
+    if "settings" not in plan.provenance.solver:
+        return None
+    try:
+        saved = SavedSettings.model_validate(plan.provenance.solver["settings"], strict=True)
+    except ValidationError as err:
+        return f"provenance.solver.settings: {_describe(err)}"
+    n = sum(len(stage.layers) for stage in plan.stages)
+    cuts = saved.fix_cuts or []
+    if cuts != sorted(set(cuts)) or any(not 0 < k < n for k in cuts):
+        return (f"provenance.solver.settings.fix_cuts {cuts}: stage starts must increase and lie between "
+                f"1 and {n - 1} (the plan's {n} layers)")
     return None
 
 

@@ -274,6 +274,28 @@ def test_a_recompute_list_needs_selective(tmp_path, mode):
         load_plan(_mutant(tmp_path, listed))
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("schedules", 5, "settings: field schedules: Input should be a valid list"),
+    ("top", "x", "settings: field top: Input should be a valid integer"),
+    ("recompute", "maybe", "settings: field recompute: Input should be 'none', 'full', 'auto' or 'selective'"),
+    ("fix_cuts", [15], "fix_cuts [15]: stage starts must increase and lie between 1 and 14"),
+    ("fix_cuts", [9, 3], "fix_cuts [9, 3]: stage starts must increase"),
+])
+def test_saved_solver_settings_are_checked_on_load(tmp_path, key, value, message):
+    # check --resolve searches with them again: they must be settings a search can run with
+    def saved(d):
+        d["provenance"]["solver"]["settings"][key] = value
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_plan(_mutant(tmp_path, saved))
+
+
+def test_saved_solver_settings_may_be_absent_or_carry_new_keys(tmp_path):
+    def newer(d):
+        d["provenance"]["solver"]["settings"]["a_later_option"] = [1]
+    assert load_plan(_mutant(tmp_path, newer)).provenance.solver["settings"]["a_later_option"] == [1]
+    assert load_plan(_mutant(tmp_path, lambda d: d["provenance"].update(solver={}))).provenance.solver == {}
+
+
 def test_schedule_must_match_virtual_stages(tmp_path):
     def v3(d):
         d["schedule"]["name"] = "zb-v"  # two chunks per rank in a V, not one

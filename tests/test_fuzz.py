@@ -494,6 +494,38 @@ def recompute_edit(draw, base: Base) -> Mutant:
     return Mutant(base.name, f"stages.{s}: {how}", encode(tree), True)
 
 
+# The solver settings a plan keeps (provenance.solver.settings), which check --resolve searches
+# with again: for each, values that break its type or range (refused) and values that do not.
+_WHOLE = ([None, 1, 3], [0, -1, "2", 2.0, True, 2**62 + 1])
+SETTING_VALUES: dict[str, tuple[list, list]] = {
+    **{key: _WHOLE for key in ("global_batch", "pp", "dp", "mbs", "microbatches", "virtual_stages")},
+    "schedules": ([None, ["gpipe"], ["1f1b", "zb-h1"]], [[], 5, "1f1b", [1], [None]]),
+    "recompute": (["none", "full", "auto", "selective"], ["maybe", None, 1, "Full"]),
+    "fix_cuts": ([None, [1], [7], [3, 9]], [[0], [15], [100], [9, 3], [4, 4], ["1"], 5, [True]]),
+    "top": ([1, 5], [0, -1, None, "5", 5.0]),
+    "budget": ([1, 400], [0, None, "x"]),
+    "include_model_only": ([True, False], [1, "true", None]),
+    "ilp": ([False], [0, "no", None]),
+    "time_limit_s": ([0.5, 1, 3.0], [0, -1.0, 1e7, "1", None, True]),
+    "jobs": ([None, 1], [0, -1, "1", 1.0]),
+    "objective": (["time", "memory"], ["speed", None, 0]),
+}
+
+
+def saved_setting(draw, base: Base) -> Mutant:
+    """One saved solver setting changed (the plan's 15 layers bound fix_cuts to 1..14), or the
+    settings object replaced."""
+    key = draw(st.sampled_from(sorted(SETTING_VALUES) + ["(the settings)"]))
+    where = ("provenance", "solver", "settings")
+    if key == "(the settings)":
+        value = draw(st.sampled_from([5, [], None, "x", {}]))
+        return Mutant(base.name, f"settings = {value!r}", encode(replaced(base.tree, where, value)), value != {})
+    valid, invalid = SETTING_VALUES[key]
+    value = draw(st.sampled_from(valid + invalid))
+    return Mutant(base.name, f"settings.{key} = {value!r}", encode(replaced(base.tree, (*where, key), value)),
+                  value in invalid and not any(value == v and type(value) is type(v) for v in valid))
+
+
 PLAN_ONLY = [recompute_edit, layer_edit, reorder_stages, share_device, cluster_devices, schedule_name, virtual_stages,
              parallel_degree, microbatches]
 
@@ -643,6 +675,13 @@ def plan_mutants() -> st.SearchStrategy[Mutant]:
     return mutants(PLAN_BASES, GENERIC + PLAN_ONLY)
 
 
+def settings_mutants() -> st.SearchStrategy[Mutant]:
+    """The plan check --resolve searches again quickly (gpt on two CPUs), its saved settings
+    mutated, or any of its fields."""
+    bases = [BASES["gpt.cpu2-pp2.json"]]
+    return mutants(bases, [saved_setting] * 4 + [delete_key, wrong_type, extra_key])
+
+
 def profile_mutants() -> st.SearchStrategy[Mutant]:
     return mutants(PROFILES, GENERIC + PROFILE_ONLY)
 
@@ -666,9 +705,14 @@ def plan_of(profile: str) -> str:
     return str(ROOT / "plans" / (same or PLANS)[0].name)
 
 
+PROFILE_OF_CPU2 = str(ROOT / "profiles" / "gpt.cpu.json")  # the profile plans/gpt.cpu2-pp2.json was solved on
+
+
 def commands(mutant: Mutant, kind: str, path: str) -> list[list[str]]:
     if kind == "plan":
         return [["simulate", path], ["check", path], *(["export", path, "--format", f] for f in FORMATS)]
+    if kind == "saved settings":  # and search again with them
+        return commands(mutant, "plan", path) + [["check", path, "--profile", PROFILE_OF_CPU2, "--resolve"]]
     return [["solve", path, "--cluster", "cpu2", "--global-batch", "8", "--time-limit", "1", "--jobs", "1",
              "--json"], ["check", plan_of(mutant.base), "--profile", path]]
 
@@ -730,6 +774,11 @@ def case(base: str, what: str, tree: Any, invalid: bool) -> Mutant:
     return Mutant(b.name, what, encode(tree(copy.deepcopy(b.tree))), invalid)
 
 
+def saved_setting_case(key: str, value: Any) -> Mutant:
+    where = ("provenance", "solver", "settings", key)
+    return case("gpt.cpu2-pp2.json", f"settings.{key} = {value!r}", lambda t: replaced(t, where, value), True)
+
+
 def _in_stage0(key: str, value: Any) -> Callable[[Any], Any]:
     def edit(tree: Any) -> Any:
         tree["stages"][0][key] = value
@@ -778,6 +827,18 @@ def test_plan_mutants_are_run_or_refused_in_one_line(mutant):
 @example(mutant=case("gpt.cpu.json", "last layer named @loss", _last_layer_named("@loss"), True))
 def test_profile_mutants_are_solved_or_refused_in_one_line(mutant):
     assert_behaves(mutant, "profile")
+
+
+@settings(FUZZ, max_examples=max(10, settings().max_examples // 4))
+@given(mutant=settings_mutants())
+# check --resolve passed saved settings to the search unchecked: a number for the schedules,
+# text for top or budget, a cut beyond the layers, an unknown recompute mode were internal errors
+@example(mutant=saved_setting_case("schedules", 5))
+@example(mutant=saved_setting_case("top", "x"))
+@example(mutant=saved_setting_case("fix_cuts", [100]))
+@example(mutant=saved_setting_case("recompute", "maybe"))
+def test_saved_settings_are_checked_before_a_search_again(mutant):
+    assert_behaves(mutant, "saved settings")
 
 
 # ------------------------------------------------------------------- the fuzz's own oracle
