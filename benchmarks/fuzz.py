@@ -71,7 +71,7 @@ def in_processes(pairs: list[tuple[Mutant, Run]], count: int) -> list[str]:
             old = str(Path(next(a for a in run.args if a.endswith("mutant.json"))).parent)
             args = [a.replace(old, tmp) for a in run.args]
             done = subprocess.run([sys.executable, "-m", "planner", *args], capture_output=True, text=True,
-                                  cwd=tmp, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+                                  check=False, cwd=tmp, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
             text = done.stdout + done.stderr
             if done.returncode == 70 or "Traceback" in text or done.returncode != run.code:
                 problems.append(f"{mutant!r}, planner {args[0]} in a process: exit {done.returncode} "

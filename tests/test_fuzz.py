@@ -135,10 +135,17 @@ def _with_layers(base: Base) -> Base:
     return Base(base.name + "+layers", base.kind, tree)
 
 
+def _clusters(plans: list[Base]) -> list[Base]:
+    """The clusters the committed plans were solved for, as cluster files."""
+    found = {b.tree["cluster"]["name"]: b.tree["cluster"] for b in plans}
+    return [Base(f"{name} (cluster of a plan)", "cluster", tree) for name, tree in sorted(found.items())]
+
+
 PLANS = _committed("plan")
 PLAN_BASES = PLANS + [_with_layers(b) for b in PLANS]
 PROFILES = _committed("profile")
-BASES = {b.name: b for b in PLAN_BASES + PROFILES}
+CLUSTERS = _clusters(PLANS)
+BASES = {b.name: b for b in PLAN_BASES + PROFILES + CLUSTERS}
 
 # ----------------------------------------------------------------------- the schema as oracle
 
@@ -665,6 +672,28 @@ def duplicate_edge(draw, base: Base) -> Mutant:
 PROFILE_ONLY = [profile_layer, mbs_keys, edge_edit, tied_edit, rename_layer, duplicate_edge]
 
 
+def node_edit(draw, base: Base) -> Mutant:
+    """A node grown past what one node holds, or split in two with or without a link between."""
+    tree = copy.deepcopy(base.tree)
+    nodes = tree["nodes"]
+    k = draw(st.integers(0, len(nodes) - 1))
+    devices = nodes[k]["devices"]
+    how = draw(st.sampled_from(["grown to 72", "grown to 73", "split"]))
+    if how != "split":
+        nodes[k]["devices"] = [copy.deepcopy(devices[0]) for _ in range(int(how[-2:]))]
+        return Mutant(base.name, f"nodes.{k} {how} devices", encode(tree), how == "grown to 73")
+    if len(devices) < 2:
+        return node_edit(draw, base)
+    nodes.insert(k + 1, {"name": "split", "devices": devices[len(devices) // 2:]})
+    del devices[len(devices) // 2:]
+    linked = draw(st.booleans())
+    if linked and tree["inter_node"] is None:
+        tree["inter_node"] = copy.deepcopy(tree["intra_node"])
+    if not linked:
+        tree["inter_node"] = None
+    return Mutant(base.name, f"nodes.{k} split{' with' if linked else ' without'} a link", encode(tree), not linked)
+
+
 @st.composite
 def mutants(draw, bases: list[Base], mutations: list) -> Mutant:
     base = draw(st.sampled_from(bases))
@@ -680,6 +709,10 @@ def settings_mutants() -> st.SearchStrategy[Mutant]:
     mutated, or any of its fields."""
     bases = [BASES["gpt.cpu2-pp2.json"]]
     return mutants(bases, [saved_setting] * 4 + [delete_key, wrong_type, extra_key])
+
+
+def cluster_mutants() -> st.SearchStrategy[Mutant]:
+    return mutants(CLUSTERS, GENERIC + [node_edit] * 2)
 
 
 def profile_mutants() -> st.SearchStrategy[Mutant]:
@@ -711,6 +744,9 @@ PROFILE_OF_CPU2 = str(ROOT / "profiles" / "gpt.cpu.json")  # the profile plans/g
 def commands(mutant: Mutant, kind: str, path: str) -> list[list[str]]:
     if kind == "plan":
         return [["simulate", path], ["check", path], *(["export", path, "--format", f] for f in FORMATS)]
+    if kind == "cluster":
+        return [["solve", PROFILE_OF_CPU2, "--cluster", path, "--global-batch", "8", "--time-limit", "1",
+                 "--jobs", "1", "--json"]]
     if kind == "saved settings":  # and search again with them
         return commands(mutant, "plan", path) + [["check", path, "--profile", PROFILE_OF_CPU2, "--resolve"]]
     return [["solve", path, "--cluster", "cpu2", "--global-batch", "8", "--time-limit", "1", "--jobs", "1",
@@ -841,11 +877,17 @@ def test_saved_settings_are_checked_before_a_search_again(mutant):
     assert_behaves(mutant, "saved settings")
 
 
+@settings(FUZZ, max_examples=max(10, settings().max_examples // 4))
+@given(mutant=cluster_mutants())
+def test_cluster_file_mutants_are_solved_for_or_refused_in_one_line(mutant):
+    assert_behaves(mutant, "cluster")
+
+
 # ------------------------------------------------------------------- the fuzz's own oracle
 
 
 def test_committed_files_conform_and_run():
-    for base in PLAN_BASES + PROFILES:
+    for base in PLAN_BASES + PROFILES + CLUSTERS:
         assert not breaks_schema(base.kind, base.tree), base.name
         for run in run_mutant(Mutant(base.name, "unchanged", encode(base.tree)), base.kind):
             assert run.problem is None and run.code in (0, 3), (base.name, run)
