@@ -4,7 +4,8 @@ Each example takes a file from plans/ or profiles/, applies one structured mutat
 deleted, a wrong type, a number no file may hold, a layer removed or moved, a device shared by
 two ranks, the text cut short or made invalid UTF-8, ...) and runs, in-process, every command
 that reads it: simulate, check and export (each format) for a plan; solve and check --profile
-for a profile. Whatever the mutant, no command raises (under ``planner`` that is an internal
+for a profile; solve for a cluster file (the committed plans' clusters); and check --resolve,
+which searches again with the solver settings a plan keeps. Whatever the mutant, no command raises (under ``planner`` that is an internal
 error, exit 70), nothing prints a traceback, and a refusal is one line with exit 2. A mutant
 that breaks a rule of its format by construction must be refused with exit 2; one that may
 still be valid (a number changed within its bounds, a cut moved by one layer) is only run.
@@ -743,7 +744,8 @@ PROFILE_OF_CPU2 = str(ROOT / "profiles" / "gpt.cpu.json")  # the profile plans/g
 
 def commands(mutant: Mutant, kind: str, path: str) -> list[list[str]]:
     if kind == "plan":
-        return [["simulate", path], ["check", path], *(["export", path, "--format", f] for f in FORMATS)]
+        return [["simulate", path], ["simulate", path, "--json"], ["check", path],
+                *(["export", path, "--format", f] for f in FORMATS)]
     if kind == "cluster":
         return [["solve", PROFILE_OF_CPU2, "--cluster", path, "--global-batch", "8", "--time-limit", "1",
                  "--jobs", "1", "--json"]]
