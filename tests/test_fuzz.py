@@ -4,9 +4,10 @@ Each example takes a file from plans/ or profiles/, applies one structured mutat
 deleted, a wrong type, a number no file may hold, a layer removed or moved, a device shared by
 two ranks, the text cut short or made invalid UTF-8, ...) and runs, in-process, every command
 that reads it: simulate, check and export (each format) for a plan; solve and check --profile
-for a profile; solve for a cluster file (the committed plans' clusters); and check --resolve,
-which searches again with the solver settings a plan keeps. Whatever the mutant, no command raises (under ``planner`` that is an internal
-error, exit 70), nothing prints a traceback, and a refusal is one line with exit 2. A mutant
+for a profile; solve for a cluster file (the committed plans' clusters); check --resolve, which
+searches again with the solver settings a plan keeps. Whatever the mutant, no command raises
+(under ``planner`` that is an internal error, exit 70), nothing prints a traceback, and a
+refusal is one line with exit 2. A mutant
 that breaks a rule of its format by construction must be refused with exit 2; one that may
 still be valid (a number changed within its bounds, a cut moved by one layer) is only run.
 
