@@ -1,9 +1,10 @@
 """Many more mutants of the committed plans and profiles than the tests draw, with a table.
 
 The mutations and the judgement are tests/test_fuzz.py's: each mutant is run in-process through
-every command that reads it (simulate, check, export in each format; solve and check --profile),
-here also solve on a 4-GPU cluster and simulate --timeline; a sample is also run as separate
-``python -m planner`` processes, where an internal error is exit 70.
+every command that reads it (simulate, check, export in each format; solve and check --profile;
+solve for a cluster file; check --resolve), here also solve on a 4-GPU cluster and simulate
+--timeline; a sample is also run as separate ``python -m planner`` processes, where an internal
+error is exit 70.
 
     python benchmarks/fuzz.py [--examples 2000] [--processes 30] [--seed 0]
 
@@ -29,7 +30,12 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_fuzz import Mutant, Run, plan_mutants, profile_mutants, run_mutant  # noqa: E402
+from tests.test_fuzz import (  # noqa: E402
+    Mutant, Run, cluster_mutants, plan_mutants, profile_mutants, run_mutant, settings_mutants,
+)
+
+STRATEGIES = {"plan": plan_mutants, "profile": profile_mutants, "cluster": cluster_mutants,
+              "saved settings": settings_mutants}
 
 SLOW_S = 30.0
 
@@ -38,6 +44,8 @@ def extra_commands(kind: str):
     def more(path: str, folder: str) -> list[list[str]]:
         if kind == "plan":
             return [["simulate", path, "--timeline", str(Path(folder) / "t.svg")]]
+        if kind != "profile":
+            return []
         return [["solve", path, "--cluster", "h100x4", "--global-batch", "16", "--time-limit", "2",
                  "--jobs", "1", "--json"]]
     return more
@@ -52,8 +60,8 @@ def fuzz(examples: int, rng_seed: int) -> list[tuple[Mutant, Run]]:
     @config
     @given(pick=st.data())
     def one(pick):
-        kind = pick.draw(st.sampled_from(["plan", "profile"]))
-        mutant = pick.draw(plan_mutants() if kind == "plan" else profile_mutants())
+        kind = pick.draw(st.sampled_from(["plan", "plan", "profile", "profile", "cluster", "saved settings"]))
+        mutant = pick.draw(STRATEGIES[kind]())
         for run in run_mutant(mutant, kind, extra_commands(kind)):
             runs.append((mutant, run))
 
@@ -82,10 +90,11 @@ def in_processes(pairs: list[tuple[Mutant, Run]], count: int) -> list[str]:
 def label(args: list[str]) -> str:
     """The command and the options that tell its runs apart (not the files)."""
     shown = [args[0]]
-    for flag in ("--cluster", "--format", "--profile", "--timeline"):
-        if flag in args:
-            value = args[args.index(flag) + 1]
-            shown.append(flag + ("" if flag in ("--profile", "--timeline") else f" {value}"))
+    for flag in ("--cluster", "--format", "--profile", "--timeline", "--resolve", "--json"):
+        if flag not in args or (flag == "--json" and args[0] != "simulate"):  # solve always prints JSON here
+            continue
+        value = args[args.index(flag) + 1] if flag in ("--cluster", "--format") else ""
+            shown.append(flag + (" FILE" if value.endswith(".json") else f" {value}" if value else ""))
     return " ".join(shown)
 
 
