@@ -94,7 +94,7 @@ def label(args: list[str]) -> str:
         if flag not in args or (flag == "--json" and args[0] != "simulate"):  # solve always prints JSON here
             continue
         value = args[args.index(flag) + 1] if flag in ("--cluster", "--format") else ""
-            shown.append(flag + (" FILE" if value.endswith(".json") else f" {value}" if value else ""))
+        shown.append(flag + (" FILE" if value.endswith(".json") else f" {value}" if value else ""))
     return " ".join(shown)
 
 
