@@ -318,7 +318,7 @@ def check(
             tag = "[red]bad[/]   " if result.code == 2 else "[red]failed[/]"
             first = result.lines[0]
             where = "" if first.startswith(str(path)) else f"{path}: "
-            out.print(f"{tag} {where}{escape(first)}")
+            out.print(f"{tag} {where}{escape(first)}", soft_wrap=True)
         for line in result.lines[1 if result.code else 0:]:
             out.print(f"         {escape(line)}")
         worst = 2 if 2 in (worst, result.code) else max(worst, result.code)

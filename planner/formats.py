@@ -174,6 +174,9 @@ class Profile(_Frozen):
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"layer name {dup!r} appears twice")
+        reserved = next((n for n in names if n in (INPUT, LOSS)), None)
+        if reserved is not None:
+            raise ValueError(f"layer name {reserved!r} is reserved: edges use it for the batch and the loss")
         sizes = set(self.layers[0].by_mbs)
         if not sizes:
             raise ValueError("layers[0].by_mbs is empty")
@@ -194,10 +197,9 @@ class Profile(_Frozen):
             if index.get(e.src, -1) >= index.get(e.dst, len(names)):
                 raise ValueError(f"edges[{k}] goes from {e.src!r} back to {e.dst!r}: "
                                  "layers must be in topological order")
-        for k, group in enumerate(self.tied):
-            for name in group.layers:
-                if name not in index:
-                    raise ValueError(f"tied[{k}] names unknown layer {name!r}")
+        problem = _edge_problem(self.edges) or _tied_problem(self.tied, {layer.name: layer for layer in self.layers})
+        if problem:
+            raise ValueError(problem)
         if self.loss is not None and set(self.loss.by_mbs) != sizes:
             raise ValueError("loss.by_mbs sizes differ from the layers'")
         if set(self.whole) - sizes:
@@ -207,6 +209,35 @@ class Profile(_Frozen):
     @property
     def mbs_sizes(self) -> list[int]:
         return sorted(int(k) for k in self.layers[0].by_mbs)
+
+
+def _edge_problem(edges: list[Edge]) -> str | None:
+    """One edge per (tensor, consumer): a repeated edge would send and hold its bytes twice."""
+    seen: dict[tuple[str, int, str], int] = {}
+    for k, e in enumerate(edges):
+        j = seen.setdefault((e.src, e.tensor, e.dst), k)
+        if j != k:
+            return f"edges[{k}] repeats edges[{j}] ({e.src!r} output {e.tensor} to {e.dst!r})"
+    return None
+
+
+def _tied_problem(tied: list[TiedGroup], layers: dict[str, Layer]) -> str | None:
+    """Tied bytes are counted in each member's param_bytes and subtracted where members share a
+    stage, so a layer's tied bytes, over all its groups, are at most its own parameter bytes."""
+    shared: dict[str, int] = {}
+    for k, group in enumerate(tied):
+        for name in group.layers:
+            if name not in layers:
+                return f"tied[{k}] names unknown layer {name!r}"
+            shared[name] = shared.get(name, 0) + group.param_bytes
+        if len(set(group.layers)) != len(group.layers):
+            dup = next(n for n in group.layers if group.layers.count(n) > 1)
+            return f"tied[{k}] names layer {dup!r} twice"
+    for name, nbytes in shared.items():
+        if nbytes > layers[name].param_bytes:
+            return (f"tied groups share {nbytes:,} parameter bytes of layer {name!r}, which has "
+                    f"{layers[name].param_bytes:,}: tied bytes are counted in each layer's param_bytes")
+    return None
 
 
 # --------------------------------------------------------------------------------------- cluster
@@ -365,6 +396,30 @@ class BaselineResult(_Frozen):
     fits: bool
 
 
+class SavedSettings(BaseModel):
+    """The solver settings a plan was made with (``planner.solve.Settings`` less its training and
+    jobs), which ``check --resolve`` searches with again. Keys a newer planner adds are kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    global_batch: int | None = Field(default=None, ge=1)
+    pp: int | None = Field(default=None, ge=1)
+    dp: int | None = Field(default=None, ge=1)
+    mbs: int | None = Field(default=None, ge=1)
+    microbatches: int | None = Field(default=None, ge=1)
+    schedules: list[str] | None = Field(default=None, min_length=1)
+    virtual_stages: int | None = Field(default=None, ge=1)
+    recompute: Literal["none", "full", "auto", "selective"] = "auto"
+    fix_cuts: list[int] | None = None
+    top: int = Field(default=5, ge=1)
+    include_model_only: bool = False
+    budget: int = Field(default=400, ge=1)
+    ilp: bool = False
+    time_limit_s: float = Field(default=10.0, gt=0, le=MAX_MEASURED_S)
+    jobs: int | None = Field(default=None, ge=1)
+    objective: Literal["time", "memory"] = "time"
+
+
 class Provenance(_Frozen):
     profile_fingerprint: str
     planner_version: str
@@ -417,7 +472,8 @@ class Plan(_Frozen):
 def plan_problem(plan: Plan) -> str | None:
     """What makes a well-typed plan one that cannot run, or None: its schedule, its devices,
     its layers, its size. Every command reads plans through this (``Plan`` validates with it)."""
-    return _schedule_problem(plan) or _device_problem(plan) or _layer_problem(plan) or _size_problem(plan)
+    return (_schedule_problem(plan) or _device_problem(plan) or _layer_problem(plan) or _size_problem(plan)
+            or _settings_problem(plan))
 
 
 def _schedule_problem(plan: Plan) -> str | None:
@@ -468,6 +524,9 @@ def _layer_problem(plan: Plan) -> str | None:
         extra = sorted(set(stage.recompute_layers) - set(stage.layers))
         if extra:
             return f"stages[{s}].recompute_layers names {extra[0]!r}, which is not one of its layers"
+        if stage.recompute_layers and stage.recompute != "selective":
+            return (f"stages[{s}].recompute_layers names layers, but recompute is {stage.recompute!r}: "
+                    "only 'selective' recomputes a chosen list")
     if plan.layers is None:
         return None
     order = {name: k for k, name in enumerate(plan.layers)}
@@ -501,6 +560,23 @@ def _size_problem(plan: Plan) -> str | None:
         held = (c.act_bytes + c.wgrad_bytes + c.grad_in_bytes + c.send_bytes) * (m + 1)
         if c.static_bytes + c.batch_bytes + c.transient_bytes + held > MAX_INT // len(plan.stages):
             return f"stages[{s}].cost byte counts are too large to simulate with {m} micro-batches in flight"
+    return None
+
+
+def _settings_problem(plan: Plan) -> str | None:
+    """Saved solver settings that a search could run with: typed, in range, and cuts that fall
+    inside the plan's own layers."""
+    if "settings" not in plan.provenance.solver:
+        return None
+    try:
+        saved = SavedSettings.model_validate(plan.provenance.solver["settings"], strict=True)
+    except ValidationError as err:
+        return f"provenance.solver.settings: {_describe(err)}"
+    n = sum(len(stage.layers) for stage in plan.stages)
+    cuts = saved.fix_cuts or []
+    if cuts != sorted(set(cuts)) or any(not 0 < k < n for k in cuts):
+        return (f"provenance.solver.settings.fix_cuts {cuts}: stage starts must increase and lie between "
+                f"1 and {n - 1} (the plan's {n} layers)")
     return None
 
 

@@ -81,6 +81,45 @@ def test_edges_must_go_forward(profile_file):
         load_profile(profile_file)
 
 
+def _edited_profile(profile_file, edit):
+    data = json.loads(profile_file.read_text())
+    edit(data)
+    profile_file.write_text(json.dumps(data))
+    return profile_file
+
+
+def test_an_edge_given_twice_is_refused(profile_file):
+    # one edge per (tensor, consumer): a repeat would send and hold its bytes twice
+    _edited_profile(profile_file, lambda d: d["edges"].append(dict(d["edges"][1])))
+    with pytest.raises(InputError, match=r"edges\[\d+\] repeats edges\[1\]"):
+        load_profile(profile_file)
+
+
+@pytest.mark.parametrize("name", ["@input", "@loss"])
+def test_pseudo_layer_names_are_reserved(profile_file, name):
+    def rename(d):
+        d["layers"][2]["name"] = name
+        d["edges"] = [e for e in d["edges"] if "layers.2" not in (e["src"], e["dst"])]
+    _edited_profile(profile_file, rename)
+    with pytest.raises(InputError, match=f"layer name '{name}' is reserved"):
+        load_profile(profile_file)
+
+
+def test_tied_bytes_are_at_most_each_members_own(tmp_path):
+    # 100 parameter bytes per layer, 100 of them shared by layers 0 and 2: the most there can be
+    p = tmp_path / "tied.json"
+    dump(chain_profile([1e-3] * 3, param_bytes=100, tied=[([0, 2], 100)]), p)
+    assert load_profile(p).tied[0].param_bytes == 100
+    for edit, message in [(lambda d: d["tied"][0].update(param_bytes=101), "share 101 parameter bytes"),
+                          (lambda d: d["tied"][0]["layers"].append("layers.0"), "names layer 'layers.0' twice"),
+                          (lambda d: d["tied"].append({"layers": ["layers.0", "layers.1"], "param_bytes": 1}),
+                           "share 101 parameter bytes of layer 'layers.0'")]:
+        dump(chain_profile([1e-3] * 3, param_bytes=100, tied=[([0, 2], 100)]), p)
+        _edited_profile(p, edit)
+        with pytest.raises(InputError, match=message):
+            load_profile(p)
+
+
 def test_cluster_file(tmp_path):
     p = tmp_path / "c.json"
     p.write_text(json.dumps({
@@ -224,6 +263,37 @@ def test_committed_plans_still_load():
         load_plan(p)
         data = _with_layers(json.loads(p.read_text()))
         assert Plan.model_validate(data, strict=True).layers == data["layers"]
+
+
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_a_recompute_list_needs_selective(tmp_path, mode):
+    def listed(d):
+        d["stages"][0]["recompute"] = mode
+        d["stages"][0]["recompute_layers"] = d["stages"][0]["layers"][:1]
+    with pytest.raises(InputError, match=f"but recompute is '{mode}'"):
+        load_plan(_mutant(tmp_path, listed))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("schedules", 5, "settings: field schedules: Input should be a valid list"),
+    ("top", "x", "settings: field top: Input should be a valid integer"),
+    ("recompute", "maybe", "settings: field recompute: Input should be 'none', 'full', 'auto' or 'selective'"),
+    ("fix_cuts", [15], "fix_cuts [15]: stage starts must increase and lie between 1 and 14"),
+    ("fix_cuts", [9, 3], "fix_cuts [9, 3]: stage starts must increase"),
+])
+def test_saved_solver_settings_are_checked_on_load(tmp_path, key, value, message):
+    # check --resolve searches with them again: they must be settings a search can run with
+    def saved(d):
+        d["provenance"]["solver"]["settings"][key] = value
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_plan(_mutant(tmp_path, saved))
+
+
+def test_saved_solver_settings_may_be_absent_or_carry_new_keys(tmp_path):
+    def newer(d):
+        d["provenance"]["solver"]["settings"]["a_later_option"] = [1]
+    assert load_plan(_mutant(tmp_path, newer)).provenance.solver["settings"]["a_later_option"] == [1]
+    assert load_plan(_mutant(tmp_path, lambda d: d["provenance"].update(solver={}))).provenance.solver == {}
 
 
 def test_schedule_must_match_virtual_stages(tmp_path):
