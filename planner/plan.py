@@ -48,8 +48,11 @@ def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
 
 
 def profile_fingerprint(profile: Profile) -> str:
-    """The model's structure fingerprint plus a hash of the measured numbers."""
-    digest = hashlib.sha256(profile.model_dump_json(exclude={"measurement"}).encode()).hexdigest()
+    """The model's structure fingerprint plus a hash of the measured numbers. Fields left at their
+    defaults are not hashed, so a field added to the format later does not change the digest of a
+    profile that does not use it."""
+    dumped = profile.model_dump_json(exclude={"measurement"}, exclude_defaults=True)
+    digest = hashlib.sha256(dumped.encode()).hexdigest()
     return f"{profile.model.fingerprint}+{digest[:16]}"
 
 

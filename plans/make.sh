@@ -1,0 +1,13 @@
+#!/bin/sh
+# How the committed plans were made: rerun after a change to the cost model, the schedules or the
+# solver that `planner check plans/*.json` reports. Searches that stop at --time-limit can depend
+# on the machine's speed; the others are exact and reproduce the same plan anywhere.
+set -eu
+cd "$(dirname "$0")/.."
+planner solve profiles/gpt.cpu.json --cluster cpu2 --pp 2 --schedule 1f1b,gpipe --global-batch 16 -o plans/gpt.cpu2-pp2.json
+planner solve profiles/gpt.h200.json --cluster h200x8 --global-batch 256 -o plans/gpt.h200x8.json
+planner solve profiles/gpt.h200.json --cluster 2xh200x8 --global-batch 512 -o plans/gpt.2xh200x8.json
+planner solve profiles/gpt-tied-50k.h200.json --cluster h200x8 --pp 4 --global-batch 256 -o plans/gpt-tied-50k.h200x8-pp4.json
+for model in cnn encdec unet; do
+    planner solve profiles/$model.h200.json --cluster h200x8 --global-batch 256 -o plans/$model.h200x8.json
+done
