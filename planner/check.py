@@ -151,7 +151,8 @@ def check_one(path: Path, *, profile: Profile | None, profile_path: str | None, 
         if profile is not None:
             problems += check_fingerprint(plan, profile.model.fingerprint, profile_path or "the profile")
             if not problems and plan.provenance.profile_fingerprint != profile_fingerprint(profile):
-                out.lines.append("the profile's measurements differ from those the plan was solved on")
+                out.lines.append("the profile's measured costs differ from those the plan was solved on"
+                                 + ("" if resolve else ": --resolve prices the plan on them"))
         if rebuild:
             problems += check_fingerprint(plan, rebuilt_fingerprint(plan), "the model built now")
         if resolve:

@@ -307,7 +307,7 @@ def check(
     except PlannerError as e:
         _fail(e)
     worst = 0
-    checked = ["fits"] + (["matches the profile"] if prof else []) + (["model unchanged"] if rebuild else []) \
+    checked = ["fits"] + (["same model as the profile"] if prof else []) + (["model unchanged"] if rebuild else []) \
         + (["still the best"] if resolve else [])
     for path in plans:
         result = check_one(path, profile=prof, profile_path=str(profile_file) if profile_file else None,
