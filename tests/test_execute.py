@@ -2,6 +2,7 @@
 end cleanly with the rank, stage and cause named. Multi-process tests use gloo on the CPU."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +277,23 @@ def test_the_measured_step_time_is_the_median_of_the_slowest_rank_each_step(tiny
     step, throughput = ver.rows
     assert (step.what, step.measured) == ("step time", 2.0)
     assert throughput.measured == plan.microbatch.global_batch / 2.0
+
+
+def test_run_folder_is_removed_after_a_timing_miss_and_kept_after_a_failed_check(tmp_path):
+    from planner.execute import Row, Verification, _record_run_dir
+
+    def verification(check_ok: bool) -> Verification:
+        folder = tmp_path / f"run-{check_ok}"
+        folder.mkdir()
+        return Verification(mode="distributed", device="cpu", run_dir=str(folder), tolerance=0.1,
+                            rows=[Row("step time", predicted=1.0, measured=2.0, unit="s")],  # +100%: a miss
+                            checks=[("loss equals the reference", check_ok, "")])
+
+    missed = verification(check_ok=True)
+    folder = missed.run_dir
+    _record_run_dir(missed, kept=False)
+    assert not missed.passed() and missed.run_dir is None and not Path(folder).exists()
+    failed = verification(check_ok=False)
+    _record_run_dir(failed, kept=False)
+    assert failed.run_dir is not None and Path(failed.run_dir).exists()
+    assert any("a check failed" in n for n in failed.notes)
