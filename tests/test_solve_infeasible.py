@@ -100,3 +100,12 @@ def test_several_stages_per_device_are_counted_together():
 def test_the_time_limit_is_blamed_where_it_binds():
     with pytest.raises(InfeasibleError, match=r"no plan found within the time limit .*; raise --time-limit"):
         solve(GPT, from_spec("cpu2"), Settings(global_batch=16, time_limit_s=1e-9))
+
+
+def test_a_way_out_that_barely_moves_the_need_is_not_offered():
+    # GPipe holds every micro-batch: with the global batch fixed, a smaller micro-batch holds the
+    # same activations in all, so "--mbs 1" would need the same 8.5 GiB
+    with pytest.raises(InfeasibleError) as e:
+        solve(GPT, from_spec("cpu2"), Settings(global_batch=8192, pp=2, mbs=2, schedules=["gpipe"]))
+    text = str(e.value)
+    assert "--mbs" not in text and "--schedule 1f1b" in text, text

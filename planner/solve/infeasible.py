@@ -44,6 +44,11 @@ class Need:
         return self.need_bytes - self.usable_bytes
 
 
+# A way out must lower the need by at least this share of it: with the global batch fixed, a smaller
+# micro-batch often moves the need by a few bytes, which would read as "--mbs 1 (needs the same)".
+_MATTERS = 0.01
+
+
 def _fmt(n: float) -> str:
     from planner.units import fmt_bytes
 
@@ -160,7 +165,8 @@ def ways_out(search: Search, configs: Sequence[Config], lead: Need, deadline: fl
         one, several = least_need(search, others, policy, pinned_cuts=relaxed.fix_cuts is not None,
                                   deadline=deadline)
         better = _headline(one, several)
-        if better is not None and better.short_bytes < lead.short_bytes - 1:  # by more than a byte
+        enough = lead.short_bytes - _MATTERS * lead.need_bytes
+        if better is not None and (better.short_bytes <= 0 or better.short_bytes < enough):
             out.append(f"{flag(better.config)} (needs {_fmt(better.need_bytes)}"
                        + (", fits)" if better.short_bytes <= 0 else ")"))
     smallest = min(search.profile.mbs_sizes)
