@@ -145,8 +145,9 @@ def find_factory_file(where: str, near: str | Path | None = None) -> Path:
         if (base / path).is_file():
             return (base / path).resolve()
     searched = ", ".join(dict.fromkeys(str(b) for b in bases[:3])) + (", ..." if len(bases) > 3 else "")
-    raise ModelError(f"{where}: no such file (looked in {searched}); run planner from the folder the "
-                     f"profile was made in, or set {ROOT_ENV} to it")
+    hint = ("" if near is None else f"; run planner from the folder the profile was made in, or set {ROOT_ENV} "
+            "to it")
+    raise ModelError(f"{where}: no such file (looked in {searched}){hint}")
 
 
 def resolve_factory(ref: str, near: str | Path | None = None) -> str:
