@@ -135,6 +135,10 @@ SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
                  "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.1 (ZB-H1)", True, "loop", True),
     ScheduleInfo("zb-h2", "deeper warm-up (2(pp - r) - 1 forwards), split backward, about 2pp in flight",
                  "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.2 (ZB-H2)", True, "loop", True),
+    ScheduleInfo("zb-auto", "built for the stage costs, links and memory budget: a cost-aware list scheduler "
+                 "beside the zb-h1, zb-h2 and 1f1b orders, the fastest that fits",
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 3 (automatic scheduling)",
+                 True, "loop", True),
     ScheduleInfo("zb-v", "V placement, the authors' handcrafted order, 1F1B's activation memory",
                  "Qi et al., Pipeline Parallelism with Controllable Memory, NeurIPS 2024 (ZB-V)",
                  True, "v", True),
@@ -150,8 +154,9 @@ SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
 ALIASES = {
     "pipedream-flush": "1f1b", "1f1b-flush": "1f1b", "interleaved": "interleaved-1f1b",
     "interleaved1f1b": "interleaved-1f1b", "i1f1b": "interleaved-1f1b", "zbh1": "zb-h1",
-    "zb1p": "zb-h1", "zero-bubble": "zb-h1", "zbh2": "zb-h2", "zb2p": "zb-h2", "zbv": "zb-v", "dualpipev": "dualpipe-v", "dualpipe": "dualpipe-v",
-    "2bw": "pipedream-2bw", "pipedream2bw": "pipedream-2bw", "none": "naive",
+    "zb1p": "zb-h1", "zero-bubble": "zb-h1", "zbh2": "zb-h2", "zb2p": "zb-h2", "zbv": "zb-v",
+    "dualpipev": "dualpipe-v", "dualpipe": "dualpipe-v",
+    "zbauto": "zb-auto", "2bw": "pipedream-2bw", "pipedream2bw": "pipedream-2bw", "none": "naive",
 }
 
 
@@ -185,6 +190,8 @@ def check_combination(name: str, pp: int, m: int, v: int) -> None:
         raise ScheduleError(f"naive runs one batch without micro-batching: micro-batches must be 1, got {m}")
     if info.placement == "v" and v != 2:
         raise ScheduleError(f"{name} places two chunks per rank in a V: virtual stages must be 2, got {v}")
+    if name == "zb-auto" and v != 1:
+        raise ScheduleError(f"zb-auto runs one stage per rank: virtual stages must be 1, got {v}")
     if name == "interleaved-1f1b" and v < 2:
         raise ScheduleError("interleaved-1f1b needs at least 2 virtual stages per rank (use 1f1b for 1)")
     if v > 1 and info.placement == "loop":
@@ -591,11 +598,50 @@ def _dualpipe_v_rank(pp: int, m: int, r: int) -> list[Action]:
     return q.actions
 
 
+def _parse(text: str) -> Action:
+    """One action in the engine's notation: stage, kind, micro-batch ("2F0")."""
+    at = next((i for i, ch in enumerate(text) if not ch.isdigit()), 0)
+    kind, mb = text[at:at + 1], text[at + 1:]
+    if at == 0 or kind not in Kind._value2member_map_ or not mb.isdigit():
+        raise ScheduleError(f"{text!r} is not an action: write stage, kind (F, B, I or W), micro-batch, as in 2F0")
+    return Action(Kind(kind), int(text[:at]), int(mb))
+
+
 @lru_cache(maxsize=256)
-def build(name: str, pp: int, m: int, v: int = 1) -> Schedule:
-    """The per-rank action lists of schedule ``name`` for pp ranks, m micro-batches and v chunks."""
+def from_order(name: str, pp: int, m: int, order: tuple[str, ...]) -> Schedule:
+    """A one-stage-per-rank schedule from its per-rank action lists in the engine's notation
+    (one comma-separated row per rank, as ``to_engine_csv`` writes them): how a cost-built
+    schedule (zb-auto) is stored in a plan and rebuilt exactly. Checked like every builder."""
+    if len(order) != pp:
+        raise ScheduleError(f"{name}: {len(order)} rows of actions for pp {pp}")
+    ranks = tuple(tuple(_parse(t.strip()) for t in row.split(",") if t.strip()) for row in order)
+    if any(a.mb >= m or a.stage >= pp for acts in ranks for a in acts):
+        raise ScheduleError(f"{name}: an action names a stage or micro-batch beyond pp {pp}, m {m}")
+    schedule = one_stage_per_rank(name, m, ranks)
+    validate(schedule)
+    schedule.global_order()  # refuses an order that deadlocks
+    return schedule
+
+
+def one_stage_per_rank(name: str, m: int, ranks: tuple[tuple[Action, ...], ...]) -> Schedule:
+    """A schedule of these per-rank action lists, stage r on rank r (unchecked: see validate)."""
+    split = any(a.kind in (Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT) for acts in ranks for a in acts)
+    return Schedule(name=name, pp=len(ranks), virtual_stages=1, microbatches=m, stage_rank=_loop(len(ranks), 1),
+                    ranks=ranks, split_backward=split, executable=SCHEDULES[name].executable)
+
+
+@lru_cache(maxsize=256)
+def build(name: str, pp: int, m: int, v: int = 1, order: tuple[str, ...] | None = None) -> Schedule:
+    """The per-rank action lists of schedule ``name`` for pp ranks, m micro-batches and v chunks.
+    zb-auto depends on the stage costs: it is made by ``planner.autosched.build_auto`` and
+    rebuilt here from its stored ``order``."""
     name = canonical(name)
     check_combination(name, pp, m, v)
+    if name == "zb-auto" or order is not None:
+        if order is None:
+            raise ScheduleError("zb-auto is built for given stage costs and memory: it needs its stored "
+                                "action order (planner.autosched.build_auto makes one)")
+        return from_order(name, pp, m, order)
     info = SCHEDULES[name]
     if name in ("naive", "gpipe"):
         ranks, placement = _gpipe(pp, m), _loop(pp, 1)

@@ -1,0 +1,98 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner.autosched import Policy, build_auto, list_schedule, policies, rows
+from planner.errors import ScheduleError
+from planner.formats import StageCost
+from planner.schedules import build, from_order, validate
+from planner.simulate import CutLink, peak_memory, step_time
+
+
+def stage(f=1.0, i=1.0, w=1.0, act=10, wgrad=1, static=0):
+    return StageCost(fwd_s=f, bwd_input_s=i, bwd_weight_s=w, send_bytes=0, act_bytes=act, wgrad_bytes=wgrad,
+                     static_bytes=static, transient_bytes=0, param_bytes=0)
+
+
+@st.composite
+def instances(draw):
+    pp, m = draw(st.integers(1, 5)), draw(st.integers(1, 10))
+    times = st.floats(0.2, 3.0)
+    costs = [stage(draw(times), draw(times), draw(times), draw(st.integers(1, 100)), draw(st.integers(0, 60)),
+                   draw(st.integers(0, 500))) for _ in range(pp)]
+    cuts = [CutLink(busy_s=draw(st.floats(0, 0.5)), latency_s=draw(st.floats(0, 0.3))) for _ in range(pp - 1)]
+    return pp, m, costs, cuts
+
+
+@given(instances(), st.sampled_from(["zb-h1", "zb-h2", "1f1b"]))
+@settings(max_examples=60, deadline=None)
+def test_zb_auto_is_never_slower_than_a_published_order_at_its_memory(inst, name):
+    # random unequal stage costs with communication; the budget is the published order's own peak
+    pp, m, costs, cuts = inst
+    published = build(name, pp, m)
+    budget = peak_memory(published, costs)
+    auto = build_auto(costs, cuts, m, budget)
+    assert auto is not None
+    assert auto.step_time_s <= step_time(published, costs, cuts) * (1 + 1e-12)
+    assert all(p <= b for p, b in zip(peak_memory(auto.schedule, costs), budget, strict=True))
+    assert auto.step_time_s == pytest.approx(step_time(auto.schedule, costs, cuts), rel=1e-12)
+
+
+@given(instances())
+@settings(max_examples=25, deadline=None)
+def test_every_list_schedule_is_a_valid_order(inst):
+    pp, m, costs, cuts = inst
+    for policy in policies(pp, m)[:12]:
+        try:
+            validate(list_schedule(costs, cuts, m, policy))
+        except ScheduleError as e:
+            assert "deadlocked" in str(e)
+
+
+def test_list_scheduler_finds_zb_h1_on_equal_passes():
+    # F = I = W = 1, pp 4, m 8, no communication: ZB-H1's m(F + I + W) + (pp - 1)(F + I - W) = 24 + 3
+    # (Qi et al. 2024, section 2's table), with ZB-H1's warm-up pp - r and pp in flight on every rank
+    costs = [stage()] * 4
+    s = list_schedule(costs, [CutLink()] * 3, 8, Policy((4, 3, 2, 1), (4, 4, 4, 4), 1.0, True))
+    assert step_time(s, costs, [CutLink()] * 3) == pytest.approx(27.0)
+
+
+def test_zb_auto_beats_zb_h1_at_its_memory_on_unequal_stages_with_latency():
+    # ZB-H1's order runs 51.5 here; the list scheduler, in ZB-H1's memory, fills the gaps the
+    # unequal stages leave with weight gradients and runs 49.5
+    costs = [stage(0.5, 1.5, 1.0), stage(1.5, 0.5, 0.5), stage(1.5, 2.0, 0.5), stage(1.5, 2.0, 1.5)]
+    cuts = [CutLink(latency_s=1.0)] * 3
+    zb = build("zb-h1", 4, 8)
+    assert step_time(zb, costs, cuts) == pytest.approx(51.5)
+    auto = build_auto(costs, cuts, 8, peak_memory(zb, costs))
+    assert auto is not None and auto.step_time_s == pytest.approx(49.5)
+    assert auto.source.startswith("list scheduler")
+
+
+def test_zb_auto_respects_a_tight_budget_and_refuses_an_impossible_one():
+    costs = [stage(act=100, static=1000)] * 3
+    one = build("1f1b", 3, 6)
+    tight = peak_memory(one, costs)
+    auto = build_auto(costs, None, 6, tight)
+    assert auto is not None and all(p <= b for p, b in zip(auto.peak_memory_bytes, tight, strict=True))
+    assert build_auto(costs, None, 6, [1000] * 3) is None  # not even one micro-batch's activations fit
+
+
+def test_zb_auto_order_round_trips_through_its_stored_rows():
+    costs = [stage(1.0, 1.5, 0.7)] * 3
+    auto = build_auto(costs, None, 5, [10**6] * 3)
+    assert auto is not None
+    again = from_order("zb-auto", 3, 5, rows(auto.schedule.ranks))
+    assert again is auto.schedule or again.ranks == auto.schedule.ranks
+    assert build("zb-auto", 3, 5, order=rows(auto.schedule.ranks)).ranks == auto.schedule.ranks
+
+
+def test_zb_auto_needs_its_order_and_one_limit_per_rank():
+    with pytest.raises(ScheduleError, match="needs its stored action order"):
+        build("zb-auto", 2, 4)
+    with pytest.raises(ScheduleError, match="one memory limit per rank"):
+        build_auto([stage()] * 2, None, 4, [10**6])
+    with pytest.raises(ScheduleError, match="not an action"):
+        from_order("zb-auto", 1, 1, ("0F0,0X0",))
+    with pytest.raises(ScheduleError, match="before"):
+        from_order("zb-auto", 1, 1, ("0I0,0F0,0W0",))
