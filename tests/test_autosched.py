@@ -96,3 +96,73 @@ def test_zb_auto_needs_its_order_and_one_limit_per_rank():
         from_order("zb-auto", 1, 1, ("0F0,0X0",))
     with pytest.raises(ScheduleError, match="before"):
         from_order("zb-auto", 1, 1, ("0I0,0F0,0W0",))
+
+
+# ---------------------------------------------------------------------------- the solver and plans
+
+
+def _profile():
+    from planner.synthetic import chain_profile
+
+    return chain_profile([1e-3, 2e-3, 1e-3, 3e-3, 1e-3, 2e-3, 1.5e-3, 1e-3], act_bytes=2**26, param_bytes=2**26)
+
+
+def test_solver_builds_zb_auto_when_asked_and_the_plan_replays_it():
+    from planner.clusters import from_spec
+    from planner.formats import Plan
+    from planner.plan import plan_schedule, replay_plan
+    from planner.solve import Settings, solve
+    from planner.solve.plan import make_plan
+
+    settings = Settings(global_batch=32, schedules=("zb-auto",), jobs=1)
+    result = solve(_profile(), from_spec("h100x4"), settings)
+    assert {c.config.schedule for c in result.ranked} == {"zb-auto"}
+    assert not result.proven and any("zb-auto's order is built" in n for n in result.notes)
+    plan = make_plan(_profile(), from_spec("h100x4"), result, settings)
+    again = Plan.model_validate_json(plan.model_dump_json())
+    assert again.schedule.order == plan.schedule.order is not None
+    assert plan_schedule(again).ranks == result.best.evaluation.schedule.ranks
+    assert replay_plan(again).step_time_s == pytest.approx(plan.predicted.step_time_s, rel=1e-12)
+
+
+def test_zb_auto_never_loses_to_the_published_orders_in_the_solver():
+    from planner.clusters import from_spec
+    from planner.solve import Settings, solve
+
+    published = solve(_profile(), from_spec("h100x4"), Settings(global_batch=32, schedules=("zb-h1", "zb-h2", "1f1b"),
+                                                                    jobs=1))
+    auto = solve(_profile(), from_spec("h100x4"), Settings(global_batch=32, schedules=("zb-auto",), jobs=1))
+    assert auto.best.inner.step_time_s <= published.best.inner.step_time_s * (1 + 1e-12)
+
+
+def test_the_configuration_bound_holds_for_zb_auto():
+    # the bound that orders configurations, priced for a zb-auto order, stays below its simulation
+    from planner.clusters import from_spec
+    from planner.solve import Settings
+    from planner.solve.search import Search
+
+    search = Search(_profile(), from_spec("h100x4"), Settings(schedules=("zb-auto",)))
+    result = search.run()
+    for cand in result.ranked:
+        assert search.quick_bound(cand.config) <= cand.inner.step_time_s * (1 + 1e-9)
+        assert cand.inner.lower_bound_s <= cand.inner.step_time_s * (1 + 1e-9)
+
+
+def test_a_plan_names_its_order_only_for_zb_auto():
+    from planner.clusters import from_spec
+    from planner.formats import Plan
+    from planner.solve import Settings, solve
+    from planner.solve.plan import make_plan
+
+    settings = Settings(global_batch=32, pp=2, schedules=("zb-auto",), jobs=1)
+    plan = make_plan(_profile(), from_spec("h100x4"), solve(_profile(), from_spec("h100x4"), settings), settings)
+    data = plan.model_dump(mode="json")
+    data["schedule"].pop("order")
+    with pytest.raises(ValueError, match="zb-auto needs schedule.order"):
+        Plan.model_validate(data)
+    data["schedule"] = {"name": "zb-h1", "virtual_stages": 1, "order": plan.schedule.order}
+    with pytest.raises(ValueError, match="schedule.order is for zb-auto only"):
+        Plan.model_validate(data)
+    data["schedule"] = {"name": "zb-auto", "virtual_stages": 1, "order": ["0F0,0I0,0W0", "1F0"]}
+    with pytest.raises(ValueError, match="schedule: "):
+        Plan.model_validate(data)
