@@ -165,11 +165,13 @@ class _ListScheduler:
         return self.lists
 
 
-def list_schedule(costs: Sequence[StageCost], cuts: Sequence[CutLink], m: int, policy: Policy) -> Schedule:
-    """The list scheduler's order for these costs under ``policy``, as a schedule."""
-    if any(c < 1 for c in policy.caps) or len(policy.caps) != len(costs):
-        raise ScheduleError(f"zb-auto needs one in-flight cap >= 1 per rank, got {list(policy.caps)}")
-    ranks = _ListScheduler(costs, cuts, m, policy).run()
+def list_schedule(costs: Sequence[StageCost], cuts: Sequence[CutLink] | None, m: int, policy: Policy) -> Schedule:
+    """The list scheduler's order for these costs and cut links (None: free) under ``policy``."""
+    if any(c < 1 for c in policy.caps) or len(policy.caps) != len(costs) or len(policy.warm) != len(costs):
+        raise ScheduleError(f"zb-auto needs one warm-up and one in-flight cap >= 1 per rank, got "
+                            f"{list(policy.warm)} and {list(policy.caps)}")
+    links = list(cuts) if cuts is not None else [CutLink()] * (len(costs) - 1)
+    ranks = _ListScheduler(costs, links, m, policy).run()
     return from_order(NAME, len(costs), m, rows(ranks))  # checked, as a stored order is
 
 
@@ -250,10 +252,38 @@ def _candidates(costs: list[StageCost], links: list[CutLink], m: int,
         yield name, build(name, pp, m).ranks
     for policy in policies(pp, m)[:max_candidates]:
         try:
-            lists = _ListScheduler(costs, links, m, policy).run()
+            lists = tuple(map(tuple, _ListScheduler(costs, links, m, policy).run()))
         except ScheduleError:  # this warm-up and cap deadlock the alternation
             continue
-        yield policy.describe(), tuple(map(tuple, lists))
+        yield policy.describe(), lists
+        fused = _fuse(lists, costs)
+        if fused != lists:
+            yield policy.describe() + ", whole backwards where W follows I", fused
+    for name in ("zb-h1", "zb-h2"):
+        yield name + ", whole backwards where W follows I", _fuse(build(name, pp, m).ranks, costs)
+
+
+def _fuse(ranks: tuple[tuple[Action, ...], ...], costs: list[StageCost]) -> tuple[tuple[Action, ...], ...]:
+    """The same order with each I directly followed by its own W run as one whole backward B,
+    on the stages where B is the shorter (a measured whole backward often beats I + W: one
+    pass, one action's overhead)."""
+    out = []
+    for acts in ranks:
+        row: list[Action] = []
+        for a in acts:
+            prev = row[-1] if row else None
+            if (a.kind == Kind.BACKWARD_WEIGHT and prev is not None and prev.kind == Kind.BACKWARD_INPUT
+                    and prev.mb == a.mb and prev.stage == a.stage and _whole_is_shorter(costs[a.stage])):
+                row[-1] = Action(Kind.FULL_BACKWARD, a.stage, a.mb)
+            else:
+                row.append(a)
+        out.append(tuple(row))
+    return tuple(out)
+
+
+def _whole_is_shorter(c: StageCost) -> bool:
+    _, whole, inp, weight = action_seconds(c)
+    return whole < inp + weight
 
 
 __all__ = ["NAME", "AutoResult", "Policy", "build_auto", "list_schedule", "policies", "rows"]

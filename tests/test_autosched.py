@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.autosched import Policy, build_auto, list_schedule, policies, rows
+from planner.autosched import Policy, _fuse, build_auto, list_schedule, policies, rows
 from planner.errors import ScheduleError
 from planner.formats import StageCost
 from planner.schedules import build, from_order, validate
@@ -166,3 +166,35 @@ def test_a_plan_names_its_order_only_for_zb_auto():
     data["schedule"] = {"name": "zb-auto", "virtual_stages": 1, "order": ["0F0,0I0,0W0", "1F0"]}
     with pytest.raises(ValueError, match="schedule: "):
         Plan.model_validate(data)
+
+
+# ---------------------------------------------------------------------------- execution
+
+
+def test_zb_auto_plan_runs_on_the_engine_with_matching_gradients(tmp_path):
+    # gpt, pp 2, single mode: the plan's own zb-auto order, then a list-scheduler order with
+    # deferred weight gradients in its place; both match a plain run
+    torch = pytest.importorskip("torch")
+    from planner.execute.single import run_single
+    from planner.formats import load_plan
+    from planner.model import build_spec
+    from planner.profile import Options as ProfileOptions
+    from planner.profile import profile_model
+    from tests.test_execute import TINY, plan_for
+
+    spec = build_spec("models/gpt.py:build", TINY)
+    profile = profile_model(spec, "models/gpt.py:build", TINY, ProfileOptions(mbs=(1,), repeats=1, warmup=0, threads=1))
+    plan = load_plan(plan_for(profile, tmp_path, "zb-auto"))
+    assert plan.schedule.name == "zb-auto" and plan.parallel.pp == 2
+    m = plan.microbatch.count
+    deferred = list_schedule([stage()] * 2, None, m, Policy((2, 1), (3, 3), float("inf"), True)).ranks
+    assert any(a.kind == "W" and acts[i - 1].kind != "I" for acts in deferred for i, a in enumerate(acts))
+    # ZB-H1 with rank 0's I W pairs run as whole backwards, beside rank 1's split ones
+    mixed = _fuse(build("zb-h1", 2, m).ranks, [stage().model_copy(update={"bwd_s": 1.5})] * 2)
+    assert {a.kind for acts in mixed for a in acts} == {"F", "B", "I", "W"}
+    others = [plan.model_copy(update={"schedule": plan.schedule.model_copy(update={"order": list(rows(order))})})
+              for order in (deferred, mixed)]
+    for p in (plan, *others):
+        r = run_single(p, torch.device("cpu"), steps=1, warmup=0)
+        assert r.grad_message == ""
+        assert r.loss == pytest.approx(r.reference_loss, rel=1e-5)
