@@ -47,6 +47,14 @@ def schema(kind: str = typer.Argument(..., help="profile, cluster or plan")) -> 
 
 
 @app.command()
+def schedules() -> None:
+    """List the schedules: what each does, its source, its published bubble and memory."""
+    from planner.report import schedules_table
+
+    out.print(schedules_table())
+
+
+@app.command()
 def clusters() -> None:
     """List the device kinds and cluster presets, with memory and links, and the --cluster syntax."""
     from rich.table import Table

@@ -120,35 +120,50 @@ class ScheduleInfo:
     executable: bool
     placement: str  # "loop" or "v"
     split_backward: bool
+    bubble: str  # the published idle time per rank (p ranks, m micro-batches, v chunks; t: one pass)
+    memory: str  # the published peak of micro-batches in flight
 
 
 SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
     ScheduleInfo("naive", "one batch, no micro-batching: one stage busy at a time",
-                 "naive model parallelism", True, "loop", False),
+                 "naive model parallelism", True, "loop", False,
+                 "(p - 1)(tF + tB): every rank idles while the others compute", "the whole batch (m = 1)"),
     ScheduleInfo("gpipe", "all forwards, then all backwards",
-                 "Huang et al., GPipe, NeurIPS 2019", True, "loop", False),
+                 "Huang et al., GPipe, NeurIPS 2019", True, "loop", False,
+                 "(p - 1)(tF + tB)", "m micro-batches"),
     ScheduleInfo("1f1b", "PipeDream-Flush: warm-up forwards, then one forward one backward",
-                 "Narayanan et al., PipeDream-2BW, ICML 2021 (PipeDream-Flush)", True, "loop", False),
+                 "Narayanan et al., PipeDream-2BW, ICML 2021 (PipeDream-Flush)", True, "loop", False,
+                 "(p - 1)(tF + tB)", "p - r on rank r (p on rank 0)"),
     ScheduleInfo("interleaved-1f1b", "1F1B over v model chunks per rank",
-                 "Narayanan et al., Megatron-LM, SC 2021, section 2.2", True, "loop", False),
+                 "Narayanan et al., Megatron-LM, SC 2021, section 2.2", True, "loop", False,
+                 "(p - 1)(tF + tB) / v", "(2(p - 1) + (v - 1)p + 1) / v on rank 0 (Megatron-LM's warm-up)"),
     ScheduleInfo("zb-h1", "1F1B's warm-up, backward split, weight gradients deferred into the drain",
-                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.1 (ZB-H1)", True, "loop", True),
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.1 (ZB-H1)", True, "loop", True,
+                 "(p - 1)(tF + tI - tW)", "p on every rank"),
     ScheduleInfo("zb-h2", "deeper warm-up (2(pp - r) - 1 forwards), split backward, about 2pp in flight",
-                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.2 (ZB-H2)", True, "loop", True),
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.2 (ZB-H2)", True, "loop", True,
+                 "(p - 1)(tF + tI - 2tW), at least (p - 1)tF", "2p - 1 on every rank"),
     ScheduleInfo("zb-auto", "built for the stage costs, links and memory budget: a cost-aware list scheduler "
                  "beside the zb-h1, zb-h2 and 1f1b orders, the fastest that fits",
                  "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 3 (automatic scheduling)",
-                 True, "loop", True),
+                 True, "loop", True,
+                 "no closed form: at most zb-h1's, zb-h2's or 1f1b's within the same memory",
+                 "within the budget: each device's usable memory"),
     ScheduleInfo("zb-v", "V placement, the authors' handcrafted order, 1F1B's activation memory",
                  "Qi et al., Pipeline Parallelism with Controllable Memory, NeurIPS 2024 (ZB-V)",
-                 True, "v", True),
+                 True, "v", True,
+                 "0 with tF = tI = tW (none published for unequal passes)", "p (2p chunks): 1F1B's peak"),
     ScheduleInfo("dualpipe-v", "V placement, DualPipeV's eight steps, 2pp + 1 chunk activations",
                  "DeepSeek-AI, DeepSeek-V3 technical report, 2024 (DualPipe); deepseek-ai/DualPipe (DualPipeV)",
-                 True, "v", True),
+                 True, "v", True,
+                 "(p - 1)(tF&B + tB - 3tW) in chunk times (the report's PP/2 - 1, PP = 2p)",
+                 "p + 1/2 (2p + 1 chunks)"),
     ScheduleInfo("pipedream", "asynchronous 1F1B with weight stashing (model only)",
-                 "Narayanan et al., PipeDream, SOSP 2019", False, "loop", False),
+                 "Narayanan et al., PipeDream, SOSP 2019", False, "loop", False,
+                 "none in steady state (no flush)", "p - r, and as many weight versions"),
     ScheduleInfo("pipedream-2bw", "asynchronous 1F1B with two weight versions (model only)",
-                 "Narayanan et al., PipeDream-2BW, ICML 2021", False, "loop", False),
+                 "Narayanan et al., PipeDream-2BW, ICML 2021", False, "loop", False,
+                 "none in steady state (no flush)", "p - r, and two weight versions"),
 ]}
 
 ALIASES = {

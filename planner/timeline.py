@@ -61,7 +61,7 @@ def layout(schedule: Schedule, sim: SimResult, title: str) -> Layout:
     texts: list[Text] = []
     lines: list[tuple[float, float, float, float]] = []
     texts.append(Text(LEFT, 22, title, 15))
-    texts.append(Text(LEFT, 42, f"step {_ms(step)}   bubble {sim.bubble_fraction:.1%}   "
+    texts.append(Text(LEFT, 42, f"{schedule.name}   step {_ms(step)}   bubble {sim.bubble_fraction:.1%}   "
                                f"{schedule.microbatches} micro-batches", 12))
     for r in range(pp):
         y = TOP + r * (ROW + GAP)

@@ -198,3 +198,19 @@ def test_zb_auto_plan_runs_on_the_engine_with_matching_gradients(tmp_path):
         r = run_single(p, torch.device("cpu"), steps=1, warmup=0)
         assert r.grad_message == ""
         assert r.loss == pytest.approx(r.reference_loss, rel=1e-5)
+
+
+def test_the_timeline_draws_zb_auto_with_the_passes_it_runs():
+    from planner.simulate import simulate
+    from planner.timeline import NAMES, layout
+
+    costs = [stage(0.5, 1.5, 1.0), stage(1.5, 0.5, 0.5), stage(1.5, 2.0, 0.5), stage(1.5, 2.0, 1.5)]
+    cuts = [CutLink(latency_s=1.0)] * 3
+    auto = build_auto(costs, cuts, 8, peak_memory(build("zb-h1", 4, 8), costs))
+    assert auto is not None
+    sim = simulate(auto.schedule, costs, cuts)
+    lay = layout(auto.schedule, sim, "example")
+    assert sum(1 for b in lay.boxes if "micro-batch" in b.tip) == 4 * 8 * 3  # one box per F, I and W
+    legend = {t.text for t in lay.texts}
+    assert {NAMES["F"], NAMES["I"], NAMES["W"]} <= legend and NAMES["B"] not in legend
+    assert any(t.text.startswith("zb-auto   step 49.50 s") for t in lay.texts)
