@@ -50,6 +50,7 @@ ENUMERABLE = 100_000  # partitions: above this, multi-chunk configurations are n
 AUTO_NOTE = ("zb-auto's order is built on the partitions found for zb-h1, zb-h2 and 1f1b, not searched "
              "with the cuts: not proven optimal")
 AUTO_POLICIES = 48  # list-scheduler runs per configuration for zb-auto (the published orders beside them)
+AUTO_ACTIONS = 60_000  # actions list-scheduled and simulated per configuration for zb-auto, at most
 
 __all__ = ["MAX_ACTIONS", "PARALLEL_ACTIONS", "SMALL_CLUSTER", "VIRTUAL", "Candidate", "Search", "Settings",
            "SolveResult", "configurations", "solve"]
@@ -70,6 +71,7 @@ class Search:
         self.tables: dict[int, CostTable] = {}
         self._ranks: dict[tuple[int, int], list[RankDevice]] = {}
         self.policy = Policy("auto" if settings.recompute in ("auto", "selective") else settings.recompute)
+        self.skipped_auto: list[Config] = []  # too large for zb-auto's list scheduler
 
     # ------------------------------------------------------------------ shared per search
 
@@ -145,6 +147,10 @@ class Search:
         open_bounds = [u for u in found.unresolved if u > best.throughput]
         auto = best.config.schedule == AUTO
         notes = _notes(found, best, big, open_bounds) + ([AUTO_NOTE] if auto else [])
+        if self.skipped_auto:
+            notes.append(f"zb-auto was not list-scheduled for {len(self.skipped_auto)} configuration(s) of over "
+                          f"{AUTO_ACTIONS // (len(SEEDS) + 1):,} actions (e.g. {self.skipped_auto[0].describe()}): "
+                          "they keep the published order")
         return SolveResult(best=best, ranked=ordered[: s.top], baselines=base,
                            proven=not open_bounds and big <= best.throughput and not auto,
                            configs_total=len(configs), configs_solved=found.solved,
@@ -236,7 +242,7 @@ class Search:
         best = sorted(results.values(), key=self.rank_key)
         seeds = [c for c in best if c.config.schedule in SEEDS and c.config.v == 1]
         for k, cand in enumerate(seeds[: self.settings.top]):
-            if time.perf_counter() > deadline:
+            if k and time.perf_counter() > deadline:  # the best one always gets its zb-auto
                 break
             if self.progress:
                 self.progress(f"zb-auto: {cand.config.describe()}", k, min(len(seeds), self.settings.top))
@@ -256,18 +262,26 @@ class Search:
         """zb-auto on a candidate's own partition; None where it adds nothing: no faster than
         the candidate, or one of the asked-for published orders itself."""
         ev = cand.evaluation
-        built = build_auto(ev.costs, ev.cuts, ev.config.m, [r.capacity_bytes for r in ev.ranks],
-                           max_candidates=AUTO_POLICIES)
-        if built is None or built.source in names:
-            return None
-        if ev.config.schedule in names and built.step_time_s >= ev.step_time_s * (1 - 1e-12):
-            return None
-        cfg = replace(ev.config, schedule=AUTO, order=rows(built.schedule.ranks))
+        runs = min(AUTO_POLICIES, AUTO_ACTIONS // self.actions(ev.config) - len(SEEDS))
+        if runs < 1:  # too large to list-schedule in the time one configuration gets
+            self.skipped_auto.append(ev.config)
+            if ev.config.schedule in names:
+                return None
+            order = rows(ev.schedule.ranks)  # the published order it starts from, as it is
+        else:
+            built = build_auto(ev.costs, ev.cuts, ev.config.m, [r.capacity_bytes for r in ev.ranks],
+                               max_candidates=runs)
+            if built is None or built.source in names:
+                return None
+            if ev.config.schedule in names and built.step_time_s >= ev.step_time_s * (1 - 1e-12):
+                return None
+            order = rows(built.schedule.ranks)
+        cfg = replace(ev.config, schedule=AUTO, order=order)
         priced = evaluate(self.table(cfg.mbs), self.cluster, cfg, ev.segments, detail=False,
                           ranks=self.ranks(cfg.pp, cfg.dp))
         # the order is searched on the partition found for its seed: its bound is the configuration's
         inner = InnerResult(self.quick_bound(cfg), ev.segments, priced.step_time_s, proven=False,
-                            evaluations=built.tried, payload=priced)
+                            evaluations=1 + max(runs, 0), payload=priced)
         return Candidate(cfg, inner)
 
     def rank_key(self, c: Candidate) -> tuple:

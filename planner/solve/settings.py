@@ -140,6 +140,7 @@ def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> It
     _check_pins(profile, n_dev, settings)
     sizes = [settings.mbs] if settings.mbs else profile.mbs_sizes
     names = _schedules(settings)
+    only_seeds = set(names) - set(requested(settings))  # searched for zb-auto alone: one chunk
     for pp in _pipeline_degrees(n_dev, n_layers, settings):
         if pp * (settings.virtual_stages or 1) > n_layers:
             continue
@@ -150,6 +151,8 @@ def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> It
                     continue
                 for name in (n for n in names if _wanted(n, pp, m, settings)):
                     for v in _virtuals(name, pp, n_layers, settings):
+                        if name in only_seeds and v != 1:
+                            continue
                         try:
                             check_combination(name, pp, m, v)
                         except ScheduleError:
