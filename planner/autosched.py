@@ -4,10 +4,12 @@ Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 3 ("automatic sc
 a heuristic list scheduler orders each rank's forwards (F), input gradients (I) and weight
 gradients (W) for the measured F, I, W and communication times under a memory limit, and an
 ILP may refine it. Here the heuristic is a cost-aware list scheduler run over a small family of
-in-flight caps and weight-gradient policies; the published ``zb-h1``, ``zb-h2`` and ``1f1b``
-orders join as candidates, every candidate is priced by the simulator with the real costs and
-links, and the fastest that fits the budget is kept. The published orders being candidates,
-``zb-auto`` is never slower than any of them that fits the same memory.
+warm-ups, in-flight caps and weight-gradient policies, each order also tried with a whole
+backward wherever a W directly follows its own I and the measured B is the shorter; the
+published ``zb-h1``, ``zb-h2`` and ``1f1b`` orders join as candidates, every candidate is
+priced by the simulator with the real costs and links, and the fastest that fits the budget is
+kept. The published orders being candidates, ``zb-auto`` is never slower than any of them that
+fits the same memory. No ILP refines the order (yet).
 
 The result is an ordinary action list (one stage per rank, loop placement), so the simulator,
 the timeline and the engine's runtime take it like any other schedule; a plan stores the order.

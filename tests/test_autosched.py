@@ -269,3 +269,16 @@ def test_a_zb_auto_order_with_deferred_weight_gradients_runs_on_two_gloo_process
     assert ver.mode == "distributed"
     assert all(ok for _, ok, _ in ver.checks), ver.checks
     raise_on_failure(ver)
+
+
+def test_zb_auto_by_memory_needs_no_more_than_the_published_orders():
+    from planner.clusters import from_spec
+    from planner.solve import Settings, solve
+
+    def run(schedules):
+        return solve(_profile(), from_spec("h100x4"), Settings(global_batch=32, pp=2, schedules=schedules,
+                                                               virtual_stages=1, objective="memory", jobs=1))
+
+    auto, published = run(("zb-auto",)), run(("zb-h1", "zb-h2", "1f1b"))
+    assert auto.best.config.schedule == "zb-auto"
+    assert max(auto.best.evaluation.peak_memory_bytes) <= max(published.best.evaluation.peak_memory_bytes)

@@ -251,8 +251,8 @@ class Search:
                 continue
             bare = replace(found.config, order=None)
             same = [c for c in results if c.schedule == AUTO and replace(c, order=None) == bare]
-            if all(found.inner.step_time_s < results[c].inner.step_time_s for c in same):
-                for c in same:  # one zb-auto order per configuration: the fastest
+            if all(self.rank_key(found) < self.rank_key(results[c]) for c in same):
+                for c in same:  # one zb-auto order per configuration: the best by the objective
                     del results[c]
                 results[found.config] = found
         for cfg in [c for c in results if c.schedule not in names]:
@@ -269,8 +269,10 @@ class Search:
                 return None
             order = rows(ev.schedule.ranks)  # the published order it starts from, as it is
         else:
-            built = build_auto(ev.costs, ev.cuts, ev.config.m, [r.capacity_bytes for r in ev.ranks],
-                               max_candidates=runs)
+            # by time, whatever fits the devices; by memory, no more than the order it starts from
+            budget = ev.peak_memory_bytes if self.settings.objective == "memory" else \
+                [r.capacity_bytes for r in ev.ranks]
+            built = build_auto(ev.costs, ev.cuts, ev.config.m, budget, max_candidates=runs)
             if built is None or built.source in names:
                 return None
             if ev.config.schedule in names and built.step_time_s >= ev.step_time_s * (1 - 1e-12):
