@@ -9,7 +9,8 @@ backward wherever a W directly follows its own I and the measured B is the short
 published ``zb-h1``, ``zb-h2`` and ``1f1b`` orders join as candidates, every candidate is
 priced by the simulator with the real costs and links, and the fastest that fits the budget is
 kept. The published orders being candidates, ``zb-auto`` is never slower than any of them that
-fits the same memory. No ILP refines the order (yet).
+fits the same memory. ``planner.autosched_ilp`` then reorders small schedules by an integer
+program (``solve --ilp``).
 
 The result is an ordinary action list (one stage per rank, loop placement), so the simulator,
 the timeline and the engine's runtime take it like any other schedule; a plan stores the order.

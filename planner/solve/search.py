@@ -50,6 +50,7 @@ ENUMERABLE = 100_000  # partitions: above this, multi-chunk configurations are n
 AUTO_NOTE = ("zb-auto's order is built on the partitions found for zb-h1, zb-h2 and 1f1b, not searched "
              "with the cuts: not proven optimal")
 AUTO_POLICIES = 48  # list-scheduler runs per configuration for zb-auto (the published orders beside them)
+AUTO_ILP_ACTIONS = 240  # with --ilp: schedules up to this many actions get zb-auto's ILP
 AUTO_ACTIONS = 60_000  # actions list-scheduled and simulated per configuration for zb-auto, at most
 
 __all__ = ["MAX_ACTIONS", "PARALLEL_ACTIONS", "SMALL_CLUSTER", "VIRTUAL", "Candidate", "Search", "Settings",
@@ -246,7 +247,7 @@ class Search:
                 break
             if self.progress:
                 self.progress(f"zb-auto: {cand.config.describe()}", k, min(len(seeds), self.settings.top))
-            found = self.auto_candidate(cand, names)
+            found = self.auto_candidate(cand, names, deadline)
             if found is None:
                 continue
             bare = replace(found.config, order=None)
@@ -258,9 +259,10 @@ class Search:
         for cfg in [c for c in results if c.schedule not in names]:
             del results[cfg]
 
-    def auto_candidate(self, cand: Candidate, names: list[str]) -> Candidate | None:
-        """zb-auto on a candidate's own partition; None where it adds nothing: no faster than
-        the candidate, or one of the asked-for published orders itself."""
+    def auto_candidate(self, cand: Candidate, names: list[str], deadline: float) -> Candidate | None:
+        """zb-auto on a candidate's own partition (with --ilp, on small schedules, reordered by
+        the ILP within its time limit); None where it adds nothing: no faster than the
+        candidate, or one of the asked-for published orders itself."""
         ev = cand.evaluation
         runs = min(AUTO_POLICIES, AUTO_ACTIONS // self.actions(ev.config) - len(SEEDS))
         if runs < 1:  # too large to list-schedule in the time one configuration gets
@@ -273,6 +275,11 @@ class Search:
             budget = ev.peak_memory_bytes if self.settings.objective == "memory" else \
                 [r.capacity_bytes for r in ev.ranks]
             built = build_auto(ev.costs, ev.cuts, ev.config.m, budget, max_candidates=runs)
+            left = deadline - time.perf_counter()
+            if built is not None and self.settings.ilp and self.actions(ev.config) <= AUTO_ILP_ACTIONS and left >= 1:
+                from planner.autosched_ilp import refine_by_ilp
+
+                built = refine_by_ilp(built, ev.costs, ev.cuts, budget, min(ILP_SECONDS, left))
             if built is None or built.source in names:
                 return None
             if ev.config.schedule in names and built.step_time_s >= ev.step_time_s * (1 - 1e-12):
