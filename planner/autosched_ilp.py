@@ -1,5 +1,5 @@
 """zb-auto's refinement: an integer program over each rank's order, warm-started from the list
-scheduler's best (Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 3.2: the
+scheduler's best (Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 3: the
 ILP over the order of F, B and W passes that their heuristic seeds).
 
 Every pass gets a start time; passes of one kind on a stage keep micro-batch order, and a
