@@ -15,14 +15,10 @@ import torch.distributed as dist
 from planner.errors import ExecutionError
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages
-from planner.execute.train import (
-    Reference,
-    batch_seed,
-    compare_grads,
-    optimizer_for,
-    stage_parameters,
-)
 from planner.execute.worker import RETURN_NOTHING
+from planner.execute.train import (
+    Reference, batch_seed, compare_grads, optimizer_for, stage_parameters,
+)
 from planner.formats import Plan
 from planner.plan import plan_schedule
 from planner.profile import DTYPES, make_batch
