@@ -46,7 +46,8 @@ def price_on(plan: Plan, profile: Profile) -> Evaluation:
     from planner.graph import LayerGraph
 
     cfg = Config(pp=plan.parallel.pp, dp=plan.parallel.dp, mbs=plan.microbatch.size, m=plan.microbatch.count,
-                 schedule=plan.schedule.name, v=plan.schedule.virtual_stages, training=plan.training)
+                 schedule=plan.schedule.name, v=plan.schedule.virtual_stages, training=plan.training,
+                 order=tuple(plan.schedule.order) if plan.schedule.order is not None else None)
     if str(cfg.mbs) not in profile.layers[0].by_mbs:
         raise InputError(f"the plan runs micro-batches of {cfg.mbs}, the profile has none measured "
                          f"(it has {', '.join(profile.layers[0].by_mbs)}): profile that size")

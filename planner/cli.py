@@ -47,6 +47,14 @@ def schema(kind: str = typer.Argument(..., help="profile, cluster or plan")) -> 
 
 
 @app.command()
+def schedules() -> None:
+    """List the schedules: what each does, its source, its published bubble and memory."""
+    from planner.report import schedules_table
+
+    out.print(schedules_table())
+
+
+@app.command()
 def clusters() -> None:
     """List the device kinds and cluster presets, with memory and links, and the --cluster syntax."""
     from rich.table import Table
@@ -167,7 +175,8 @@ def solve(
     dp: Optional[int] = typer.Option(None, "--dp", min=1, help="pin the data-parallel degree"),
     mbs: Optional[int] = typer.Option(None, "--mbs", min=1, help="pin the micro-batch size"),
     microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, help="pin the micro-batch count"),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="pin schedules, comma separated (gpipe,1f1b,...)"),
+    schedule: Optional[str] = typer.Option(None, "--schedule",
+                                           help="pin schedules, comma separated (planner schedules lists them)"),
     virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages", min=1, help="pin chunks per rank"),
     recompute: str = typer.Option("auto", "--recompute", help="none, full, auto (per stage) or selective (per layer)"),
     optimizer: str = typer.Option("adam", "--optimizer", help="sgd, sgd-momentum or adam"),

@@ -26,6 +26,7 @@ class Config:
     schedule: str
     v: int = 1
     training: Training = Training()
+    order: tuple[str, ...] | None = None  # zb-auto: its per-rank actions (schedules.from_order)
 
     @property
     def n_stages(self) -> int:
@@ -79,7 +80,7 @@ class Evaluation:
     def schedule(self) -> Schedule:
         """The configuration's action lists (built once per configuration and cached)."""
         c = self.config
-        return build(c.schedule, c.pp, c.m, c.v)
+        return build(c.schedule, c.pp, c.m, c.v, c.order)
 
     @property
     def fits(self) -> bool:
@@ -129,7 +130,7 @@ def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[
     ``ranks``: ``rank_devices(cluster, config.pp, config.dp)``, when the caller has it."""
     if len(segments) != config.n_stages:
         raise InputError(f"{len(segments)} stages given, the configuration needs {config.n_stages}")
-    schedule = build(config.schedule, config.pp, config.m, config.v)
+    schedule = build(config.schedule, config.pp, config.m, config.v, config.order)
     ranks = ranks or rank_devices(cluster, config.pp, config.dp)
     place = schedule.stage_rank
     bounds = [s.start for s in segments]

@@ -14,7 +14,8 @@ FORMATS = ("megatron", "deepspeed", "torchtitan", "torch")
 TORCH_CLASSES = {
     "naive": "ScheduleGPipe", "gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
     "interleaved-1f1b": "ScheduleInterleaved1F1B", "zb-h1": "ScheduleInterleavedZeroBubble",
-    "zb-h2": "ScheduleInterleavedZeroBubble", "zb-v": "ScheduleZBVZeroBubble", "dualpipe-v": "ScheduleDualPipeV",
+    "zb-h2": "ScheduleInterleavedZeroBubble", "zb-auto": "ScheduleInterleavedZeroBubble",
+    "zb-v": "ScheduleZBVZeroBubble", "dualpipe-v": "ScheduleDualPipeV",
 }
 
 
@@ -149,4 +150,5 @@ def _torch(plan: Plan) -> str:
         "stages_per_rank": {str(r): [st.index for st in plan.stages if st.rank == r] for r in range(plan.parallel.pp)},
         "note": "planner executes its own action list through _PipelineScheduleRuntime; the class above "
                 "is the engine's nearest built-in schedule",
+        **({"actions_per_rank": plan.schedule.order} if plan.schedule.order is not None else {}),
     }, indent=1) + "\n"

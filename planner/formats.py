@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from planner.errors import InputError, ScheduleError
-from planner.schedules import SCHEDULES, canonical, check_combination
+from planner.schedules import SCHEDULES, canonical, check_combination, from_order
 
 SCHEMA_VERSION = 1
 INPUT = "@input"  # pseudo-layer: the batch handed to the first stage
@@ -332,6 +332,10 @@ class Microbatch(_Frozen):
 class ScheduleSpec(_Frozen):
     name: str
     virtual_stages: int = Field(default=1, ge=1)
+    order: list[str] | None = Field(
+        default=None, exclude_if=lambda v: v is None,
+        description="zb-auto only: each rank's actions in the engine's notation, comma separated "
+                    "(0F0,0I0,0W0,...), the schedule built for this plan's stage costs and memory")
 
 
 class Training(_Frozen):
@@ -485,6 +489,7 @@ def _schedule_problem(plan: Plan) -> str | None:
             return f"schedule.name {name!r} is unknown: choose one of {', '.join(SCHEDULES)}"
     try:
         check_combination(name, plan.parallel.pp, plan.microbatch.count, v)
+        _check_order(plan)
     except ScheduleError as e:
         return f"schedule: {e}"
     pp = plan.parallel.pp
@@ -493,6 +498,17 @@ def _schedule_problem(plan: Plan) -> str | None:
         if stage.rank != want:
             return f"stages[{s}].rank is {stage.rank}, but {name} places stage {s} on rank {want}"
     return None
+
+
+def _check_order(plan: Plan) -> None:
+    """zb-auto carries its action order, and only zb-auto does; the order must be a valid one."""
+    order, name = plan.schedule.order, plan.schedule.name
+    if name == "zb-auto" and order is None:
+        raise ScheduleError("zb-auto needs schedule.order, its per-rank actions (solve writes them)")
+    if name != "zb-auto" and order is not None:
+        raise ScheduleError(f"schedule.order is for zb-auto only; {name} builds its own order")
+    if order is not None:
+        from_order(name, plan.parallel.pp, plan.microbatch.count, tuple(order))
 
 
 def _device_problem(plan: Plan) -> str | None:

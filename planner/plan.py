@@ -36,7 +36,8 @@ def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
         model=profile.model, cluster=cluster,
         parallel=Parallel(pp=cfg.pp, dp=cfg.dp),
         microbatch=Microbatch(size=cfg.mbs, count=cfg.m, global_batch=cfg.global_batch),
-        schedule=ScheduleSpec(name=cfg.schedule, virtual_stages=cfg.v),
+        schedule=ScheduleSpec(name=cfg.schedule, virtual_stages=cfg.v,
+                              order=list(cfg.order) if cfg.order is not None else None),
         training=cfg.training, dtype=profile.dtype, layers=names, stages=stages,
         predicted=Prediction(step_time_s=ev.step_time_s, throughput_samples_per_s=ev.throughput,
                              bubble_fraction=sim.bubble_fraction,
@@ -81,7 +82,9 @@ def plan_cuts(plan: Plan) -> list[CutLink]:
 
 
 def plan_schedule(plan: Plan) -> Schedule:
-    return build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count, plan.schedule.virtual_stages)
+    """The plan's action lists: built from its schedule's name, or for zb-auto from its stored order."""
+    order = tuple(plan.schedule.order) if plan.schedule.order is not None else None
+    return build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count, plan.schedule.virtual_stages, order)
 
 
 def replay_plan(plan: Plan, costs: list[StageCost] | None = None, *, timeline: bool = False) -> SimResult:

@@ -80,6 +80,19 @@ def progress(console: Console):
         yield update
 
 
+def schedules_table() -> Table:
+    """One line per schedule: its source, its published bubble and its memory in flight."""
+    from planner.schedules import SCHEDULES
+
+    table = Table(title="schedules (--schedule); p ranks, m micro-batches, v chunks, t one pass",
+                  title_justify="left")
+    for col in ("schedule", "source", "bubble per rank", "memory in flight (micro-batches)", "runs"):
+        table.add_column(col)
+    for info in SCHEDULES.values():
+        table.add_row(info.name, info.reference, info.bubble, info.memory, "yes" if info.executable else "model only")
+    return table
+
+
 def profile_table(prof: Profile) -> Table:
     """Per-layer costs at the largest profiled micro-batch size, the heaviest highlighted."""
     size = str(prof.mbs_sizes[-1])

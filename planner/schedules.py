@@ -120,38 +120,58 @@ class ScheduleInfo:
     executable: bool
     placement: str  # "loop" or "v"
     split_backward: bool
+    bubble: str  # the published idle time per rank (p ranks, m micro-batches, v chunks; t: one pass)
+    memory: str  # the published peak of micro-batches in flight
 
 
 SCHEDULES: dict[str, ScheduleInfo] = {s.name: s for s in [
     ScheduleInfo("naive", "one batch, no micro-batching: one stage busy at a time",
-                 "naive model parallelism", True, "loop", False),
+                 "naive model parallelism", True, "loop", False,
+                 "(p - 1)(tF + tB): every rank idles while the others compute", "the whole batch (m = 1)"),
     ScheduleInfo("gpipe", "all forwards, then all backwards",
-                 "Huang et al., GPipe, NeurIPS 2019", True, "loop", False),
+                 "Huang et al., GPipe, NeurIPS 2019", True, "loop", False,
+                 "(p - 1)(tF + tB)", "m micro-batches"),
     ScheduleInfo("1f1b", "PipeDream-Flush: warm-up forwards, then one forward one backward",
-                 "Narayanan et al., PipeDream-2BW, ICML 2021 (PipeDream-Flush)", True, "loop", False),
+                 "Narayanan et al., PipeDream-2BW, ICML 2021 (PipeDream-Flush)", True, "loop", False,
+                 "(p - 1)(tF + tB)", "p - r on rank r (p on rank 0)"),
     ScheduleInfo("interleaved-1f1b", "1F1B over v model chunks per rank",
-                 "Narayanan et al., Megatron-LM, SC 2021, section 2.2", True, "loop", False),
+                 "Narayanan et al., Megatron-LM, SC 2021, section 2.2", True, "loop", False,
+                 "(p - 1)(tF + tB) / v", "(2(p - 1) + (v - 1)p + 1) / v on rank 0 (Megatron-LM's warm-up)"),
     ScheduleInfo("zb-h1", "1F1B's warm-up, backward split, weight gradients deferred into the drain",
-                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.1 (ZB-H1)", True, "loop", True),
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.1 (ZB-H1)", True, "loop", True,
+                 "(p - 1)(tF + tI - tW)", "p on every rank"),
     ScheduleInfo("zb-h2", "deeper warm-up (2(pp - r) - 1 forwards), split backward, about 2pp in flight",
-                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.2 (ZB-H2)", True, "loop", True),
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 2.2 (ZB-H2)", True, "loop", True,
+                 "(p - 1)(tF + tI - 2tW), at least (p - 1)tF", "2p - 1 on every rank"),
+    ScheduleInfo("zb-auto", "built for the stage costs, links and memory budget: a cost-aware list scheduler "
+                 "beside the zb-h1, zb-h2 and 1f1b orders, the fastest that fits",
+                 "Qi et al., Zero Bubble Pipeline Parallelism, ICLR 2024, section 3 (automatic scheduling)",
+                 True, "loop", True,
+                 "no closed form: at most zb-h1's, zb-h2's or 1f1b's within the same memory",
+                 "within the budget: each device's usable memory"),
     ScheduleInfo("zb-v", "V placement, the authors' handcrafted order, 1F1B's activation memory",
                  "Qi et al., Pipeline Parallelism with Controllable Memory, NeurIPS 2024 (ZB-V)",
-                 True, "v", True),
+                 True, "v", True,
+                 "0 with tF = tI = tW (none published for unequal passes)", "p (2p chunks): 1F1B's peak"),
     ScheduleInfo("dualpipe-v", "V placement, DualPipeV's eight steps, 2pp + 1 chunk activations",
                  "DeepSeek-AI, DeepSeek-V3 technical report, 2024 (DualPipe); deepseek-ai/DualPipe (DualPipeV)",
-                 True, "v", True),
+                 True, "v", True,
+                 "(p - 1)(tF&B + tB - 3tW) in chunk times (the report's PP/2 - 1, PP = 2p)",
+                 "p + 1/2 (2p + 1 chunks)"),
     ScheduleInfo("pipedream", "asynchronous 1F1B with weight stashing (model only)",
-                 "Narayanan et al., PipeDream, SOSP 2019", False, "loop", False),
+                 "Narayanan et al., PipeDream, SOSP 2019", False, "loop", False,
+                 "none in steady state (no flush)", "p - r, and as many weight versions"),
     ScheduleInfo("pipedream-2bw", "asynchronous 1F1B with two weight versions (model only)",
-                 "Narayanan et al., PipeDream-2BW, ICML 2021", False, "loop", False),
+                 "Narayanan et al., PipeDream-2BW, ICML 2021", False, "loop", False,
+                 "none in steady state (no flush)", "p - r, and two weight versions"),
 ]}
 
 ALIASES = {
     "pipedream-flush": "1f1b", "1f1b-flush": "1f1b", "interleaved": "interleaved-1f1b",
     "interleaved1f1b": "interleaved-1f1b", "i1f1b": "interleaved-1f1b", "zbh1": "zb-h1",
-    "zb1p": "zb-h1", "zero-bubble": "zb-h1", "zbh2": "zb-h2", "zb2p": "zb-h2", "zbv": "zb-v", "dualpipev": "dualpipe-v", "dualpipe": "dualpipe-v",
-    "2bw": "pipedream-2bw", "pipedream2bw": "pipedream-2bw", "none": "naive",
+    "zb1p": "zb-h1", "zero-bubble": "zb-h1", "zbh2": "zb-h2", "zb2p": "zb-h2", "zbv": "zb-v",
+    "dualpipev": "dualpipe-v", "dualpipe": "dualpipe-v",
+    "zbauto": "zb-auto", "2bw": "pipedream-2bw", "pipedream2bw": "pipedream-2bw", "none": "naive",
 }
 
 
@@ -185,6 +205,8 @@ def check_combination(name: str, pp: int, m: int, v: int) -> None:
         raise ScheduleError(f"naive runs one batch without micro-batching: micro-batches must be 1, got {m}")
     if info.placement == "v" and v != 2:
         raise ScheduleError(f"{name} places two chunks per rank in a V: virtual stages must be 2, got {v}")
+    if name == "zb-auto" and v != 1:
+        raise ScheduleError(f"zb-auto runs one stage per rank: virtual stages must be 1, got {v}")
     if name == "interleaved-1f1b" and v < 2:
         raise ScheduleError("interleaved-1f1b needs at least 2 virtual stages per rank (use 1f1b for 1)")
     if v > 1 and info.placement == "loop":
@@ -591,11 +613,50 @@ def _dualpipe_v_rank(pp: int, m: int, r: int) -> list[Action]:
     return q.actions
 
 
+def _parse(text: str) -> Action:
+    """One action in the engine's notation: stage, kind, micro-batch ("2F0")."""
+    at = next((i for i, ch in enumerate(text) if not ch.isdigit()), 0)
+    kind, mb = text[at:at + 1], text[at + 1:]
+    if at == 0 or kind not in Kind._value2member_map_ or not mb.isdigit():
+        raise ScheduleError(f"{text!r} is not an action: write stage, kind (F, B, I or W), micro-batch, as in 2F0")
+    return Action(Kind(kind), int(text[:at]), int(mb))
+
+
 @lru_cache(maxsize=256)
-def build(name: str, pp: int, m: int, v: int = 1) -> Schedule:
-    """The per-rank action lists of schedule ``name`` for pp ranks, m micro-batches and v chunks."""
+def from_order(name: str, pp: int, m: int, order: tuple[str, ...]) -> Schedule:
+    """A one-stage-per-rank schedule from its per-rank action lists in the engine's notation
+    (one comma-separated row per rank, as ``to_engine_csv`` writes them): how a cost-built
+    schedule (zb-auto) is stored in a plan and rebuilt exactly. Checked like every builder."""
+    if len(order) != pp:
+        raise ScheduleError(f"{name}: {len(order)} rows of actions for pp {pp}")
+    ranks = tuple(tuple(_parse(t.strip()) for t in row.split(",") if t.strip()) for row in order)
+    if any(a.mb >= m or a.stage >= pp for acts in ranks for a in acts):
+        raise ScheduleError(f"{name}: an action names a stage or micro-batch beyond pp {pp}, m {m}")
+    schedule = one_stage_per_rank(name, m, ranks)
+    validate(schedule)
+    schedule.global_order()  # refuses an order that deadlocks
+    return schedule
+
+
+def one_stage_per_rank(name: str, m: int, ranks: tuple[tuple[Action, ...], ...]) -> Schedule:
+    """A schedule of these per-rank action lists, stage r on rank r (unchecked: see validate)."""
+    split = any(a.kind in (Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT) for acts in ranks for a in acts)
+    return Schedule(name=name, pp=len(ranks), virtual_stages=1, microbatches=m, stage_rank=_loop(len(ranks), 1),
+                    ranks=ranks, split_backward=split, executable=SCHEDULES[name].executable)
+
+
+@lru_cache(maxsize=256)
+def build(name: str, pp: int, m: int, v: int = 1, order: tuple[str, ...] | None = None) -> Schedule:
+    """The per-rank action lists of schedule ``name`` for pp ranks, m micro-batches and v chunks.
+    zb-auto depends on the stage costs: it is made by ``planner.autosched.build_auto`` and
+    rebuilt here from its stored ``order``."""
     name = canonical(name)
     check_combination(name, pp, m, v)
+    if name == "zb-auto" or order is not None:
+        if order is None:
+            raise ScheduleError("zb-auto is built for given stage costs and memory: it needs its stored "
+                                "action order (planner.autosched.build_auto makes one)")
+        return from_order(name, pp, m, order)
     info = SCHEDULES[name]
     if name in ("naive", "gpipe"):
         ranks, placement = _gpipe(pp, m), _loop(pp, 1)

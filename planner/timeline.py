@@ -61,7 +61,7 @@ def layout(schedule: Schedule, sim: SimResult, title: str) -> Layout:
     texts: list[Text] = []
     lines: list[tuple[float, float, float, float]] = []
     texts.append(Text(LEFT, 22, title, 15))
-    texts.append(Text(LEFT, 42, f"step {_ms(step)}   bubble {sim.bubble_fraction:.1%}   "
+    texts.append(Text(LEFT, 42, f"{schedule.name}   step {_ms(step)}   bubble {sim.bubble_fraction:.1%}   "
                                f"{schedule.microbatches} micro-batches", 12))
     for r in range(pp):
         y = TOP + r * (ROW + GAP)
@@ -93,8 +93,8 @@ def layout(schedule: Schedule, sim: SimResult, title: str) -> Layout:
         texts.append(Text(x, axis_y + 18, _ms(t), 11, "middle"))
     legend_y = axis_y + 42
     x = LEFT
-    kinds = [Kind.FORWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT] if schedule.split_backward \
-        else [Kind.FORWARD, Kind.FULL_BACKWARD]
+    present = {a.kind for acts in schedule.ranks for a in acts}
+    kinds = [k for k in Kind if k in present]  # zb-auto may keep whole backwards
     for kind in kinds:
         boxes.append(Box(x, legend_y - 10, 12, 12, COLORS[kind], "", NAMES[kind]))
         texts.append(Text(x + 16, legend_y, NAMES[kind], 11))

@@ -225,3 +225,53 @@ def test_global_order_keeps_each_rank_order_and_every_input_first(name, pp, roun
             grad = [at[(k, a.stage + 1, a.mb)] for k in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT)
                     if (k, a.stage + 1, a.mb) in at]
             assert grad and min(grad) < i
+
+
+def _readme_example() -> list[tuple[str, float, float]]:
+    """The README's shared schedule example: (schedule, predicted bubble, predicted memory) rows."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("<!-- schedule-example -->")[1].split("<!-- /schedule-example -->")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    return [(r[0], float(r[2]), float(r[4])) for r in rows]
+
+
+def test_readme_schedule_example_is_what_the_simulator_predicts():
+    # p = 4, m = 8, tF = 1, tI = 1.5, tW = 0.5, no transfers; chunks of half a stage for v = 2.
+    # Activations: 2 bytes a micro-batch on a whole stage (1 a chunk), so bytes / 2 = micro-batches
+    from planner.autosched import build_auto
+    from planner.formats import StageCost
+    from planner.simulate import peak_memory, simulate
+
+    p, m, work = 4, 8, 8 * (1.0 + 1.5 + 0.5)
+
+    def costs(n: int, share: float) -> list[StageCost]:
+        return [StageCost(fwd_s=share, bwd_input_s=1.5 * share, bwd_weight_s=0.5 * share, send_bytes=0,
+                          act_bytes=round(2 * share), static_bytes=0, transient_bytes=0, param_bytes=0)] * n
+
+    rows = _readme_example()
+    assert len(rows) == 10
+    for name, bubble, memory in rows:
+        if name.startswith("zb-auto in "):
+            ref = name.split()[2].removesuffix("'s")
+            c = costs(p, 1.0)
+            auto = build_auto(c, None, m, peak_memory(build(ref, p, m), c))
+            assert auto is not None
+            step, peak = auto.step_time_s, max(auto.peak_memory_bytes)
+        else:
+            key = name.split()[0]
+            s = build(key, p, m, 2 if "v=2" in name or SCHEDULES[key].placement == "v" else 1)
+            sim = simulate(s, costs(s.n_stages, 1 / s.virtual_stages))
+            step, peak = sim.step_time_s, max(sim.peak_memory_bytes)
+        assert step - work == pytest.approx(bubble), name
+        assert peak / 2 == pytest.approx(memory), name
+
+
+def test_every_schedule_names_its_source_bubble_and_memory_in_one_line():
+    from planner.report import schedules_table
+
+    assert all(i.reference and i.bubble and i.memory for i in SCHEDULES.values())
+    table = schedules_table()
+    assert table.row_count == len(SCHEDULES)
+    assert list(table.columns[0].cells) == list(SCHEDULES)

@@ -22,9 +22,9 @@ from planner.execute.reports import error_text
 from planner.execute.stages import build_model, build_stages
 from planner.execute.train import batch_seed, optimizer_for, stage_parameters
 from planner.formats import Plan, StageCost
+from planner.plan import plan_schedule
 from planner.profile import DTYPES, make_batch
 from planner.profile.measure import MemoryProbe, Timer
-from planner.schedules import build
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _materialise(module: nn.Module, device: torch.device) -> None:
 def replay_rank(plan: Plan, rank: int, device: torch.device, repeats: int = 2) -> RankReplay:
     dtype = DTYPES[plan.dtype]
     m, size = plan.microbatch.count, plan.microbatch.size
-    schedule = build(plan.schedule.name, plan.parallel.pp, m, plan.schedule.virtual_stages)
+    schedule = plan_schedule(plan)
     mine = schedule.stages_of(rank)
     spec = build_model(plan, device=torch.device("meta"), dtype=dtype)
     inputs, target = make_batch(spec, size, batch_seed(0, 0, 1), torch.device("cpu"), dtype)

@@ -22,9 +22,9 @@ from planner.execute.train import (
 from planner.execute.reports import error_text
 from planner.execute.worker import RETURN_NOTHING
 from planner.formats import Plan
+from planner.plan import plan_schedule
 from planner.profile import DTYPES, make_batch
 from planner.profile.measure import Timer
-from planner.schedules import build
 
 
 @dataclass
@@ -88,7 +88,7 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
     dtype = DTYPES[plan.dtype]
     torch.manual_seed(0)
     spec = build_model(plan, device=device, dtype=dtype)
-    schedule = build(plan.schedule.name, plan.parallel.pp, plan.microbatch.count, plan.schedule.virtual_stages)
+    schedule = plan_schedule(plan)
     m, size = plan.microbatch.count, plan.microbatch.size
     inputs, target = make_batch(spec, size * m, batch_seed(0, 0, 1), device, dtype)
     reference = Reference.of(spec.model, spec.layers)

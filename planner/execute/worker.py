@@ -45,9 +45,9 @@ from planner.execute.stages import build_model, build_stages, canonical_params, 
 from planner.execute.train import Reference, batch_seed, compare_grads, optimizer_for, stage_parameters
 from planner.formats import Plan
 from planner.model import ModelSpec
+from planner.plan import plan_schedule
 from planner.profile import DTYPES, make_batch
 from planner.profile.measure import LiveTensors, Timer
-from planner.schedules import build
 from planner.split import LayeredModel
 
 __all__ = ["RETURN_NOTHING", "error_text", "main"]
@@ -220,7 +220,7 @@ def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_
     modules = {s: module.to(device) for s, module in zip(mine, built.modules)}
     named = stage_parameters(modules, spec.model)
     tied = _tied(plan, built.lm, spec.model, named, pp_rank, dp_rank)
-    schedule = build(plan.schedule.name, pp, m, plan.schedule.virtual_stages)
+    schedule = plan_schedule(plan)
     runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, spec.loss,
                            group=pp_groups[dp_rank])
     state = _Rank(plan=plan, rank=rank, dp_rank=dp_rank, device=device, spec=spec, runtime=runtime,

@@ -53,6 +53,7 @@ def least_memory(search: Search, configs: list[Config], fitting: list[Config], s
         tally.loose += cfg.n_stages > cfg.pp or (inner is not None and not inner.proven)
         if inner is not None:
             tally.results[cfg] = Candidate(cfg, inner)
+    search.auto(tally.results, deadline)
     if search.progress:
         search.progress("done", len(fitting), len(fitting))
     if not tally.results:

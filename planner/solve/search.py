@@ -17,6 +17,8 @@ from math import comb
 
 import numpy as np
 
+from planner.autosched import NAME as AUTO
+from planner.autosched import SEEDS, build_auto, rows
 from planner.cost import CostTable, Segment
 from planner.errors import InfeasibleError, InputError
 from planner.evaluate import Config, RankDevice, evaluate, rank_devices
@@ -35,6 +37,7 @@ from planner.solve.settings import (
     VIRTUAL,
     Settings,
     configurations,
+    requested,
     search_space,
 )
 from planner.solve.time_search import Progress, branch_and_bound, first_answers
@@ -44,6 +47,11 @@ SIMULATED_ACTIONS = 5_000_000  # per configuration in branch and bound: the budg
 ILP_VARIABLES = 2000  # with --ilp: layers x stages up to which multi-chunk configurations get it
 ILP_SECONDS = 5.0  # per configuration
 ENUMERABLE = 100_000  # partitions: above this, multi-chunk configurations are not branched on
+AUTO_NOTE = ("zb-auto's order is built on the partitions found for zb-h1, zb-h2 and 1f1b, not searched "
+             "with the cuts: not proven optimal")
+AUTO_POLICIES = 48  # list-scheduler runs per configuration for zb-auto (the published orders beside them)
+AUTO_ILP_ACTIONS = 240  # with --ilp: schedules up to this many actions get zb-auto's ILP
+AUTO_ACTIONS = 60_000  # actions list-scheduled and simulated per configuration for zb-auto, at most
 
 __all__ = ["MAX_ACTIONS", "PARALLEL_ACTIONS", "SMALL_CLUSTER", "VIRTUAL", "Candidate", "Search", "Settings",
            "SolveResult", "configurations", "solve"]
@@ -64,6 +72,7 @@ class Search:
         self.tables: dict[int, CostTable] = {}
         self._ranks: dict[tuple[int, int], list[RankDevice]] = {}
         self.policy = Policy("auto" if settings.recompute in ("auto", "selective") else settings.recompute)
+        self.skipped_auto: list[Config] = []  # too large for zb-auto's list scheduler
 
     # ------------------------------------------------------------------ shared per search
 
@@ -79,7 +88,7 @@ class Search:
         return self._ranks[key]
 
     def bounds(self, cfg: Config, share: float = 1.0) -> StageBounds:
-        schedule = build(cfg.schedule, cfg.pp, cfg.m, cfg.v)
+        schedule = build(cfg.schedule, cfg.pp, cfg.m, cfg.v, cfg.order)
         return StageBounds(self.table(cfg.mbs), self.cluster, cfg, schedule,
                            self.ranks(cfg.pp, cfg.dp), self.policy, share)
 
@@ -125,6 +134,7 @@ class Search:
         branch_and_bound(self, found, deadline)
         if s.recompute == "selective":
             self.selective(found.results, deadline)
+        self.auto(found.results, deadline)
         if self.progress:
             self.progress("done", len(ranked), len(ranked))
         if not found.results:
@@ -136,10 +146,16 @@ class Search:
         best = ordered[0]
         big = max((upper[c] for c in found.too_big), default=0.0)
         open_bounds = [u for u in found.unresolved if u > best.throughput]
+        auto = best.config.schedule == AUTO
+        notes = _notes(found, best, big, open_bounds) + ([AUTO_NOTE] if auto else [])
+        if self.skipped_auto:
+            notes.append(f"zb-auto was not list-scheduled for {len(self.skipped_auto)} configuration(s) of over "
+                          f"{AUTO_ACTIONS // (len(SEEDS) + 1):,} actions (e.g. {self.skipped_auto[0].describe()}): "
+                          "they keep the published order")
         return SolveResult(best=best, ranked=ordered[: s.top], baselines=base,
-                           proven=not open_bounds and big <= best.throughput, configs_total=len(configs),
-                           configs_solved=found.solved, elapsed_s=time.perf_counter() - start,
-                           notes=_notes(found, best, big, open_bounds))
+                           proven=not open_bounds and big <= best.throughput and not auto,
+                           configs_total=len(configs), configs_solved=found.solved,
+                           elapsed_s=time.perf_counter() - start, notes=notes)
 
     def _no_plan(self, configs: list[Config], found: Progress) -> None:
         """Raise what stopped every configuration: size, time, loose bounds, or memory."""
@@ -216,6 +232,66 @@ class Search:
                                  time_limit=min(ILP_SECONDS, left), rounds=10)
             if found.segments is not None and found.step_time_s < cand.inner.step_time_s:
                 results[cfg] = Candidate(cfg, found)
+
+    def auto(self, results: dict[Config, Candidate], deadline: float) -> None:
+        """zb-auto, where asked for: for the best configurations found under the orders it
+        starts from, the order built for their partition's stage costs, links and devices'
+        memory, kept where it is faster. Where zb-auto alone was asked for, only its plans stay."""
+        names = requested(self.settings)
+        if AUTO not in names:
+            return
+        best = sorted(results.values(), key=self.rank_key)
+        seeds = [c for c in best if c.config.schedule in SEEDS and c.config.v == 1]
+        for k, cand in enumerate(seeds[: self.settings.top]):
+            if k and time.perf_counter() > deadline:  # the best one always gets its zb-auto
+                break
+            if self.progress:
+                self.progress(f"zb-auto: {cand.config.describe()}", k, min(len(seeds), self.settings.top))
+            found = self.auto_candidate(cand, names, deadline)
+            if found is None:
+                continue
+            bare = replace(found.config, order=None)
+            same = [c for c in results if c.schedule == AUTO and replace(c, order=None) == bare]
+            if all(self.rank_key(found) < self.rank_key(results[c]) for c in same):
+                for c in same:  # one zb-auto order per configuration: the best by the objective
+                    del results[c]
+                results[found.config] = found
+        for cfg in [c for c in results if c.schedule not in names]:
+            del results[cfg]
+
+    def auto_candidate(self, cand: Candidate, names: list[str], deadline: float) -> Candidate | None:
+        """zb-auto on a candidate's own partition (with --ilp, on small schedules, reordered by
+        the ILP within its time limit); None where it adds nothing: no faster than the
+        candidate, or one of the asked-for published orders itself."""
+        ev = cand.evaluation
+        runs = min(AUTO_POLICIES, AUTO_ACTIONS // self.actions(ev.config) - len(SEEDS))
+        if runs < 1:  # too large to list-schedule in the time one configuration gets
+            self.skipped_auto.append(ev.config)
+            if ev.config.schedule in names:
+                return None
+            order = rows(ev.schedule.ranks)  # the published order it starts from, as it is
+        else:
+            # by time, whatever fits the devices; by memory, no more than the order it starts from
+            budget = ev.peak_memory_bytes if self.settings.objective == "memory" else \
+                [r.capacity_bytes for r in ev.ranks]
+            built = build_auto(ev.costs, ev.cuts, ev.config.m, budget, max_candidates=runs)
+            left = deadline - time.perf_counter()
+            if built is not None and self.settings.ilp and self.actions(ev.config) <= AUTO_ILP_ACTIONS and left >= 1:
+                from planner.autosched_ilp import refine_by_ilp
+
+                built = refine_by_ilp(built, ev.costs, ev.cuts, budget, min(ILP_SECONDS, left))
+            if built is None or built.source in names:
+                return None
+            if ev.config.schedule in names and built.step_time_s >= ev.step_time_s * (1 - 1e-12):
+                return None
+            order = rows(built.schedule.ranks)
+        cfg = replace(ev.config, schedule=AUTO, order=order)
+        priced = evaluate(self.table(cfg.mbs), self.cluster, cfg, ev.segments, detail=False,
+                          ranks=self.ranks(cfg.pp, cfg.dp))
+        # the order is searched on the partition found for its seed: its bound is the configuration's
+        inner = InnerResult(self.quick_bound(cfg), ev.segments, priced.step_time_s, proven=False,
+                            evaluations=1 + max(runs, 0), payload=priced)
+        return Candidate(cfg, inner)
 
     def rank_key(self, c: Candidate) -> tuple:
         """Fastest first; among equals the one needing less memory, then the simpler schedule

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from planner.autosched import NAME as AUTO
+from planner.autosched import SEEDS
 from planner.errors import InputError, ScheduleError
 from planner.evaluate import Config
 from planner.formats import Cluster, Profile, Training
@@ -57,10 +59,20 @@ class Settings:
                                  f"--virtual-stages {self.virtual_stages} does not apply (drop it, or give 2)")
 
 
-def _schedules(settings: Settings) -> list[str]:
+def requested(settings: Settings) -> list[str]:
+    """The schedules the plan may use."""
     if settings.schedules:
         return [canonical(s) for s in settings.schedules]
     return [name for name, info in SCHEDULES.items() if info.executable or settings.include_model_only]
+
+
+def _schedules(settings: Settings) -> list[str]:
+    """The schedules searched: zb-auto is built afterwards on the partitions found for the
+    published orders it starts from (planner.autosched.SEEDS), which are searched in its place."""
+    names = requested(settings)
+    if AUTO not in names:
+        return names
+    return [n for n in names if n != AUTO] + [s for s in SEEDS if s not in names]
 
 
 def _virtuals(name: str, pp: int, n_layers: int, settings: Settings) -> list[int]:
@@ -128,6 +140,7 @@ def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> It
     _check_pins(profile, n_dev, settings)
     sizes = [settings.mbs] if settings.mbs else profile.mbs_sizes
     names = _schedules(settings)
+    only_seeds = set(names) - set(requested(settings))  # searched for zb-auto alone: one chunk
     for pp in _pipeline_degrees(n_dev, n_layers, settings):
         if pp * (settings.virtual_stages or 1) > n_layers:
             continue
@@ -138,6 +151,8 @@ def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> It
                     continue
                 for name in (n for n in names if _wanted(n, pp, m, settings)):
                     for v in _virtuals(name, pp, n_layers, settings):
+                        if name in only_seeds and v != 1:
+                            continue
                         try:
                             check_combination(name, pp, m, v)
                         except ScheduleError:
