@@ -31,7 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.test_fuzz import (  # noqa: E402
-    Mutant, Run, cluster_mutants, plan_mutants, profile_mutants, run_mutant, settings_mutants,
+    Mutant,
+    Run,
+    cluster_mutants,
+    plan_mutants,
+    profile_mutants,
+    run_mutant,
+    settings_mutants,
 )
 
 STRATEGIES = {"plan": plan_mutants, "profile": profile_mutants, "cluster": cluster_mutants,

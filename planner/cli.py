@@ -12,7 +12,6 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -90,7 +89,7 @@ def clusters() -> None:
 def simulate(
     plan_file: Path = typer.Argument(..., metavar="PLAN", help="plan JSON written by planner solve"),
     as_json: bool = typer.Option(False, "--json", help="print the prediction as JSON"),
-    timeline: Optional[Path] = typer.Option(None, "--timeline", help="draw the schedule (.png, .svg, .html)"),
+    timeline: Path | None = typer.Option(None, "--timeline", help="draw the schedule (.png, .svg, .html)"),
 ) -> None:
     """Predict a plan's step time, bubble and memory, and draw its timeline."""
     from planner import report
@@ -120,21 +119,21 @@ def simulate(
 def profile(
     model: str = typer.Argument(..., metavar="MODEL", help="path/to/file.py:factory or package.module:factory"),
     output: Path = typer.Option(..., "-o", "--output", help="profile JSON to write"),
-    arg: List[str] = typer.Option([], "--arg", help="factory argument NAME=VALUE (repeatable)"),
+    arg: list[str] = typer.Option([], "--arg", help="factory argument NAME=VALUE (repeatable)"),
     mbs: str = typer.Option("1,2", "--mbs", help="micro-batch sizes to measure, e.g. 1,2,4,8"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
-    depth: Optional[int] = typer.Option(None, "--depth", help="cut at this module depth instead of the natural blocks"),
+    depth: int | None = typer.Option(None, "--depth", help="cut at this module depth instead of the natural blocks"),
     repeats: int = typer.Option(10, "--repeats", min=1, help="timed repetitions per measurement"),
     warmup: int = typer.Option(3, "--warmup", min=0, help="untimed repetitions first"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (match how you will run)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (match how you will run)"),
     no_dedupe: bool = typer.Option(False, "--no-dedupe", help="measure every layer, identical ones too"),
     no_meta: bool = typer.Option(False, "--no-meta", help="build the model in memory, not on the meta device "
                                  "(for a factory that computes with its weights while building)"),
-    memory: Optional[float] = typer.Option(None, "--memory", min=0.001, metavar="GIB",
+    memory: float | None = typer.Option(None, "--memory", min=0.001, metavar="GIB",
                                            help="memory the profiler may use, in GiB (default: what the device "
                                            "has free)"),
-    estimate: Optional[str] = typer.Option(None, "--estimate", metavar="DEVICE",
+    estimate: str | None = typer.Option(None, "--estimate", metavar="DEVICE",
                                            help="run nothing: price each layer's FLOPs and bytes at this "
                                            "device's datasheet peaks (h100, h200, a100, a100-80gb, rtx4090)"),
 ) -> None:
@@ -168,33 +167,43 @@ def profile(
 def solve(
     profile_file: Path = typer.Argument(..., metavar="PROFILE", help="profile JSON from planner profile"),
     cluster: str = typer.Option(..., "--cluster", "-c", help="preset (h100x8, 2xh100x8, cpu2, ...) or cluster JSON"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="plan JSON to write"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="plan JSON to write"),
     as_json: bool = typer.Option(False, "--json", help="print the plan JSON to stdout"),
-    global_batch: Optional[int] = typer.Option(None, "--global-batch", min=1, help="samples per step (default 16 per device)"),
-    pp: Optional[int] = typer.Option(None, "--pp", min=1, help="pin the pipeline degree"),
-    dp: Optional[int] = typer.Option(None, "--dp", min=1, help="pin the data-parallel degree"),
-    mbs: Optional[int] = typer.Option(None, "--mbs", min=1, help="pin the micro-batch size"),
-    microbatches: Optional[int] = typer.Option(None, "--microbatches", min=1, help="pin the micro-batch count"),
-    schedule: Optional[str] = typer.Option(None, "--schedule",
+    global_batch: int | None = typer.Option(None, "--global-batch", min=1,
+                                            help="samples per step (default 16 per device)"),
+    pp: int | None = typer.Option(None, "--pp", min=1, help="pin the pipeline degree"),
+    dp: int | None = typer.Option(None, "--dp", min=1, help="pin the data-parallel degree"),
+    mbs: int | None = typer.Option(None, "--mbs", min=1, help="pin the micro-batch size"),
+    microbatches: int | None = typer.Option(None, "--microbatches", min=1, help="pin the micro-batch count"),
+    schedule: str | None = typer.Option(None, "--schedule",
                                            help="pin schedules, comma separated (planner schedules lists them)"),
-    virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages", min=1, help="pin chunks per rank"),
+    virtual_stages: int | None = typer.Option(None, "--virtual-stages", min=1, help="pin chunks per rank"),
     recompute: str = typer.Option("auto", "--recompute", help="none, full, auto (per stage) or selective (per layer)"),
     optimizer: str = typer.Option("adam", "--optimizer", help="sgd, sgd-momentum or adam"),
-    precision: str = typer.Option("param", "--precision", help="param (states in the parameter dtype) or mixed (fp32 master)"),
-    fix_cuts: Optional[str] = typer.Option(None, "--fix-cuts", help="pin stage starts: layer indices or names, e.g. 4,10,17"),
+    precision: str = typer.Option("param", "--precision",
+                                  help="param (states in the parameter dtype) or mixed (fp32 master)"),
+    fix_cuts: str | None = typer.Option(None, "--fix-cuts",
+                                        help="pin stage starts: layer indices or names, e.g. 4,10,17"),
     top: int = typer.Option(5, "--top", min=1, help="candidates to list"),
-    include_model_only: bool = typer.Option(False, "--include-model-only", help="also rank PipeDream schedules the engine cannot run"),
-    time_limit: float = typer.Option(10.0, "--time-limit", min=0.1, help="seconds before the search stops and reports its gap"),
-    ilp: bool = typer.Option(False, "--ilp", help="also bound interleaved and V configurations with the ILP (slower, tighter)"),
-    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="worker processes (default: one per core, for large searches)"),
-    objective: str = typer.Option("time", "--objective", help="time: the fastest plan; memory: the least peak memory per device (the fastest among those)"),
+    include_model_only: bool = typer.Option(False, "--include-model-only",
+                                            help="also rank PipeDream schedules the engine cannot run"),
+    time_limit: float = typer.Option(10.0, "--time-limit", min=0.1,
+                                     help="seconds before the search stops and reports its gap"),
+    ilp: bool = typer.Option(False, "--ilp",
+                             help="also bound interleaved and V configurations with the ILP (slower, tighter)"),
+    jobs: int | None = typer.Option(None, "--jobs", min=1,
+                                    help="worker processes (default: one per core, for large searches)"),
+    objective: str = typer.Option("time", "--objective",
+                                  help="time: the fastest plan; memory: the least peak memory per device "
+                                       "(the fastest among those)"),
 ) -> None:
     """Find the fastest plan that fits (does not need torch)."""
     from planner import report
     from planner.clusters import from_spec
     from planner.errors import InputError
     from planner.formats import Training, check_output, dump, load_profile, to_json
-    from planner.solve import Settings, solve as run_solve
+    from planner.solve import Settings
+    from planner.solve import solve as run_solve
     from planner.solve.plan import make_plan
 
     try:
@@ -237,26 +246,27 @@ def execute(
     steps: int = typer.Option(5, "--steps", min=1, help="measured steps (median reported)"),
     warmup: int = typer.Option(2, "--warmup", min=1, help="steps before measuring"),
     tolerance: str = typer.Option("10%", "--tolerance", help="allowed relative error, e.g. 10% or 0.1"),
-    report_file: Optional[Path] = typer.Option(None, "--report", help="write the verification as JSON"),
-    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="write a profile with measured costs (needs --profile)"),
-    profile_file: Optional[Path] = typer.Option(None, "--profile", help="the profile the plan was solved from"),
+    report_file: Path | None = typer.Option(None, "--report", help="write the verification as JSON"),
+    calibrate: Path | None = typer.Option(None, "--calibrate",
+                                          help="write a profile with measured costs (needs --profile)"),
+    profile_file: Path | None = typer.Option(None, "--profile", help="the profile the plan was solved from"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the single-process reference check"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (single and replay modes)"),
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds before workers are stopped"),
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="torchrun: number of nodes"),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="torchrun: this node's rank"),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="torchrun: rendezvous host"),
-    master_port: Optional[int] = typer.Option(None, "--master-port", help="torchrun: rendezvous port, the same "
+    master_port: int | None = typer.Option(None, "--master-port", help="torchrun: rendezvous port, the same "
                                               "on every node (default on one node: a free one)"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="where workers write their reports "
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="where workers write their reports "
                                            "(kept; default: a temporary folder, kept only if the run fails)"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads per process (default 1: "
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads per process (default 1: "
                                           "one per worker, as the profile measures by default)"),
 ) -> None:
     """Run a plan with PyTorch's pipeline engine; report measured against predicted (needs torch)."""
     from planner import report
-    from planner.execute import Options, check_options, execute as run_execute, raise_on_failure
-
+    from planner.execute import Options, check_options, raise_on_failure
+    from planner.execute import execute as run_execute
     from planner.formats import check_output
 
     try:
@@ -300,10 +310,12 @@ def execute(
 
 @app.command()
 def check(
-    plans: List[Path] = typer.Argument(..., metavar="PLAN...", help="plan JSON files (e.g. plans/*.json)"),
-    profile_file: Optional[Path] = typer.Option(None, "--profile", help="compare with this profile's model"),
-    rebuild: bool = typer.Option(False, "--rebuild", help="rebuild each model on the meta device and compare (needs torch)"),
-    resolve: bool = typer.Option(False, "--resolve", help="search again (needs --profile); fail if a better plan exists"),
+    plans: list[Path] = typer.Argument(..., metavar="PLAN...", help="plan JSON files (e.g. plans/*.json)"),
+    profile_file: Path | None = typer.Option(None, "--profile", help="compare with this profile's model"),
+    rebuild: bool = typer.Option(False, "--rebuild",
+                                 help="rebuild each model on the meta device and compare (needs torch)"),
+    resolve: bool = typer.Option(False, "--resolve",
+                                 help="search again (needs --profile); fail if a better plan exists"),
     tolerance: str = typer.Option("5%", "--tolerance", help="how much better a new plan must be to fail the check"),
 ) -> None:
     """CI check: each plan valid, fitting, fresh (and still best). Exit 0 ok, 1 stale/over/beaten, 2 bad input."""
@@ -338,7 +350,7 @@ def check(
 def export(
     plan_file: Path = typer.Argument(..., metavar="PLAN"),
     fmt: str = typer.Option(..., "--format", "-f", help="megatron, deepspeed, torchtitan or torch"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
 ) -> None:
     """Translate a plan for Megatron-LM, DeepSpeed, torchtitan or torch.distributed.pipelining."""
     from planner.export import export as run_export
@@ -414,7 +426,8 @@ def _cuts(text: str, names: list[str]) -> tuple[int, ...]:
         else:
             raise InputError(f"--fix-cuts: {item!r} is neither a layer index nor a layer name")
         if not 0 < k < len(names):
-            raise InputError(f"--fix-cuts: {item} is not between 1 and {len(names) - 1} (the layers a stage can start at)")
+            raise InputError(f"--fix-cuts: {item} is not between 1 and {len(names) - 1} "
+                             "(the layers a stage can start at)")
         out.append(k)
     if out != sorted(set(out)):
         raise InputError("--fix-cuts: stage starts must increase")

@@ -84,13 +84,13 @@ class Evaluation:
 
     @property
     def fits(self) -> bool:
-        return all(p <= r.capacity_bytes for p, r in zip(self.peak_memory_bytes, self.ranks))
+        return all(p <= r.capacity_bytes for p, r in zip(self.peak_memory_bytes, self.ranks, strict=True))
 
     @property
     def overflow(self) -> list[tuple[int, int]]:
         """(rank, bytes over capacity) for every rank that does not fit."""
         return [(r, p - d.capacity_bytes) for r, (p, d) in
-                enumerate(zip(self.peak_memory_bytes, self.ranks)) if p > d.capacity_bytes]
+                enumerate(zip(self.peak_memory_bytes, self.ranks, strict=True)) if p > d.capacity_bytes]
 
     def detailed(self, timeline: bool = True) -> Evaluation:
         """The same evaluation with its simulation (and its timeline, unless told not to)."""
@@ -164,4 +164,4 @@ def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[
 def segments_from_bounds(bounds: list[int], n_layers: int, recompute: str = "none") -> list[Segment]:
     """Stage segments from their start positions (bounds[0] == 0)."""
     ends = list(bounds[1:]) + [n_layers]
-    return [Segment(a, b, recompute) for a, b in zip(bounds, ends)]  # type: ignore[arg-type]
+    return [Segment(a, b, recompute) for a, b in zip(bounds, ends, strict=True)]  # type: ignore[arg-type]

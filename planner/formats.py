@@ -378,7 +378,8 @@ class Stage(_Frozen):
     index: int = Field(ge=0)
     layers: list[str] = Field(min_length=1)
     rank: int = Field(ge=0, description="pipeline rank holding this stage")
-    devices: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, description="cluster device per data-parallel replica")
+    devices: list[Annotated[int, Field(ge=0)]] = Field(min_length=1,
+                                                       description="cluster device per data-parallel replica")
     recompute: Literal["none", "full", "selective"] = "none"
     recompute_layers: list[str] = Field(default_factory=list)
     cost: StageCost
@@ -557,7 +558,7 @@ def _layer_problem(plan: Plan) -> str | None:
         return f"layer {missing[0]!r} is in no stage" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
     flat = [n for stage in plan.stages for n in stage.layers]
     if flat != plan.layers:
-        k = next(k for k, (a, b) in enumerate(zip(flat, plan.layers)) if a != b)
+        k = next(k for k, (a, b) in enumerate(zip(flat, plan.layers, strict=False)) if a != b)
         return (f"stages[{where[flat[k]]}] has {flat[k]!r} where the model's order has {plan.layers[k]!r}: "
                 "stages hold contiguous runs of the layers, in order")
     return None

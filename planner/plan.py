@@ -6,13 +6,24 @@ imported when it is called."""
 from __future__ import annotations
 
 import hashlib
+from itertools import pairwise
 
 from planner import __version__
 from planner.errors import InputError, MissingExtraError
 from planner.evaluate import Evaluation, cut_link
 from planner.formats import (
-    BaselineResult, Cluster, Microbatch, Parallel, Plan, Prediction, Profile,
-    Provenance, ScheduleSpec, Stage, StageCost, StagePrediction,
+    BaselineResult,
+    Cluster,
+    Microbatch,
+    Parallel,
+    Plan,
+    Prediction,
+    Profile,
+    Provenance,
+    ScheduleSpec,
+    Stage,
+    StageCost,
+    StagePrediction,
 )
 from planner.schedules import Schedule, build
 from planner.simulate import CutLink, SimResult, simulate
@@ -25,7 +36,7 @@ def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
     cfg = ev.config
     names = [layer.name for layer in profile.layers]
     stages = []
-    for s, (seg, cost) in enumerate(zip(ev.segments, ev.costs)):
+    for s, (seg, cost) in enumerate(zip(ev.segments, ev.costs, strict=True)):
         r = ev.schedule.stage_rank[s]
         stages.append(Stage(
             index=s, layers=names[seg.start:seg.stop], rank=r, devices=ev.ranks[r].devices,
@@ -78,7 +89,7 @@ def rebuilt_fingerprint(plan: Plan) -> str:
 def plan_cuts(plan: Plan) -> list[CutLink]:
     """Transfer costs between a plan's consecutive stages, from the plan's own cluster."""
     return [cut_link(plan.cluster, a.devices[0], b.devices[0], a.cost.send_bytes, same_rank=a.rank == b.rank)
-            for a, b in zip(plan.stages, plan.stages[1:])]
+            for a, b in pairwise(plan.stages)]
 
 
 def plan_schedule(plan: Plan) -> Schedule:

@@ -150,7 +150,7 @@ def compile_schedule(schedule: Schedule) -> Compiled:
             last_on_link[(r, dst)] = t
             arrive_grad[(s - 1) * m + a.mb] = t
     slot = [4 * a.stage + a.kind.slot if a is not None else 4 * S + c
-            for a, c in zip(action, cut)]
+            for a, c in zip(action, cut, strict=True)]
     return Compiled(action, rank, prev, dep, cut, receiver, kind, slot, last_on_rank, receives)
 
 
@@ -310,7 +310,7 @@ def peak_memory(schedule: Schedule, costs: list[StageCost]) -> list[int]:
         mine = [costs[s] for s in stages]
         # an output sent to another rank is kept by its pending send
         away = [c.send_bytes if s + 1 < schedule.n_stages and schedule.stage_rank[s + 1] != r else 0
-                for s, c in zip(stages, mine)]
+                for s, c in zip(stages, mine, strict=True)]
         sizes = np.array([c.act_bytes for c in mine] + [c.wgrad_bytes for c in mine]
                          + [c.grad_in_bytes for c in mine] + away, dtype=np.int64)
         transient = np.array([c.transient_bytes for c in mine], dtype=np.int64)
@@ -344,7 +344,7 @@ def _step(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink],
              for r in range(schedule.pp)]
     if schedule.stream:
         return _steady_state(schedule, costs, cuts, tails), tails
-    return max(e + t for e, t in zip(last_end, tails)), tails
+    return max(e + t for e, t in zip(last_end, tails, strict=True)), tails
 
 
 def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | None = None, *,
@@ -382,7 +382,7 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
             transfers.append(Transfer(r, compiled.receiver[i], compiled.kind[i], dst_stage, mb,
                                       start[i], end[i] + link.latency_s))
     step, tails = _step(schedule, costs, cuts, clock)
-    idle = [max(step - c - t, 0.0) for c, t in zip(compute, tails)]
+    idle = [max(step - c - t, 0.0) for c, t in zip(compute, tails, strict=True)]
     bubble = sum(idle) / (pp * step) if step > 0 else 0.0
     return SimResult(step_time_s=step, compute_s=compute, stage_compute_s=stage_compute, tail_s=tails, idle_s=idle,
                      bubble_fraction=min(max(bubble, 0.0), 1.0),

@@ -202,55 +202,13 @@ class TracedModel(LayeredModel):
 
     def _assign(self, wanted: list[str]) -> None:
         nodes = list(self.gm.graph.nodes)
-        calls = [n for n in nodes if n.op == "call_module" and n.target in set(wanted)]
-        seen: set[str] = set()
-        for n in calls:
-            if n.target in seen:
-                raise ModelError(f"module {n.target!r} is called more than once in forward; "
-                                 "planner needs each layer called once (describe layers explicitly)")
-            seen.add(n.target)
-        self.names = [n.target for n in calls]
-        if not self.names:
-            raise ModelError("none of the chosen layers is called in forward")
-        index = {n.target: i for i, n in enumerate(calls)}
-        last = len(self.names) - 1
-        layer: dict[fx.Node, int] = {}
+        calls = _layer_calls(nodes, wanted)
+        self.names = [str(n.target) for n in calls]
         placeholders = [n for n in nodes if n.op == "placeholder"]
         self.n_inputs = len(placeholders)
-        for n in placeholders:
-            layer[n] = INPUT
-        for n in calls:
-            layer[n] = index[n.target]
-        # Unpacking a layer's tuple output belongs to that layer: tensors, not tuples, cross cuts.
-        for n in nodes:
-            if n.op == "call_function" and n.target is operator.getitem and n.args[0] in layer \
-                    and layer[n.args[0]] != INPUT:
-                layer[n] = layer[n.args[0]]
-        # Every other operation joins the earliest layer that uses its result.
-        for n in reversed(nodes):
-            if n in layer or n.op in ("output", "get_attr"):
-                continue
-            users = [layer.get(u, last) if u.op != "output" else last for u in n.users]
-            layer[n] = min(users) if users else last
-        self.node_layer = layer
+        self.node_layer = layer = _node_layers(nodes, calls, placeholders)
         self.output_node = next(n for n in nodes if n.op == "output")
-
-        produced: dict[fx.Node, FlowTensor] = {}
-        counters: dict[int, int] = {}
-        n_layers = len(self.names)
-        for n in nodes:
-            if n.op in ("output", "get_attr"):
-                continue
-            consumers = set()
-            for u in n.users:
-                if u.op == "output":
-                    consumers.add(n_layers)
-                elif u.op != "get_attr" and layer[u] != layer[n]:
-                    consumers.add(layer[u])
-            if n.op == "placeholder" or consumers:
-                k = counters.get(layer[n], 0)
-                counters[layer[n]] = k + 1
-                produced[n] = FlowTensor(layer[n], k, tuple(sorted(consumers)) or (0,))
+        produced = _flow_tensors(nodes, layer, len(self.names))
         self.node_of = {t.key: n for n, t in produced.items()}
         self.tensors = sorted(produced.values(), key=lambda t: t.key)
 
@@ -415,3 +373,52 @@ def fingerprint(model: nn.Module) -> str:
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)};".encode())
     return "sha256:" + h.hexdigest()
+
+
+def _layer_calls(nodes: list[fx.Node], wanted: list[str]) -> list[fx.Node]:
+    """The call of each chosen layer, in forward order; each must be called exactly once."""
+    calls = [n for n in nodes if n.op == "call_module" and n.target in set(wanted)]
+    seen: set[str] = set()
+    for n in calls:
+        if n.target in seen:
+            raise ModelError(f"module {n.target!r} is called more than once in forward; "
+                             "planner needs each layer called once (describe layers explicitly)")
+        seen.add(str(n.target))
+    if not calls:
+        raise ModelError("none of the chosen layers is called in forward")
+    return calls
+
+
+def _node_layers(nodes: list[fx.Node], calls: list[fx.Node], placeholders: list[fx.Node]) -> dict[fx.Node, int]:
+    """The layer each graph node runs in: inputs are INPUT, a layer's call and the unpacking of its
+    tuple output belong to it, and every other operation joins the earliest layer using its result."""
+    last = len(calls) - 1
+    layer: dict[fx.Node, int] = {n: INPUT for n in placeholders}
+    layer.update({n: i for i, n in enumerate(calls)})
+    # Unpacking a layer's tuple output belongs to that layer: tensors, not tuples, cross cuts.
+    for n in nodes:
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in layer \
+                and layer[n.args[0]] != INPUT:  # type: ignore[index]
+            layer[n] = layer[n.args[0]]  # type: ignore[index]
+    for n in reversed(nodes):
+        if n in layer or n.op in ("output", "get_attr"):
+            continue
+        users = [layer.get(u, last) if u.op != "output" else last for u in n.users]
+        layer[n] = min(users) if users else last
+    return layer
+
+
+def _flow_tensors(nodes: list[fx.Node], layer: dict[fx.Node, int], n_layers: int) -> dict[fx.Node, FlowTensor]:
+    """Every value that leaves the layer computing it (the output counts as layer n_layers)."""
+    produced: dict[fx.Node, FlowTensor] = {}
+    counters: dict[int, int] = {}
+    for n in nodes:
+        if n.op in ("output", "get_attr"):
+            continue
+        consumers = {n_layers if u.op == "output" else layer[u] for u in n.users
+                     if u.op == "output" or (u.op != "get_attr" and layer[u] != layer[n])}
+        if n.op == "placeholder" or consumers:
+            k = counters.get(layer[n], 0)
+            counters[layer[n]] = k + 1
+            produced[n] = FlowTensor(layer[n], k, tuple(sorted(consumers)) or (0,))
+    return produced

@@ -6,7 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from planner.formats import (
-    INPUT, LOSS, BatchInfo, DeviceInfo, Edge, Layer, LayerCost, ModelRef, Profile, TiedGroup,
+    INPUT,
+    LOSS,
+    BatchInfo,
+    DeviceInfo,
+    Edge,
+    Layer,
+    LayerCost,
+    ModelRef,
+    Profile,
+    TiedGroup,
 )
 
 

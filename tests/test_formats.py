@@ -5,7 +5,15 @@ import pytest
 
 from planner.errors import InputError
 from planner.formats import (
-    KINDS, Plan, Profile, dump, json_schema, load_cluster_file, load_plan, load_profile, write_atomic,
+    KINDS,
+    Plan,
+    Profile,
+    dump,
+    json_schema,
+    load_cluster_file,
+    load_plan,
+    load_profile,
+    write_atomic,
 )
 from planner.synthetic import chain_profile
 

@@ -448,7 +448,8 @@ def schedule_name(draw, base: Base) -> Mutant:
         name = draw(st.sampled_from(sorted(SCHEDULES)))
         return schema_mutant(base, f"schedule.name = {name!r}", replaced(base.tree, ("schedule", "name"), name))
     name = draw(st.sampled_from(UNKNOWN_SCHEDULES) | st.text(max_size=12).filter(lambda x: x not in SCHEDULES))
-    return Mutant(base.name, f"schedule.name = {name[:20]!r}", encode(replaced(base.tree, ("schedule", "name"), name)), True)
+    tree = replaced(base.tree, ("schedule", "name"), name)
+    return Mutant(base.name, f"schedule.name = {name[:20]!r}", encode(tree), True)
 
 
 def virtual_stages(draw, base: Base) -> Mutant:
@@ -557,7 +558,8 @@ def profile_layer(draw, base: Base) -> Mutant:
         invalid = True
     elif op == "remove":
         layers.pop(k)
-        named = any(name in (e["src"], e["dst"]) for e in tree["edges"]) or any(name in g["layers"] for g in tree["tied"])
+        named = (any(name in (e["src"], e["dst"]) for e in tree["edges"])
+                 or any(name in g["layers"] for g in tree["tied"]))
         invalid = named or not layers
     elif k + 1 < len(layers):
         layers[k], layers[k + 1] = layers[k + 1], layers[k]
@@ -589,7 +591,8 @@ def mbs_keys(draw, base: Base) -> Mutant:
         return Mutant(base.name, f"layers.{k}.by_mbs.{old} deleted", encode(tree), len(layers) > 1 or len(sizes) == 1)
     if how == "rename good":
         new = draw(st.sampled_from(["3", "5", "64", "999999"]).filter(lambda x: x not in sizes))
-        everywhere = [layer["by_mbs"] for layer in layers] + [tree["whole"]] + ([tree["loss"]["by_mbs"]] if tree["loss"] else [])
+        loss = [tree["loss"]["by_mbs"]] if tree["loss"] else []
+        everywhere = [layer["by_mbs"] for layer in layers] + [tree["whole"]] + loss
         _rename_mbs(tree, old, new, everywhere)
         return schema_mutant(base, f"micro-batch size {old} renamed {new}", tree)
     new = draw(st.sampled_from(BAD_MBS_KEYS) if how == "rename bad" else st.sampled_from(["3", "7"]))
@@ -630,7 +633,8 @@ def tied_edit(draw, base: Base) -> Mutant:
         most = min(layers[a]["param_bytes"], layers[b]["param_bytes"])
         nbytes = draw(st.sampled_from([0, most, most + 1]))
         tree["tied"].append({"layers": [layers[a]["name"], layers[b]["name"]], "param_bytes": nbytes})
-        held = {n: sum(g["param_bytes"] for g in tree["tied"] if n in g["layers"]) for g in tree["tied"] for n in g["layers"]}
+        held = {n: sum(g["param_bytes"] for g in tree["tied"] if n in g["layers"])
+                for g in tree["tied"] for n in g["layers"]}
         invalid = any(held[x["name"]] > x["param_bytes"] for x in layers if x["name"] in held)
         return Mutant(base.name, f"tied {layers[a]['name']} and {layers[b]['name']}, {nbytes} bytes",
                       encode(tree), invalid)
@@ -862,7 +866,8 @@ def test_plan_mutants_are_run_or_refused_in_one_line(mutant):
 @example(mutant=case("gpt-tied-50k.h200.json", "tied.0.param_bytes = 2**31", _tied(2**31), True))
 @example(mutant=case("gpt-tied-50k.h200.json", "tied.0 names a layer twice", _tied(2**36, repeat=True), True))
 # accepted: an edge given twice (its bytes sent twice), a layer named like the loss
-@example(mutant=case("gpt.cpu.json", "edges.1 twice", lambda t: t.update(edges=t["edges"][:2] + t["edges"][1:]) or t, True))
+@example(mutant=case("gpt.cpu.json", "edges.1 twice",
+                     lambda t: t.update(edges=t["edges"][:2] + t["edges"][1:]) or t, True))
 @example(mutant=case("gpt.cpu.json", "last layer named @loss", _last_layer_named("@loss"), True))
 def test_profile_mutants_are_solved_or_refused_in_one_line(mutant):
     assert_behaves(mutant, "profile")

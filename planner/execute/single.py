@@ -14,12 +14,16 @@ import torch
 import torch.distributed as dist
 
 from planner.errors import ExecutionError, PlannerError
+from planner.execute.reports import error_text
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages
 from planner.execute.train import (
-    Reference, batch_seed, compare_grads, optimizer_for, stage_parameters,
+    Reference,
+    batch_seed,
+    compare_grads,
+    optimizer_for,
+    stage_parameters,
 )
-from planner.execute.reports import error_text
 from planner.execute.worker import RETURN_NOTHING
 from planner.formats import Plan
 from planner.plan import plan_schedule

@@ -217,7 +217,7 @@ def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_
     reference = Reference.of(spec.model, spec.layers) if verify else None
     one = tuple(x[:size] if torch.is_tensor(x) else x for x in batch[0])
     built = build_stages(plan, spec, one, stages=mine)
-    modules = {s: module.to(device) for s, module in zip(mine, built.modules)}
+    modules = {s: module.to(device) for s, module in zip(mine, built.modules, strict=True)}
     named = stage_parameters(modules, spec.model)
     tied = _tied(plan, built.lm, spec.model, named, pp_rank, dp_rank)
     schedule = plan_schedule(plan)

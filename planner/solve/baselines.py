@@ -136,7 +136,7 @@ def block_partition(weights: Sequence[float] | np.ndarray, stages: int) -> Parti
             lightest_size, lightest = min(sizes())
             if heaviest_size <= lightest_size + 1:
                 starts = [0, *ends[:-1]]
-                return starts if all(b > a for a, b in zip(starts, ends)) else None
+                return starts if all(b > a for a, b in zip(starts, ends, strict=True)) else None
             if heaviest < lightest:  # its left neighbour gives its last layer
                 giver = lightest - 1
                 ends[giver] -= 1

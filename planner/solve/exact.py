@@ -271,7 +271,7 @@ class _BranchAndBound:
             self._simulate_path()
             return
         js, gs, cs = self.options(s, i)
-        for jk, gk, ck in zip(js.tolist(), gs.tolist(), cs.tolist()):
+        for jk, gk, ck in zip(js.tolist(), gs.tolist(), cs.tolist(), strict=True):
             if gk >= self.tau * (1 - 1e-12) or not self.proven:
                 break
             self._branch(s, i, jk, ck)

@@ -74,7 +74,8 @@ def _nothing(search: Search, configs: list[Config], tally: _Tally) -> Exception:
     small = [c for c in configs if not search.too_big(c)]
     if not small:
         return InputError(too_many_actions(configs[0]))
-    return InfeasibleError(search.explain_infeasible(small, deadline=time.perf_counter() + search.settings.time_limit_s))
+    deadline = time.perf_counter() + search.settings.time_limit_s
+    return InfeasibleError(search.explain_infeasible(small, deadline=deadline))
 
 
 def _notes(tally: _Tally) -> list[str]:
