@@ -294,7 +294,7 @@ def execute(
 
             write_atomic(report_file, json.dumps(ver.to_json(), indent=1) + "\n")
             out.print(f"report written to {report_file}")
-        if calibrate is not None:
+        if calibrate is not None and profile_file is not None:
             from planner.calibrate import calibrated_profile
             from planner.formats import dump, load_plan, load_profile
 
@@ -462,11 +462,20 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def _usage_error() -> type[Exception]:
     """The usage-error class of the click typer runs on (recent typer vendors its own)."""
-    try:
-        from typer._click.exceptions import ClickException  # type: ignore[import-not-found]
-    except ImportError:
-        from click.exceptions import ClickException
-    return ClickException
+    import importlib
+
+    for where in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            usage: type[Exception] = importlib.import_module(where).ClickException
+        except (ImportError, AttributeError):
+            continue
+        return usage
+    raise ImportError("typer installed without click")
+
+
+def _click_message(e: Exception) -> str:
+    message = getattr(e, "format_message", None)
+    return str(message()) if callable(message) else str(e)
 
 
 def main() -> None:
@@ -482,7 +491,7 @@ def main() -> None:
     except usage as e:  # bad command line: one line, exit 2
         if type(e).__name__ == "NoArgsIsHelpError":
             sys.exit(0)
-        err.print(f"[bold red]error:[/] {escape(e.format_message())} (see --help)", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(_click_message(e))} (see --help)", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]")

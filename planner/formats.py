@@ -16,14 +16,14 @@ import stat
 import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from planner.errors import InputError, ScheduleError
 from planner.schedules import SCHEDULES, canonical, check_combination, from_order
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 INPUT = "@input"  # pseudo-layer: the batch handed to the first stage
 LOSS = "@loss"  # pseudo-layer: the loss function on the last stage
 
@@ -147,6 +147,11 @@ class Measurement(_Frozen):
     warmup: int = Field(ge=0)
     threads: int | None = Field(default=None, ge=1)
     dedupe: bool = Field(default=False, description="identical layers measured once (see Layer.same_as)")
+
+    @property
+    def estimated(self) -> str | None:
+        """How the costs were estimated (``planner profile --estimate``), or None where measured."""
+        return self.timer if self.timer.startswith("estimate") else None
 
 
 class BatchInfo(_Frozen):
@@ -429,6 +434,8 @@ class Provenance(_Frozen):
     profile_fingerprint: str
     planner_version: str
     solver: dict[str, Any] = Field(default_factory=dict)
+    costs_estimated: str | None = Field(default=None, description="how the profile's costs were estimated "
+                                        "(planner profile --estimate); None: they were measured")
 
 
 class Plan(_Frozen):
@@ -643,7 +650,7 @@ def _int_or_refused(text: str) -> int | _Refused:
 def check_numbers(data: Any, source: str) -> None:
     """Finite numbers of sane size only, nested no deeper than the formats are (iteratively:
     no recursion limit to hit)."""
-    stack: list[tuple[Any, tuple]] = [(data, ())]
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
     while stack:
         value, where = stack.pop()
         if len(where) > MAX_DEPTH:
@@ -664,11 +671,11 @@ def check_numbers(data: Any, source: str) -> None:
                              f"of at most {MAX_NUMBER:g}")
 
 
-def _path(where: tuple) -> str:
+def _path(where: tuple[str | int, ...]) -> str:
     return ".".join(map(str, where)) or "(top level)"
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike[str]) -> Any:
     """A regular file's JSON. Pipes, devices and folders are refused before opening (a pipe
     would block); NaN and Infinity, which Python's json accepts, are kept as ``_Refused``."""
     p = Path(path)
@@ -704,19 +711,19 @@ def read_json(path: str | os.PathLike) -> Any:
         raise InputError(f"{p}: not valid planner JSON: {err}") from None
 
 
-def load(path: str | os.PathLike, model: type[M]) -> M:
+def load(path: str | os.PathLike[str], model: type[M]) -> M:
     return parse(read_json(path), model, str(path))
 
 
-def load_profile(path: str | os.PathLike) -> Profile:
+def load_profile(path: str | os.PathLike[str]) -> Profile:
     return load(path, Profile)
 
 
-def load_cluster_file(path: str | os.PathLike) -> Cluster:
+def load_cluster_file(path: str | os.PathLike[str]) -> Cluster:
     return load(path, Cluster)
 
 
-def load_plan(path: str | os.PathLike) -> Plan:
+def load_plan(path: str | os.PathLike[str]) -> Plan:
     return load(path, Plan)
 
 
@@ -724,7 +731,7 @@ def to_json(obj: BaseModel) -> str:
     return obj.model_dump_json(indent=1, exclude_none=False) + "\n"
 
 
-def check_output(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike | None, ...] = (),
+def check_output(path: str | os.PathLike[str], *, inputs: tuple[str | os.PathLike[str] | None, ...] = (),
                  flag: str = "-o") -> Path:
     """Refuse, before any work, an output path that cannot be written or that names one of the
     command's inputs (writing it would destroy what is being read). Probes the folder with a
@@ -757,7 +764,7 @@ def _parent(p: Path) -> Path:
     return p.parent if str(p.parent) else Path(".")
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     p = Path(path)
     parent = _parent(p)
@@ -793,7 +800,7 @@ def _mode_for(path: Path) -> int:
     return 0o666 & ~mask
 
 
-def dump(obj: BaseModel, path: str | os.PathLike) -> None:
+def dump(obj: BaseModel, path: str | os.PathLike[str]) -> None:
     write_atomic(path, to_json(obj))
 
 

@@ -55,7 +55,8 @@ def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
                              peak_memory_bytes=max(sim.peak_memory_bytes)),
         baselines=baselines or [],
         provenance=Provenance(profile_fingerprint=profile_fingerprint(profile),
-                              planner_version=__version__, solver=solver or {}),
+                              planner_version=__version__, solver=solver or {},
+                              costs_estimated=profile.measurement.estimated if profile.measurement else None),
     )
 
 

@@ -57,8 +57,16 @@ def simulation_table(plan: Plan, sim: SimResult) -> Table:
                      f"{summary['throughput_samples_per_s']:.1f} samples/s, "
                      f"bubble {summary['bubble_fraction']:.1%}, "
                      f"peak {fmt_bytes(summary['peak_memory_bytes'])}; bottleneck: rank {bottleneck}")
+    if plan.provenance.costs_estimated:
+        table.caption += f"\n{estimated_note(plan.provenance.costs_estimated)}"
     table.caption_justify = "left"
     return table
+
+
+def estimated_note(how: str) -> str:
+    """The warning beside every number priced on estimated, not measured, costs."""
+    return (f"[yellow]note:[/] costs are estimated, not measured ({how}); profile on the device "
+            "and re-solve before relying on the times")
 
 
 @contextmanager

@@ -11,6 +11,7 @@ across data-parallel replicas and steps its optimizer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -93,7 +94,13 @@ def compile_schedule(schedule: Schedule) -> Compiled:
     S, m = schedule.n_stages, schedule.microbatches
     place = schedule.stage_rank
     action: list[Action | None] = []
-    rank, prev, dep, cut, receiver, kind, receives = [], [], [], [], [], [], []
+    rank: list[int] = []
+    prev: list[int] = []
+    dep: list[int] = []
+    cut: list[int] = []
+    receiver: list[int] = []
+    kind: list[str] = []
+    receives: list[int] = []
     # node_of[(kind * S + stage) * m + mb]: the node of that action; -1 until it is placed.
     # arrive_act / arrive_grad[stage * m + mb]: the transfer delivering to that stage.
     node_of = [-1] * (4 * S * m)
@@ -121,7 +128,7 @@ def compile_schedule(schedule: Schedule) -> Compiled:
             return n if n >= 0 else node(Kind.BACKWARD_INPUT, s + 1, k)
         return arrive_grad[s * m + k]
 
-    def add(a, r, p, d, c, rcv, k) -> int:
+    def add(a: Action | None, r: int, p: int, d: int, c: int, rcv: int, k: str) -> int:
         action.append(a)
         rank.append(r)
         prev.append(p)
@@ -165,7 +172,8 @@ def action_seconds(x: StageCost) -> tuple[float, float, float, float]:
 def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[list[float], list[float]]:
     """Start and end of every node; a transfer ends when its link frees up and its data
     arrives a latency later."""
-    dur, lat = [], []
+    dur: list[float] = []
+    lat: list[float] = []
     for x in costs:
         dur += action_seconds(x)
         lat += [0.0, 0.0, 0.0, 0.0]
@@ -206,7 +214,7 @@ def memory_states(schedule: Schedule) -> list[np.ndarray]:
     return [_rank_states(actions, schedule.stages_of(r)) for r, actions in enumerate(schedule.ranks)]
 
 
-def _rank_states(actions, stages: list[int]) -> np.ndarray:
+def _rank_states(actions: Sequence[Action], stages: list[int]) -> np.ndarray:
     where = {s: k for k, s in enumerate(stages)}
     n, v = len(actions), len(stages)
     kind = np.fromiter((a.kind.slot for a in actions), dtype=np.int8, count=n)
@@ -256,8 +264,8 @@ def undominated(rows: np.ndarray) -> np.ndarray:
     for at in range(0, len(rows), 256):
         block = rows[at: at + 256]
         if len(kept):
-            block = block[~(kept[None] >= block[:, None]).all(axis=2).any(axis=1)]
-        ge = (block[None] >= block[:, None]).all(axis=2)  # ge[a, b]: row b matches or exceeds row a
+            block = block[~np.greater_equal(kept[None], block[:, None]).all(axis=2).any(axis=1)]
+        ge = np.greater_equal(block[None], block[:, None]).all(axis=2)  # ge[a, b]: row b matches or exceeds row a
         np.fill_diagonal(ge, False)  # rows are distinct: b >= a everywhere means b dominates a
         kept = np.vstack([kept, block[~ge.any(axis=1)]])
     return kept
@@ -275,7 +283,8 @@ def _pareto_last_two(rows: np.ndarray) -> np.ndarray:
     span = int(rows[:, -1].max()) + 1
     key = group * span + rows[:, -1]  # groups in increasing order: the running max resets
     before = np.concatenate([[-1], np.maximum.accumulate(key)[:-1]])
-    return rows[key > before]
+    kept: np.ndarray = rows[key > before]
+    return kept
 
 
 def rank_undominated(states: np.ndarray) -> np.ndarray:
@@ -378,7 +387,9 @@ def simulate(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink] | N
         elif timeline:
             link = cuts[compiled.cut[i]]
             dst_stage = compiled.cut[i] + 1 if compiled.kind[i] == "act" else compiled.cut[i]
-            mb = compiled.action[compiled.dep[i]].mb
+            sent = compiled.action[compiled.dep[i]]
+            assert sent is not None, "a transfer depends on the compute action that sends it"
+            mb = sent.mb
             transfers.append(Transfer(r, compiled.receiver[i], compiled.kind[i], dst_stage, mb,
                                       start[i], end[i] + link.latency_s))
     step, tails = _step(schedule, costs, cuts, clock)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -239,7 +240,7 @@ class TracedModel(LayeredModel):
                     if x not in env:
                         if x.op != "get_attr":
                             raise ModelError(f"stage [{a}, {b}) needs {x.name}, which does not cross its cut")
-                        env[x] = g.get_attr(x.target)
+                        env[x] = g.get_attr(str(x.target))
                     return env[x]
                 env[n] = g.node_copy(n, arg)
         if b >= self.n_layers:
@@ -333,7 +334,7 @@ def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
 
 def run_values(traced: TracedModel, inputs: tuple) -> dict[tuple[int, int], object]:
     """The value of every flowing tensor for one batch (one forward, no grad)."""
-    env: dict[fx.Node, object] = {}
+    env: dict[fx.Node, Any] = {}
     interp = fx.Interpreter(traced.gm)
     placeholders = [n for n in traced.gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != len(placeholders):

@@ -10,6 +10,7 @@ from planner.formats import (
     LOSS,
     BatchInfo,
     DeviceInfo,
+    Dtype,
     Edge,
     Layer,
     LayerCost,
@@ -33,7 +34,7 @@ def chain_profile(
     split_cost: float = 1.0,
     name: str = "synthetic",
     names: Sequence[str] | None = None,
-    dtype: str = "float32",
+    dtype: Dtype = "float32",
     device_memory_bytes: int = 80 * 1024**3,
 ) -> Profile:
     """A sequential model of ``len(fwd_s)`` layers; costs at micro-batch size 1 scale linearly

@@ -302,3 +302,18 @@ def test_a_model_partly_real_is_profiled_from_meta():
     prof = profile_model(spec, "m", {}, Options(mbs=(2,), repeats=1, warmup=0, threads=1))
     assert [layer.name for layer in prof.layers] == ["layers.0", "layers.1"]
     assert model.offset.device.type == "cpu" and torch.equal(model.offset, torch.ones(8))
+
+
+def test_solve_and_simulate_say_the_costs_are_estimated(tmp_path):
+    prof = profile_model(two_linear_spec(), "m", {}, Options(mbs=(8,), estimate="h100"))
+    (tmp_path / "p.json").write_text(prof.model_dump_json())
+    plan = tmp_path / "plan.json"
+    solved = runner.invoke(app, ["solve", str(tmp_path / "p.json"), "--cluster", "h100x8", "--global-batch", "64",
+                                 "-o", str(plan)])
+    assert solved.exit_code == 0, solved.output
+    assert "costs are estimated, not measured (estimate: roofline" in " ".join(solved.output.split())
+    assert json.loads(plan.read_text())["provenance"]["costs_estimated"].startswith("estimate: roofline")
+    simulated = runner.invoke(app, ["simulate", str(plan)])
+    assert simulated.exit_code == 0 and "costs are estimated" in " ".join(simulated.output.split())
+    measured = runner.invoke(app, ["simulate", "plans/gpt.cpu2-pp2.json"])
+    assert measured.exit_code == 0 and "estimated" not in measured.output

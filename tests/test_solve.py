@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from planner.clusters import from_spec
@@ -68,8 +68,7 @@ def build_instance(d):
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 def test_exact_solver_matches_brute_force(d):
     inst = build_instance(d)
-    if inst is None:
-        return
+    assume(inst is not None)
     b, run = inst
     expected, _ = brute_force(b, run)
     got = solve_inner(b, run, budget=10**6, nodes=10**7)
@@ -84,8 +83,7 @@ def test_exact_solver_matches_brute_force(d):
 @settings(max_examples=80, deadline=None)
 def test_stage_bound_never_exceeds_the_simulation(d):
     inst = build_instance(d)
-    if inst is None:
-        return
+    assume(inst is not None)
     b, run = inst
     for starts in all_partitions(b.n, b.S):
         _, stages = lb_partition(b, fixed=starts)
@@ -104,8 +102,7 @@ def test_stage_bound_never_exceeds_the_simulation(d):
 @settings(max_examples=40, deadline=None)
 def test_dp_and_ilp_minimise_the_same_bound(d):
     inst = build_instance(d)
-    if inst is None or d["schedule"][1] != 1:
-        return
+    assume(inst is not None and d["schedule"][1] == 1)
     b, _ = inst
     lb, stages = lb_partition(b)
     sol = ilp_partition(b, "auto")
@@ -205,8 +202,7 @@ def test_the_configuration_bound_never_exceeds_the_simulation(d):
 
     rng = np.random.default_rng(d["seed"])
     n, (name, v), pp = d["n"], d["schedule"], d["pp"]
-    if pp * v > n or (v > 1 and pp == 1):
-        return
+    assume(not (pp * v > n or (v > 1 and pp == 1)))
     prof = chain_profile(list(rng.uniform(1e-4, 3e-3, n)), act_bytes=2**20,
                          param_bytes=[int(x) for x in rng.integers(1, 400, n) * 2**20])
     search = Search(prof, from_spec("h100x8"), Settings())
@@ -239,8 +235,7 @@ def test_the_memory_objective_finds_the_least_peak_and_then_the_fastest(d):
     # brute force over every partition and every per-stage recomputation choice
     rng = np.random.default_rng(d["seed"])
     n, pp = d["n"], d["pp"]
-    if pp > n:
-        return
+    assume(pp <= n)
     prof = chain_profile(list(rng.uniform(1e-3, 3e-3, n)),
                          act_bytes=[int(x) for x in rng.integers(1, 64, n) * 2**20],
                          param_bytes=[int(x) for x in rng.integers(1, 64, n) * 2**20])
@@ -299,8 +294,7 @@ def test_the_memory_aware_bound_never_exceeds_a_plan_that_fits(d):
 
     rng = np.random.default_rng(d["seed"])
     n, (name, v), pp = d["n"], d["schedule"], d["pp"]
-    if pp * v > n or (v > 1 and pp == 1):
-        return
+    assume(not (pp * v > n or (v > 1 and pp == 1)))
     prof = chain_profile(list(rng.uniform(1e-3, 3e-3, n)),
                          act_bytes=[int(x) for x in rng.integers(1, 8, n) * 2**27],
                          param_bytes=[int(x) for x in rng.integers(1, 8, n) * 2**25],

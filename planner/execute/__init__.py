@@ -359,6 +359,6 @@ def raise_on_failure(ver: Verification) -> None:
     bad = [c for c in ver.checks if not c[1]]
     if bad:
         raise ExecutionError(f"{bad[0][0]} failed: {bad[0][2]}")
-    if not ver.within():
-        w = ver.worst()
+    w = ver.worst()
+    if w is not None and not ver.within():
         raise ToleranceError(f"{w.what} is {w.error:+.1%} off the prediction (tolerance {ver.tolerance:.0%})")

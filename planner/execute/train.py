@@ -56,10 +56,12 @@ class Reference:
         loss = spec.loss(out, target)
         loss.backward()
         self.loss = float(loss.detach())
-        by_id = {}
+        by_id: dict[int, torch.nn.Parameter] = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             by_id.setdefault(id(p), p)
-            self.grads[name] = by_id[id(p)].grad
+            grad = by_id[id(p)].grad
+            if grad is not None:  # a parameter the loss does not reach has none
+                self.grads[name] = grad
 
 
 def compare_grads(named: dict[str, nn.Parameter], ref: Reference, dtype: str) -> tuple[float, str]:

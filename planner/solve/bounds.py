@@ -26,6 +26,7 @@ settles which partition is fastest (``planner.solve.exact``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,11 @@ from planner.evaluate import Config, RankDevice
 from planner.formats import DTYPE_BYTES, Cluster
 from planner.schedules import Schedule, inflight_peaks, weight_versions
 from planner.simulate import stage_states
+
+# A stage cost for lb_partition: (stage, starts, ends) -> (value per segment, choice per segment).
+# Layer positions: one, or one per segment.
+Starts = int | np.ndarray
+StageCostFn = Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 NONE, FULL = 0, 1
 
@@ -91,7 +97,7 @@ class StageBounds:
 
     def params(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         t = self.t
-        out = t.PARAMS[j] - t.PARAMS[i]
+        out: np.ndarray = t.PARAMS[j] - t.PARAMS[i]
         for members, nbytes in t._tied:
             inside = sum(((i <= mbr) & (mbr < j)).astype(float) for mbr in members)
             out = out - np.maximum(inside - 1, 0) * nbytes
@@ -118,7 +124,8 @@ class StageBounds:
     def memory(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
         """Peak bytes of stage s's rank if it held only this stage (exact for one chunk per rank)."""
         fixed, sizes = self._parts(s, i, j, choice)
-        return fixed + self._inflight(self.states[s], sizes)
+        peak: np.ndarray = fixed + self._inflight(self.states[s], sizes)
+        return peak
 
     def fits(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
         """memory(s, i, j, choice) <= cap[s], without weighing every state for every segment:
@@ -126,7 +133,7 @@ class StageBounds:
         ``probe`` keeps under-estimate them; only segments in between get every state."""
         fixed, sizes = self._parts(s, i, j, choice)
         room = self.cap[s] - fixed
-        ok = self.tops[s] @ sizes <= room
+        ok: np.ndarray = self.tops[s] @ sizes <= room
         maybe = np.flatnonzero(~ok & (self._inflight(self.probes[s], sizes) <= room))
         if len(maybe):
             ok[maybe] = self._inflight(self.states[s], sizes[:, maybe]) <= room[maybe]
@@ -141,7 +148,7 @@ class StageBounds:
             out[a: a + step] = (states @ sizes[:, a: a + step]).max(axis=0)
         return out
 
-    def work(self, s: int, i, j, choice: int):
+    def work(self, s: int, i: Starts, j: Starts, choice: int) -> np.ndarray:
         """Seconds stage s computes in a step: every micro-batch's forward and backward."""
         t = self.t
         f = (t.F[j] - t.F[i]) / self.speed[s]
@@ -151,13 +158,15 @@ class StageBounds:
             b = (t.B[j] - t.B[i]) / self.speed[s]
         if choice == FULL:
             b = b + f
-        return self.m * (f + b)
+        seconds: np.ndarray = self.m * (f + b)
+        return seconds
 
-    def head(self, s: int, i):
+    def head(self, s: int, i: Starts) -> np.ndarray:
         """Earliest start of stage s: the first micro-batch crosses every earlier layer."""
-        return self.t.F[i] / self.vmax + self.hops[s] * self.lat
+        start: np.ndarray = self.t.F[i] / self.vmax + self.hops[s] * self.lat
+        return start
 
-    def tail(self, s: int, i):
+    def tail(self, s: int, i: Starts) -> np.ndarray | float:
         """After stage s's last backward, earlier layers still run it (unless W may come last)."""
         return 0.0 if self.split else self.t.B[i] / self.vmax + self.hops[s] * self.lat
 
@@ -166,7 +175,8 @@ class StageBounds:
         work = self.work(s, i, j, choice)
         f = (t.F[j] - t.F[i]) / self.speed[s]
         if self.schedule.stream:  # steady state: no fill or drain
-            return work + self._after(s, i, j)
+            steady: np.ndarray = work + self._after(s, i, j)
+            return steady
         head = self.head(s, i)
         tail = self.tail(s, i)
         own_after = 0.0  # stage s's weight gradients its schedule runs after its last I
@@ -187,13 +197,15 @@ class StageBounds:
                 if self.m > k:  # and again after its last forward, waiting for that gradient
                     backward = work / self.m - f  # per micro-batch, recomputation included
                     gap = gap + np.maximum(rest - (k - 1) * backward, 0.0)
-        return head + work - own_after + gap + np.maximum(tail, own_after + self._after(s, i, j))
+        total: np.ndarray = head + work - own_after + gap + np.maximum(tail, own_after + self._after(s, i, j))
+        return total
 
     def _after(self, s: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         params = self.params(i, j)
         a, c = self.ar[s]
         ar = np.where(params > 0, a * params + c, 0.0)
-        return ar + self.opt_per_byte * params / self.speed[s]
+        after: np.ndarray = ar + self.opt_per_byte * params / self.speed[s]
+        return after
 
     # ------------------------------------------------------------------------ combined
 
@@ -251,7 +263,7 @@ def _weight_gradients_after_last_input(schedule: Schedule) -> list[int]:
     return out
 
 
-def least_memory_cost(b: StageBounds, within_capacity: bool = False):
+def least_memory_cost(b: StageBounds, within_capacity: bool = False) -> StageCostFn:
     """A stage cost for ``lb_partition``: ``b.least_memory``, inf where it exceeds the stage's
     device with ``within_capacity``."""
     def memory(s: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,13 +14,13 @@ with the simulator.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from planner.cost import Segment
-from planner.solve.bounds import FULL, StageBounds
+from planner.solve.bounds import FULL, StageBounds, StageCostFn
 
 EPS = 1e-12
 Evaluator = Callable[[list[Segment]], tuple[float, bool, object]]
@@ -46,11 +46,11 @@ def _segments(stages: list[tuple[int, int, int]]) -> list[Segment]:
 
 
 def lb_partition(b: StageBounds, ub: float = np.inf, fixed: list[int] | None = None,
-                 cost: Callable | None = None) -> tuple[float, list[tuple[int, int, int]] | None]:
+                 cost: StageCostFn | None = None) -> tuple[float, list[tuple[int, int, int]] | None]:
     """Minimise the largest stage cost (by default the bound ``g_s``; ``cost(s, i, j) -> (value,
     choice)`` for another one, e.g. memory). ``fixed`` pins the stage starts."""
     if cost is None:
-        def cost(s, i, j):
+        def cost(s: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return b.eval(s, i, j, ub)
     n, S = b.n, b.S
     if fixed is not None:
@@ -145,7 +145,7 @@ def _reachable(b: StageBounds, tau: float) -> list[np.ndarray]:
 
 def first_solution(b: StageBounds, evaluate: Evaluator, *, ub: float = np.inf,
                    fixed: list[int] | None = None, floor: float = 0.0,
-                   warm: list[list[int] | None] | None = None) -> InnerResult:
+                   warm: Sequence[list[int] | None] | None = None) -> InnerResult:
     """The DP's partition, simulated; proven optimal when the simulation meets the bound.
     ``floor``: another valid lower bound on the step time, kept if higher. ``warm``: stage
     starts of partitions to try first (today's splits); the best that fits narrows the DP's
@@ -214,7 +214,7 @@ class _RankRoom:
             return True
         left = (self.total - b.t.F[j] - b.t.BMIN[j]) * b.m
         room = sum((tau - self.edge[q] - self.busy[q]) * self.rank_speed[q] for q in self.later_ranks[s])
-        return left > room * (1 + 1e-9)
+        return bool(left > room * (1 + 1e-9))
 
 
 class _BranchAndBound:

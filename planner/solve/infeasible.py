@@ -10,7 +10,7 @@ split is priced by the simulator: the lightest split found, not a proven least.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -186,7 +186,7 @@ def _configs(search: Search, settings: Settings) -> list[Config]:
     return search_space(search.profile, search.cluster, settings)
 
 
-def _relaxations(s: Settings, policy: Policy):
+def _relaxations(s: Settings, policy: Policy) -> Iterator[tuple[Callable[[Config], str], Settings, Policy]]:
     """(how to say it, the settings without that pin, the recomputation policy) for each pin."""
     if s.recompute == "none":
         yield (lambda cfg: "--recompute auto"), s, Policy("auto")

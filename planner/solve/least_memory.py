@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from planner.cost import Segment
 from planner.errors import InfeasibleError, InputError
-from planner.evaluate import Config, evaluate
+from planner.evaluate import Config, Evaluation, evaluate
 from planner.solve.bounds import least_memory_cost
 from planner.solve.exact import InnerResult, first_solution, lb_partition, refine
 from planner.solve.result import Candidate, SolveResult
@@ -104,7 +104,7 @@ def least_memory_of(search: Search, cfg: Config, deadline: float) -> InnerResult
     b.cap = [min(least * (1 + 1e-6), cap) for cap in b.cap]
     table, ranks = search.table(cfg.mbs), search.ranks(cfg.pp, cfg.dp)
 
-    def run(segments: list[Segment]):
+    def run(segments: list[Segment]) -> tuple[float, bool, Evaluation]:
         ev = evaluate(table, search.cluster, cfg, segments, detail=False, ranks=ranks)
         within = not b.one_chunk or max(ev.peak_memory_bytes) <= least * (1 + 1e-6)
         return ev.step_time_s, ev.fits and within, ev

@@ -50,8 +50,8 @@ class Inline:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def submit(self, fn: Any, *args: Any) -> Future:
-        future: Future = Future()
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
         try:
             future.set_result(fn(*args))
         except BaseException as e:  # noqa: BLE001 (re-raised by result(), as a pool would)

@@ -26,7 +26,7 @@ def quick_bound(table: CostTable, ranks: list[RankDevice], cluster: Cluster, cfg
     max_s(prefix_s + m * work_s) over any split, W / (1 - (1 - 1/m)^pp) (stages equalised)."""
     t = table
     vmax = max(r.speed for r in ranks)
-    work = (t.F[-1] + t.BMIN[-1]) / vmax
+    work = float(t.F[-1] + t.BMIN[-1]) / vmax
     if cfg.schedule.startswith("pipedream"):
         return cfg.m * work / cfg.pp
     # the stage holding the heaviest layer runs it m times
@@ -36,7 +36,7 @@ def quick_bound(table: CostTable, ranks: list[RankDevice], cluster: Cluster, cfg
     bound = max(cfg.m * work / cfg.pp, chain, cfg.m * heaviest, busiest_rank(t, ranks, cluster, cfg))
     if cfg.v == 1 and not SCHEDULES[cfg.schedule].split_backward:
         bound = max(bound, work / (1 - (1 - 1 / cfg.m) ** cfg.pp))
-    return bound
+    return float(bound)
 
 
 def busiest_rank(t: CostTable, ranks: list[RankDevice], cluster: Cluster, cfg: Config) -> float:
@@ -51,4 +51,4 @@ def busiest_rank(t: CostTable, ranks: list[RankDevice], cluster: Cluster, cfg: C
     allreduce = per_byte * unique + fixed if unique > 0 else 0.0
     optimizer = t.optimizer_s * unique / (t.PARAMS[-1] or 1.0) / vmax
     overheads = 2 * cfg.m * cfg.v * min(r.overhead_s for r in ranks)  # an F and a backward each
-    return (cfg.m * (t.F[-1] + t.BMIN[-1]) / vmax + allreduce + optimizer) / cfg.pp + overheads
+    return float((cfg.m * (t.F[-1] + t.BMIN[-1]) / vmax + allreduce + optimizer) / cfg.pp + overheads)

@@ -21,7 +21,7 @@ from planner.autosched import NAME as AUTO
 from planner.autosched import SEEDS, build_auto, rows
 from planner.cost import CostTable, Segment
 from planner.errors import InfeasibleError, InputError
-from planner.evaluate import Config, RankDevice, evaluate, rank_devices
+from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices
 from planner.formats import Cluster, Profile
 from planner.graph import LayerGraph
 from planner.schedules import SCHEDULES, build
@@ -96,7 +96,7 @@ class Search:
         table = self.table(cfg.mbs)
         ranks = self.ranks(cfg.pp, cfg.dp)
 
-        def run(segments: list[Segment]):
+        def run(segments: list[Segment]) -> tuple[float, bool, Evaluation]:
             ev = evaluate(table, self.cluster, cfg, segments, detail=False, ranks=ranks)
             return ev.step_time_s, ev.fits, ev
         return run
@@ -293,7 +293,7 @@ class Search:
                             evaluations=1 + max(runs, 0), payload=priced)
         return Candidate(cfg, inner)
 
-    def rank_key(self, c: Candidate) -> tuple:
+    def rank_key(self, c: Candidate) -> tuple[float | int, ...]:
         """Fastest first; among equals the one needing less memory, then the simpler schedule
         (with --objective memory: least memory first, then fastest)."""
         ev = c.evaluation

@@ -46,7 +46,7 @@ def first_answers(search: Search, ranked: list[Config], upper: dict[Config, floa
     todo = list(ranked)
     workers = jobs(search, ranked)
     with executor(search, workers) as pool:
-        running: dict[Future, Config] = {}
+        running: dict[Future[Any], Config] = {}
         while todo or running:
             # one at a time until a first result sets the throughput to beat
             _submit(search, pool, todo, running, found, upper, deadline, workers if found.results else 1,
@@ -59,7 +59,7 @@ def first_answers(search: Search, ranked: list[Config], upper: dict[Config, floa
     return found
 
 
-def _submit(search: Search, pool: Any, todo: list[Config], running: dict[Future, Config], found: Progress,
+def _submit(search: Search, pool: Any, todo: list[Config], running: dict[Future[Any], Config], found: Progress,
             upper: dict[Config, float], deadline: float, limit: int, total: int) -> None:
     """Hand the next configurations to the pool, up to ``limit`` running; ``todo`` is emptied
     where nothing later can enter the top K, or where time is up."""
@@ -83,7 +83,7 @@ def _submit(search: Search, pool: Any, todo: list[Config], running: dict[Future,
         running[pool.submit(first_task, cfg, kth)] = cfg
 
 
-def _collect(cfg: Config, future: Future, found: Progress) -> None:
+def _collect(cfg: Config, future: Future[Any], found: Progress) -> None:
     try:
         inner = future.result()
     except BrokenProcessPool:
