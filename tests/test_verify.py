@@ -156,6 +156,18 @@ def test_dropout_modules_are_switched_off_and_restored():
     assert all(m.training for m in net.modules())
 
 
+def test_the_checked_step_runs_without_tf32_and_restores_it(monkeypatch):
+    from planner.execute.verify import checked_step, roundoff
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    gpu = torch.device("cuda", 0)
+    assert roundoff("float32", gpu) == TF32  # what the rule would have to allow with TF32 on
+    with checked_step([nn.Dropout()]):
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert roundoff("float32", gpu) == U32
+    assert torch.backends.cudnn.allow_tf32
+
+
 def _spec(model: nn.Module, n_classes: int = 3) -> ModelSpec:
     def batch(n, g):
         return (torch.randn(n, 4, generator=g),), torch.randint(0, n_classes, (n,), generator=g)

@@ -21,8 +21,8 @@ from planner.execute.train import batch_seed, optimizer_for, stage_parameters
 from planner.execute.verify import (
     GradCheck,
     Reference,
+    checked_step,
     compare_grads,
-    dropout_off,
     inject_grad_fault,
     reference_note,
     roundoff,
@@ -121,11 +121,11 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
         with _failures("the single-process reference run", device):
             reference.run(spec, inputs, target)
         losses: list = []
-        with dropout_off(list(modules.values())):
+        with checked_step(list(modules.values())):
             _engine_step(runtime, inputs, target, losses, device)
+            u = roundoff(plan.dtype, device)
         loss = float(sum(float(x.detach()) for x in losses))
         inject_grad_fault(named, 0)
-        u = roundoff(plan.dtype, device)
         grad = compare_grads(named, reference, u)
         loss_tolerance, loss_message = reference.loss_check(loss, u)
         opt.step()

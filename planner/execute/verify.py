@@ -8,7 +8,8 @@ also checks that its forward draws no other random numbers (functional dropout),
 comparison could match.
 
 The reference runs twice, in float64 (the value the pipeline approximates) and in the plan's dtype
-(to measure this model's own rounding); the tolerance rule is ``tolerance`` below.
+(to measure this model's own rounding); the tolerance rule is ``tolerance`` below. TF32 is off for
+the checked step on a GPU, in both.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 from planner.model import ModelSpec, describe
 
-__all__ = ["GradCheck", "Reference", "dropout_off", "inject_grad_fault", "roundoff"]
+__all__ = ["GradCheck", "Reference", "checked_step", "dropout_off", "inject_grad_fault", "roundoff"]
 
 FAULT = "PLANNER_FAULT"  # "grad@R": global rank R's step-0 gradients are perturbed (a testing aid)
 GRAD_FAULT = 1e-3  # the injected fault: this fraction of a gradient's largest element, added to one element
@@ -92,6 +93,25 @@ def dropout_off(modules: list[nn.Module]) -> Iterator[int]:
     finally:
         for d, mode in zip(found, before, strict=True):
             d.train(mode)
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """float32 computed as float32 on a GPU: TF32's 2^-11 roundoff would widen the tolerance
+    8192-fold. Restored afterwards."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+@contextmanager
+def checked_step(modules: list[nn.Module]) -> Iterator[None]:
+    """The checked step's settings, in the pipeline as in the reference: Dropout modules off, no TF32."""
+    with no_tf32(), dropout_off(modules):
+        yield
 
 
 # ----------------------------------------------------------------------------- micro-batches
@@ -187,8 +207,8 @@ class Reference:
         model, self.model = self.model, None
         chunks = microbatches(inputs, target, self.m)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.u_ref = roundoff(self.dtype, device)
-        with dropout_off([model]) as self.dropouts:
+        with no_tf32(), dropout_off([model]) as self.dropouts:
+            self.u_ref = roundoff(self.dtype, device)
             loss, grads = _accumulate(model, self.layers, spec, chunks)
             wide, wide_chunks = copy.deepcopy(model).to(torch.float64), [_as(c, torch.float64) for c in chunks]
             try:

@@ -46,8 +46,8 @@ from planner.execute.stages import build_model, build_stages, canonical_params, 
 from planner.execute.train import batch_seed, optimizer_for, stage_parameters
 from planner.execute.verify import (
     Reference,
+    checked_step,
     compare_grads,
-    dropout_off,
     inject_grad_fault,
     reference_note,
     roundoff,
@@ -262,13 +262,13 @@ def _reference_step(r: _Rank, batch: Batch) -> _Checks:
     """Step 0, Dropout modules off, its loss and gradients compared with the single-process
     reference (run already) before the optimizer steps; no check without a reference."""
     dist.barrier()
-    with dropout_off(r.modules):
+    with checked_step(r.modules):
         losses = r.backward(r.on_device(batch))
+        u = roundoff(r.plan.dtype, r.device)
     checks = _Checks()
     ref = r.reference
     if ref is not None:
         inject_grad_fault(r.named, r.rank)
-        u = roundoff(r.plan.dtype, r.device)
         grad = compare_grads(r.named, ref, u)
         checks = _Checks(reference_loss=ref.loss, max_grad_error=grad.worst, grad_ratio=grad.ratio,
                          grad_detail=grad.detail(), grad_message=grad.message, reference_note=reference_note(ref))
