@@ -162,7 +162,8 @@ def build():
 
 
 def test_explicit_layers_are_compared_under_the_models_names(tmp_path, monkeypatch):
-    from planner.execute.train import Reference, compare_grads, stage_parameters
+    from planner.execute.train import stage_parameters
+    from planner.execute.verify import Reference, compare_grads
 
     (tmp_path / "net.py").write_text(EXPLICIT)
     monkeypatch.chdir(tmp_path)
@@ -179,9 +180,9 @@ def test_explicit_layers_are_compared_under_the_models_names(tmp_path, monkeypat
     built = build_stages(plan, spec, (torch.randn(2, 8),))
     named = stage_parameters(dict(enumerate(built.modules)), spec.model)
     assert set(named) == {n for n, _ in spec.model.named_parameters()}
-    ref = Reference.of(spec.model, spec.layers)
+    ref = Reference.of(spec.model, spec.layers, 1, "float32")
     ref.run(spec, (torch.randn(2, 8),), torch.tensor([0, 1]))
-    assert "could be matched" in compare_grads({"nope.weight": named["out.weight"]}, ref, "float32")[1]
+    assert "could be matched" in compare_grads({"nope.weight": named["out.weight"]}, ref, 2.0 ** -24).message
 
 
 def _raised(e: Exception) -> Exception:
@@ -227,9 +228,10 @@ def test_a_failed_workers_message_is_never_empty(tiny_profile, tmp_path):
 
 def test_a_run_whose_reports_lack_the_loss_says_so_instead_of_nan():
     from planner.execute import Verification, _record_checks
+    from planner.execute.reports import Measured
 
     ver = Verification(mode="distributed", device="cpu")
-    _record_checks(ver, "distributed", None, 1.5, 0.0, "", "float32")
+    _record_checks(ver, "distributed", Measured(step_times_s=[], max_rss_bytes=0, reference_loss=1.5), 4, "float32")
     _, ok, detail = ver.checks[0]
     assert not ok and detail == "no worker's report carries the loss (the rank of the last stage computes it)"
     with pytest.raises(ExecutionError, match="loss equals the single-process reference failed: no worker's"):

@@ -187,8 +187,9 @@ def test_two_launchers_as_two_nodes_each_report_the_whole_runs_verdict(tiny_plan
         assert p.returncode == 0, text
         ver = json.loads(reports[node].read_text())
         checks = {name: ok for name, ok, _ in ver["checks"]}
-        assert checks == {"distributed: loss equals the single-process reference": True,
-                          "distributed: gradients equal the reference (rtol 0.0001, atol 1e-06)": True}, ver
+        assert checks.pop("distributed: loss equals the single-process reference") is True, ver
+        (name, ok), = checks.items()
+        assert name.startswith("distributed: gradients equal the reference (tolerance scaled") and ok, ver
         memory = sorted(r["what"] for r in ver["rows"] if "peak memory" in r["what"])
         assert memory == ["rank 0 peak memory", "rank 1 peak memory"]
         assert f"node {node} of 2: the checks and times cover every rank" in text

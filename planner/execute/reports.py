@@ -26,9 +26,14 @@ class Measured(_Model):
     peak_reserved_bytes: int | None = None
     # the first step against the single-process reference (None: not verified)
     loss: float | None = None  # only the rank of the last stage computes it
-    reference_loss: float | None = None
+    reference_loss: float | None = None  # float64, the same micro-batches
+    loss_tolerance: float | None = None
+    loss_message: str = ""  # empty: the loss matched
     max_grad_error: float | None = None
+    grad_ratio: float | None = None  # the largest difference / tolerance of this rank's gradients
+    grad_detail: str = ""  # the largest difference, its parameter and tolerance (or the mismatch)
     grad_message: str = ""  # empty: every gradient of this rank matched
+    reference_note: str = ""  # how the reference ran (float64, Dropout modules off, ...)
 
 
 class Failure(_Model):

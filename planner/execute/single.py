@@ -17,12 +17,15 @@ from planner.errors import ExecutionError, PlannerError
 from planner.execute.reports import error_text
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages
-from planner.execute.train import (
+from planner.execute.train import batch_seed, optimizer_for, stage_parameters
+from planner.execute.verify import (
+    GradCheck,
     Reference,
-    batch_seed,
+    checked_step,
     compare_grads,
-    optimizer_for,
-    stage_parameters,
+    inject_grad_fault,
+    reference_note,
+    roundoff,
 )
 from planner.execute.worker import RETURN_NOTHING
 from planner.formats import Plan
@@ -35,10 +38,20 @@ from planner.profile.measure import Timer
 class SingleResult:
     loss: float
     reference_loss: float
-    max_grad_error: float
-    grad_message: str  # empty: every gradient matched
+    loss_tolerance: float
+    loss_message: str  # empty: the loss matched
+    grad: GradCheck
+    reference_note: str
     step_s: float  # median, all stages on one device
     steps: int
+
+    @property
+    def grad_message(self) -> str:  # empty: every gradient matched
+        return self.grad.message
+
+    @property
+    def max_grad_error(self) -> float:
+        return self.grad.worst
 
 
 def free_port() -> int:
@@ -95,7 +108,7 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
     schedule = plan_schedule(plan)
     m, size = plan.microbatch.count, plan.microbatch.size
     inputs, target = make_batch(spec, size * m, batch_seed(0, 0, 1), device, dtype)
-    reference = Reference.of(spec.model, spec.layers)
+    reference = Reference.of(spec.model, spec.layers, m, plan.dtype)
     one = tuple(x[:size] if torch.is_tensor(x) else x for x in inputs)
     built = build_stages(plan, spec, one)
     modules = dict(enumerate(built.modules))
@@ -108,9 +121,13 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
         with _failures("the single-process reference run", device):
             reference.run(spec, inputs, target)
         losses: list = []
-        _engine_step(runtime, inputs, target, losses, device)
+        with checked_step(list(modules.values())):
+            _engine_step(runtime, inputs, target, losses, device)
+            u = roundoff(plan.dtype, device)
         loss = float(sum(float(x.detach()) for x in losses))
-        worst, message = compare_grads(named, reference, plan.dtype)
+        inject_grad_fault(named, 0)
+        grad = compare_grads(named, reference, u)
+        loss_tolerance, loss_message = reference.loss_check(loss, u)
         opt.step()
         timer = Timer(device)
         times = []
@@ -126,5 +143,6 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
         if owned:
             dist.destroy_process_group()
     times.sort()
-    return SingleResult(loss=loss, reference_loss=reference.loss, max_grad_error=worst, grad_message=message,
+    return SingleResult(loss=loss, reference_loss=reference.loss, loss_tolerance=loss_tolerance,
+                        loss_message=loss_message, grad=grad, reference_note=reference_note(reference),
                         step_s=times[len(times) // 2] if times else float("nan"), steps=len(times))

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from planner.errors import CheckFailed, InputError
+from planner.errors import CheckFailed, InputError, ModelError
 from planner.formats import Plan
 from planner.model import ModelSpec, build_spec
-from planner.split import LayeredModel, build_on_meta, layered
+from planner.split import LayeredModel, build_on_meta, contiguous_grad, layered
 
 
 class Checkpointed(nn.Module):
@@ -91,8 +91,45 @@ def build_stages(plan: Plan, spec: ModelSpec, example_inputs: tuple, stages: lis
         st = plan.stages[s]
         chosen = st.layers if st.recompute == "full" else st.recompute_layers if st.recompute == "selective" else []
         apply_recompute(module, _local_paths(lm, st.layers, chosen))
+        guard_cuts(module, s, first=a == 0, last=b >= lm.n_layers)
         modules.append(module)
     return Built(lm, modules, bounds)
+
+
+def guard_cuts(module: nn.Module, stage: int, first: bool, last: bool) -> None:
+    """What crosses a cut is made the same in every mode: a stage's outputs contiguous (p2p sends
+    refuse strided tensors, such as the ``tgt[:, :-1]`` a batch passes on) and its inputs'
+    gradients too; and every micro-batch's outputs must be tensors of the dtype and shape of the
+    first one's, since a receiving rank allocates its buffers once. Single mode, where adjacent
+    stages hand tensors over directly, then fails where distributed mode would."""
+    seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def inputs(_: nn.Module, args: tuple) -> tuple:
+        return tuple(contiguous_grad(x) for x in args)
+
+    def outputs(_: nn.Module, args: tuple, output):
+        outs = output if isinstance(output, tuple) else (output,)
+        for k, o in enumerate(outs):
+            if not isinstance(o, torch.Tensor):
+                raise ModelError(f"stage {stage}'s output {k} is a {type(o).__name__}: only tensors can pass "
+                                 "between stages")
+        meta = [(o.dtype, tuple(o.shape)) for o in outs]
+        if not seen:
+            seen.extend(meta)
+        elif meta != seen:
+            raise ModelError(f"stage {stage} sends {_meta(meta)} for one micro-batch and {_meta(seen)} for "
+                             "another: a tensor crossing a cut must keep its dtype and shape")
+        made = tuple(o.contiguous() for o in outs)
+        return made if isinstance(output, tuple) else made[0]
+
+    if not first:
+        module.register_forward_pre_hook(inputs)
+    if not last:
+        module.register_forward_hook(outputs)
+
+
+def _meta(meta: list[tuple[torch.dtype, tuple[int, ...]]]) -> str:
+    return ", ".join(f"{str(d).removeprefix('torch.')} {list(shape)}" for d, shape in meta)
 
 
 def _local_paths(lm: LayeredModel, stage_layers: list[str], chosen: list[str]) -> list[str]:

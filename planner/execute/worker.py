@@ -9,7 +9,8 @@ worker gathers every rank's report, so each node holds the whole run's (a node w
 stage still sees the loss). It always destroys its process group, and it exits by itself when its
 launcher or the planner process that started the run is gone.
 
-The steps, in order: step 0 is checked against the single-process reference; steps 0 and 1 are
+The steps, in order: step 0 is checked against the single-process reference (``verify``: the same
+micro-batches in float64, Dropout modules off for that step in both); steps 0 and 1 are
 the memory steps (live tensors counted on a CPU; the CUDA peak is taken from step 1 on, once the
 optimizer's state exists); the steps after the warm-up are timed.
 """
@@ -27,7 +28,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -42,7 +43,15 @@ from planner.execute.launch import PARENT_ENV, alive
 from planner.execute.reports import Failure, Measured, WorkerReport, error_text
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages, canonical_params, tied_groups
-from planner.execute.train import Reference, batch_seed, compare_grads, optimizer_for, stage_parameters
+from planner.execute.train import batch_seed, optimizer_for, stage_parameters
+from planner.execute.verify import (
+    Reference,
+    checked_step,
+    compare_grads,
+    inject_grad_fault,
+    reference_note,
+    roundoff,
+)
 from planner.formats import Plan
 from planner.model import ModelSpec
 from planner.plan import plan_schedule
@@ -55,7 +64,9 @@ __all__ = ["RETURN_NOTHING", "error_text", "main"]
 # Without this the last stage keeps every micro-batch's output for the step's return value.
 RETURN_NOTHING: dict[str, Any] = {"return_outputs": False} if "return_outputs" in inspect.signature(
     _PipelineScheduleRuntime.step).parameters else {}
-FAULT = "PLANNER_FAULT"  # testing aid: "raise@R", "kill@R", "oom@R" or "hang@R" makes global rank R fail
+# testing aid: "raise@R", "kill@R", "oom@R" or "hang@R" makes global rank R fail; "grad@R" perturbs
+# its step-0 gradients (verify.inject_grad_fault), which the check must catch
+FAULT = "PLANNER_FAULT"
 ORPHANED = 3  # exit code of a worker whose launcher or planner went away
 
 Batch = tuple[tuple, Any]  # (inputs, target)
@@ -126,6 +137,7 @@ class _Rank:
     device: torch.device
     spec: ModelSpec
     runtime: _PipelineScheduleRuntime
+    modules: list[torch.nn.Module]  # this rank's stage modules
     named: dict[str, torch.nn.Parameter]  # this rank's parameters under the model's names
     tied: list[tuple[list[torch.nn.Parameter], Any]]  # (shared weights held here, their group)
     dp_group: Any
@@ -214,7 +226,7 @@ def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_
     torch.manual_seed(0)
     spec = build_model(plan, device=torch.device("cpu"), dtype=dtype)
     batch = _batch(plan, spec, 0, dp_rank)
-    reference = Reference.of(spec.model, spec.layers) if verify else None
+    reference = Reference.of(spec.model, spec.layers, m, plan.dtype) if verify else None
     one = tuple(x[:size] if torch.is_tensor(x) else x for x in batch[0])
     built = build_stages(plan, spec, one, stages=mine)
     modules = {s: module.to(device) for s, module in zip(mine, built.modules, strict=True)}
@@ -224,7 +236,8 @@ def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_
     runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, spec.loss,
                            group=pp_groups[dp_rank])
     state = _Rank(plan=plan, rank=rank, dp_rank=dp_rank, device=device, spec=spec, runtime=runtime,
-                  named=named, tied=tied, dp_group=dp_groups[pp_rank], opt=optimizer_for(plan, list(named.values())),
+                  modules=list(modules.values()), named=named, tied=tied,
+                  dp_group=dp_groups[pp_rank], opt=optimizer_for(plan, list(named.values())),
                   reference=reference, first=0 in mine, last=len(plan.stages) - 1 in mine)
     return state, batch
 
@@ -233,23 +246,35 @@ def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_
 
 
 @dataclass
-class _Checks:
+class _Checks:  # the verification fields of Measured
     loss: float | None = None
     reference_loss: float | None = None
+    loss_tolerance: float | None = None
+    loss_message: str = ""
     max_grad_error: float | None = None
+    grad_ratio: float | None = None
+    grad_detail: str = ""
     grad_message: str = ""
+    reference_note: str = ""
 
 
 def _reference_step(r: _Rank, batch: Batch) -> _Checks:
-    """Step 0, its gradients compared with the single-process reference (run already) before the
-    optimizer steps; no check without a reference."""
+    """Step 0, Dropout modules off, its loss and gradients compared with the single-process
+    reference (run already) before the optimizer steps; no check without a reference."""
     dist.barrier()
-    losses = r.backward(r.on_device(batch))
+    with checked_step(r.modules):
+        losses = r.backward(r.on_device(batch))
+        u = roundoff(r.plan.dtype, r.device)
     checks = _Checks()
-    if r.reference is not None:
-        worst, message = compare_grads(r.named, r.reference, r.plan.dtype)
-        checks = _Checks(reference_loss=r.reference.loss, max_grad_error=worst, grad_message=message,
-                         loss=float(sum(float(x.detach()) for x in losses)) if r.last else None)
+    ref = r.reference
+    if ref is not None:
+        inject_grad_fault(r.named, r.rank)
+        grad = compare_grads(r.named, ref, u)
+        checks = _Checks(reference_loss=ref.loss, max_grad_error=grad.worst, grad_ratio=grad.ratio,
+                         grad_detail=grad.detail(), grad_message=grad.message, reference_note=reference_note(ref))
+        if r.last:
+            checks.loss = float(sum(float(x.detach()) for x in losses))
+            checks.loss_tolerance, checks.loss_message = ref.loss_check(checks.loss, u)
     r.update()
     return checks
 
@@ -307,9 +332,7 @@ def _run(r: _Rank, batch: Batch, steps: int, warmup: int, done: Callable[[int], 
     return Measured(step_times_s=times, cpu_live_peak_bytes=cpu_peak,
                     peak_allocated_bytes=torch.cuda.max_memory_allocated(r.device) if cuda else None,
                     peak_reserved_bytes=torch.cuda.max_memory_reserved(r.device) if cuda else None,
-                    max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                    loss=checks.loss, reference_loss=checks.reference_loss,
-                    max_grad_error=checks.max_grad_error, grad_message=checks.grad_message)
+                    max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **asdict(checks))
 
 
 # ----------------------------------------------------------------------------- the process
