@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import operator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import fx, nn
@@ -147,6 +148,10 @@ class LayeredModel:
     tensors: list[FlowTensor]
     n_inputs: int
     mode: str
+    # (tensor, layer): a layer that writes into a tensor it receives (ReLU(inplace=True), +=). A
+    # stage starting before that layer copies the tensor as it enters: the engine hands a stage
+    # its inputs as leaves that require grad, which autograd does not let be written in place.
+    written: set[tuple[tuple[int, int], int]] = set()
 
     @property
     def n_layers(self) -> int:
@@ -163,6 +168,10 @@ class LayeredModel:
 
     def layer_params(self, i: int) -> dict[str, nn.Parameter]:
         raise NotImplementedError
+
+    def writes_into(self, t: FlowTensor, a: int, b: int) -> bool:
+        """Whether a layer of [a, b) writes in place into tensor ``t``."""
+        return any(key == t.key and a <= layer < b for key, layer in self.written)
 
     def layer_inputs(self, inputs: tuple, one_layer_stages: list[nn.Module] | None = None,
                      where: str = "") -> list:
@@ -227,8 +236,11 @@ class TracedModel(LayeredModel):
         env: dict[fx.Node, fx.Node] = {}
         for t in self.crossing(a):
             src = self.node_of[t.key]
-            placeholder = g.placeholder(f"in_{src.name}")
-            env[src] = g.call_function(contiguous_grad, (placeholder,)) if a > 0 else placeholder
+            env[src] = value = g.placeholder(f"in_{src.name}")
+            if a > 0:
+                env[src] = value = g.call_function(contiguous_grad, (value,))
+                if self.writes_into(t, a, b):
+                    env[src] = g.call_method("clone", (value,))
         for n in self.gm.graph.nodes:
             if n.op in ("placeholder", "output"):
                 continue
@@ -259,12 +271,15 @@ class TracedModel(LayeredModel):
 
 
 class _Sequence(nn.Module):
-    def __init__(self, modules: list[nn.Module], last: bool):
+    def __init__(self, modules: list[nn.Module], last: bool, copy_inputs: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(modules)
         self.last = last
+        self.copy_inputs = copy_inputs  # the first layer writes into its inputs
 
     def forward(self, *x):
+        if self.copy_inputs:
+            x = tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in x)
         for layer in self.layers:
             x = layer(*x) if isinstance(x, tuple) else layer(x)
         if not self.last and not isinstance(x, tuple):
@@ -289,15 +304,21 @@ class SequentialModel(LayeredModel):
     def _output_counts(self, inputs: tuple) -> list[int]:
         """How many tensors each layer hands to the next, from one forward without gradients."""
         counts, x = [], inputs
+        self.written = set()
         with torch.no_grad():
-            for name, module in zip(self.names, self.modules_, strict=True):
+            for i, (name, module) in enumerate(zip(self.names, self.modules_, strict=True)):
+                entering = [v for v in (x if isinstance(x, tuple) else (x,)) if isinstance(v, torch.Tensor)]
+                before = [v._version for v in entering]
                 with user_code(f"explicit layer {name}"):
                     x = module(*x) if isinstance(x, tuple) else module(x)
+                if i > 0 and [v._version for v in entering] != before:
+                    self.written.add(((i - 1, 0), i))
                 counts.append(len(x) if isinstance(x, tuple) else 1)
         return counts
 
     def stage(self, a: int, b: int) -> nn.Module:
-        return _Sequence(self.modules_[a:b], last=b >= self.n_layers)
+        return _Sequence(self.modules_[a:b], last=b >= self.n_layers,
+                         copy_inputs=a > 0 and any(layer == a for _, layer in self.written))
 
     def layer_params(self, i: int) -> dict[str, nn.Parameter]:
         return {f"{self.names[i]}.{k}": p for k, p in self.modules_[i].named_parameters()}
@@ -327,17 +348,25 @@ def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
                              "out to trace the model")
         return SequentialModel(model, layers, inputs)
     traced = TracedModel(model, choose_layers(model, depth))
-    traced.check_tensors(run_values(traced, inputs))
+    values, traced.written = run_values(traced, inputs)
+    traced.check_tensors(values)
     return traced
 
 
-def run_values(traced: TracedModel, inputs: tuple) -> dict[tuple[int, int], object]:
-    """The value of every flowing tensor for one batch (one forward, no grad)."""
+def run_values(traced: TracedModel, inputs: tuple) -> tuple[dict[tuple[int, int], object],
+                                                            set[tuple[tuple[int, int], int]]]:
+    """The value of every flowing tensor for one batch (one forward, no grad), and which layers
+    write in place into a tensor another layer made (seen by its version counter, which views
+    share)."""
     env: dict[fx.Node, object] = {}
     interp = fx.Interpreter(traced.gm)
     placeholders = [n for n in traced.gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != len(placeholders):
         raise ModelError(f"the batch gives {len(inputs)} inputs; the model's forward takes {len(placeholders)}")
+    flowing = {node: t for t, node in zip(traced.tensors, (traced.node_of[t.key] for t in traced.tensors),
+                                          strict=True)}
+    versions: dict[FlowTensor, int] = {}
+    written: set[tuple[tuple[int, int], int]] = set()
     with torch.no_grad():
         it = iter(inputs)
         for n in traced.gm.graph.nodes:
@@ -349,7 +378,27 @@ def run_values(traced: TracedModel, inputs: tuple) -> dict[tuple[int, int], obje
                 with user_code(f"layer {traced.names[traced.node_layer[n]]}: its forward ({n.name})"
                                if traced.node_layer.get(n, INPUT) != INPUT else f"the forward ({n.name})"):
                     env[n] = getattr(interp, n.op)(n.target, args, kwargs)
-    return {key: env[node] for key, node in traced.node_of.items()}
+                if n in traced.node_layer:  # attributes (get_attr) run in no layer
+                    written |= _writes(traced.node_layer[n], versions, env, flowing)
+            value = env.get(n)
+            if n in flowing and isinstance(value, torch.Tensor):
+                versions[flowing[n]] = value._version
+    return {key: env[node] for key, node in traced.node_of.items()}, written
+
+
+def _writes(layer: int, versions: dict[FlowTensor, int], env: dict[fx.Node, object],
+            flowing: dict[fx.Node, FlowTensor]) -> set[tuple[tuple[int, int], int]]:
+    """Tensors from other layers whose version moved while ``layer`` ran a node (and note the new
+    versions)."""
+    out = set()
+    for node, t in flowing.items():
+        if t in versions and t.producer <= layer <= t.last:
+            now = cast(torch.Tensor, env[node])._version
+            if now != versions[t]:
+                versions[t] = now
+                if layer != t.producer:
+                    out.add((t.key, layer))
+    return out
 
 
 def build_on_meta(factory: str, args: dict) -> ModelSpec:

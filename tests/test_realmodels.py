@@ -1,0 +1,93 @@
+"""Models as users write them (tests/zoo.py): in-place operations, a module called several times,
+explicit layer lists checked against the model, and tied weights through every build path."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from planner.model import build_spec  # noqa: E402
+from planner.split import layered  # noqa: E402
+
+ZOO = "tests/zoo.py"
+RESNET = {"width": 4, "image": 32}  # 32 x 32 images reach layer4 as 1 x 1: use micro-batches of 2 or more
+
+
+def staged_step(lm, bounds: list[int], inputs: tuple, target, loss_fn):
+    """Forward and backward through stages [bounds[0], bounds[1]), ... as the engine runs them:
+    each stage gets its inputs as fresh leaves that require grad, and its outputs' gradients from
+    the next stage's inputs. Returns the loss."""
+    x, kept = inputs, []
+    for k, (a, b) in enumerate(pairwise(bounds)):
+        if k > 0:
+            x = tuple(v.detach().requires_grad_(v.is_floating_point()) for v in x)
+        out = lm.stage(a, b)(*x)
+        kept.append((x, out))
+        x = out if isinstance(out, tuple) else (out,)
+    loss = loss_fn(kept[-1][1], target)
+    loss.backward()
+    for k in range(len(kept) - 2, -1, -1):
+        pairs = [(o, v.grad) for o, v in zip(kept[k][1], kept[k + 1][0], strict=True) if v.grad is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return loss
+
+
+def whole_step(spec, inputs, target):
+    loss = spec.loss(spec.model(*inputs), target)
+    loss.backward()
+    return loss
+
+
+def grads_of(model) -> dict:
+    out = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def check_staged_training(spec, cuts: list[list[int]], size: int = 4) -> None:
+    """Loss and every gradient of the staged model equal the whole model's, for each cut list."""
+    inputs, target = spec.batch(size, torch.Generator().manual_seed(0))
+    lm = layered(spec.model, inputs, spec.layers)
+    want = whole_step(spec, inputs, target)
+    reference = grads_of(spec.model)
+    for inner in cuts:
+        loss = staged_step(lm, [0, *inner, lm.n_layers], inputs, target, spec.loss)
+        torch.testing.assert_close(loss, want)
+        got = grads_of(spec.model)
+        assert got.keys() == reference.keys()
+        for name, g in reference.items():
+            torch.testing.assert_close(got[name], g, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------- in-place operations
+
+
+def test_torchvision_resnet18_writes_in_place_and_stages_still_train_exactly():
+    spec = build_spec(f"{ZOO}:resnet18", RESNET)
+    inputs, _ = spec.batch(2, torch.Generator().manual_seed(0))
+    lm = layered(spec.model, inputs)
+    assert lm.names == ["conv1", "bn1", *(f"layer{i}.{j}" for i in range(1, 5) for j in range(2)), "fc"]
+    # the top-level ReLU(inplace=True) runs in layer1.0 (with the max-pool) and writes into bn1's output
+    assert lm.written == {((1, 0), 2)}
+    ops = [n.op + ":" + str(n.target) for n in lm.stage(2, 4).graph.nodes]
+    assert ops[:3] == ["placeholder:in_bn1", f"call_function:{ops[1].split(':', 1)[1]}", "call_method:clone"]
+    assert "clone" not in str([n.target for n in lm.stage(3, 5).graph.nodes])  # nothing written there: no copy
+    spec.model.train()  # BatchNorm on the whole batch in both: the same statistics
+    check_staged_training(spec, [[2], [1, 2], [3], [2, 6, 9]])
+
+
+def test_an_explicit_layer_that_writes_into_its_input_gets_a_copy():
+    from torch import nn
+
+    from planner.model import ModelSpec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    spec = ModelSpec(model=model, layers=["0", "1", "2"], loss=nn.functional.cross_entropy,
+                     batch=lambda n, g: ((torch.randn(n, 6, generator=g),), torch.randint(0, 3, (n,), generator=g)))
+    inputs, _ = spec.batch(4, torch.Generator().manual_seed(0))
+    assert layered(model, inputs, spec.layers).written == {((0, 0), 1)}
+    check_staged_training(spec, [[1], [2], [1, 2]])
