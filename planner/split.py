@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -403,14 +404,32 @@ def _writes(layer: int, versions: dict[FlowTensor, int], env: dict[fx.Node, obje
 
 def build_on_meta(factory: str, args: dict) -> ModelSpec:
     """Build a model on the meta device (shapes, no memory). A factory that computes with its
-    weights while building cannot: it is built for real and moved there."""
+    weights while building cannot: it is built for real and moved there, tied weights kept tied."""
     try:
         with torch.device("meta"):
             return build_spec(factory, args)
     except PlannerError:
         spec = build_spec(factory, args)
-        spec.model.to("meta")
+        keep_ties(spec.model, lambda m: m.to("meta"))
         return spec
+
+
+def keep_ties(model: nn.Module, move: Callable[[nn.Module], object]) -> nn.Module:
+    """``move(model)`` (a ``.to`` or ``.to_empty``) with shared parameters and buffers still
+    shared. A move to or from the meta device changes the tensor type, and torch then makes a new
+    tensor for each module that holds one: a tied embedding and head would come back as two."""
+    places: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for key, t in getattr(module, kind).items():
+                if t is not None:
+                    places.setdefault(id(t), []).append((module, kind, key))
+    move(model)
+    for (first, kind, key), *others in places.values():
+        value = getattr(first, kind)[key]
+        for module, other_kind, other_key in others:
+            getattr(module, other_kind)[other_key] = value
+    return model
 
 
 def fingerprint(model: nn.Module) -> str:

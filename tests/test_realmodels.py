@@ -91,3 +91,41 @@ def test_an_explicit_layer_that_writes_into_its_input_gets_a_copy():
     inputs, _ = spec.batch(4, torch.Generator().manual_seed(0))
     assert layered(model, inputs, spec.layers).written == {((0, 0), 1)}
     check_staged_training(spec, [[1], [2], [1, 2]])
+
+
+# ------------------------------------------------------------------------------- tied weights
+
+
+def test_moving_to_and_from_meta_keeps_tied_weights_tied():
+    from planner.split import keep_ties
+
+    spec = build_spec(f"{ZOO}:tied_checked", {})
+    model = spec.model
+    assert model.lm_head.weight is model.transformer.emb.wte.weight
+    n = len(list(model.named_parameters()))
+    model.to("meta")  # what torch does: one new parameter per module that held the shared one
+    assert model.lm_head.weight is not model.transformer.emb.wte.weight
+    for move in (lambda m: m.to("meta"), lambda m: m.to_empty(device="cpu"), lambda m: m.to(torch.float64)):
+        again = keep_ties(build_spec(f"{ZOO}:tied_checked", {}).model, move)
+        assert again.lm_head.weight is again.transformer.emb.wte.weight
+        assert len(list(again.named_parameters())) == n
+
+
+def test_a_tied_lm_whose_factory_runs_the_model_is_not_stale_on_rebuild(tmp_path):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+    from planner.split import build_on_meta, fingerprint
+
+    assert fingerprint(build_on_meta(f"{ZOO}:tied_checked", {}).model) == \
+        fingerprint(build_spec(f"{ZOO}:tied_checked", {}).model)
+    runner = CliRunner()
+    prof, plan = tmp_path / "p.json", tmp_path / "plan.json"
+    r = runner.invoke(app, ["profile", f"{ZOO}:tied_checked", "--no-meta", "-o", str(prof), "--repeats", "1",
+                            "--warmup", "0", "--mbs", "1"])
+    assert r.exit_code == 0, r.output
+    assert "tied: transformer.emb = lm_head" in r.output
+    r = runner.invoke(app, ["solve", str(prof), "-c", "cpu2", "--pp", "2", "--global-batch", "4", "-o", str(plan)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["check", str(plan), "--rebuild"])
+    assert r.exit_code == 0 and "model unchanged" in r.output, r.output

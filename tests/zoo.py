@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.model import ModelSpec
+from planner.model import ModelSpec, build_spec
 
 # ----------------------------------------------------------------------------- ResNet-18
 
@@ -184,18 +183,12 @@ def albert_explicit(n_layer: int = 3) -> ModelSpec:
 # ---------------------------------------------------------------------------- GPT family
 
 
-def _gpt():
-    path = Path(__file__).resolve().parent.parent / "models" / "gpt.py"
-    spec = importlib.util.spec_from_file_location("planner_test_gpt", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+GPT = Path(__file__).resolve().parent.parent / "models" / "gpt.py"
 
 
 def tied_checked(n_layer: int = 2) -> ModelSpec:
     """A tied-weight GPT whose factory checks, once, that the model runs and gives a finite loss."""
-    spec = _gpt().build(n_layer=n_layer, d_model=32, n_head=2, vocab=64, seq=8, tied=True)
+    spec = build_spec(f"{GPT}:build", dict(n_layer=n_layer, d_model=32, n_head=2, vocab=64, seq=8, tied=True))
     inputs, target = spec.batch(2, torch.Generator().manual_seed(0))
     with torch.no_grad():
         loss = spec.loss(spec.model(*inputs), target)

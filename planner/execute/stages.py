@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from planner.errors import CheckFailed, InputError
 from planner.formats import Plan
 from planner.model import ModelSpec, build_spec
-from planner.split import LayeredModel, build_on_meta, layered
+from planner.split import LayeredModel, build_on_meta, keep_ties, layered
 
 
 class Checkpointed(nn.Module):
@@ -40,7 +40,7 @@ def build_model(plan: Plan, *, device: torch.device, dtype: torch.dtype) -> Mode
     still the plan's model is checked once, before execution starts (``execute``)."""
     args = dict(plan.model.args)
     spec = build_on_meta(plan.model.factory, args) if device.type == "meta" else build_spec(plan.model.factory, args)
-    spec.model.to(device=device, dtype=dtype)
+    keep_ties(spec.model, lambda m: m.to(device=device, dtype=dtype))
     spec.model.train()
     return spec
 
