@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -30,6 +31,7 @@ from torch import fx, nn
 
 from planner.errors import InputError, ModelError, PlannerError
 from planner.model import ModelSpec, build_spec, describe, user_code
+from planner.units import fmt_bytes
 
 INPUT = -1
 
@@ -145,7 +147,8 @@ fx.wrap("contiguous_grad")
 class LayeredModel:
     """Layers of a model and the tensors between them; ``stage(a, b)`` builds layers [a, b)."""
 
-    names: list[str]
+    names: list[str]  # a module path; path@k for the k-th call of a module called several times
+    paths: list[str]  # each layer's module path
     tensors: list[FlowTensor]
     n_inputs: int
     mode: str
@@ -213,7 +216,8 @@ class TracedModel(LayeredModel):
     def _assign(self, wanted: list[str]) -> None:
         nodes = list(self.gm.graph.nodes)
         calls = _layer_calls(nodes, wanted)
-        self.names = [str(n.target) for n in calls]
+        self.paths = [str(n.target) for n in calls]
+        self.names = call_names(self.paths)
         placeholders = [n for n in nodes if n.op == "placeholder"]
         self.n_inputs = len(placeholders)
         self.node_layer = layer = _node_layers(nodes, calls, placeholders)
@@ -294,8 +298,10 @@ class SequentialModel(LayeredModel):
     mode = "explicit"
 
     def __init__(self, model: nn.Module, layers: list[str], inputs: tuple):
-        self.names = list(layers)
+        self.paths = list(layers)
+        self.names = call_names(self.paths)
         self.modules_ = _modules(model, layers)
+        _check_owned(model, layers, self.modules_)
         self.n_inputs = len(inputs)
         tensors = [FlowTensor(INPUT, k, (0,)) for k in range(self.n_inputs)]
         for i, count in enumerate(self._output_counts(inputs)):
@@ -322,7 +328,7 @@ class SequentialModel(LayeredModel):
                          copy_inputs=a > 0 and any(layer == a for _, layer in self.written))
 
     def layer_params(self, i: int) -> dict[str, nn.Parameter]:
-        return {f"{self.names[i]}.{k}": p for k, p in self.modules_[i].named_parameters()}
+        return {f"{self.paths[i]}.{k}": p for k, p in self.modules_[i].named_parameters()}
 
 
 def run_whole(model: nn.Module, layers: list[str] | None, inputs: tuple):
@@ -340,6 +346,32 @@ def _modules(model: nn.Module, layers: list[str]) -> list[nn.Module]:
     return [modules[n] for n in layers]
 
 
+def _check_owned(model: nn.Module, layers: list[str], modules: list[nn.Module]) -> None:
+    """Every parameter of the model belongs to a listed layer: one left out would be neither
+    placed, counted nor trained."""
+    owned = {id(p) for m in modules for p in m.parameters()}
+    left = [(name, p) for name, p in model.named_parameters() if id(p) not in owned]
+    if not left:
+        return
+    paths = list(dict.fromkeys(_owner(model, name, owned) for name, _ in left))
+    nbytes = sum(p.numel() * p.element_size() for _, p in left)
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    raise ModelError(f"the explicit layers leave out the parameters of {shown} ({fmt_bytes(nbytes)}): every "
+                     f"parameter must belong to a listed module; add {'it' if len(paths) == 1 else 'them'} to "
+                     "layers=[...], or a module that calls it")
+
+
+def _owner(model: nn.Module, param: str, owned: set[int]) -> str:
+    """The highest module holding parameter ``param`` none of whose parameters a layer owns (the
+    parameter's own name for one the model itself holds)."""
+    parts = param.split(".")
+    for depth in range(1, len(parts)):
+        path = ".".join(parts[:depth])
+        if not any(id(p) in owned for p in model.get_submodule(path).parameters()):
+            return path
+    return param
+
+
 def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
             depth: int | None = None) -> LayeredModel:
     """Cut ``model`` into layers: explicit when ``layers`` is given, else traced."""
@@ -348,7 +380,12 @@ def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
             raise ModelError("ModelSpec(layers=[]) names no layers: list module paths, or leave layers "
                              "out to trace the model")
         return SequentialModel(model, layers, inputs)
-    traced = TracedModel(model, choose_layers(model, depth))
+    chosen = choose_layers(model, depth)
+    traced = TracedModel(model, chosen)
+    if depth is None:
+        merged = merge_reused(model, chosen, traced.paths)
+        if merged != chosen:
+            traced = TracedModel(model, merged)
     values, traced.written = run_values(traced, inputs)
     traced.check_tensors(values)
     return traced
@@ -444,17 +481,47 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def _layer_calls(nodes: list[fx.Node], wanted: list[str]) -> list[fx.Node]:
-    """The call of each chosen layer, in forward order; each must be called exactly once."""
+    """The calls of the chosen layers, in forward order (a module called n times: n calls)."""
     calls = [n for n in nodes if n.op == "call_module" and n.target in set(wanted)]
-    seen: set[str] = set()
-    for n in calls:
-        if n.target in seen:
-            raise ModelError(f"module {n.target!r} is called more than once in forward; "
-                             "planner needs each layer called once (describe layers explicitly)")
-        seen.add(str(n.target))
     if not calls:
         raise ModelError("none of the chosen layers is called in forward")
     return calls
+
+
+def call_names(paths: list[str]) -> list[str]:
+    """Layer names for a list of module calls: the path of a module called once, ``path@k`` for
+    the k-th call (from 1) of a module called several times (its weights are then shared by
+    those layers, and the profile records them as tied)."""
+    total = Counter(paths)
+    seen: Counter[str] = Counter()
+    out = []
+    for path in paths:
+        seen[path] += 1
+        out.append(path if total[path] == 1 else f"{path}@{seen[path]}")
+    return out
+
+
+def merge_reused(model: nn.Module, layers: list[str], calls: list[str]) -> list[str]:
+    """The chosen layers with the parts of a module called several times as a whole: an ALBERT
+    block called n times is one layer per call, not each of its submodules per call. A part is
+    merged into its highest ancestor below the model (and below any container) whose chosen layers
+    are all called as many times as it is."""
+    count = Counter(calls)
+    modules = dict(model.named_modules())
+    out: list[str] = []
+    for layer in layers:
+        merged = layer
+        parts = layer.split(".")
+        for depth in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:depth])
+            inside = [x for x in layers if x.startswith(parent + ".")]
+            if count[layer] < 2 or _is_sequence(modules[parent]) or isinstance(modules[parent], nn.ModuleDict) \
+                    or any(count[x] != count[layer] for x in inside):
+                break
+            merged = parent
+        if merged not in out:
+            out.append(merged)
+    return out
 
 
 def _node_layers(nodes: list[fx.Node], calls: list[fx.Node], placeholders: list[fx.Node]) -> dict[fx.Node, int]:

@@ -129,3 +129,66 @@ def test_a_tied_lm_whose_factory_runs_the_model_is_not_stale_on_rebuild(tmp_path
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["check", str(plan), "--rebuild"])
     assert r.exit_code == 0 and "model unchanged" in r.output, r.output
+
+
+# ---------------------------------------------------------------------------------- weight reuse
+
+
+def test_a_block_called_n_times_is_one_layer_per_call_sharing_its_weights():
+    spec = build_spec(f"{ZOO}:albert", {"n_layer": 4})
+    inputs, _ = spec.batch(2, torch.Generator().manual_seed(0))
+    lm = layered(spec.model, inputs)
+    # the block's submodules are merged back into the block: one layer per call, not per submodule
+    assert lm.names == ["embed", "block@1", "block@2", "block@3", "block@4", "norm", "head"]
+    assert lm.paths == ["embed", "block", "block", "block", "block", "norm", "head"]
+    shared = {id(p) for p in spec.model.block.parameters()}
+    for i in range(1, 5):
+        assert {id(p) for p in lm.layer_params(i).values()} == shared
+    check_staged_training(spec, [[2], [3], [1, 4], [2, 3, 5]])
+
+
+def test_a_module_called_several_times_inside_a_container_keeps_its_own_name():
+    from torch import nn
+
+    from planner.split import merge_reused
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Linear(4, 4)])
+    model.shared = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    layers = ["blocks.0", "shared.0", "shared.1"]
+    # blocks.0 twice: a container above it is never a layer; shared.* as many times each: still
+    # below a container
+    assert merge_reused(model, layers, ["blocks.0", "blocks.0", "shared.0", "shared.1"] * 2) == layers
+
+
+def test_a_shared_block_profiles_as_tied_layers():
+    from planner.profile import Options, profile_model
+
+    spec = build_spec(f"{ZOO}:albert", {"n_layer": 3})
+    block_bytes = sum(p.numel() * 4 for p in spec.model.block.parameters())
+    prof = profile_model(spec, f"{ZOO}:albert", {"n_layer": 3}, Options(mbs=(1,), repeats=1, warmup=0))
+    assert [layer.name for layer in prof.layers][1:4] == ["block@1", "block@2", "block@3"]
+    assert [(g.layers, g.param_bytes) for g in prof.tied] == [(["block@1", "block@2", "block@3"], block_bytes)]
+    assert prof.layers[2].same_as == "block@1"  # measured once
+
+
+def test_repeated_explicit_names_are_calls_of_one_shared_module():
+    spec = build_spec(f"{ZOO}:albert_explicit", {"n_layer": 3})
+    inputs, _ = spec.batch(2, torch.Generator().manual_seed(0))
+    lm = layered(spec.model, inputs, spec.layers)
+    assert lm.names == ["embed", "block@1", "block@2", "block@3", "norm", "head"]
+    check_staged_training(spec, [[2], [1, 3], [4]])
+
+
+# -------------------------------------------------------------------------- explicit lists checked
+
+
+def test_an_explicit_list_that_misses_a_parameterised_module_is_refused_at_once(tmp_path):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    r = CliRunner().invoke(app, ["profile", f"{ZOO}:gpt2_missing_wpe", "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: the explicit layers leave out the parameters of wpe (512 B)"), r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()

@@ -138,18 +138,27 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class Embed(nn.Module):
+    def __init__(self, vocab: int, seq: int, d: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(seq, d) * 0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tok(ids) + self.pos  # (mb, seq, d)
+
+
 class Albert(nn.Module):
     def __init__(self, vocab: int, d: int, heads: int, n_layer: int, seq: int):
         super().__init__()
         self.n_layer = n_layer
-        self.embed = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.zeros(seq, d))
+        self.embed = Embed(vocab, seq, d)
         self.block = Block(d, heads)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids) + self.pos
+        x = self.embed(ids)
         for _ in range(self.n_layer):
             x = self.block(x)
         return self.head(self.norm(x))  # (mb, seq, vocab)
@@ -176,7 +185,7 @@ def albert(n_layer: int = 4, d_model: int = 32, n_head: int = 2, vocab: int = 64
 def albert_explicit(n_layer: int = 3) -> ModelSpec:
     """The ALBERT model described explicitly, its shared block named once per call."""
     spec = albert(n_layer=n_layer)
-    spec.layers = ["embed", *["block"] * n_layer, "head"]
+    spec.layers = ["embed", *["block"] * n_layer, "norm", "head"]
     return spec
 
 

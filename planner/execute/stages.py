@@ -97,9 +97,11 @@ def build_stages(plan: Plan, spec: ModelSpec, example_inputs: tuple, stages: lis
 
 def _local_paths(lm: LayeredModel, stage_layers: list[str], chosen: list[str]) -> list[str]:
     """Module paths of chosen layers inside a stage module: traced stages keep the model's
-    paths; explicit sequences hold their layers as layers.<position>."""
+    paths (a module called several times is one module there: recomputing one of its calls
+    recomputes every call in the stage); explicit sequences hold their layers as layers.<position>."""
     if lm.mode == "traced":
-        return list(chosen)
+        path = dict(zip(lm.names, lm.paths, strict=True))
+        return list(dict.fromkeys(path[n] for n in chosen))
     return [f"layers.{stage_layers.index(n)}" for n in chosen]
 
 
