@@ -192,3 +192,78 @@ def test_an_explicit_list_that_misses_a_parameterised_module_is_refused_at_once(
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: the explicit layers leave out the parameters of wpe (512 B)"), r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
+
+
+# ----------------------------------------------------------------- profile, solve, execute on cpu2
+
+
+def _planned(tmp_path, factory: str, args: dict, mbs: int = 2, gb: int = 8, **profile_options):
+    """Profile (small, quick), then solve for pp 2 on cpu2 under 1F1B: the plan's path."""
+    from planner.clusters import from_spec
+    from planner.formats import dump
+    from planner.profile import Options, profile_model
+    from planner.solve import Settings, solve
+    from planner.solve.plan import make_plan
+
+    spec = build_spec(factory, args)
+    prof = profile_model(spec, factory, args, Options(mbs=(mbs,), repeats=1, warmup=0, **profile_options))
+    settings = Settings(global_batch=gb, pp=2, mbs=mbs, schedules=("1f1b",), time_limit_s=5)
+    result = solve(prof, from_spec("cpu2"), settings)
+    path = tmp_path / "plan.json"
+    dump(make_plan(prof, from_spec("cpu2"), result, settings), path)
+    return path
+
+
+def _execute(tmp_path, path, verify: bool = True):
+    from planner.execute import Options, execute, raise_on_failure
+
+    ver = execute(path, Options(mode="distributed", steps=1, warmup=1, verify=verify,
+                                run_dir=str(tmp_path / "run"), tolerance=10.0))
+    assert ver.mode == "distributed"
+    raise_on_failure(ver)
+    return ver
+
+
+@pytest.mark.slow
+def test_torchvision_resnet18_runs_distributed(tmp_path):
+    # BatchNorm normalises each micro-batch by its own statistics, which a one-batch reference does
+    # not: the run is checked without it here, and exactly (stages against the whole model) above
+    _execute(tmp_path, _planned(tmp_path, f"{ZOO}:resnet18", RESNET), verify=False)
+
+
+@pytest.mark.slow
+def test_resnet18_with_group_norm_matches_the_reference_distributed(tmp_path):
+    ver = _execute(tmp_path, _planned(tmp_path, f"{ZOO}:resnet18", dict(RESNET, norm="group")))
+    assert ver.checks and all(ok for _, ok, _ in ver.checks)
+
+
+@pytest.mark.slow
+def test_a_shared_block_on_both_ranks_matches_the_reference_distributed(tmp_path):
+    from planner.formats import load_plan
+
+    path = _planned(tmp_path, f"{ZOO}:albert", {"n_layer": 4})
+    ranks = {st.rank for st in load_plan(path).stages for name in st.layers if name.startswith("block@")}
+    assert ranks == {0, 1}  # the block's weights live on both ranks: their gradients are summed
+    ver = _execute(tmp_path, path)
+    assert ver.checks and all(ok for _, ok, _ in ver.checks)
+
+
+@pytest.mark.slow
+def test_a_tied_lm_whose_factory_runs_the_model_executes_distributed(tmp_path):
+    ver = _execute(tmp_path, _planned(tmp_path, f"{ZOO}:tied_checked", {}))
+    assert ver.checks and all(ok for _, ok, _ in ver.checks)
+
+
+def test_recomputing_a_shared_block_keeps_its_gradients(tmp_path):
+    import json
+
+    from planner.execute.single import run_single
+    from planner.formats import load_plan
+
+    path = _planned(tmp_path, f"{ZOO}:albert", {"n_layer": 4}, gb=4)
+    data = json.loads(path.read_text())
+    for st in data["stages"]:
+        st["recompute"] = "full"
+    path.write_text(json.dumps(data))
+    r = run_single(load_plan(path), torch.device("cpu"), steps=1, warmup=0)
+    assert r.grad_message == "" and r.loss == pytest.approx(r.reference_loss, rel=1e-6)
