@@ -241,11 +241,12 @@ class TracedModel(LayeredModel):
         env: dict[fx.Node, fx.Node] = {}
         for t in self.crossing(a):
             src = self.node_of[t.key]
-            env[src] = value = g.placeholder(f"in_{src.name}")
+            value = g.placeholder(f"in_{src.name}")
             if a > 0:
-                env[src] = value = g.call_function(contiguous_grad, (value,))
-                if self.writes_into(t, a, b):
-                    env[src] = g.call_method("clone", (value,))
+                value = g.call_function(contiguous_grad, (value,))
+            if self.writes_into(t, a, b):  # the first stage too: the caller's batch stays as it was
+                value = g.call_method("clone", (value,))
+            env[src] = value
         for n in self.gm.graph.nodes:
             if n.op in ("placeholder", "output"):
                 continue
@@ -526,7 +527,9 @@ def merge_reused(model: nn.Module, layers: list[str], calls: list[str]) -> list[
 
 def _node_layers(nodes: list[fx.Node], calls: list[fx.Node], placeholders: list[fx.Node]) -> dict[fx.Node, int]:
     """The layer each graph node runs in: inputs are INPUT, a layer's call and the unpacking of its
-    tuple output belong to it, and every other operation joins the earliest layer using its result."""
+    tuple output belong to it, and every other operation joins the earliest layer using its result.
+    An operation whose result nothing uses (an in-place write kept for its effect, an assert) joins
+    the earliest layer of the operations after it, so that it still runs before them."""
     last = len(calls) - 1
     layer: dict[fx.Node, int] = {n: INPUT for n in placeholders}
     layer.update({n: i for i, n in enumerate(calls)})
@@ -535,11 +538,15 @@ def _node_layers(nodes: list[fx.Node], calls: list[fx.Node], placeholders: list[
         if n.op == "call_function" and n.target is operator.getitem and n.args[0] in layer \
                 and layer[n.args[0]] != INPUT:  # type: ignore[index]
             layer[n] = layer[n.args[0]]  # type: ignore[index]
+    after = last  # the earliest layer of the operations after n
     for n in reversed(nodes):
-        if n in layer or n.op in ("output", "get_attr"):
+        if n.op in ("output", "get_attr"):
             continue
-        users = [layer.get(u, last) if u.op != "output" else last for u in n.users]
-        layer[n] = min(users) if users else last
+        if n not in layer:
+            users = [layer.get(u, last) if u.op != "output" else last for u in n.users]
+            layer[n] = min(users) if users else after
+        if layer[n] != INPUT:
+            after = min(after, layer[n])
     return layer
 
 

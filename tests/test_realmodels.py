@@ -267,3 +267,25 @@ def test_recomputing_a_shared_block_keeps_its_gradients(tmp_path):
     path.write_text(json.dumps(data))
     r = run_single(load_plan(path), torch.device("cpu"), steps=1, warmup=0)
     assert r.grad_message == "" and r.loss == pytest.approx(r.reference_loss, rel=1e-6)
+
+
+def test_a_forward_that_writes_into_its_input_leaves_the_batch_as_it_was():
+    from torch import nn
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x.mul_(2.0)  # (fx traces "x *= 2" as an out-of-place product)
+            return self.b(self.a(x))
+
+    model = Scaled()
+    x = torch.randn(3, 4)
+    before = x.clone()
+    lm = layered(model, (x.clone(),))
+    assert lm.written == {((-1, 0), 0)}
+    out = lm.stage(0, 2)(x)
+    torch.testing.assert_close(x, before)
+    torch.testing.assert_close(out, model(before.clone()))
