@@ -97,7 +97,8 @@ class LayerCost(_Frozen):
 
 
 class Layer(_Frozen):
-    name: str = Field(description="module path, e.g. 'transformer.h.3'")
+    name: str = Field(description="module path, e.g. 'transformer.h.3'; 'block@2' for the second call of a "
+                                  "module called several times")
     param_bytes: Bytes
     by_mbs: dict[str, LayerCost]
     same_as: str | None = Field(default=None, description="the identical layer (module class, parameter "

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import operator
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
 from planner.errors import InputError, ModelError, PlannerError
 from planner.model import ModelSpec, build_spec, describe, user_code
+from planner.units import fmt_bytes
 
 INPUT = -1
 
@@ -144,10 +147,15 @@ fx.wrap("contiguous_grad")
 class LayeredModel:
     """Layers of a model and the tensors between them; ``stage(a, b)`` builds layers [a, b)."""
 
-    names: list[str]
+    names: list[str]  # a module path; path@k for the k-th call of a module called several times
+    paths: list[str]  # each layer's module path
     tensors: list[FlowTensor]
     n_inputs: int
     mode: str
+    # (tensor, layer): a layer that writes into a tensor it receives (ReLU(inplace=True), +=). A
+    # stage starting before that layer copies the tensor as it enters: the engine hands a stage
+    # its inputs as leaves that require grad, which autograd does not let be written in place.
+    written: set[tuple[tuple[int, int], int]] = set()
 
     @property
     def n_layers(self) -> int:
@@ -164,6 +172,10 @@ class LayeredModel:
 
     def layer_params(self, i: int) -> dict[str, nn.Parameter]:
         raise NotImplementedError
+
+    def writes_into(self, t: FlowTensor, a: int, b: int) -> bool:
+        """Whether a layer of [a, b) writes in place into tensor ``t``."""
+        return any(key == t.key and a <= layer < b for key, layer in self.written)
 
     def layer_inputs(self, inputs: tuple, one_layer_stages: list[nn.Module] | None = None,
                      where: str = "") -> list:
@@ -204,7 +216,8 @@ class TracedModel(LayeredModel):
     def _assign(self, wanted: list[str]) -> None:
         nodes = list(self.gm.graph.nodes)
         calls = _layer_calls(nodes, wanted)
-        self.names = [str(n.target) for n in calls]
+        self.paths = [str(n.target) for n in calls]
+        self.names = call_names(self.paths)
         placeholders = [n for n in nodes if n.op == "placeholder"]
         self.n_inputs = len(placeholders)
         self.node_layer = layer = _node_layers(nodes, calls, placeholders)
@@ -228,8 +241,12 @@ class TracedModel(LayeredModel):
         env: dict[fx.Node, fx.Node] = {}
         for t in self.crossing(a):
             src = self.node_of[t.key]
-            placeholder = g.placeholder(f"in_{src.name}")
-            env[src] = g.call_function(contiguous_grad, (placeholder,)) if a > 0 else placeholder
+            value = g.placeholder(f"in_{src.name}")
+            if a > 0:
+                value = g.call_function(contiguous_grad, (value,))
+            if self.writes_into(t, a, b):  # the first stage too: the caller's batch stays as it was
+                value = g.call_method("clone", (value,))
+            env[src] = value
         for n in self.gm.graph.nodes:
             if n.op in ("placeholder", "output"):
                 continue
@@ -260,12 +277,15 @@ class TracedModel(LayeredModel):
 
 
 class _Sequence(nn.Module):
-    def __init__(self, modules: list[nn.Module], last: bool):
+    def __init__(self, modules: list[nn.Module], last: bool, copy_inputs: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(modules)
         self.last = last
+        self.copy_inputs = copy_inputs  # the first layer writes into its inputs
 
     def forward(self, *x):
+        if self.copy_inputs:
+            x = tuple(v.clone() if isinstance(v, torch.Tensor) else v for v in x)
         for layer in self.layers:
             x = layer(*x) if isinstance(x, tuple) else layer(x)
         if not self.last and not isinstance(x, tuple):
@@ -279,8 +299,10 @@ class SequentialModel(LayeredModel):
     mode = "explicit"
 
     def __init__(self, model: nn.Module, layers: list[str], inputs: tuple):
-        self.names = list(layers)
+        self.paths = list(layers)
+        self.names = call_names(self.paths)
         self.modules_ = _modules(model, layers)
+        _check_owned(model, layers, self.modules_)
         self.n_inputs = len(inputs)
         tensors = [FlowTensor(INPUT, k, (0,)) for k in range(self.n_inputs)]
         for i, count in enumerate(self._output_counts(inputs)):
@@ -290,18 +312,24 @@ class SequentialModel(LayeredModel):
     def _output_counts(self, inputs: tuple) -> list[int]:
         """How many tensors each layer hands to the next, from one forward without gradients."""
         counts, x = [], inputs
+        self.written = set()
         with torch.no_grad():
-            for name, module in zip(self.names, self.modules_, strict=True):
+            for i, (name, module) in enumerate(zip(self.names, self.modules_, strict=True)):
+                entering = [v for v in (x if isinstance(x, tuple) else (x,)) if isinstance(v, torch.Tensor)]
+                before = [v._version for v in entering]
                 with user_code(f"explicit layer {name}"):
                     x = module(*x) if isinstance(x, tuple) else module(x)
+                if i > 0 and [v._version for v in entering] != before:
+                    self.written.add(((i - 1, 0), i))
                 counts.append(len(x) if isinstance(x, tuple) else 1)
         return counts
 
     def stage(self, a: int, b: int) -> nn.Module:
-        return _Sequence(self.modules_[a:b], last=b >= self.n_layers)
+        return _Sequence(self.modules_[a:b], last=b >= self.n_layers,
+                         copy_inputs=a > 0 and any(layer == a for _, layer in self.written))
 
     def layer_params(self, i: int) -> dict[str, nn.Parameter]:
-        return {f"{self.names[i]}.{k}": p for k, p in self.modules_[i].named_parameters()}
+        return {f"{self.paths[i]}.{k}": p for k, p in self.modules_[i].named_parameters()}
 
 
 def run_whole(model: nn.Module, layers: list[str] | None, inputs: tuple):
@@ -319,6 +347,32 @@ def _modules(model: nn.Module, layers: list[str]) -> list[nn.Module]:
     return [modules[n] for n in layers]
 
 
+def _check_owned(model: nn.Module, layers: list[str], modules: list[nn.Module]) -> None:
+    """Every parameter of the model belongs to a listed layer: one left out would be neither
+    placed, counted nor trained."""
+    owned = {id(p) for m in modules for p in m.parameters()}
+    left = [(name, p) for name, p in model.named_parameters() if id(p) not in owned]
+    if not left:
+        return
+    paths = list(dict.fromkeys(_owner(model, name, owned) for name, _ in left))
+    nbytes = sum(p.numel() * p.element_size() for _, p in left)
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    raise ModelError(f"the explicit layers leave out the parameters of {shown} ({fmt_bytes(nbytes)}): every "
+                     f"parameter must belong to a listed module; add {'it' if len(paths) == 1 else 'them'} to "
+                     "layers=[...], or a module that calls it")
+
+
+def _owner(model: nn.Module, param: str, owned: set[int]) -> str:
+    """The highest module holding parameter ``param`` none of whose parameters a layer owns (the
+    parameter's own name for one the model itself holds)."""
+    parts = param.split(".")
+    for depth in range(1, len(parts)):
+        path = ".".join(parts[:depth])
+        if not any(id(p) in owned for p in model.get_submodule(path).parameters()):
+            return path
+    return param
+
+
 def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
             depth: int | None = None) -> LayeredModel:
     """Cut ``model`` into layers: explicit when ``layers`` is given, else traced."""
@@ -327,18 +381,31 @@ def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
             raise ModelError("ModelSpec(layers=[]) names no layers: list module paths, or leave layers "
                              "out to trace the model")
         return SequentialModel(model, layers, inputs)
-    traced = TracedModel(model, choose_layers(model, depth))
-    traced.check_tensors(run_values(traced, inputs))
+    chosen = choose_layers(model, depth)
+    traced = TracedModel(model, chosen)
+    if depth is None:
+        merged = merge_reused(model, chosen, traced.paths)
+        if merged != chosen:
+            traced = TracedModel(model, merged)
+    values, traced.written = run_values(traced, inputs)
+    traced.check_tensors(values)
     return traced
 
 
-def run_values(traced: TracedModel, inputs: tuple) -> dict[tuple[int, int], object]:
-    """The value of every flowing tensor for one batch (one forward, no grad)."""
+def run_values(traced: TracedModel, inputs: tuple) -> tuple[dict[tuple[int, int], object],
+                                                            set[tuple[tuple[int, int], int]]]:
+    """The value of every flowing tensor for one batch (one forward, no grad), and which layers
+    write in place into a tensor another layer made (seen by its version counter, which views
+    share)."""
     env: dict[fx.Node, Any] = {}
     interp = fx.Interpreter(traced.gm)
     placeholders = [n for n in traced.gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != len(placeholders):
         raise ModelError(f"the batch gives {len(inputs)} inputs; the model's forward takes {len(placeholders)}")
+    flowing = {node: t for t, node in zip(traced.tensors, (traced.node_of[t.key] for t in traced.tensors),
+                                          strict=True)}
+    versions: dict[FlowTensor, int] = {}
+    written: set[tuple[tuple[int, int], int]] = set()
     with torch.no_grad():
         it = iter(inputs)
         for n in traced.gm.graph.nodes:
@@ -350,19 +417,57 @@ def run_values(traced: TracedModel, inputs: tuple) -> dict[tuple[int, int], obje
                 with user_code(f"layer {traced.names[traced.node_layer[n]]}: its forward ({n.name})"
                                if traced.node_layer.get(n, INPUT) != INPUT else f"the forward ({n.name})"):
                     env[n] = getattr(interp, n.op)(n.target, args, kwargs)
-    return {key: env[node] for key, node in traced.node_of.items()}
+                if n in traced.node_layer:  # attributes (get_attr) run in no layer
+                    written |= _writes(traced.node_layer[n], versions, env, flowing)
+            value = env.get(n)
+            if n in flowing and isinstance(value, torch.Tensor):
+                versions[flowing[n]] = value._version
+    return {key: env[node] for key, node in traced.node_of.items()}, written
+
+
+def _writes(layer: int, versions: dict[FlowTensor, int], env: dict[fx.Node, object],
+            flowing: dict[fx.Node, FlowTensor]) -> set[tuple[tuple[int, int], int]]:
+    """Tensors from other layers whose version moved while ``layer`` ran a node (and note the new
+    versions)."""
+    out = set()
+    for node, t in flowing.items():
+        if t in versions and t.producer <= layer <= t.last:
+            now = cast(torch.Tensor, env[node])._version
+            if now != versions[t]:
+                versions[t] = now
+                if layer != t.producer:
+                    out.add((t.key, layer))
+    return out
 
 
 def build_on_meta(factory: str, args: dict) -> ModelSpec:
     """Build a model on the meta device (shapes, no memory). A factory that computes with its
-    weights while building cannot: it is built for real and moved there."""
+    weights while building cannot: it is built for real and moved there, tied weights kept tied."""
     try:
         with torch.device("meta"):
             return build_spec(factory, args)
     except PlannerError:
         spec = build_spec(factory, args)
-        spec.model.to("meta")
+        keep_ties(spec.model, lambda m: m.to("meta"))
         return spec
+
+
+def keep_ties(model: nn.Module, move: Callable[[nn.Module], object]) -> nn.Module:
+    """``move(model)`` (a ``.to`` or ``.to_empty``) with shared parameters and buffers still
+    shared. A move to or from the meta device changes the tensor type, and torch then makes a new
+    tensor for each module that holds one: a tied embedding and head would come back as two."""
+    places: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for key, t in getattr(module, kind).items():
+                if t is not None:
+                    places.setdefault(id(t), []).append((module, kind, key))
+    move(model)
+    for (first, kind, key), *others in places.values():
+        value = getattr(first, kind)[key]
+        for module, other_kind, other_key in others:
+            getattr(module, other_kind)[other_key] = value
+    return model
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -377,22 +482,54 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def _layer_calls(nodes: list[fx.Node], wanted: list[str]) -> list[fx.Node]:
-    """The call of each chosen layer, in forward order; each must be called exactly once."""
+    """The calls of the chosen layers, in forward order (a module called n times: n calls)."""
     calls = [n for n in nodes if n.op == "call_module" and n.target in set(wanted)]
-    seen: set[str] = set()
-    for n in calls:
-        if n.target in seen:
-            raise ModelError(f"module {n.target!r} is called more than once in forward; "
-                             "planner needs each layer called once (describe layers explicitly)")
-        seen.add(str(n.target))
     if not calls:
         raise ModelError("none of the chosen layers is called in forward")
     return calls
 
 
+def call_names(paths: list[str]) -> list[str]:
+    """Layer names for a list of module calls: the path of a module called once, ``path@k`` for
+    the k-th call (from 1) of a module called several times (its weights are then shared by
+    those layers, and the profile records them as tied)."""
+    total = Counter(paths)
+    seen: Counter[str] = Counter()
+    out = []
+    for path in paths:
+        seen[path] += 1
+        out.append(path if total[path] == 1 else f"{path}@{seen[path]}")
+    return out
+
+
+def merge_reused(model: nn.Module, layers: list[str], calls: list[str]) -> list[str]:
+    """The chosen layers with the parts of a module called several times as a whole: an ALBERT
+    block called n times is one layer per call, not each of its submodules per call. A part is
+    merged into its highest ancestor below the model (and below any container) whose chosen layers
+    are all called as many times as it is."""
+    count = Counter(calls)
+    modules = dict(model.named_modules())
+    out: list[str] = []
+    for layer in layers:
+        merged = layer
+        parts = layer.split(".")
+        for depth in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:depth])
+            inside = [x for x in layers if x.startswith(parent + ".")]
+            if count[layer] < 2 or _is_sequence(modules[parent]) or isinstance(modules[parent], nn.ModuleDict) \
+                    or any(count[x] != count[layer] for x in inside):
+                break
+            merged = parent
+        if merged not in out:
+            out.append(merged)
+    return out
+
+
 def _node_layers(nodes: list[fx.Node], calls: list[fx.Node], placeholders: list[fx.Node]) -> dict[fx.Node, int]:
     """The layer each graph node runs in: inputs are INPUT, a layer's call and the unpacking of its
-    tuple output belong to it, and every other operation joins the earliest layer using its result."""
+    tuple output belong to it, and every other operation joins the earliest layer using its result.
+    An operation whose result nothing uses (an in-place write kept for its effect, an assert) joins
+    the earliest layer of the operations after it, so that it still runs before them."""
     last = len(calls) - 1
     layer: dict[fx.Node, int] = {n: INPUT for n in placeholders}
     layer.update({n: i for i, n in enumerate(calls)})
@@ -401,11 +538,15 @@ def _node_layers(nodes: list[fx.Node], calls: list[fx.Node], placeholders: list[
         if n.op == "call_function" and n.target is operator.getitem and n.args[0] in layer \
                 and layer[n.args[0]] != INPUT:  # type: ignore[index]
             layer[n] = layer[n.args[0]]  # type: ignore[index]
+    after = last  # the earliest layer of the operations after n
     for n in reversed(nodes):
-        if n in layer or n.op in ("output", "get_attr"):
+        if n.op in ("output", "get_attr"):
             continue
-        users = [layer.get(u, last) if u.op != "output" else last for u in n.users]
-        layer[n] = min(users) if users else last
+        if n not in layer:
+            users = [layer.get(u, last) if u.op != "output" else last for u in n.users]
+            layer[n] = min(users) if users else after
+        if layer[n] != INPUT:
+            after = min(after, layer[n])
     return layer
 
 

@@ -25,6 +25,7 @@ from planner.formats import Plan, StageCost
 from planner.plan import plan_schedule
 from planner.profile import DTYPES, make_batch
 from planner.profile.measure import MemoryProbe, Timer
+from planner.split import keep_ties
 
 
 @dataclass
@@ -37,7 +38,7 @@ class RankReplay:
 
 
 def _materialise(module: nn.Module, device: torch.device) -> None:
-    module.to_empty(device=device)
+    keep_ties(module, lambda m: m.to_empty(device=device))
     with torch.no_grad():
         for p in module.parameters():
             if p.is_floating_point():
@@ -64,8 +65,7 @@ def replay_rank(plan: Plan, rank: int, device: torch.device, repeats: int = 2) -
     cuda = device.type == "cuda"
     probe = MemoryProbe(device)
     with probe:  # on a CPU the probe counts live tensors, which slows every operation
-        for module in modules.values():
-            _materialise(module, device)
+        _materialise(nn.ModuleList(modules.values()), device)  # at once: weights tied across stages stay one
         params = list(stage_parameters(modules).values())
         opt = optimizer_for(plan, params)
         buffers = _buffers(built, mine, cut_values, m, n, device)

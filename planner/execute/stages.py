@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from planner.errors import CheckFailed, InputError, ModelError
 from planner.formats import Plan
 from planner.model import ModelSpec, build_spec
-from planner.split import LayeredModel, build_on_meta, contiguous_grad, layered
+from planner.split import LayeredModel, build_on_meta, contiguous_grad, keep_ties, layered
 
 
 class Checkpointed(nn.Module):
@@ -40,7 +40,7 @@ def build_model(plan: Plan, *, device: torch.device, dtype: torch.dtype) -> Mode
     still the plan's model is checked once, before execution starts (``execute``)."""
     args = dict(plan.model.args)
     spec = build_on_meta(plan.model.factory, args) if device.type == "meta" else build_spec(plan.model.factory, args)
-    spec.model.to(device=device, dtype=dtype)
+    keep_ties(spec.model, lambda m: m.to(device=device, dtype=dtype))
     spec.model.train()
     return spec
 
@@ -134,9 +134,11 @@ def _meta(meta: list[tuple[torch.dtype, tuple[int, ...]]]) -> str:
 
 def _local_paths(lm: LayeredModel, stage_layers: list[str], chosen: list[str]) -> list[str]:
     """Module paths of chosen layers inside a stage module: traced stages keep the model's
-    paths; explicit sequences hold their layers as layers.<position>."""
+    paths (a module called several times is one module there: recomputing one of its calls
+    recomputes every call in the stage); explicit sequences hold their layers as layers.<position>."""
     if lm.mode == "traced":
-        return list(chosen)
+        path = dict(zip(lm.names, lm.paths, strict=True))
+        return list(dict.fromkeys(path[n] for n in chosen))
     return [f"layers.{stage_layers.index(n)}" for n in chosen]
 
 

@@ -53,7 +53,7 @@ from planner.profile.measure import Timer, stat, tensors
 from planner.profile.meta import build_meta_spec, is_meta
 from planner.profile.source import InMemory, OnMeta, Source
 from planner.split import INPUT as SPLIT_INPUT
-from planner.split import fingerprint, run_whole
+from planner.split import fingerprint, keep_ties, run_whole
 
 __all__ = ["profile_model", "build_meta_spec", "resolve_device", "cpu_threads", "make_batch", "Options", "DTYPES"]
 
@@ -252,7 +252,7 @@ def profile_model(spec: ModelSpec, factory: str, args: dict, opts: Options,
         if is_meta(model):
             return _assemble(spec, factory, args, opts, _measure(spec, opts, device, dtype, workspace, progress))
         with user_code(f"moving the model to {device} in {opts.dtype}"):
-            model.to(device=device, dtype=dtype)
+            keep_ties(model, lambda m: m.to(device=device, dtype=dtype))
         with _Restore(model):
             model.train()
             return _assemble(spec, factory, args, opts, _measure(spec, opts, device, dtype, workspace, progress))
@@ -268,7 +268,7 @@ def _estimate(spec: ModelSpec, opts: Options, dtype: torch.dtype,
     cpu = torch.device("cpu")
     sizes = sorted(set(opts.mbs))
     batches = {b: make_batch(spec, b, opts.seed, cpu, dtype) for b in sizes}
-    model = spec.model if is_meta(spec.model) else copy.deepcopy(spec.model).to("meta")
+    model = spec.model if is_meta(spec.model) else keep_ties(copy.deepcopy(spec.model), lambda m: m.to("meta"))
     source = OnMeta(model, batches[sizes[0]][0], spec.layers, opts.depth, cpu, dtype)
     run = Run(spec=spec, device=cpu, warmup=0, repeats=1, seed=opts.seed, dedupe=opts.dedupe,
               memory_bytes=None, batches=batches)

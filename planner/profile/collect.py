@@ -118,7 +118,7 @@ def layer_module(lm: LayeredModel, i: int) -> nn.Module:
     modules = getattr(lm, "modules_", None)
     if modules is not None:
         return modules[i]
-    return lm.gm.get_submodule(lm.names[i])  # type: ignore[attr-defined]
+    return lm.gm.get_submodule(lm.paths[i])  # type: ignore[attr-defined]
 
 
 def batch_info(m: Measurements, run: Run) -> None:

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 from planner.model import user_code
 from planner.profile.meta import materialise, real_like, to_meta
-from planner.split import INPUT, LayeredModel, layered
+from planner.split import INPUT, LayeredModel, keep_ties, layered
 
 __all__ = ["Source", "InMemory", "OnMeta"]
 
@@ -69,7 +69,7 @@ class OnMeta(Source):
         # The factory's model stays as it was. Tensors it made real (a table built on the CPU
         # explicitly, say) go to meta too, so that the meta run does not mix devices; measured
         # layers get fresh values for them, which timing does not depend on.
-        meta = copy.deepcopy(model).to(dtype=dtype).to("meta")
+        meta = keep_ties(copy.deepcopy(model), lambda m: m.to(dtype=dtype).to("meta"))
         self.lm = layered(meta, to_meta(first_inputs), layers, depth)
         self.stages = [self.lm.stage(i, i + 1) for i in range(self.lm.n_layers)]
         self.device, self.dtype = device, dtype

@@ -84,8 +84,7 @@ def layer_signature(lm: LayeredModel, i: int, layer: nn.Module, stage: nn.Module
     every micro-batch size (``flows``, one ``layer_inputs`` result per size). Which inputs come
     from the batch and which outputs the layer makes are part of it, so that identical layers'
     inputs and outputs correspond by position."""
-    name = lm.names[i]
-    parts = _module_sig(layer) + _graph_sig(stage, name)
+    parts = _module_sig(layer) + _graph_sig(stage, lm.paths[i])
     parts.append("in " + " ".join(str(t.producer == INPUT) for t in lm.crossing(i)))
     parts.append("out " + " ".join(str(t.producer == i) for t in lm.crossing(i + 1)))
     for flow in flows:
