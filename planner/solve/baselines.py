@@ -44,7 +44,7 @@ class Baseline(NamedTuple):
 
 def today(search: Search, cfg: Config) -> list[tuple[str, Partition | None]]:
     """Today's splits for cfg's stage count: (label, stage starts)."""
-    t = search.table(cfg.mbs)
+    t = search.table_for(cfg)
     names = [layer.name for layer in search.profile.layers]
     S = cfg.n_stages
     return [
@@ -58,7 +58,7 @@ def price(search: Search, cfg: Config) -> list[Baseline]:
     """Today's splits as planner would run them: recomputing only where needed (or, for the
     memory objective, wherever it saves memory); one that does not fit is priced without
     recomputation, to show by how much."""
-    t = search.table(cfg.mbs)
+    t = search.table_for(cfg)
     b = search.bounds(cfg)
     cost = least_memory_cost(b) if search.settings.objective == "memory" else None
     out = []

@@ -58,8 +58,8 @@ def _fmt(n: float) -> str:
 def need_of(search: Search, cfg: Config, policy: Policy, fixed: list[int] | None) -> Need | None:
     """The least memory cfg needs on its fullest device under the recomputation policy, with
     the stage starts ``fixed`` where given; None where it has too few layers for its stages."""
-    b = StageBounds(search.table(cfg.mbs), search.cluster, cfg, build(cfg.schedule, cfg.pp, cfg.m, cfg.v),
-                    search.ranks(cfg.pp, cfg.dp), policy)
+    b = StageBounds(search.table_for(cfg), search.cluster, cfg, build(cfg.schedule, cfg.pp, cfg.m, cfg.v),
+                    search.ranks_for(cfg), policy)
 
     room = max(b.cap)  # shortfalls shifted to stay positive: the program's max starts at 0
 
@@ -79,8 +79,8 @@ def need_of(search: Search, cfg: Config, policy: Policy, fixed: list[int] | None
         where = f"stage {s} holding {_span(names, i, j)}, {_recompute(c)}"
         return Need(cfg, shortfall[s] + b.cap[s], b.cap[s], where, exact=True)
     segments = [Segment(i, j, "full" if c == FULL else "none") for i, j, c in stages]
-    ranks = search.ranks(cfg.pp, cfg.dp)
-    ev = evaluate(search.table(cfg.mbs), search.cluster, cfg, segments, detail=False, ranks=ranks)
+    ranks = search.ranks_for(cfg)
+    ev = evaluate(search.table_for(cfg), search.cluster, cfg, segments, detail=False, ranks=ranks)
     r = max(range(len(ranks)), key=lambda k: ev.peak_memory_bytes[k] - ranks[k].capacity_bytes)
     held = [_span(names, i, j) for s, (i, j, _) in enumerate(stages) if b.schedule.stage_rank[s] == r]
     return Need(cfg, float(ev.peak_memory_bytes[r]), float(ranks[r].capacity_bytes),
