@@ -229,8 +229,10 @@ class CostTable:
         self.params = np.array([layer.param_bytes for layer in profile.layers], dtype=float)
         self.cut = np.array(self.graph.cut_bytes_per_sample(), dtype=float) * mbs  # (n + 1,)
         self.in_bytes = np.array(self.graph.input_bytes_per_sample(), dtype=float) * mbs
-        # weights, gradients and optimizer state are priced per parameter byte of the whole model
-        self.optimizer_per_byte = ((whole.optimizer_s * t) if whole else 0.0) / (self.params.sum() or 1.0)
+        # the whole model's optimizer step, shared by parameter byte of the whole (unsharded) model
+        self.optimizer_s = (whole.optimizer_s * t) if whole else 0.0
+        self.param_total = float(self._prefix(self.params)[-1]) or 1.0
+        self.optimizer_per_byte = self.optimizer_s / self.param_total
         self._tied = [(sorted(self.graph.index[n] for n in g.layers), float(g.param_bytes)) for g in profile.tied]
         self.tensor_scale = 1.0  # the share of an inter-layer tensor one device holds
         if tp > 1:
@@ -244,7 +246,6 @@ class CostTable:
             self.bwd_input[-1] += loss.bwd_s * t  # the loss has no weights
             self.act[-1] += loss.act_bytes
             self.peak[-1] = max(self.peak[-1], loss.peak_bytes)
-        self.optimizer_s = self.optimizer_per_byte * float(self.params.sum())
 
         self.workspace = profile.device.workspace_bytes
         self.input_batch = profile.batch.input_bytes_per_sample * mbs
@@ -466,7 +467,7 @@ class CostTable:
             transient_bytes=int(round(self.transient_bytes(seg))),
             param_bytes=int(round(params)),
             batch_bytes=int(round(self.batch_bytes(seg, m))),
-            optimizer_s=self.optimizer_per_byte * params * dp.optimizer_share() / speed,
+            optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share() / speed,
             allreduce_s=allreduce_s + dp.step_s(params),
         )
 

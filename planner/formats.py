@@ -436,6 +436,9 @@ class SavedSettings(BaseModel):
     time_limit_s: float = Field(default=10.0, gt=0, le=MAX_MEASURED_S)
     jobs: int | None = Field(default=None, ge=1)
     objective: Literal["time", "memory"] = "time"
+    tp: int | None = Field(default=None, ge=1)
+    zero: Literal[0, 1, 2, 3] | None = None
+    sequence_parallel: bool = True
 
 
 class Provenance(_Frozen):

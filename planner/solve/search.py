@@ -129,6 +129,11 @@ class Search:
     def run(self) -> SolveResult:
         start = time.perf_counter()
         s = self.settings
+        from planner.solve.infeasible import whole_cluster
+
+        problem = whole_cluster(self.profile, self.cluster, s.training)
+        if problem:
+            raise InfeasibleError(problem)
         configs = search_space(self.profile, self.cluster, s)
         fitting = [c for c in configs if self.may_fit(c)]
         if not fitting:
@@ -310,7 +315,7 @@ class Search:
         speed, memory = -round(c.throughput, 9), max(ev.peak_memory_bytes)
         first = (memory, speed) if self.settings.objective == "memory" else (speed, memory)
         cfg = c.config
-        return (*first, list(SCHEDULES).index(cfg.schedule), cfg.v, cfg.pp, -cfg.dp, cfg.mbs, cfg.m)
+        return (*first, list(SCHEDULES).index(cfg.schedule), cfg.v, cfg.pp, -cfg.dp, cfg.mbs, cfg.m, cfg.tp, cfg.zero)
 
     def large_multi(self, cfg: Config) -> bool:
         """Several stages per rank, and too many partitions to branch on."""
@@ -349,7 +354,8 @@ def _at_least_today(best: Candidate, base: list[bl.Baseline]) -> Candidate:
     """The best plan, or one of today's splits of its configuration where that runs faster."""
     for b in base:
         ev = b.evaluation
-        if ev is not None and ev.fits and ev.step_time_s < best.inner.step_time_s * (1 - 1e-12):
+        if ev is not None and ev.config == best.config and ev.fits \
+                and ev.step_time_s < best.inner.step_time_s * (1 - 1e-12):
             best = Candidate(best.config, InnerResult(best.inner.lower_bound_s, ev.segments, ev.step_time_s,
                                                       best.inner.proven, best.inner.evaluations, ev))
     return best
