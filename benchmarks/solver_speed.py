@@ -56,7 +56,8 @@ def main() -> None:
         devices = len(from_spec(cluster).devices)
         tgt = f"{target:.0f} s" if target else "-"
         pinned = " ".join(f"{k}={v}" for k, v in pins.items()) or "none"
-        print(f"{n:>6} {devices:>8} {pinned:>12} {secs:>8.2f} {tgt:>7} {solved:>5}/{total:<5}  {str(proven):<6}  {best}")
+        print(f"{n:>6} {devices:>8} {pinned:>12} {secs:>8.2f} {tgt:>7} {solved:>5}/{total:<5}  "
+              f"{str(proven):<6}  {best}")
         for note in notes:
             print(f"{'':>8}note: {note}")
 
