@@ -173,16 +173,12 @@ def solve(
                                             help="samples per step (default 16 per device)"),
     pp: int | None = typer.Option(None, "--pp", min=1, help="pin the pipeline degree"),
     dp: int | None = typer.Option(None, "--dp", min=1, help="pin the data-parallel degree"),
-    tp: int | None = typer.Option(None, "--tp", min=1,
-                                  help="pin the tensor-parallel degree (default: every divisor of the devices "
-                                       "per node; a pinned one may cross nodes)"),
-    zero: int | None = typer.Option(None, "--zero", min=0, max=3,
-                                    help="pin the ZeRO stage over dp: 0 none, 1 optimizer state (Megatron's "
-                                         "distributed optimizer), 2 + gradients (FSDP SHARD_GRAD_OP), 3 + "
-                                         "weights (FSDP FULL_SHARD)"),
+    tp: int | None = typer.Option(None, "--tp", min=1, help="pin the tensor-parallel degree (default: divisors of "
+                                  "the devices per node; a pinned one may cross nodes)"),
+    zero: int | None = typer.Option(None, "--zero", min=0, max=3, help="pin the ZeRO stage: 0 none, 1 optimizer "
+                                    "state, 2 + gradients (FSDP SHARD_GRAD_OP), 3 + weights (FSDP FULL_SHARD)"),
     sequence_parallel: bool = typer.Option(True, "--sequence-parallel/--no-sequence-parallel",
-                                           help="with tp > 1, shard the activations tensor parallelism "
-                                                "replicates along the sequence"),
+                                           help="with tp > 1, shard the activations tp replicates"),
     mbs: int | None = typer.Option(None, "--mbs", min=1, help="pin the micro-batch size"),
     microbatches: int | None = typer.Option(None, "--microbatches", min=1, help="pin the micro-batch count"),
     schedule: str | None = typer.Option(None, "--schedule",
