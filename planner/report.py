@@ -195,7 +195,7 @@ def versus(theirs: float, mine: float, unit: str = "") -> str:
 def _baseline_table(plan: Plan) -> Table:
     """The plan against today's splits; the plan's row says whose split it is."""
     ours = "your split (--fix-cuts)" if _pinned(plan) else "planner"
-    base = Table(title="against today's splits (same cost model; same configuration, but Megatron-LM's usual "
+    base = Table(title="against today's splits (one cost model; the plan's configuration, Megatron-LM's usual "
                        "in its own)", title_justify="left")
     for col in ("partition", "layers per stage", "step", "vs yours" if _pinned(plan) else "vs planner", "peak mem"):
         base.add_column(col, justify="left" if col in ("partition", "layers per stage") else "right")
