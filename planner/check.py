@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.errors import CheckFailed, InputError, PlannerError
-from planner.evaluate import Config, Evaluation, evaluate
+from planner.evaluate import Config, Evaluation, evaluate, tp_link
 from planner.formats import Plan, Profile, load_plan
 from planner.plan import check_fingerprint, profile_fingerprint, rebuilt_fingerprint, replay_plan
 from planner.units import fmt_bytes, fmt_time
@@ -31,7 +31,7 @@ def check_memory(plan: Plan) -> list[str]:
     problems = []
     for r, need in enumerate(sim.peak_memory_bytes):
         stages = [st for st in plan.stages if st.rank == r]
-        cap = plan.cluster.usable_bytes(stages[0].devices)
+        cap = plan.cluster.usable_bytes([d + k for d in stages[0].devices for k in range(plan.parallel.tp)])
         if need > cap:
             names = ", ".join(f"stage {st.index} ({st.layers[0]}..{st.layers[-1]})" for st in stages)
             problems.append(f"{names} needs {fmt_bytes(need)}, its device has {fmt_bytes(cap)} usable: "
@@ -47,7 +47,8 @@ def price_on(plan: Plan, profile: Profile) -> Evaluation:
 
     cfg = Config(pp=plan.parallel.pp, dp=plan.parallel.dp, mbs=plan.microbatch.size, m=plan.microbatch.count,
                  schedule=plan.schedule.name, v=plan.schedule.virtual_stages, training=plan.training,
-                 order=tuple(plan.schedule.order) if plan.schedule.order is not None else None)
+                 order=tuple(plan.schedule.order) if plan.schedule.order is not None else None,
+                 tp=plan.parallel.tp, zero=plan.parallel.zero, sp=plan.parallel.sequence_parallel)
     if str(cfg.mbs) not in profile.layers[0].by_mbs:
         raise InputError(f"the plan runs micro-batches of {cfg.mbs}, the profile has none measured "
                          f"(it has {', '.join(profile.layers[0].by_mbs)}): profile that size")
@@ -63,7 +64,8 @@ def price_on(plan: Plan, profile: Profile) -> Evaluation:
             raise InputError(f"stage {st.index}'s layers are not consecutive in the profile")
         segments.append(Segment(start, start + len(st.layers), st.recompute,
                                 tuple(index[n] for n in st.recompute_layers)))
-    table = CostTable(profile, cfg.mbs, LayerGraph(profile))
+    link = tp_link(plan.cluster, cfg.tp, cfg.devices)
+    table = CostTable(profile, cfg.mbs, LayerGraph(profile), tp=cfg.tp, tp_link=link, sequence_parallel=cfg.sp)
     return evaluate(table, plan.cluster, cfg, segments, detail=False)
 
 
@@ -78,6 +80,8 @@ def _saved_settings(plan: Plan):
         if keep.get(key) is not None:
             keep[key] = tuple(keep[key])
     keep["global_batch"] = keep.get("global_batch") or plan.microbatch.global_batch
+    for key, before in (("tp", 1), ("zero", 0)):  # plans made before tp and ZeRO were searched
+        keep.setdefault(key, before)
     return Settings(**keep, training=Training(**plan.training.model_dump()))
 
 
@@ -175,7 +179,10 @@ def check_one(path: Path, *, profile: Profile | None, profile_path: str | None, 
 
 def summary(plan_path: str) -> str:
     plan = load_plan(plan_path)
-    return (f"pp={plan.parallel.pp} dp={plan.parallel.dp} {plan.schedule.name}, step "
+    par = plan.parallel
+    extra = (f" tp={par.tp}" + (" sp" if par.sequence_parallel else "") if par.tp > 1 else "") \
+        + (f" zero={par.zero}" if par.zero else "")
+    return (f"pp={par.pp} dp={par.dp}{extra} {plan.schedule.name}, step "
             f"{fmt_time(plan.predicted.step_time_s)}, peak {fmt_bytes(plan.predicted.peak_memory_bytes)}")
 
 

@@ -173,6 +173,12 @@ def solve(
                                             help="samples per step (default 16 per device)"),
     pp: int | None = typer.Option(None, "--pp", min=1, help="pin the pipeline degree"),
     dp: int | None = typer.Option(None, "--dp", min=1, help="pin the data-parallel degree"),
+    tp: int | None = typer.Option(None, "--tp", min=1, help="pin the tensor-parallel degree (default: divisors of "
+                                  "the devices per node; a pinned one may cross nodes)"),
+    zero: int | None = typer.Option(None, "--zero", min=0, max=3, help="pin the ZeRO stage: 0 none, 1 optimizer "
+                                    "state, 2 + gradients (FSDP SHARD_GRAD_OP), 3 + weights (FSDP FULL_SHARD)"),
+    sequence_parallel: bool = typer.Option(True, "--sequence-parallel/--no-sequence-parallel",
+                                           help="with tp > 1, shard the activations tp replicates"),
     mbs: int | None = typer.Option(None, "--mbs", min=1, help="pin the micro-batch size"),
     microbatches: int | None = typer.Option(None, "--microbatches", min=1, help="pin the micro-batch count"),
     schedule: str | None = typer.Option(None, "--schedule",
@@ -222,7 +228,8 @@ def solve(
             training=Training(optimizer=optimizer, precision=precision),  # type: ignore[arg-type]
             fix_cuts=_cuts(fix_cuts, names) if fix_cuts else None, top=top,
             include_model_only=include_model_only, time_limit_s=time_limit, ilp=ilp,
-            jobs=jobs, objective=objective)  # type: ignore[arg-type]
+            jobs=jobs, objective=objective, tp=tp, zero=zero,  # type: ignore[arg-type]
+            sequence_parallel=sequence_parallel)
         with report.progress(err) as bar:
             result = run_solve(prof, clu, settings, progress=bar)
         plan = make_plan(prof, clu, result, settings)

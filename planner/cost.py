@@ -8,6 +8,8 @@ segment at once.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -27,13 +29,131 @@ Recompute = Literal["none", "full", "selective"]
 _STATE_MULTIPLIER = {"sgd": 0, "sgd-momentum": 1, "adam": 2}
 
 
-def bytes_per_param(training: Training, dtype: str) -> int:
-    """Weights + gradients + optimizer state per parameter."""
+def state_bytes(training: Training, dtype: str) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes per parameter: the ZeRO paper's 2 + 2 + K for
+    mixed precision (section 3.1), the parameter dtype throughout otherwise."""
     d = DTYPE_BYTES[dtype]
     states = _STATE_MULTIPLIER[training.optimizer]
     if training.precision == "param":
-        return d + d + states * d
-    return d + d + 4 + states * 4  # ZeRO section 3.1: 2 + 2 + K bytes for fp16/bf16 training
+        return d, d, states * d
+    return d, d, 4 + states * 4
+
+
+def bytes_per_param(training: Training, dtype: str) -> int:
+    """Weights + gradients + optimizer state per parameter."""
+    return sum(state_bytes(training, dtype))
+
+
+def block_range(names: Sequence[str]) -> tuple[int, int] | None:
+    """The longest run of layer names that differ only by a trailing index ('h.0', 'h.1', ...):
+    the model's repeated blocks, [start, stop)."""
+    best, run_start, prev = None, 0, None
+    for k, name in enumerate([*names, ""]):
+        m = re.fullmatch(r"(.*?)(\d+)", name)
+        key = m.group(1) if m else None
+        if key is None or key != prev:
+            if prev is not None and (best is None or k - run_start > best[1] - best[0]):
+                best = (run_start, k)
+            run_start, prev = k, key
+    if best is None or best[1] - best[0] < 2:
+        return None
+    return best
+
+
+# A layer holding only vectors (a norm's scale and shift) has O(width) parameters, a layer with
+# weight matrices O(width^2): below this share of the largest layer's parameters, a layer is a
+# vector-only one that tensor parallelism replicates.
+VECTOR_ONLY_SHARE = 0.01
+
+
+def tp_shardable(profile: Profile) -> np.ndarray:
+    """Per layer, the share of its compute that tensor parallelism divides: its matrix products,
+    which Megatron-LM splits column- and row-wise in attention and MLP and over the vocabulary in
+    the embedding and output layer (Shoeybi et al., 2019, section 3). The profile has no
+    per-operator FLOPs, so they are derived from the parameters: a layer with weight matrices is
+    taken as all matrix products (1), a layer without parameters or with vectors only (norms) as
+    none (0)."""
+    params = np.array([layer.param_bytes for layer in profile.layers], dtype=float)
+    out: np.ndarray = (params > VECTOR_ONLY_SHARE * params.max()).astype(float)
+    return out
+
+
+def tp_allreduces(profile: Profile, shardable: np.ndarray) -> np.ndarray:
+    """Per layer, the all-reduces of its activation size each of its forward and backward runs
+    at tp > 1: two in a transformer block (after attention and after the MLP forward, their
+    conjugates backward; Shoeybi et al., 2019, section 3, figure 4), one in another sharded layer
+    (the embedding's output forward, the output layer's input gradient backward: an upper bound
+    on each), none in a replicated one. With sequence parallelism each is a reduce-scatter and
+    all-gather pair of the same volume (Korthikanti et al., 2022, section 4.2.2)."""
+    out = shardable.copy()
+    blocks = block_range([layer.name for layer in profile.layers])
+    if blocks is not None:
+        out[blocks[0]:blocks[1]] *= 2
+    return out
+
+
+def replicated_act_bytes(act: np.ndarray, in_bytes: np.ndarray, allreduces: np.ndarray, dtype: str) -> np.ndarray:
+    """The saved bytes tensor parallelism without sequence parallelism does not divide: in a block
+    the inputs of its two norms, of the QKV and of the first MLP matmul (four hidden-state tensors)
+    and its two dropout masks (one byte an element), 10sbh of 34sbh in 16-bit (Korthikanti et
+    al., 2022, section 4.1, equation 2); in another sharded layer its input; a replicated layer
+    keeps all of it."""
+    block = 4 * in_bytes + 2 * in_bytes / DTYPE_BYTES[dtype]
+    rep: np.ndarray = np.minimum(np.where(allreduces >= 2, block, np.where(allreduces >= 1, in_bytes, act)), act)
+    return rep
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """How a stage's dp replicas share their state: ZeRO stage ``zero`` (Rajbhandari et al., SC'20)
+    and their ring's all-reduce as (seconds per byte, fixed seconds). A reduce-scatter or an
+    all-gather is half an all-reduce: (n-1)/n bytes / bandwidth and n-1 latencies each."""
+
+    dp: int = 1
+    zero: int = 0
+    per_byte: float = 0.0
+    fixed: float = 0.0
+
+    def state_factor(self, training: Training, dtype: str) -> float:
+        """Bytes of weights, gradients and optimizer state per parameter byte on one device: stage 1
+        divides the optimizer state over dp, 2 also the gradients, 3 also the weights (ZeRO
+        section 5, table 1)."""
+        w, g, o = state_bytes(training, dtype)
+        n = self.dp if self.dp > 1 else 1
+        total = w / (n if self.zero >= 3 else 1) + g / (n if self.zero >= 2 else 1) + o / (n if self.zero >= 1 else 1)
+        return total / DTYPE_BYTES[dtype]
+
+    def step_coeffs(self) -> tuple[float, float]:
+        """The collective after the last backward, as (seconds per gradient byte, fixed seconds):
+        stages 0 and 1 all-reduce (stage 1 as reduce-scatter then all-gather of the updated
+        shards, the same volume, ZeRO section 7.2.1); stage 2 has reduce-scattered its gradients
+        micro-batch by micro-batch and all-gathers the updated weights; stage 3 gathers weights
+        where they are used, so nothing is left to do."""
+        share = {0: 1.0, 1: 1.0, 2: 0.5}.get(self.zero, 0.0)
+        return share * self.per_byte, share * self.fixed
+
+    def step_s(self, param_bytes: float) -> float:
+        a, c = self.step_coeffs()
+        return a * param_bytes + c if param_bytes > 0 and self.dp > 1 else 0.0
+
+    def per_microbatch(self, param_bytes: float) -> tuple[float, float, float]:
+        """Seconds each micro-batch's (forward, input gradient, weight gradient) adds: stage 2
+        reduce-scatters its gradients, stage 3 also all-gathers the weights before forward and
+        again before backward. For one micro-batch a step moves 2x the weights for stages 0 to 2
+        and 3x for stage 3, the ZeRO paper's volumes (section 7.2); with gradient accumulation over
+        m micro-batches these collectives run once per micro-batch."""
+        if self.dp <= 1 or param_bytes <= 0 or self.zero < 2:
+            return 0.0, 0.0, 0.0
+        half = 0.5 * (self.per_byte * param_bytes + self.fixed)
+        return (half, half, half) if self.zero == 3 else (0.0, 0.0, half)
+
+    def per_microbatch_per_byte(self) -> float:
+        """Seconds per parameter byte of one micro-batch's collectives (a lower bound: no latency)."""
+        return {2: 0.5, 3: 1.5}.get(self.zero, 0.0) * self.per_byte if self.dp > 1 else 0.0
+
+    def optimizer_share(self) -> float:
+        """The share of the optimizer step a device runs: its shard from stage 1 on."""
+        return 1 / self.dp if self.zero >= 1 and self.dp > 1 else 1.0
 
 
 def p2p_time(nbytes: float, link: Link) -> float:
@@ -81,7 +201,8 @@ class CostTable:
     measured at once; a stage on a device of relative speed x takes them divided by x.
     """
 
-    def __init__(self, profile: Profile, mbs: int, graph: LayerGraph | None = None):
+    def __init__(self, profile: Profile, mbs: int, graph: LayerGraph | None = None, *, tp: int = 1,
+                 tp_link: Link | None = None, sequence_parallel: bool = False):
         key = str(mbs)
         if key not in profile.layers[0].by_mbs:
             raise InputError(f"micro-batch size {mbs} was not profiled "
@@ -90,6 +211,8 @@ class CostTable:
         self.graph = graph or LayerGraph(profile)
         self.mbs = mbs
         self.n = len(profile.layers)
+        self.tp = tp
+        self.sequence_parallel = sequence_parallel and tp > 1
         whole = profile.whole.get(key)
         self.scale = t = whole.scale if whole else 1.0
         costs = [layer.by_mbs[key] for layer in profile.layers]
@@ -104,6 +227,18 @@ class CostTable:
         self.peak = np.array([c.peak_bytes for c in costs], dtype=float)
         self.wgrad = np.array([c.wgrad_bytes for c in costs], dtype=float)
         self.params = np.array([layer.param_bytes for layer in profile.layers], dtype=float)
+        self.cut = np.array(self.graph.cut_bytes_per_sample(), dtype=float) * mbs  # (n + 1,)
+        self.in_bytes = np.array(self.graph.input_bytes_per_sample(), dtype=float) * mbs
+        # the whole model's optimizer step, shared by parameter byte of the whole (unsharded) model
+        self.optimizer_s = (whole.optimizer_s * t) if whole else 0.0
+        self.param_total = float(self._prefix(self.params)[-1]) or 1.0
+        self.optimizer_per_byte = self.optimizer_s / self.param_total
+        self._tied = [(sorted(self.graph.index[n] for n in g.layers), float(g.param_bytes)) for g in profile.tied]
+        self.tensor_scale = 1.0  # the share of an inter-layer tensor one device holds
+        if tp > 1:
+            if tp_link is None:
+                raise InputError(f"tp {tp} needs the link its devices all-reduce over")
+            self._shard(tp, tp_link)
         if profile.loss is not None:  # the loss runs on the last stage, after its last layer
             loss = profile.loss.by_mbs[key]
             self.fwd[-1] += loss.fwd_s * t
@@ -111,14 +246,43 @@ class CostTable:
             self.bwd_input[-1] += loss.bwd_s * t  # the loss has no weights
             self.act[-1] += loss.act_bytes
             self.peak[-1] = max(self.peak[-1], loss.peak_bytes)
-        self.optimizer_s = (whole.optimizer_s * t) if whole else 0.0
 
-        self.cut = np.array(self.graph.cut_bytes_per_sample(), dtype=float) * mbs  # (n + 1,)
-        self.in_bytes = np.array(self.graph.input_bytes_per_sample(), dtype=float) * mbs
         self.workspace = profile.device.workspace_bytes
         self.input_batch = profile.batch.input_bytes_per_sample * mbs
         self.target_batch = profile.batch.target_bytes_per_sample * mbs
-        self._tied = [(sorted(self.graph.index[n] for n in g.layers), g.param_bytes) for g in profile.tied]
+
+    def _shard(self, tp: int, link: Link) -> None:
+        """The layers at tensor-parallel degree tp, per device (Megatron-LM: Shoeybi et al., 2019,
+        section 3; Narayanan et al., 2021, section 3). Compute: the matrix products divided by tp.
+        Communication: each all-reduce of the block's activation size, 2(tp-1)/tp * bytes /
+        bandwidth on the link between the tp devices, serial with the compute. Memory: a sharded
+        layer's weights (so its gradients and optimizer state) and saved activations divided by tp,
+        bar the replicated activations without sequence parallelism (with it, every activation and
+        inter-layer tensor is split along the sequence: Korthikanti et al., 2022, section 4.2)."""
+        frac = tp_shardable(self.profile)
+        reduces = tp_allreduces(self.profile, frac)
+        blocks = block_range([layer.name for layer in self.profile.layers])
+        hidden = np.full(self.n, float(np.median(self.in_bytes[blocks[0]:blocks[1]]))) if blocks else self.in_bytes
+        hidden = np.where(reduces >= 2, self.in_bytes, hidden)  # a block all-reduces its own input's size
+        per_byte, fixed = ring_allreduce_coeffs(tp, link)
+        comm = reduces * (per_byte * hidden + fixed)
+        div = 1 - frac + frac / tp
+        self.fwd = self.fwd * div + comm
+        self.bwd = self.bwd * div + comm
+        self.bwd_input = self.bwd_input * div + comm  # the input gradient is what is all-reduced
+        self.bwd_weight = self.bwd_weight * div
+        self.params = self.params * div
+        self.wgrad = self.wgrad * div
+        self.peak = self.peak * div
+        self._tied = [(members, nbytes * div[members[0]]) for members, nbytes in self._tied]
+        if self.sequence_parallel:
+            self.act = self.act / tp
+            self.tensor_scale = 1 / tp
+            self.cut = self.cut / tp
+            self.in_bytes = self.in_bytes / tp
+        else:
+            rep = replicated_act_bytes(self.act, self.in_bytes, reduces, self.profile.dtype)
+            self.act = rep + (self.act - rep) / tp
 
     # ----------------------------------------------------------------------- prefix sums
 
@@ -166,7 +330,7 @@ class CostTable:
         per_layer = np.zeros(self.n)
         for t in self.graph.tensors:
             if t.producer >= 0:
-                per_layer[t.producer] += t.bytes_per_sample * self.mbs
+                per_layer[t.producer] += t.bytes_per_sample * self.mbs * self.tensor_scale
         return self._prefix(per_layer)
 
     # ---------------------------------------------------------------- segment matrices
@@ -182,7 +346,7 @@ class CostTable:
             p = t.producer
             if p < 0:
                 continue  # the batch and received inputs sit in receive buffers
-            b = t.bytes_per_sample * self.mbs
+            b = t.bytes_per_sample * self.mbs * self.tensor_scale
             # held for segments [i, j) with i <= p < j and (saved or last_consumer >= j)
             j_hi = n if t.saved else min(t.last_consumer, n)
             if p + 1 <= j_hi:
@@ -191,6 +355,11 @@ class CostTable:
                 diff[p + 1, p + 1] -= b
                 diff[p + 1, j_hi + 1] += b
         return np.cumsum(np.cumsum(diff, axis=0), axis=1)[: n + 1, : n + 1]
+
+    @cached_property
+    def params_max(self) -> np.ndarray:
+        """(n+1, n+1): the largest layer's parameter bytes in [i, j) (ZeRO-3's gathered layer)."""
+        return _range_max(self.params)
 
     @cached_property
     def peak_max(self) -> np.ndarray:
@@ -275,16 +444,21 @@ class CostTable:
         return out
 
     def stage_cost(self, seg: Segment, m: int, training: Training, *, speed: float = 1.0,
-                   allreduce_s: float = 0.0, weight_versions: int = 1) -> StageCost:
+                   allreduce_s: float = 0.0, weight_versions: int = 1,
+                   data_parallel: DataParallel | None = None) -> StageCost:
+        """``allreduce_s``: what the stage adds to its data-parallel step (tied weights);
+        ``data_parallel`` adds the replicas' ZeRO sharding and collectives."""
+        dp = data_parallel or DataParallel()
         f, bi, bw, b = self.times(seg, speed)
         params = self.param_bytes(seg)
-        n_params = params / DTYPE_BYTES[self.profile.dtype]
-        static = n_params * bytes_per_param(training, self.profile.dtype)
+        gather_f, gather_i, scatter_w = dp.per_microbatch(params)
+        static = params * dp.state_factor(training, self.profile.dtype)
         static += (weight_versions - 1) * params  # stashed weight versions (PipeDream)
         static += self.buffer_bytes(seg, m)
-        total_params = self.PARAMS[-1] or 1.0
+        static += self.gathered_bytes(seg, dp)
         return StageCost.model_construct(  # the solver builds thousands: skip re-validation
-            fwd_s=f, bwd_input_s=bi, bwd_weight_s=bw, bwd_s=b,
+            fwd_s=f + gather_f, bwd_input_s=bi + gather_i, bwd_weight_s=bw + scatter_w,
+            bwd_s=b + gather_i + scatter_w,
             send_bytes=int(self.cut[seg.stop]),
             act_bytes=int(round(self.held_bytes(seg))),
             wgrad_bytes=int(round(self.WGRAD[seg.stop] - self.WGRAD[seg.start])),
@@ -293,9 +467,16 @@ class CostTable:
             transient_bytes=int(round(self.transient_bytes(seg))),
             param_bytes=int(round(params)),
             batch_bytes=int(round(self.batch_bytes(seg, m))),
-            optimizer_s=self.optimizer_s * params / total_params / speed,
-            allreduce_s=allreduce_s,
+            optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share() / speed,
+            allreduce_s=allreduce_s + dp.step_s(params),
         )
+
+    def gathered_bytes(self, seg: Segment, dp: DataParallel) -> float:
+        """ZeRO-3 gathers one layer's weights at a time around its forward and backward: the
+        largest of the stage's, whole, beside its shard (ZeRO section 5.3)."""
+        if dp.zero < 3 or dp.dp <= 1:
+            return 0.0
+        return float(self.params_max[seg.start, seg.stop])
 
 
 def _split(c: LayerCost) -> tuple[float, float]:

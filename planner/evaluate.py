@@ -1,18 +1,19 @@
 """Price one configuration: a partition of the layers under a schedule on a cluster.
 
-Pipeline rank r with data-parallel replica d runs on cluster device ``r * dp + d``: replicas of a
-stage sit next to each other, so gradient all-reduce stays inside a node where it can and the
-pipeline's smaller point-to-point transfers cross nodes (Megatron-LM's rank order, data parallel
-inside pipeline parallel).
+Pipeline rank r with data-parallel replica d and tensor-parallel shard k runs on cluster device
+``(r * dp + d) * tp + k``: a replica's tp devices sit next to each other (inside a node, where the
+tensor-parallel all-reduces go), then the replicas of a stage, so gradient all-reduce stays inside
+a node where it can and the pipeline's smaller point-to-point transfers cross nodes (Megatron-LM's
+rank order: tensor, then data, then pipeline parallel; Narayanan et al., 2021, section 3.3).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from planner.cost import CostTable, Segment, ring_allreduce_coeffs, ring_allreduce_time
+from planner.cost import CostTable, DataParallel, Segment, ring_allreduce_coeffs, ring_allreduce_time
 from planner.errors import InputError
-from planner.formats import Cluster, StageCost, Training
+from planner.formats import Cluster, Link, StageCost, Training
 from planner.schedules import Schedule, build, weight_versions
 from planner.simulate import CutLink, SimResult, peak_memory, simulate, step_time
 
@@ -27,6 +28,9 @@ class Config:
     v: int = 1
     training: Training = Training()
     order: tuple[str, ...] | None = None  # zb-auto: its per-rank actions (schedules.from_order)
+    tp: int = 1  # tensor-parallel degree: devices per replica of a stage
+    zero: int = 0  # ZeRO stage over dp (0: replicated; 1, 2, 3: optimizer state, gradients, weights sharded)
+    sp: bool = False  # sequence parallelism (tp > 1)
 
     @property
     def n_stages(self) -> int:
@@ -36,33 +40,53 @@ class Config:
     def global_batch(self) -> int:
         return self.mbs * self.m * self.dp
 
+    @property
+    def devices(self) -> int:
+        return self.pp * self.dp * self.tp
+
     def describe(self) -> str:
         v = f" v={self.v}" if self.v > 1 else ""
-        return f"pp={self.pp} dp={self.dp} mbs={self.mbs} m={self.m} {self.schedule}{v}"
+        tp = f" tp={self.tp}" + (" sp" if self.sp else "") if self.tp > 1 else ""
+        zero = f" zero={self.zero}" if self.zero else ""
+        return f"pp={self.pp} dp={self.dp}{tp}{zero} mbs={self.mbs} m={self.m} {self.schedule}{v}"
 
 
 @dataclass(frozen=True)
 class RankDevice:
-    devices: list[int]
-    capacity_bytes: int  # usable memory: the smallest replica's, less the reserve
-    speed: float  # the slowest replica's
+    devices: list[int]  # per replica, the first of its tp devices
+    capacity_bytes: int  # usable memory: the smallest device's, less the reserve
+    speed: float  # the slowest device's
     overhead_s: float = 0.0  # the engine's bookkeeping per action there
 
     def allreduce_coeffs(self, cluster: Cluster) -> tuple[float, float]:
-        """Its gradients' ring all-reduce over the replicas: (seconds per byte, fixed seconds)."""
+        """Its gradients' ring all-reduce over the replicas (each tensor-parallel shard with its
+        counterparts): (seconds per byte, fixed seconds)."""
         return ring_allreduce_coeffs(len(self.devices), cluster.link(self.devices[0], self.devices[-1]))
 
+    def data_parallel(self, cluster: Cluster, zero: int = 0) -> DataParallel:
+        return DataParallel(len(self.devices), zero, *self.allreduce_coeffs(cluster))
 
-def rank_devices(cluster: Cluster, pp: int, dp: int) -> list[RankDevice]:
+
+def rank_devices(cluster: Cluster, pp: int, dp: int, tp: int = 1) -> list[RankDevice]:
     devs = cluster.devices
-    if pp * dp > len(devs):
-        raise InputError(f"pp {pp} x dp {dp} = {pp * dp} devices, the cluster has {len(devs)}")
+    if pp * dp * tp > len(devs):
+        raise InputError(f"pp {pp} x dp {dp}" + (f" x tp {tp}" if tp > 1 else "")
+                         + f" = {pp * dp * tp} devices, the cluster has {len(devs)}")
     out = []
     for r in range(pp):
-        ids = [r * dp + d for d in range(dp)]
-        out.append(RankDevice(ids, cluster.usable_bytes(ids),
-                              min(devs[i].speed for i in ids), max(devs[i].action_overhead_s for i in ids)))
+        ids = [(r * dp + d) * tp for d in range(dp)]
+        every = [i + k for i in ids for k in range(tp)]
+        out.append(RankDevice(ids, cluster.usable_bytes(every),
+                              min(devs[i].speed for i in every), max(devs[i].action_overhead_s for i in every)))
     return out
+
+
+def tp_link(cluster: Cluster, tp: int, n_devices: int) -> Link:
+    """The link a tensor-parallel group of the first ``n_devices`` devices all-reduces over: the
+    node's, unless some group of tp consecutive devices crosses nodes."""
+    if tp <= 1 or all(cluster.node(g) == cluster.node(g + tp - 1) for g in range(0, n_devices, tp)):
+        return cluster.intra_node
+    return cluster.inter_node or cluster.intra_node
 
 
 @dataclass(frozen=True)
@@ -117,21 +141,18 @@ def cut_link(cluster: Cluster, src: int, dst: int, nbytes: float, same_rank: boo
     return CutLink(busy_s=nbytes / link.bandwidth_bytes_per_s, latency_s=link.latency_s, cpu_s=link.cpu_s)
 
 
-def _allreduce(table: CostTable, cluster: Cluster, seg: Segment, rank: RankDevice) -> float:
-    grad_bytes = table.param_bytes(seg)  # gradients are kept in the parameter dtype
-    per_byte, fixed = rank.allreduce_coeffs(cluster)
-    return per_byte * grad_bytes + fixed if grad_bytes > 0 else 0.0
-
-
 def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[Segment], *,
              detail: bool = True, ranks: list[RankDevice] | None = None) -> Evaluation:
     """Cost, simulate and check memory of one partition under one configuration. Without
     ``detail`` only the step time and peak memory are computed (what the solver ranks by).
-    ``ranks``: ``rank_devices(cluster, config.pp, config.dp)``, when the caller has it."""
+    ``ranks``: ``rank_devices(cluster, config.pp, config.dp, config.tp)``, when the caller has it;
+    ``table`` is at the configuration's tp."""
     if len(segments) != config.n_stages:
         raise InputError(f"{len(segments)} stages given, the configuration needs {config.n_stages}")
     schedule = build(config.schedule, config.pp, config.m, config.v, config.order)
-    ranks = ranks or rank_devices(cluster, config.pp, config.dp)
+    ranks = ranks or rank_devices(cluster, config.pp, config.dp, config.tp)
+    if table.tp != config.tp:
+        raise InputError(f"the cost table is at tp {table.tp}, the configuration at tp {config.tp}")
     place = schedule.stage_rank
     bounds = [s.start for s in segments]
     tied_extra = [0.0] * len(segments)
@@ -147,7 +168,7 @@ def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[
         rank = ranks[place[s]]
         cost = table.stage_cost(
             seg, config.m, config.training, speed=rank.speed,
-            allreduce_s=_allreduce(table, cluster, seg, rank) + tied_extra[s],
+            allreduce_s=tied_extra[s], data_parallel=rank.data_parallel(cluster, config.zero),
             weight_versions=weight_versions(config.schedule, config.pp, place[s]))
         costs.append(cost.model_copy(update={"overhead_s": rank.overhead_s}) if rank.overhead_s else cost)
     cuts = [cut_link(cluster, ranks[place[s]].devices[0], ranks[place[s + 1]].devices[0],

@@ -59,7 +59,7 @@ def _megatron(plan: Plan) -> str:
     notes = _one_embedding_and_loss(stage_letters)
     parts = ["".join(_compress([x for k, x in enumerate(letters) if x == "t" or k == 0 or letters[k - 1] != x]))
              for letters in stage_letters]
-    lines = [f"--pipeline-model-parallel-size {plan.parallel.pp}"]
+    lines = [f"--pipeline-model-parallel-size {plan.parallel.pp}"] + _megatron_sharding(plan)
     if plan.schedule.virtual_stages > 1 and plan.schedule.name in ("interleaved-1f1b", "zb-h1"):
         lines.append(f"--virtual-pipeline-model-parallel-size {plan.schedule.virtual_stages}")
     lines += notes
@@ -76,6 +76,22 @@ def _megatron(plan: Plan) -> str:
                          "stage (less memory, more time than predicted)")
         lines.append(f"--recompute-granularity full --recompute-method block --recompute-num-layers {most}")
     return "\n".join(lines) + "\n"
+
+
+def _megatron_sharding(plan: Plan) -> list[str]:
+    """Tensor parallelism, sequence parallelism and the distributed optimizer (ZeRO-1: optimizer
+    state sharded over dp; Megatron-LM has no flag for stages 2 and 3)."""
+    par = plan.parallel
+    lines = [f"--tensor-model-parallel-size {par.tp}"] if par.tp > 1 else []
+    if par.sequence_parallel:
+        lines.append("--sequence-parallel")
+    if par.zero >= 1:
+        lines.append("--use-distributed-optimizer")
+    if par.zero >= 2:
+        lines.append(f"# planner shards gradients{' and weights' if par.zero == 3 else ''} too (ZeRO {par.zero}); "
+                     "Megatron-LM's distributed optimizer shards the optimizer state only (more memory than "
+                     "predicted; Megatron-FSDP or torchtitan run the plan as made)")
+    return lines
 
 
 def _one_embedding_and_loss(stage_letters: list[list[str]]) -> list[str]:
@@ -119,6 +135,11 @@ def _deepspeed(plan: Plan) -> str:
         "micro_batches": plan.microbatch.count,
         "train_micro_batch_size_per_gpu": plan.microbatch.size,
         "activation_checkpoint_stages": [st.index for st in plan.stages if st.recompute != "none"],
+        "zero_optimization": {"stage": plan.parallel.zero},
+        **({"tensor_parallel": {"autotp_size": plan.parallel.tp}} if plan.parallel.tp > 1 else {}),
+        **({"note_zero": "DeepSpeed's PipelineModule runs ZeRO stages 0 and 1 only; run this plan with "
+                         "torchtitan, or solve with --zero 1"} if plan.parallel.zero >= 2 and plan.parallel.pp > 1
+           else {}),
         "note": "DeepSpeed computes parts itself from partition_method; use these boundaries by "
                 "overriding PipelineModule._partition_layers to set self.parts = parts"
                 + ("" if plan.schedule.virtual_stages == 1 else
@@ -131,8 +152,18 @@ def _deepspeed(plan: Plan) -> str:
 def _torchtitan(plan: Plan) -> str:
     """torchtitan: module names per model part (pipeline_module_split)."""
     schedule = TORCH_CLASSES.get(plan.schedule.name, plan.schedule.name).removeprefix("Schedule")
+    par = plan.parallel
     return json.dumps({
-        "pipeline_parallel_degree": plan.parallel.pp,
+        # torchtitan shards with FSDP2 over data_parallel_shard_degree (ZeRO 3; FSDP's
+        # reshard_after_forward=False is closer to ZeRO 2) and replicates over the rest
+        "tensor_parallel_degree": par.tp,
+        "enable_sequence_parallel": par.sequence_parallel,
+        "data_parallel_shard_degree": par.dp if par.zero >= 1 else 1,
+        "data_parallel_replicate_degree": 1 if par.zero >= 1 else par.dp,
+        **({"note_zero": f"planner priced ZeRO {par.zero}; FSDP2 shards weights, gradients and optimizer state "
+                         "alike (ZeRO 3), so memory is at most, and step time at least, as predicted"}
+           if par.zero in (1, 2) else {}),
+        "pipeline_parallel_degree": par.pp,
         "pipeline_parallel_schedule": schedule,
         "pipeline_parallel_microbatch_size": plan.microbatch.size,
         "module_names_per_model_chunk": [st.layers for st in plan.stages],

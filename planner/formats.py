@@ -318,8 +318,20 @@ class Cluster(_Frozen):
 
 
 class Parallel(_Frozen):
+    """Pipeline, data-parallel and tensor-parallel degrees, and how data-parallel replicas shard
+    their state. ``zero`` is the ZeRO stage (Rajbhandari et al., SC'20): 1 shards optimizer state
+    over dp (Megatron-LM's distributed optimizer), 2 also gradients (FSDP ``SHARD_GRAD_OP``), 3 also
+    parameters (FSDP ``FULL_SHARD``, FSDP2 ``fully_shard``)."""
+
     pp: int = Field(ge=1)
     dp: int = Field(ge=1)
+    tp: int = Field(default=1, ge=1, le=72, description="tensor-parallel degree: devices per replica of a stage "
+                    "(Megatron-LM's --tensor-model-parallel-size)")
+    zero: Literal[0, 1, 2, 3] = Field(default=0, description="ZeRO stage over dp: 0 replicates, 1 shards optimizer "
+                                      "state, 2 also gradients (FSDP SHARD_GRAD_OP), 3 also parameters (FSDP "
+                                      "FULL_SHARD)")
+    sequence_parallel: bool = Field(default=False, description="tp > 1 only: activations outside the tensor-"
+                                    "parallel matmuls sharded along the sequence (Korthikanti et al., 2022)")
 
 
 class Microbatch(_Frozen):
@@ -385,7 +397,8 @@ class Stage(_Frozen):
     layers: list[str] = Field(min_length=1)
     rank: int = Field(ge=0, description="pipeline rank holding this stage")
     devices: list[Annotated[int, Field(ge=0)]] = Field(min_length=1,
-                                                       description="cluster device per data-parallel replica")
+                                                       description="cluster device per data-parallel replica: "
+                                                       "the first of its parallel.tp consecutive devices")
     recompute: Literal["none", "full", "selective"] = "none"
     recompute_layers: list[str] = Field(default_factory=list)
     cost: StageCost
@@ -429,6 +442,9 @@ class SavedSettings(BaseModel):
     time_limit_s: float = Field(default=10.0, gt=0, le=MAX_MEASURED_S)
     jobs: int | None = Field(default=None, ge=1)
     objective: Literal["time", "memory"] = "time"
+    tp: int | None = Field(default=None, ge=1)
+    zero: Literal[0, 1, 2, 3] | None = None
+    sequence_parallel: bool = True
 
 
 class Provenance(_Frozen):
@@ -469,8 +485,10 @@ class Plan(_Frozen):
             if len(stage.devices) != self.parallel.dp:
                 raise ValueError(f"stages[{i}] has {len(stage.devices)} devices, dp is {self.parallel.dp}")
             n = len(self.cluster.devices)
-            if any(d >= n for d in stage.devices):
-                raise ValueError(f"stages[{i}] names a device beyond the cluster's {n}")
+            if any(d + self.parallel.tp > n for d in stage.devices):
+                raise ValueError(f"stages[{i}] names a device beyond the cluster's {n}"
+                                 + (f" (each replica spans tp = {self.parallel.tp} devices)" if self.parallel.tp > 1
+                                    else ""))
         if self.microbatch.global_batch != self.microbatch.size * self.microbatch.count * self.parallel.dp:
             raise ValueError("microbatch.global_batch must equal size x count x dp")
         problem = plan_problem(self)
@@ -521,9 +539,13 @@ def _check_order(plan: Plan) -> None:
 
 
 def _device_problem(plan: Plan) -> str | None:
-    """A pipeline rank owns one device per replica, and no device is shared by two ranks."""
+    """A pipeline rank owns tp devices per replica (named by the first), and no device is shared
+    by two ranks."""
     owner: dict[int, int] = {}
     held: dict[int, list[int]] = {}
+    tp = plan.parallel.tp
+    if tp == 1 and plan.parallel.sequence_parallel:
+        return "parallel.sequence_parallel needs tp > 1: it shards what tensor parallelism replicates"
     for s, stage in enumerate(plan.stages):
         if len(set(stage.devices)) != len(stage.devices):
             dup = next(d for d in stage.devices if stage.devices.count(d) > 1)
@@ -532,9 +554,12 @@ def _device_problem(plan: Plan) -> str | None:
         if mine != stage.devices:
             return (f"stages[{s}] is on devices {stage.devices}, another stage of rank {stage.rank} on "
                     f"{mine}: a rank's stages share its devices")
-        for d in stage.devices:
+        for d in (first + k for first in stage.devices for k in range(tp)):
             if owner.setdefault(d, stage.rank) != stage.rank:
                 return f"device {d} holds both rank {owner[d]} and rank {stage.rank} (stages[{s}])"
+        if any(d % tp for d in stage.devices):
+            return (f"stages[{s}] devices {stage.devices}: with tp = {tp} each replica starts at a multiple "
+                    f"of {tp} and owns the {tp} devices from there")
     return None
 
 

@@ -45,7 +45,7 @@ def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
             predicted=StagePrediction(compute_s=sim.stage_compute_s[s], peak_memory_bytes=sim.peak_memory_bytes[r])))
     return Plan(
         model=profile.model, cluster=cluster,
-        parallel=Parallel(pp=cfg.pp, dp=cfg.dp),
+        parallel=Parallel(pp=cfg.pp, dp=cfg.dp, tp=cfg.tp, zero=cfg.zero, sequence_parallel=cfg.sp),  # type: ignore[arg-type]
         microbatch=Microbatch(size=cfg.mbs, count=cfg.m, global_batch=cfg.global_batch),
         schedule=ScheduleSpec(name=cfg.schedule, virtual_stages=cfg.v,
                               order=list(cfg.order) if cfg.order is not None else None),

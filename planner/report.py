@@ -19,7 +19,7 @@ def simulation_summary(plan: Plan, sim: SimResult) -> dict[str, Any]:
     stages = []
     for st in plan.stages:
         r = st.rank
-        cap = plan.cluster.usable_bytes(st.devices)
+        cap = plan.cluster.usable_bytes([d + k for d in st.devices for k in range(plan.parallel.tp)])
         stages.append({
             "index": st.index, "rank": r, "layers": st.layers, "recompute": st.recompute,
             "compute_s": sim.stage_compute_s[st.index],
@@ -27,7 +27,10 @@ def simulation_summary(plan: Plan, sim: SimResult) -> dict[str, Any]:
             "rank_compute_s": sim.compute_s[r], "rank_idle_s": sim.idle_s[r],
             "peak_memory_bytes": sim.peak_memory_bytes[r], "capacity_bytes": cap,
         })
+    par = plan.parallel
     return {
+        "parallel": {"pp": par.pp, "dp": par.dp, "tp": par.tp, "zero": par.zero,
+                     "sequence_parallel": par.sequence_parallel},
         "step_time_s": sim.step_time_s,
         "throughput_samples_per_s": plan.microbatch.global_batch / sim.step_time_s if sim.step_time_s else 0.0,
         "bubble_fraction": sim.bubble_fraction,
@@ -37,10 +40,17 @@ def simulation_summary(plan: Plan, sim: SimResult) -> dict[str, Any]:
     }
 
 
+def parallel_text(plan: Plan) -> str:
+    """'pp=2 dp=4 tp=8 (sequence parallel) zero=1': every degree, and ZeRO's stage."""
+    par = plan.parallel
+    sp = " (sequence parallel)" if par.sequence_parallel else ""
+    return f"pp={par.pp} dp={par.dp} tp={par.tp}{sp} zero={par.zero}"
+
+
 def simulation_table(plan: Plan, sim: SimResult) -> Table:
     summary = simulation_summary(plan, sim)
     sched = plan.schedule.name + (f" (v={plan.schedule.virtual_stages})" if plan.schedule.virtual_stages > 1 else "")
-    title = (f"{plan.model.name}: {sched}, pp={plan.parallel.pp} dp={plan.parallel.dp}, "
+    title = (f"{plan.model.name}: {sched}, {parallel_text(plan)}, "
              f"{plan.microbatch.count} x {plan.microbatch.size} per replica")
     table = Table(title=title, title_justify="left")
     for col in ("stage", "rank", "layers", "recompute", "compute/step", "util.", "peak memory", "of device"):
@@ -145,14 +155,16 @@ def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
                    "divided by each device's relative speed")
     cand = Table(title=f"top configurations ({result.configs_solved} of {result.configs_total} solved, "
                        f"{result.elapsed_s:.2f} s)", title_justify="left")
-    for col in ("#", "pp", "dp", "mbs", "m", "schedule", "recompute", "step", "samples/s", "bubble", "peak mem"):
+    for col in ("#", "pp", "dp", "tp", "zero", "mbs", "m", "schedule", "recompute", "step", "samples/s", "bubble",
+                "peak mem"):
         cand.add_column(col, justify="right" if col not in ("schedule", "recompute") else "left")
     for k, c in enumerate(result.ranked, 1):
         ev = c.evaluation.detailed(timeline=False)
         cfg = c.config
         sched = cfg.schedule + (f" v={cfg.v}" if cfg.v > 1 else "")
         rec = sorted({s.recompute for s in ev.segments})
-        cand.add_row(str(k), str(cfg.pp), str(cfg.dp), str(cfg.mbs), str(cfg.m), sched, "/".join(rec),
+        cand.add_row(str(k), str(cfg.pp), str(cfg.dp), str(cfg.tp) + (" sp" if cfg.sp else ""), str(cfg.zero),
+                     str(cfg.mbs), str(cfg.m), sched, "/".join(rec),
                      fmt_time(ev.step_time_s), f"{c.throughput:.1f}", f"{ev.sim.bubble_fraction:.1%}",
                      fmt_bytes(max(ev.peak_memory_bytes)), style="bold green" if k == 1 else None)
     out.append(cand)
@@ -191,7 +203,8 @@ def versus(theirs: float, mine: float, unit: str = "") -> str:
 def _baseline_table(plan: Plan) -> Table:
     """The plan against today's splits; the plan's row says whose split it is."""
     ours = "your split (--fix-cuts)" if _pinned(plan) else "planner"
-    base = Table(title="against today's splits (same configuration, same cost model)", title_justify="left")
+    base = Table(title="against today's splits (one cost model; the plan's configuration, Megatron-LM's usual "
+                       "in its own)", title_justify="left")
     for col in ("partition", "layers per stage", "step", "vs yours" if _pinned(plan) else "vs planner", "peak mem"):
         base.add_column(col, justify="left" if col in ("partition", "layers per stage") else "right")
     mine, least = plan.predicted.step_time_s, plan.predicted.peak_memory_bytes

@@ -38,7 +38,8 @@ def test_solve_prints_candidates_plan_and_baselines(tmp_path, profile):
     assert r.exit_code == 0, r.output
     assert "top configurations" in r.output and "against today's splits" in r.output
     data = json.loads(out.read_text())
-    assert data["kind"] == "plan" and len(data["baselines"]) == 3
+    assert data["kind"] == "plan" and len(data["baselines"]) == 4
+    assert data["baselines"][-1]["name"] == "Megatron-LM's usual: tp 4 x pp 1, equal layers"
 
 
 def test_solve_json_to_stdout(profile):

@@ -28,7 +28,7 @@ def tiny_profile():
 
 
 def plan_for(profile, tmp_path, schedule, pp=2, dp=1, gb=8, name="plan.json"):
-    settings = Settings(global_batch=gb, pp=pp, dp=dp, schedules=(schedule,), time_limit_s=5)
+    settings = Settings(global_batch=gb, pp=pp, dp=dp, tp=1, zero=0, schedules=(schedule,), time_limit_s=5)
     result = solve(profile, from_spec("cpu2"), settings)
     plan = make_plan(profile, from_spec("cpu2"), result, settings)
     path = tmp_path / name

@@ -34,7 +34,9 @@ def need_usable_short(text: str) -> tuple[float, float, float]:
     return nbytes(m[1]), nbytes(m[2]), nbytes(m[3])
 
 
-@pytest.mark.parametrize("memory_mib", [8, 14, 20])
+# The model's weights, gradients and Adam state take 44.6 MiB: from 22.3 MiB per device they fit
+# the two devices in all, and what binds is the fullest device.
+@pytest.mark.parametrize("memory_mib", [23, 24, 26])
 def test_the_shortfall_is_what_the_fullest_device_lacks(memory_mib):
     # interleaved plans hold several stages per device: one stage's memory is not the device's
     text = message(memory_mib)
@@ -44,14 +46,14 @@ def test_the_shortfall_is_what_the_fullest_device_lacks(memory_mib):
 
 
 def test_recompute_none_is_respected_and_auto_is_offered():
-    text = message(20, recompute="none")
+    text = message(24, recompute="none")
     assert "no recomputation" in text and "full recomputation" not in text
     assert "--recompute auto (needs" in text and "--recompute full" not in text
 
 
 @pytest.mark.parametrize("recompute", ["auto", "full"])
 def test_recomputation_is_not_offered_where_it_is_already_allowed(recompute):
-    text = message(20, recompute=recompute)
+    text = message(24, recompute=recompute)
     assert "full recomputation" in text and "--recompute" not in text
 
 
@@ -65,12 +67,20 @@ def test_the_users_split_is_the_one_explained():
 
 
 def test_no_smaller_micro_batch_is_offered_where_it_is_already_the_smallest():
-    text = message(20, mbs=1)
+    text = message(24, mbs=1)
     assert "--mbs" not in text and "micro-batch" not in text
 
 
 def test_a_smaller_pinned_micro_batch_is_offered():
-    assert "--mbs 1 (needs" in message(20, mbs=4)
+    assert "--mbs 1 (needs" in message(24, mbs=4)
+
+
+def test_a_model_whose_state_exceeds_the_whole_cluster_says_so_in_one_line():
+    # 11.14 MiB of float32 weights: 2.92 M parameters x 16 bytes (Adam) = 44.6 MiB, two devices of 20 MiB
+    text = message(20)
+    assert text == ("nothing fits on cpu2 in all: 2.92 M parameters x 16 bytes (adam, param precision: weights, "
+                    "gradients and optimizer state) need 44.6 MiB, the cluster's 2 devices have 40.0 MiB usable "
+                    "in all: no split of any kind fits; use more devices")
 
 
 def test_a_reserve_larger_than_memory_is_named():
@@ -89,11 +99,11 @@ def test_the_time_limit_is_not_blamed_where_it_does_not_bind():
 
 def test_several_stages_per_device_are_counted_together():
     # interleaved with 2 stages per device: the device's memory is both stages', priced by the
-    # simulator, not the larger stage's alone (which fits in 20 MiB)
-    text = message(20, schedules=("interleaved-1f1b",), virtual_stages=2)
+    # simulator, not the larger stage's alone (which fits in 24 MiB)
+    text = message(24, schedules=("interleaved-1f1b",), virtual_stages=2)
     assert "the lightest plan found needs" in text and re.search(r"rank \d holding \S+ and \S+\)", text)
     need, usable, short = need_usable_short(text)
-    assert need > usable == 20 * MiB and short > 0
+    assert need > usable == 24 * MiB and short > 0
     assert "--schedule 1f1b (needs" in text  # one stage per device needs less
 
 

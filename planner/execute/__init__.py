@@ -137,7 +137,13 @@ def load_runnable(plan_path: Path) -> Plan:
     """The plan, its model factory found next to the plan file when not under the current folder."""
     from planner.model import with_factory_found
 
-    return with_factory_found(load_plan(plan_path), plan_path)
+    plan = load_plan(plan_path)
+    par = plan.parallel
+    if par.tp > 1 or par.zero:
+        raise ExecutionError(f"{plan_path}: planner execute runs pipeline and data parallelism only; this plan has "
+                             f"tp {par.tp}, zero {par.zero}: run it through `planner export` (Megatron-LM, DeepSpeed, "
+                             "torchtitan), or solve with --tp 1 --zero 0")
+    return with_factory_found(plan, plan_path)
 
 
 def execute(plan_path: Path, opts: Options, progress=None) -> Verification:

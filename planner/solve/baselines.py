@@ -9,6 +9,10 @@
   layer at a time moved towards the lightest stage until the heaviest is within 1 of it. Not a
   min-max split: on costs that are mostly equal it keeps the equal split.
 
+* Megatron-LM's usual configuration for the cluster, beside them: tensor parallelism over each
+  node's devices, the pipeline over the nodes, equal layers, 1F1B (Narayanan et al., 2021,
+  section 3.3: tensor parallelism within a node, pipeline parallelism across).
+
 ``min_max`` (the contiguous split with the lightest heaviest stage) is what DeepSpeed's
 ``parameters`` method computes on parameter counts; the search also uses it on layer times as
 a first partition to beat. ``price`` runs each split as planner would (recomputing only where
@@ -17,13 +21,13 @@ needed) for the chosen configuration, as a ``Baseline``.
 
 from __future__ import annotations
 
-import re
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from planner.cost import Segment
+from planner.cost import Segment, block_range
 from planner.evaluate import Config, Evaluation, evaluate, segments_from_bounds
 from planner.solve.bounds import least_memory_cost
 from planner.solve.exact import lb_partition
@@ -44,7 +48,7 @@ class Baseline(NamedTuple):
 
 def today(search: Search, cfg: Config) -> list[tuple[str, Partition | None]]:
     """Today's splits for cfg's stage count: (label, stage starts)."""
-    t = search.table(cfg.mbs)
+    t = search.table_for(cfg)
     names = [layer.name for layer in search.profile.layers]
     S = cfg.n_stages
     return [
@@ -58,27 +62,54 @@ def price(search: Search, cfg: Config) -> list[Baseline]:
     """Today's splits as planner would run them: recomputing only where needed (or, for the
     memory objective, wherever it saves memory); one that does not fit is priced without
     recomputation, to show by how much."""
-    t = search.table(cfg.mbs)
-    b = search.bounds(cfg)
-    cost = least_memory_cost(b) if search.settings.objective == "memory" else None
     out = []
     for label, starts in today(search, cfg):
         if starts is None:
             out.append(Baseline(label, None, None))
             continue
-        _, stages = lb_partition(b, fixed=starts, cost=cost)
-        if stages is None:
-            segs = segments_from_bounds(starts, t.n)
-        else:
-            segs = [Segment(a, z, "full" if c == 1 else "none") for a, z, c in stages]
-        out.append(Baseline(label, starts, evaluate(t, search.cluster, cfg, segs, detail=False)))
+        out.append(Baseline(label, starts, _priced(search, cfg, starts)))
+    usual = megatron_usual(search, cfg)
+    if usual is not None:
+        label, other = usual
+        starts = equal_blocks([layer.name for layer in search.profile.layers], other.n_stages)
+        if starts is not None:
+            out.append(Baseline(label, starts, _priced(search, other, starts)))
     return out
+
+
+def _priced(search: Search, cfg: Config, starts: Partition) -> Evaluation:
+    """A split evaluated as planner would run it: recomputing only where needed."""
+    t, b = search.table_for(cfg), search.bounds(cfg)
+    cost = least_memory_cost(b) if search.settings.objective == "memory" else None
+    _, stages = lb_partition(b, fixed=starts, cost=cost)
+    if stages is None:
+        segs = segments_from_bounds(starts, t.n)
+    else:
+        segs = [Segment(a, z, "full" if c == 1 else "none") for a, z, c in stages]
+    return evaluate(t, search.cluster, cfg, segs, detail=False, ranks=search.ranks_for(cfg))
+
+
+def megatron_usual(search: Search, cfg: Config) -> tuple[str, Config] | None:
+    """Megatron-LM's usual choice for the cluster at cfg's micro-batch size and global batch:
+    tp = the devices per node, pp = the nodes, dp = 1 (ZeRO none), 1F1B; None where it does not
+    apply (more nodes than layers, a batch that does not split, a single-device node)."""
+    cluster = search.cluster
+    tp = math.gcd(*(len(node.devices) for node in cluster.nodes))
+    pp = len(cluster.nodes)
+    m, rem = divmod(cfg.global_batch, cfg.mbs)
+    if rem or pp > len(search.profile.layers) or m < pp:
+        return None
+    usual = Config(pp=pp, dp=1, mbs=cfg.mbs, m=m, schedule="1f1b" if m > 1 else "naive",
+                   training=cfg.training, tp=tp, sp=search.settings.sequence_parallel and tp > 1)
+    if usual == cfg:
+        return None
+    return f"Megatron-LM's usual: tp {tp} x pp {pp}, equal layers", usual
 
 
 def equal_blocks(names: Sequence[str], stages: int) -> Partition | None:
     """Repeated blocks evenly over the stages (earlier stages take the remainder)."""
     n = len(names)
-    blocks = _repeated_blocks(names)
+    blocks = block_range(names)
     if blocks is None:
         lo, hi = 0, n
     else:
@@ -94,21 +125,6 @@ def equal_blocks(names: Sequence[str], stages: int) -> Partition | None:
         pos += per + (1 if s < extra else 0)
         starts.append(pos)
     return starts
-
-
-def _repeated_blocks(names: Sequence[str]) -> tuple[int, int] | None:
-    """The longest run of names that differ only by a trailing index ('h.0', 'h.1', ...)."""
-    best, run_start, prev = None, 0, None
-    for k, name in enumerate(list(names) + [""]):
-        m = re.fullmatch(r"(.*?)(\d+)", name)
-        key = m.group(1) if m else None
-        if key is None or key != prev:
-            if prev is not None and (best is None or k - run_start > best[1] - best[0]):
-                best = (run_start, k)
-            run_start, prev = k, key
-    if best is None or best[1] - best[0] < 2:
-        return None
-    return best
 
 
 def block_partition(weights: Sequence[float] | np.ndarray, stages: int) -> Partition | None:

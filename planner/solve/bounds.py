@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost import CostTable, bytes_per_param
+from planner.cost import CostTable
 from planner.evaluate import Config, RankDevice
-from planner.formats import DTYPE_BYTES, Cluster
+from planner.formats import Cluster
 from planner.schedules import Schedule, inflight_peaks, weight_versions
 from planner.simulate import stage_states
 
@@ -82,21 +82,24 @@ class StageBounds:
         self.vmax = max(r.speed for r in ranks)
         links = [cluster.intra_node] + ([cluster.inter_node] if cluster.inter_node else [])
         self.lat = min(link.latency_s for link in links) if len(ranks) > 1 else 0.0
-        self.bpp = bytes_per_param(config.training, table.profile.dtype) / DTYPE_BYTES[table.profile.dtype]
+        # data-parallel replicas: their ZeRO sharding and collectives (planner.cost.DataParallel)
+        self.dps = [ranks[place[s]].data_parallel(cluster, config.zero) for s in range(self.S)]
+        self.bpp = self.dps[0].state_factor(config.training, table.profile.dtype)
+        self.gathers = config.zero >= 3 and config.dp > 1  # ZeRO-3 holds one whole layer at a time
         self.versions = [weight_versions(config.schedule, config.pp, place[s]) for s in range(self.S)]
         self.split = schedule.split_backward
         self.one_chunk = schedule.n_stages == schedule.pp
         # all forwards before any backward: a stage waits for the whole rest of the pipeline
         self.flush_all = config.schedule in ("gpipe", "naive")
         # data-parallel all-reduce is linear in gradient bytes: seconds = a * bytes + c
-        self.ar = [ranks[place[s]].allreduce_coeffs(cluster) for s in range(self.S)]
-        total_params = table.PARAMS[-1] or 1.0
-        self.opt_per_byte = table.optimizer_s / total_params
+        self.ar = [dp.step_coeffs() for dp in self.dps]
+        self.opt_per_byte = table.optimizer_per_byte * self.dps[0].optimizer_share()
 
     # ------------------------------------------------------------------------ pieces
 
-    def params(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    def params(self, i: Starts, j: Starts) -> np.ndarray:
         t = self.t
+        i, j = np.asarray(i), np.asarray(j)
         out: np.ndarray = t.PARAMS[j] - t.PARAMS[i]
         for members, nbytes in t._tied:
             inside = sum(((i <= mbr) & (mbr < j)).astype(float) for mbr in members)
@@ -110,6 +113,8 @@ class StageBounds:
         params = self.params(i, j)
         static = params * self.bpp + (self.versions[s] - 1) * params
         static = static + self.m * (t.cut[i] + t.cut[j])  # receive buffers, per micro-batch
+        if self.gathers:
+            static = static + t.params_max[i, j]
         batch = np.where(i == 0, self.m * t.input_batch, 0.0) + np.where(j == self.n, self.m * t.target_batch, 0.0)
         if choice == FULL:
             held = t.PRODUCED[j] - t.PRODUCED[i]
@@ -149,17 +154,29 @@ class StageBounds:
         return out
 
     def work(self, s: int, i: Starts, j: Starts, choice: int) -> np.ndarray:
-        """Seconds stage s computes in a step: every micro-batch's forward and backward."""
+        """Seconds stage s computes in a step: every micro-batch's forward and backward, with the
+        collectives ZeRO 2 and 3 run per micro-batch."""
         t = self.t
         f = (t.F[j] - t.F[i]) / self.speed[s]
+        ef, ei, ew = self._zero_extra(s, i, j)
         if self.split:  # input and weight gradients as separate actions
             b = (t.BI[j] - t.BI[i] + t.BW[j] - t.BW[i]) / self.speed[s]
         else:
             b = (t.B[j] - t.B[i]) / self.speed[s]
         if choice == FULL:
             b = b + f
-        seconds: np.ndarray = self.m * (f + b)
+        seconds: np.ndarray = self.m * (f + ef + b + ei + ew)
         return seconds
+
+    def _zero_extra(self, s: int, i: Starts, j: Starts) -> tuple[np.ndarray | float, ...]:
+        """Per micro-batch, the seconds ZeRO adds to stage s's forward, input and weight gradients
+        (``DataParallel.per_microbatch``, vectorised)."""
+        dp = self.dps[s]
+        if dp.zero < 2 or dp.dp <= 1:
+            return 0.0, 0.0, 0.0
+        params = self.params(i, j)
+        half = np.where(params > 0, 0.5 * (dp.per_byte * params + dp.fixed), 0.0)
+        return (half, half, half) if dp.zero == 3 else (0.0, 0.0, half)
 
     def head(self, s: int, i: Starts) -> np.ndarray:
         """Earliest start of stage s: the first micro-batch crosses every earlier layer."""
@@ -173,7 +190,8 @@ class StageBounds:
     def bound(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
         t, n = self.t, self.n
         work = self.work(s, i, j, choice)
-        f = (t.F[j] - t.F[i]) / self.speed[s]
+        ef, _, ew = self._zero_extra(s, i, j)
+        f = (t.F[j] - t.F[i]) / self.speed[s] + ef  # one forward action, ZeRO-3's gather included
         if self.schedule.stream:  # steady state: no fill or drain
             steady: np.ndarray = work + self._after(s, i, j)
             return steady
@@ -184,7 +202,7 @@ class StageBounds:
             # that I's gradient still crosses every earlier layer's input gradient, while stage s
             # runs only those weight gradients
             tail = t.BI[i] / self.vmax + self.hops[s] * self.lat
-            own_after = self.w_after[s] * (t.BW[j] - t.BW[i]) / self.speed[s]
+            own_after = self.w_after[s] * ((t.BW[j] - t.BW[i]) / self.speed[s] + ew)
         gap = 0.0
         if self.one_chunk:
             back = t.BI if self.split else t.B

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from planner.cost import Segment
+from planner.cost import Segment, bytes_per_param
 from planner.errors import PlannerError
 from planner.evaluate import Config, evaluate
+from planner.formats import DTYPE_BYTES, Cluster, Profile, Training
 from planner.schedules import build
 from planner.solve.bounds import FULL, Policy, StageBounds
 from planner.solve.exact import lb_partition
@@ -55,11 +56,34 @@ def _fmt(n: float) -> str:
     return fmt_bytes(n)
 
 
+def whole_cluster(profile: Profile, cluster: Cluster, training: Training) -> str | None:
+    """Where even perfect sharding cannot fit: the model's weights, gradients and optimizer state
+    (ZeRO's (2 + 2 + K) bytes per parameter, section 3.1) against every device's usable memory
+    together, which no split of any kind (pipeline, tensor, ZeRO 3) can beat."""
+    n_params = (sum(layer.param_bytes for layer in profile.layers)
+                - sum((len(g.layers) - 1) * g.param_bytes for g in profile.tied)) / DTYPE_BYTES[profile.dtype]
+    per = bytes_per_param(training, profile.dtype)
+    need = n_params * per
+    usable = [d.memory_bytes - cluster.reserved_bytes for d in cluster.devices]
+    if need <= sum(usable) or min(usable) <= 0:  # a reserve beyond a device's memory is explained apart
+        return None
+    count = f"{n_params / 1e9:.2f} B" if n_params >= 1e8 else f"{n_params / 1e6:.2f} M"
+    return (f"nothing fits on {cluster.name} in all: {count} parameters x {per} bytes "
+            f"({training.optimizer}, {training.precision} precision: weights, gradients and optimizer state) "
+            f"need {_total(need)}, the cluster's {len(cluster.devices)} devices have {_total(sum(usable))} "
+            "usable in all: no split of any kind fits; use more devices")
+
+
+def _total(n: float) -> str:
+    """Decimal terabytes for cluster-sized totals (as memory is sold), else binary units."""
+    return f"{n / 1e12:.2f} TB" if n >= 1e11 else _fmt(n)
+
+
 def need_of(search: Search, cfg: Config, policy: Policy, fixed: list[int] | None) -> Need | None:
     """The least memory cfg needs on its fullest device under the recomputation policy, with
     the stage starts ``fixed`` where given; None where it has too few layers for its stages."""
-    b = StageBounds(search.table(cfg.mbs), search.cluster, cfg, build(cfg.schedule, cfg.pp, cfg.m, cfg.v),
-                    search.ranks(cfg.pp, cfg.dp), policy)
+    b = StageBounds(search.table_for(cfg), search.cluster, cfg, build(cfg.schedule, cfg.pp, cfg.m, cfg.v),
+                    search.ranks_for(cfg), policy)
 
     room = max(b.cap)  # shortfalls shifted to stay positive: the program's max starts at 0
 
@@ -79,8 +103,8 @@ def need_of(search: Search, cfg: Config, policy: Policy, fixed: list[int] | None
         where = f"stage {s} holding {_span(names, i, j)}, {_recompute(c)}"
         return Need(cfg, shortfall[s] + b.cap[s], b.cap[s], where, exact=True)
     segments = [Segment(i, j, "full" if c == FULL else "none") for i, j, c in stages]
-    ranks = search.ranks(cfg.pp, cfg.dp)
-    ev = evaluate(search.table(cfg.mbs), search.cluster, cfg, segments, detail=False, ranks=ranks)
+    ranks = search.ranks_for(cfg)
+    ev = evaluate(search.table_for(cfg), search.cluster, cfg, segments, detail=False, ranks=ranks)
     r = max(range(len(ranks)), key=lambda k: ev.peak_memory_bytes[k] - ranks[k].capacity_bytes)
     held = [_span(names, i, j) for s, (i, j, _) in enumerate(stages) if b.schedule.stage_rank[s] == r]
     return Need(cfg, float(ev.peak_memory_bytes[r]), float(ranks[r].capacity_bytes),

@@ -102,7 +102,7 @@ def least_memory_of(search: Search, cfg: Config, deadline: float) -> InnerResult
         return None if b.one_chunk else fastest(search, cfg, deadline)
     # now the fastest partition with every stage within that memory (and its own device)
     b.cap = [min(least * (1 + 1e-6), cap) for cap in b.cap]
-    table, ranks = search.table(cfg.mbs), search.ranks(cfg.pp, cfg.dp)
+    table, ranks = search.table_for(cfg), search.ranks_for(cfg)
 
     def run(segments: list[Segment]) -> tuple[float, bool, Evaluation]:
         ev = evaluate(table, search.cluster, cfg, segments, detail=False, ranks=ranks)

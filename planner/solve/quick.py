@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.cost import CostTable, bytes_per_param
+from planner.cost import CostTable, DataParallel
 from planner.evaluate import Config, RankDevice
-from planner.formats import DTYPE_BYTES, Cluster
+from planner.formats import Cluster
 from planner.schedules import SCHEDULES
 
 
 def may_fit(table: CostTable, ranks: list[RankDevice], cfg: Config) -> bool:
     """A necessary condition: some rank holds at least 1/pp of the weights, gradients and
-    optimizer state, and some rank holds the largest layer's."""
-    dtype = table.profile.dtype
-    per_byte = bytes_per_param(cfg.training, dtype) / DTYPE_BYTES[dtype]
+    optimizer state (of its tensor-parallel shard, less what ZeRO shards over dp), and some rank
+    holds the largest layer's."""
+    per_byte = DataParallel(cfg.dp, cfg.zero).state_factor(cfg.training, table.profile.dtype)
     cap = max(r.capacity_bytes for r in ranks)
     return table.PARAMS[-1] * per_byte / cfg.pp <= cap and float(table.params.max()) * per_byte <= cap
 
@@ -46,9 +46,12 @@ def busiest_rank(t: CostTable, ranks: list[RankDevice], cluster: Cluster, cfg: C
     all-reduce covers every distinct parameter at least once."""
     vmax = max(r.speed for r in ranks)
     unique = t.PARAMS[-1] - t.tied_dedup(0, t.n)
-    coeffs = [r.allreduce_coeffs(cluster) for r in ranks]
+    dps = [r.data_parallel(cluster, cfg.zero) for r in ranks]
+    coeffs = [dp.step_coeffs() for dp in dps]
     per_byte, fixed = min(a for a, _ in coeffs), min(c for _, c in coeffs)
     allreduce = per_byte * unique + fixed if unique > 0 else 0.0
-    optimizer = t.optimizer_s * unique / (t.PARAMS[-1] or 1.0) / vmax
+    # ZeRO 2 and 3: every micro-batch's reduce-scatter (and gathers) of the weights, latency aside
+    allreduce += cfg.m * min(dp.per_microbatch_per_byte() for dp in dps) * unique
+    optimizer = t.optimizer_per_byte * unique * dps[0].optimizer_share() / vmax
     overheads = 2 * cfg.m * cfg.v * min(r.overhead_s for r in ranks)  # an F and a backward each
     return float((cfg.m * (t.F[-1] + t.BMIN[-1]) / vmax + allreduce + optimizer) / cfg.pp + overheads)

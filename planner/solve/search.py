@@ -21,7 +21,7 @@ from planner.autosched import NAME as AUTO
 from planner.autosched import SEEDS, build_auto, rows
 from planner.cost import CostTable, Segment
 from planner.errors import InfeasibleError, InputError
-from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices
+from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices, tp_link
 from planner.formats import Cluster, Profile
 from planner.graph import LayerGraph
 from planner.schedules import SCHEDULES, build
@@ -69,32 +69,42 @@ class Search:
         self.settings = settings
         self.progress = progress
         self.graph = LayerGraph(profile)
-        self.tables: dict[int, CostTable] = {}
-        self._ranks: dict[tuple[int, int], list[RankDevice]] = {}
+        self.tables: dict[tuple[int, int, bool], CostTable] = {}
+        self._ranks: dict[tuple[int, int, int], list[RankDevice]] = {}
         self.policy = Policy("auto" if settings.recompute in ("auto", "selective") else settings.recompute)
         self.skipped_auto: list[Config] = []  # too large for zb-auto's list scheduler
 
     # ------------------------------------------------------------------ shared per search
 
-    def table(self, mbs: int) -> CostTable:
-        if mbs not in self.tables:
-            self.tables[mbs] = CostTable(self.profile, mbs, self.graph)
-        return self.tables[mbs]
+    def table(self, mbs: int, tp: int = 1, sp: bool = False) -> CostTable:
+        """The cost table at a micro-batch size and tensor-parallel degree (its devices' link from
+        the cluster: planner.evaluate.tp_link)."""
+        key = (mbs, tp, sp and tp > 1)
+        if key not in self.tables:
+            link = tp_link(self.cluster, tp, len(self.cluster.devices) // tp * tp)
+            self.tables[key] = CostTable(self.profile, mbs, self.graph, tp=tp, tp_link=link, sequence_parallel=sp)
+        return self.tables[key]
 
-    def ranks(self, pp: int, dp: int) -> list[RankDevice]:
-        key = (pp, dp)
+    def table_for(self, cfg: Config) -> CostTable:
+        return self.table(cfg.mbs, cfg.tp, cfg.sp)
+
+    def ranks(self, pp: int, dp: int, tp: int = 1) -> list[RankDevice]:
+        key = (pp, dp, tp)
         if key not in self._ranks:
-            self._ranks[key] = rank_devices(self.cluster, pp, dp)
+            self._ranks[key] = rank_devices(self.cluster, pp, dp, tp)
         return self._ranks[key]
+
+    def ranks_for(self, cfg: Config) -> list[RankDevice]:
+        return self.ranks(cfg.pp, cfg.dp, cfg.tp)
 
     def bounds(self, cfg: Config, share: float = 1.0) -> StageBounds:
         schedule = build(cfg.schedule, cfg.pp, cfg.m, cfg.v, cfg.order)
-        return StageBounds(self.table(cfg.mbs), self.cluster, cfg, schedule,
-                           self.ranks(cfg.pp, cfg.dp), self.policy, share)
+        return StageBounds(self.table_for(cfg), self.cluster, cfg, schedule,
+                           self.ranks_for(cfg), self.policy, share)
 
     def evaluator(self, cfg: Config) -> Evaluator:
-        table = self.table(cfg.mbs)
-        ranks = self.ranks(cfg.pp, cfg.dp)
+        table = self.table_for(cfg)
+        ranks = self.ranks_for(cfg)
 
         def run(segments: list[Segment]) -> tuple[float, bool, Evaluation]:
             ev = evaluate(table, self.cluster, cfg, segments, detail=False, ranks=ranks)
@@ -102,10 +112,10 @@ class Search:
         return run
 
     def may_fit(self, cfg: Config) -> bool:
-        return quick.may_fit(self.table(cfg.mbs), self.ranks(cfg.pp, cfg.dp), cfg)
+        return quick.may_fit(self.table_for(cfg), self.ranks_for(cfg), cfg)
 
     def quick_bound(self, cfg: Config) -> float:
-        return quick.quick_bound(self.table(cfg.mbs), self.ranks(cfg.pp, cfg.dp), self.cluster, cfg)
+        return quick.quick_bound(self.table_for(cfg), self.ranks_for(cfg), self.cluster, cfg)
 
     def fixed(self, cfg: Config) -> list[int] | None:
         """The user's stage starts (--fix-cuts) where they fit cfg's stage count."""
@@ -119,6 +129,11 @@ class Search:
     def run(self) -> SolveResult:
         start = time.perf_counter()
         s = self.settings
+        from planner.solve.infeasible import whole_cluster
+
+        problem = whole_cluster(self.profile, self.cluster, s.training)
+        if problem:
+            raise InfeasibleError(problem)
         configs = search_space(self.profile, self.cluster, s)
         fitting = [c for c in configs if self.may_fit(c)]
         if not fitting:
@@ -177,7 +192,7 @@ class Search:
     def first(self, cfg: Config, kth: float) -> InnerResult:
         """One configuration's first answer: the DP's partition, simulated (proven optimal when
         the simulation meets the bound), never worse than the time-balanced split."""
-        t = self.table(cfg.mbs)
+        t = self.table_for(cfg)
         warm = [p for p in [bl.min_max(t.fwd + t.bwd, cfg.n_stages)] if p is not None]
         floor = self.quick_bound(cfg)
         b = self.bounds(cfg)
@@ -286,8 +301,8 @@ class Search:
                 return None
             order = rows(built.schedule.ranks)
         cfg = replace(ev.config, schedule=AUTO, order=order)
-        priced = evaluate(self.table(cfg.mbs), self.cluster, cfg, ev.segments, detail=False,
-                          ranks=self.ranks(cfg.pp, cfg.dp))
+        priced = evaluate(self.table_for(cfg), self.cluster, cfg, ev.segments, detail=False,
+                          ranks=self.ranks_for(cfg))
         # the order is searched on the partition found for its seed: its bound is the configuration's
         inner = InnerResult(self.quick_bound(cfg), ev.segments, priced.step_time_s, proven=False,
                             evaluations=1 + max(runs, 0), payload=priced)
@@ -300,7 +315,7 @@ class Search:
         speed, memory = -round(c.throughput, 9), max(ev.peak_memory_bytes)
         first = (memory, speed) if self.settings.objective == "memory" else (speed, memory)
         cfg = c.config
-        return (*first, list(SCHEDULES).index(cfg.schedule), cfg.v, cfg.pp, -cfg.dp, cfg.mbs, cfg.m)
+        return (*first, list(SCHEDULES).index(cfg.schedule), cfg.v, cfg.pp, -cfg.dp, cfg.mbs, cfg.m, cfg.tp, cfg.zero)
 
     def large_multi(self, cfg: Config) -> bool:
         """Several stages per rank, and too many partitions to branch on."""
@@ -339,7 +354,8 @@ def _at_least_today(best: Candidate, base: list[bl.Baseline]) -> Candidate:
     """The best plan, or one of today's splits of its configuration where that runs faster."""
     for b in base:
         ev = b.evaluation
-        if ev is not None and ev.fits and ev.step_time_s < best.inner.step_time_s * (1 - 1e-12):
+        if ev is not None and ev.config == best.config and ev.fits \
+                and ev.step_time_s < best.inner.step_time_s * (1 - 1e-12):
             best = Candidate(best.config, InnerResult(best.inner.lower_bound_s, ev.segments, ev.step_time_s,
                                                       best.inner.proven, best.inner.evaluations, ev))
     return best
@@ -371,7 +387,10 @@ def solve(profile: Profile, cluster: Cluster, settings: Settings,
         pinned = ("the partition is yours (--fix-cuts), priced as given, not searched: nothing is claimed "
                   "about other splits (drop --fix-cuts to search them)")
         result = replace(result, proven=False, proven_for_fixed_cuts=result.proven, notes=[pinned, *result.notes])
-    name = result.best.config.schedule
+    name, best = result.best.config.schedule, result.best.config
+    if best.tp > 1 or best.zero:
+        result.notes.append(f"tp {best.tp} and zero {best.zero} are planned, not executed: planner execute runs "
+                            "tp 1, zero 0 plans only (export this one, or solve with --tp 1 --zero 0)")
     if not SCHEDULES[name].executable:
         result.notes.append(f"{name} is modelled only: PyTorch's pipeline engine cannot run it, so "
                             "planner execute refuses this plan")

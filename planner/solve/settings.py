@@ -1,8 +1,10 @@
 """What the search reads (``Settings``, checked when made) and the configurations it walks:
-pipeline and data-parallel degrees, micro-batch size and count, schedule, virtual stages."""
+tensor-parallel degree, pipeline and data-parallel degrees, ZeRO stage, micro-batch size and
+count, schedule, virtual stages."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -45,8 +47,15 @@ class Settings:
     time_limit_s: float = 10.0
     jobs: int | None = None  # worker processes; None: one per core for large searches
     objective: Objective = "time"  # time: the fastest plan; memory: the least peak memory per device
+    tp: int | None = None  # tensor-parallel degree; None: every divisor of the devices per node
+    zero: int | None = None  # ZeRO stage 0-3; None: searched (1-3 where dp > 1)
+    sequence_parallel: bool = True  # with tp > 1 (Megatron-LM's --sequence-parallel)
 
     def __post_init__(self) -> None:
+        if self.zero is not None and self.zero not in (0, 1, 2, 3):
+            raise InputError(f"--zero {self.zero}: the ZeRO stages are 0, 1, 2 and 3")
+        if self.tp is not None and self.tp < 1:
+            raise InputError(f"--tp {self.tp}: give a degree of at least 1")
         if self.recompute not in RECOMPUTE:
             raise InputError(f"--recompute {self.recompute!r}: choose {', '.join(RECOMPUTE)}")
         if self.objective not in OBJECTIVES:
@@ -92,9 +101,29 @@ def _check_pins(profile: Profile, n_dev: int, settings: Settings) -> None:
     if settings.mbs and settings.mbs not in profile.mbs_sizes:
         raise InputError(f"--mbs {settings.mbs} was not profiled (profiled: "
                          f"{', '.join(map(str, profile.mbs_sizes))}); profile it with --mbs")
-    if settings.pp and settings.pp * (settings.dp or 1) > n_dev:
-        raise InputError(f"--pp {settings.pp}" + (f" x --dp {settings.dp}" if settings.dp else "")
-                         + f" needs {settings.pp * (settings.dp or 1)} devices; the cluster has {n_dev}")
+    tp = settings.tp or 1
+    if (settings.pp or 1) * (settings.dp or 1) * tp > n_dev:
+        pins = [f"--{k} {v}" for k, v in (("pp", settings.pp), ("dp", settings.dp), ("tp", settings.tp)) if v]
+        raise InputError(f"{' x '.join(pins)} needs {(settings.pp or 1) * (settings.dp or 1) * tp} devices; "
+                         f"the cluster has {n_dev}")
+
+
+def tensor_degrees(cluster: Cluster, settings: Settings) -> list[int]:
+    """tp as pinned, else every divisor of the devices per node (of the smallest node's count,
+    where nodes differ): a tensor-parallel group all-reduces twice per block each way, so it
+    stays on a node's link (Narayanan et al., 2021, section 3.3)."""
+    if settings.tp:
+        return [settings.tp]
+    per_node = math.gcd(*(len(node.devices) for node in cluster.nodes))
+    return [t for t in range(1, per_node + 1) if per_node % t == 0]
+
+
+def zero_stages(dp: int, settings: Settings) -> list[int]:
+    """The ZeRO stage as pinned, else 1 to 3 over several replicas (stage 0 moves the same bytes as
+    stage 1 and holds more, ZeRO section 7.2.1, so it never wins) and 0 over one."""
+    if settings.zero is not None:
+        return [settings.zero]
+    return [1, 2, 3] if dp > 1 else [0]
 
 
 def _pipeline_degrees(n_dev: int, n_layers: int, settings: Settings) -> list[int]:
@@ -136,29 +165,41 @@ def _wanted(name: str, pp: int, m: int, settings: Settings) -> bool:
 
 def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> Iterator[Config]:
     n_dev = len(cluster.devices)
-    n_layers = len(profile.layers)
     _check_pins(profile, n_dev, settings)
-    sizes = [settings.mbs] if settings.mbs else profile.mbs_sizes
-    names = _schedules(settings)
-    only_seeds = set(names) - set(requested(settings))  # searched for zb-auto alone: one chunk
+    for tp in tensor_degrees(cluster, settings):
+        for pp, dp in _degrees(n_dev // tp, len(profile.layers), settings):
+            for zero in zero_stages(dp, settings):
+                yield from _schedules_for(profile, settings, pp, dp, tp, zero)
+
+
+def _degrees(n_dev: int, n_layers: int, settings: Settings) -> Iterator[tuple[int, int]]:
+    """(pp, dp) over ``n_dev`` tensor-parallel groups."""
     for pp in _pipeline_degrees(n_dev, n_layers, settings):
         if pp * (settings.virtual_stages or 1) > n_layers:
             continue
         for dp in _data_degrees(n_dev, pp, settings):
-            for mbs in sizes:
-                m = _microbatches(pp, dp, mbs, settings)
-                if m is None:
+            yield pp, dp
+
+
+def _schedules_for(profile: Profile, settings: Settings, pp: int, dp: int, tp: int, zero: int) -> Iterator[Config]:
+    sizes = [settings.mbs] if settings.mbs else profile.mbs_sizes
+    names = _schedules(settings)
+    only_seeds = set(names) - set(requested(settings))  # searched for zb-auto alone: one chunk
+    n_layers = len(profile.layers)
+    for mbs in sizes:
+        m = _microbatches(pp, dp, mbs, settings)
+        if m is None:
+            continue
+        for name in (n for n in names if _wanted(n, pp, m, settings)):
+            for v in _virtuals(name, pp, n_layers, settings):
+                if name in only_seeds and v != 1:
                     continue
-                for name in (n for n in names if _wanted(n, pp, m, settings)):
-                    for v in _virtuals(name, pp, n_layers, settings):
-                        if name in only_seeds and v != 1:
-                            continue
-                        try:
-                            check_combination(name, pp, m, v)
-                        except ScheduleError:
-                            continue
-                        yield Config(pp=pp, dp=dp, mbs=mbs, m=m, schedule=name, v=v,
-                                     training=settings.training)
+                try:
+                    check_combination(name, pp, m, v)
+                except ScheduleError:
+                    continue
+                yield Config(pp=pp, dp=dp, mbs=mbs, m=m, schedule=name, v=v, training=settings.training,
+                             tp=tp, zero=zero, sp=settings.sequence_parallel and tp > 1)
 
 
 def search_space(profile: Profile, cluster: Cluster, settings: Settings) -> list[Config]:

@@ -1,0 +1,316 @@
+"""Tensor parallelism and ZeRO in the cost model, the search and the exports: numbers checkable by
+hand, the bounds against the simulator, the search against brute force, and a Llama-2-70B-shaped
+model on 64 and on 8 H100s."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from planner.cli import app
+from planner.clusters import from_spec
+from planner.cost import CostTable, DataParallel, Segment
+from planner.errors import InfeasibleError
+from planner.evaluate import Config, evaluate, rank_devices, segments_from_bounds, tp_link
+from planner.export import export
+from planner.formats import Link, Training, to_json
+from planner.plan import to_plan
+from planner.schedules import build
+from planner.solve import Settings, solve
+from planner.solve.bounds import Policy, StageBounds
+from planner.solve.brute import all_partitions, brute_force
+from planner.solve.exact import solve_inner
+from planner.solve.search import Search
+from planner.synthetic import chain_profile
+
+MiB, GiB = 2**20, 2**30
+FAST = Link(bandwidth_bytes_per_s=1e30, latency_s=0.0)  # communication for free: compute alone
+GBS = Link(bandwidth_bytes_per_s=1e9, latency_s=0.0)
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------------------ cost model
+
+
+def test_a_matmul_layers_compute_halves_at_tp_2():
+    # two layers with weights (not a run of blocks: one all-reduce each way, free on FAST)
+    prof = chain_profile([1e-3, 3e-3], param_bytes=[64 * MiB, 32 * MiB], names=["embed", "head"])
+    one, two = CostTable(prof, 1), CostTable(prof, 1, tp=2, tp_link=FAST)
+    assert two.fwd == pytest.approx(one.fwd / 2)
+    assert two.bwd == pytest.approx(one.bwd / 2)
+    assert two.params == pytest.approx([32 * MiB, 16 * MiB])
+
+
+def test_a_norm_and_a_parameter_free_layer_are_replicated():
+    # a norm's 16 KiB is under 1% of the block's 64 MiB: tensor parallelism leaves it whole
+    prof = chain_profile([1e-3, 1e-3, 1e-3], param_bytes=[64 * MiB, 16 * 1024, 0], names=["mlp", "norm", "act"])
+    two = CostTable(prof, 1, tp=2, tp_link=FAST)
+    assert list(two.fwd) == pytest.approx([0.5e-3, 1e-3, 1e-3])
+    assert list(two.params) == [32 * MiB, 16 * 1024, 0]
+
+
+def test_a_block_all_reduces_its_activation_twice_each_way():
+    # blocks layers.0..3 of 1 ms forward, inputs of 1 MiB (layer 0 reads the 8-byte batch);
+    # ring all-reduce over 4 devices at 1 GB/s: 2 * 3/4 * 1 MiB / 1e9 = 1.572864 ms, twice
+    prof = chain_profile([1e-3] * 4, param_bytes=64 * MiB, out_bytes_per_sample=MiB)
+    t = CostTable(prof, 1, tp=4, tp_link=GBS)
+    ar = 2 * 3 / 4 * MiB / 1e9
+    assert t.fwd[1] == pytest.approx(1e-3 / 4 + 2 * ar)
+    assert t.bwd[1] == pytest.approx(2e-3 / 4 + 2 * ar)
+    assert t.bwd_input[1] == pytest.approx(1e-3 / 4 + 2 * ar)  # the input gradient is all-reduced
+    assert t.bwd_weight[1] == pytest.approx(1e-3 / 4)
+    assert t.fwd[0] == pytest.approx(1e-3 / 4 + 2 * 2 * 3 / 4 * 8 / 1e9)  # its input is the batch
+
+
+def test_activations_at_tp_with_and_without_sequence_parallelism():
+    # a block saving 34 MiB with 1 MiB (float32) inputs: without sequence parallelism four inputs
+    # (4 MiB) and two one-byte masks (2 x 0.25 MiB) stay whole, the rest is halved:
+    # 4.5 + 29.5 / 2 = 19.25 MiB; with it everything is halved, the inter-layer tensors too
+    prof = chain_profile([1e-3] * 3, param_bytes=64 * MiB, act_bytes=34 * MiB, out_bytes_per_sample=MiB)
+    plain = CostTable(prof, 1, tp=2, tp_link=FAST)
+    sp = CostTable(prof, 1, tp=2, tp_link=FAST, sequence_parallel=True)
+    assert plain.act[1] == pytest.approx(19.25 * MiB)
+    assert sp.act[1] == pytest.approx(17 * MiB)
+    assert sp.cut[1] == plain.cut[1] / 2 == MiB / 2
+
+
+def test_zero_stages_divide_optimizer_state_then_gradients_then_weights():
+    # mixed-precision Adam in bf16: 2 + 2 + 12 bytes per parameter, 8 per parameter byte; over 4 replicas
+    mixed = Training(precision="mixed")
+    factors = [DataParallel(4, z).state_factor(mixed, "bfloat16") for z in range(4)]
+    assert factors == [16 / 2, (2 + 2 + 3) / 2, (2 + 0.5 + 3) / 2, (0.5 + 0.5 + 3) / 2]
+    assert DataParallel(1, 3).state_factor(mixed, "bfloat16") == 8  # one replica: nothing to shard
+
+
+def test_zero_traffic_is_the_zero_papers_for_one_micro_batch():
+    # all-reduce of B bytes: a * B + c; one micro-batch moves 2x the weights for stages 0-2, 3x for 3
+    a, c, nbytes = 1e-9, 1e-5, 1e9
+    allreduce = a * nbytes + c
+    for z, total in ((0, 1.0), (1, 1.0), (2, 1.0), (3, 1.5)):
+        dp = DataParallel(4, z, a, c)
+        assert dp.step_s(nbytes) + sum(dp.per_microbatch(nbytes)) == pytest.approx(total * allreduce), z
+    assert DataParallel(4, 2, a, c).per_microbatch(nbytes) == (0.0, 0.0, pytest.approx(allreduce / 2))
+    assert DataParallel(4, 1, a, c).optimizer_share() == 0.25
+
+
+def test_a_stage_under_zero_3_holds_its_shard_and_one_whole_layer():
+    prof = chain_profile([1e-3] * 2, param_bytes=[4 * GiB, 2 * GiB])
+    t = CostTable(prof, 1)
+    dp = rank_devices(from_spec("h100x4"), 1, 4)[0].data_parallel(from_spec("h100x4"), 3)
+    cost = t.stage_cost(Segment(0, 2), 1, Training(), data_parallel=dp)
+    # float32 Adam: 16 bytes per parameter, 4 per parameter byte, all over 4 replicas; plus the
+    # gathered 4 GiB layer and the receive buffers
+    assert cost.static_bytes == 6 * GiB + 4 * GiB + t.buffer_bytes(Segment(0, 2), 1)
+
+
+def test_tensor_parallel_groups_stay_in_a_node_unless_pinned_across():
+    two = from_spec("2xh100x8")
+    assert tp_link(two, 8, 16) is two.intra_node
+    assert tp_link(two, 16, 16) is two.inter_node
+    ranks = rank_devices(two, 2, 2, 4)  # rank r, replica d, shard k on (r * 2 + d) * 4 + k
+    assert [r.devices for r in ranks] == [[0, 4], [8, 12]]
+
+
+# ------------------------------------------------------------------------- bounds, search
+
+
+def _instance(d):
+    rng = np.random.default_rng(d["seed"])
+    n = d["n"]
+    prof = chain_profile(list(rng.uniform(0.2, 3.0, n) * 1e-3), list(rng.uniform(0.2, 6.0, n) * 1e-3),
+                         act_bytes=[int(x) for x in rng.integers(1, 6, n) * 2**28],
+                         param_bytes=[int(x) for x in rng.integers(1, 6, n) * 2**28],
+                         out_bytes_per_sample=2**24, tied=[([0, n - 1], 2**26)] if d["tied"] else [],
+                         bwd_input_fraction=float(rng.uniform(0.3, 0.7)))
+    name, v = d["schedule"]
+    pp = 2 if v == 2 else d["pp"]
+    m = max(pp, d["m"] - d["m"] % pp) if name == "interleaved-1f1b" else d["m"]
+    if pp * v > n:
+        return None
+    cfg = Config(pp=pp, dp=d["dp"], mbs=1, m=m, schedule=name, v=v, tp=d["tp"], zero=d["zero"],
+                 sp=d["sp"] and d["tp"] > 1)
+    cluster = from_spec("2xh100x8", memory_bytes=d["memory"] * GiB)
+    table = CostTable(prof, 1, tp=cfg.tp, tp_link=tp_link(cluster, cfg.tp, 16), sequence_parallel=cfg.sp)
+    ranks = rank_devices(cluster, cfg.pp, cfg.dp, cfg.tp)
+    b = StageBounds(table, cluster, cfg, build(name, pp, cfg.m, v), ranks, Policy("auto"))
+
+    def run(segments):
+        ev = evaluate(table, cluster, cfg, segments, detail=False, ranks=ranks)
+        return ev.step_time_s, ev.fits, ev
+    return b, run, prof, cluster, cfg
+
+
+SHARDED = st.fixed_dictionaries({
+    "n": st.integers(3, 6), "seed": st.integers(0, 10**6),
+    "schedule": st.sampled_from([("1f1b", 1), ("gpipe", 1), ("zb-h1", 1), ("interleaved-1f1b", 2), ("zb-v", 2)]),
+    "pp": st.integers(1, 3), "m": st.sampled_from([1, 2, 4]), "dp": st.sampled_from([1, 2]),
+    "tp": st.sampled_from([1, 2]), "zero": st.sampled_from([0, 1, 2, 3]), "sp": st.booleans(),
+    "memory": st.sampled_from([6, 12, 40]), "tied": st.booleans(),
+})
+
+
+@given(SHARDED)
+@settings(max_examples=80, deadline=None)
+def test_stage_bounds_with_tp_and_zero_never_exceed_the_simulation(d):
+    inst = _instance(d)
+    if inst is None:
+        return
+    b, run, *_ = inst
+    for starts in all_partitions(b.n, b.S):
+        segs = segments_from_bounds(starts, b.n)
+        step, _, _ = run(segs)
+        ends = [*starts[1:], b.n]
+        bound = max(float(b.bound(s, np.array([i]), np.array([j]), 0)[0])
+                    for s, (i, j) in enumerate(zip(starts, ends, strict=True)))
+        assert bound <= step * (1 + 1e-9)
+
+
+@given(SHARDED)
+@settings(max_examples=60, deadline=None)
+def test_the_configuration_bound_with_tp_and_zero_never_exceeds_the_simulation(d):
+    inst = _instance(d)
+    if inst is None:
+        return
+    _, run, prof, cluster, cfg = inst
+    search = Search(prof, cluster, Settings())
+    floor = search.quick_bound(cfg)
+    for starts in all_partitions(len(prof.layers), cfg.n_stages):
+        step, _, _ = run(segments_from_bounds(starts, len(prof.layers)))
+        assert floor <= step * (1 + 1e-9)
+
+
+@given(SHARDED)
+@settings(max_examples=80, deadline=None)
+def test_the_exact_solver_with_tp_and_zero_matches_brute_force(d):
+    inst = _instance(d)
+    if inst is None:
+        return
+    b, run, *_ = inst
+    expected, _ = brute_force(b, run)
+    got = solve_inner(b, run, budget=10**6, nodes=10**7)
+    assert got.proven
+    if np.isfinite(expected):
+        assert got.step_time_s == pytest.approx(expected, rel=1e-12)
+    else:
+        assert got.segments is None
+
+
+def test_the_free_search_is_the_best_of_every_pinned_tp_and_zero():
+    # 6 layers whose weights and Adam state (6 x 2 GiB x 4) need sharding on 4 devices of 20 GiB
+    prof = chain_profile([1e-3, 2e-3, 1e-3, 3e-3, 1e-3, 2e-3], param_bytes=2 * GiB, act_bytes=256 * MiB,
+                         out_bytes_per_sample=4 * MiB)
+    cluster = from_spec("h100x4", memory_bytes=20 * GiB)
+    base = {"global_batch": 8, "schedules": ("1f1b", "gpipe"), "time_limit_s": 60.0}
+    free = solve(prof, cluster, Settings(**base))
+    assert free.proven
+    pinned = []
+    for tp in (1, 2, 4):
+        for zero in (0, 1, 2, 3):
+            try:
+                r = solve(prof, cluster, Settings(**base, tp=tp, zero=zero))
+            except InfeasibleError:
+                continue
+            assert r.proven
+            pinned.append(r.best.inner.step_time_s)
+    assert free.best.inner.step_time_s == pytest.approx(min(pinned), rel=1e-12)
+    assert free.best.config.tp > 1 or free.best.config.zero > 0  # sharding is what makes it fit fast
+
+
+# ------------------------------------------------------------------------- exports, report
+
+
+def _plan(tp: int, zero: int, sp: bool, dp: int = 2):
+    prof = chain_profile([1e-3] * 4, param_bytes=64 * MiB, names=["emb", "h.0", "h.1", "head"])
+    cluster = from_spec("h100x8")
+    cfg = Config(pp=2, dp=dp, mbs=1, m=4, schedule="1f1b", tp=tp, zero=zero, sp=sp)
+    table = CostTable(prof, 1, tp=tp, tp_link=tp_link(cluster, tp, 8), sequence_parallel=sp)
+    return to_plan(prof, cluster, evaluate(table, cluster, cfg, segments_from_bounds([0, 2], 4)))
+
+
+def test_exports_carry_tp_and_zero():
+    plan = _plan(tp=2, zero=1, sp=True)
+    assert [st.devices for st in plan.stages] == [[0, 2], [4, 6]]
+    megatron = export(plan, "megatron")
+    assert "--tensor-model-parallel-size 2" in megatron and "--sequence-parallel" in megatron
+    assert "--use-distributed-optimizer" in megatron
+    assert json.loads(export(plan, "deepspeed"))["zero_optimization"] == {"stage": 1}
+    titan = json.loads(export(plan, "torchtitan"))
+    assert (titan["tensor_parallel_degree"], titan["data_parallel_shard_degree"],
+            titan["data_parallel_replicate_degree"]) == (2, 2, 1)
+    plain = _plan(tp=1, zero=0, sp=False)
+    assert "--tensor-model-parallel-size" not in export(plain, "megatron")
+    assert "--use-distributed-optimizer" not in export(plain, "megatron")
+    titan = json.loads(export(plain, "torchtitan"))
+    assert (titan["data_parallel_shard_degree"], titan["data_parallel_replicate_degree"]) == (1, 2)
+
+
+def test_simulate_and_check_show_tp_and_zero(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(to_json(_plan(tp=2, zero=3, sp=True)))
+    r = runner.invoke(app, ["simulate", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "pp=2 dp=2 tp=2 (sequence parallel) zero=3" in " ".join(r.output.split())
+    r = runner.invoke(app, ["check", str(path)])
+    assert r.exit_code == 0 and "pp=2 dp=2 tp=2 sp zero=3 1f1b" in r.output, r.output
+
+
+def test_a_plan_without_tp_and_zero_loads_as_tp_1_zero_0():
+    data = json.loads(open("plans/gpt.cpu2-pp2.json").read())
+    assert "tp" not in data["parallel"] and "zero" not in data["parallel"]
+    from planner.formats import Plan, parse
+
+    plan = parse(data, Plan, "plan")
+    assert (plan.parallel.tp, plan.parallel.zero, plan.parallel.sequence_parallel) == (1, 0, False)
+
+
+# ----------------------------------------------------------------------- Llama-2-70B-shaped
+
+H, FFN, VOCAB, SEQ, KV = 8192, 28672, 32000, 4096, 1024  # K and V: 8 of 64 heads of 128
+PEAK_BF16 = 989.5e12  # H100 SXM dense bf16 (planner.clusters)
+
+
+def llama2_70b():
+    """80 blocks (GQA attention, SwiGLU MLP), embedding and output layer, bf16, sequence 4096,
+    micro-batch 1; times at the H100's bf16 peak, activations 34sbh per block (Korthikanti et
+    al., 2022, with flash attention: no s^2 term)."""
+    block = 2 * H * H + 2 * H * KV + 3 * H * FFN + 2 * H  # q, o; k, v; gate, up, down; two norms
+    block_flops = 2 * block * SEQ + 4 * SEQ * SEQ * H  # matmuls over SEQ tokens; scores and context
+    fwd = [SEQ * H * 2 / 3.35e12] + [block_flops / PEAK_BF16] * 80 + [2 * VOCAB * H * SEQ / PEAK_BF16]
+    act = [SEQ * H * 2] + [34 * SEQ * H] * 80 + [SEQ * H * 2 + SEQ * VOCAB * 4]
+    params = [2 * VOCAB * H] + [2 * block] * 80 + [2 * (VOCAB * H + H)]
+    return chain_profile(fwd, act_bytes=act, param_bytes=params, out_bytes_per_sample=SEQ * H * 2,
+                         dtype="bfloat16", names=["embed"] + [f"layers.{i}" for i in range(80)] + ["head"],
+                         name="llama-2-70b-shaped")
+
+
+MIXED = Training(precision="mixed")
+
+
+def test_llama_70b_on_8_h100s_exits_3_with_both_totals(tmp_path):
+    prof = tmp_path / "llama.json"
+    prof.write_text(to_json(llama2_70b()))
+    r = runner.invoke(app, ["solve", str(prof), "--cluster", "h100x8", "--precision", "mixed"])
+    assert r.exit_code == 3
+    line = " ".join(r.output.split())
+    # 68.98e9 parameters x 16 bytes; 8 x (81,559 MiB - 1 GiB reserved)
+    assert ("nothing fits on h100x8 in all: 68.98 B parameters x 16 bytes (adam, mixed precision: weights, "
+            "gradients and optimizer state) need 1.10 TB, the cluster's 8 devices have 0.68 TB usable in all") in line
+    assert len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_llama_70b_on_64_h100s_all_free_beats_tp_1_and_megatrons_choice():
+    prof, cluster = llama2_70b(), from_spec("8xh100x8")
+    common = {"global_batch": 64, "training": MIXED, "time_limit_s": 15.0}
+    megatron = solve(prof, cluster, Settings(**common, tp=8, pp=2, dp=4, zero=1))
+    assert megatron.best.evaluation.fits
+    unsharded = solve(prof, cluster, Settings(**common, tp=1, zero=0))
+    free = solve(prof, cluster, Settings(**common))
+    best = free.best.inner.step_time_s
+    assert best <= megatron.best.inner.step_time_s
+    assert best <= unsharded.best.inner.step_time_s
+    usual = [b for b in free.baselines if b.name.startswith("Megatron-LM's usual")]
+    assert len(usual) == 1 and usual[0].evaluation.config.tp == 8  # priced beside the winner
