@@ -319,13 +319,19 @@ def _modules(model: nn.Module, layers: list[str]) -> list[nn.Module]:
 
 
 def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
-            depth: int | None = None) -> LayeredModel:
-    """Cut ``model`` into layers: explicit when ``layers`` is given, else traced."""
+            depth: int | None = None, trace: str = "auto") -> LayeredModel:
+    """Cut ``model`` into layers: explicit when ``layers`` is given, else traced by torch.fx, or
+    (``trace="export"``, or ``"auto"``: where fx cannot trace it) from its torch.export graph
+    (``planner.split_export``)."""
     if layers is not None:
         if not layers:
             raise ModelError("ModelSpec(layers=[]) names no layers: list module paths, or leave layers "
                              "out to trace the model")
         return SequentialModel(model, layers, inputs)
+    if trace != "fx":
+        from planner.split_export import traced_or_exported
+
+        return traced_or_exported(model, inputs, depth, trace)
     traced = TracedModel(model, choose_layers(model, depth))
     traced.check_tensors(run_values(traced, inputs))
     return traced

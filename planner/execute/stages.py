@@ -81,7 +81,7 @@ def apply_recompute(module: nn.Module, layer_paths: list[str]) -> None:
 
 def build_stages(plan: Plan, spec: ModelSpec, example_inputs: tuple, stages: list[int] | None = None) -> Built:
     """Stage modules for the plan's stages (all, or those listed), sharing the model's parameters."""
-    lm = layered(spec.model, example_inputs, spec.layers, plan.model.depth)
+    lm = layered(spec.model, example_inputs, spec.layers, plan.model.depth, spec.trace)
     bounds = stage_bounds(plan, lm.names)
     wanted = range(len(plan.stages)) if stages is None else stages
     modules: list[nn.Module] = []
@@ -96,9 +96,9 @@ def build_stages(plan: Plan, spec: ModelSpec, example_inputs: tuple, stages: lis
 
 
 def _local_paths(lm: LayeredModel, stage_layers: list[str], chosen: list[str]) -> list[str]:
-    """Module paths of chosen layers inside a stage module: traced stages keep the model's
-    paths; explicit sequences hold their layers as layers.<position>."""
-    if lm.mode == "traced":
+    """Module paths of chosen layers inside a stage module: traced and exported stages keep the
+    model's paths; explicit sequences hold their layers as layers.<position>."""
+    if lm.mode != "explicit":
         return list(chosen)
     return [f"layers.{stage_layers.index(n)}" for n in chosen]
 
