@@ -301,7 +301,7 @@ def _attr(gm: nn.Module, target: str):
 
 def _layer_graph(gm: fx.GraphModule, name: str, layer: dict[fx.Node, int], k: int,
                  ins: list[fx.Node], outs: list[fx.Node]) -> fx.GraphModule:
-    """Layer ``k``'s nodes as a module of their own; its class is named by a digest of its
+    """Layer ``k``'s nodes as a module of their own; its class's qualified name holds a digest of its
     operations (module paths relative to the layer), so identical layers have one class name."""
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {x: g.placeholder(f"in_{x.name}") for x in ins}
@@ -314,21 +314,50 @@ def _layer_graph(gm: fx.GraphModule, name: str, layer: dict[fx.Node, int], k: in
             env[x] = g.get_attr(targets[str(x.target)])
         return env[x]
 
-    for n in gm.graph.nodes:
-        if layer.get(n) == k and n.op not in ("placeholder", "get_attr", "output"):
-            env[n] = g.node_copy(n, arg)
+    mine = [n for n in gm.graph.nodes if layer.get(n) == k and n.op not in ("placeholder", "get_attr", "output")]
+    device = _device_node(g, mine, [env[x] for x in ins if isinstance(x.meta.get("val"), torch.Tensor)], arg)
+    for n in mine:
+        env[n] = g.node_copy(n, arg)
+        if device is not None:
+            env[n].args, env[n].kwargs = _on(env[n].args, device), _on(env[n].kwargs, device)
     g.output(tuple(env[o] for o in outs))
     module = fx.GraphModule(_holder(gm, targets), g)
-    cls = f"Layer_{_digest(g)}"
-    type(module).__name__ = type(module).__qualname__ = cls
+    # GraphModule gives each instance a class of its own, found again (on a copy) by the last part
+    # of its qualified name: the digest goes before it
+    type(module).__qualname__ = f"Layer_{_digest(g)}.{type(module).__qualname__.split('.')[-1]}"
     return module
+
+
+def device_of(t: torch.Tensor) -> torch.device:
+    return t.device
+
+
+def _device_node(g: fx.Graph, mine: list[fx.Node], ins: list[fx.Node], arg: Callable) -> fx.Node | None:
+    """The device the layer runs on, read from a tensor it has (``ins``: its tensor inputs, else
+    one of its parameters), where its operations name one:
+    the export ran on the build's device (meta, or the CPU), the layer runs wherever it is put."""
+    found: list[bool] = []
+    for n in mine:
+        fx.node.map_aggregate((n.args, n.kwargs), lambda v: found.append(isinstance(v, torch.device)))
+    if not any(found):
+        return None
+    attrs = [x for n in mine for x in n.all_input_nodes if x.op == "get_attr"]
+    tensors = ins or [arg(x) for x in attrs[:1]]
+    if not tensors:
+        return None
+    return g.call_function(device_of, (tensors[0],))
+
+
+def _on(value, device: fx.Node):
+    return fx.node.map_aggregate(value, lambda v: device if isinstance(v, torch.device) else v)
 
 
 def _digest(g: fx.Graph) -> str:
     index = {n: i for i, n in enumerate(g.nodes)}
     h = hashlib.sha256()
     for n in g.nodes:
-        target = n.target if n.op in ("get_attr", "call_method") else getattr(n.target, "__name__", repr(n.target))
+        target = "" if n.op == "placeholder" else n.target if n.op in ("get_attr", "call_method") else \
+            getattr(n.target, "__name__", repr(n.target))
         args = fx.map_arg((n.args, n.kwargs), lambda x: f"%{index[x]}")
         h.update(f"{n.op} {target} {args!r}\n".encode())
     return h.hexdigest()[:12]
