@@ -91,7 +91,9 @@ class ExportedModel(TracedModel):
     mode = "exported"
 
     def __init__(self, model: nn.Module, inputs: tuple, layers: list[str]):
-        self.gm, self.out_spec = export_graph(model, inputs)
+        from planner.split_repeat import export_deep
+
+        self.gm, self.out_spec = export_deep(model, inputs) or export_graph(model, inputs)
         nodes = list(self.gm.graph.nodes)
         self.names, owned = _owned_layers(nodes, layers)
         self.node_layer = _layers_of(nodes, owned, len(self.names))
