@@ -93,7 +93,8 @@ class ExportedModel(TracedModel):
     def __init__(self, model: nn.Module, inputs: tuple, layers: list[str]):
         from planner.split_repeat import export_deep
 
-        self.gm, self.out_spec = export_deep(model, inputs) or export_graph(model, inputs)
+        exported: tuple[fx.GraphModule, pytree.TreeSpec] = export_deep(model, inputs) or export_graph(model, inputs)
+        self.gm, self.out_spec = exported
         nodes = list(self.gm.graph.nodes)
         self.names, owned = _owned_layers(nodes, layers)
         self.node_layer = _layers_of(nodes, owned, len(self.names))

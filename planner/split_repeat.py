@@ -15,6 +15,7 @@ exported as it is.
 from __future__ import annotations
 
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from planner.split_export import ExportError, export_graph
 
@@ -35,7 +36,7 @@ def _repeated_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return out
 
 
-def export_deep(model: nn.Module, inputs: tuple):
+def export_deep(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, pytree.TreeSpec] | None:
     """The exported graph of ``model`` with its repeated blocks copied (see the module's
     docstring), and its output structure; None where that does not apply."""
     lists = _repeated_lists(model)
