@@ -161,6 +161,11 @@ class LayeredModel:
     def stage(self, a: int, b: int) -> nn.Module:
         raise NotImplementedError
 
+    def for_engine(self, last_stage: nn.Module, loss):
+        """The last stage and the loss as the pipeline engine takes them: a stage returns tensors
+        only (a model returning a structure is rebuilt for its loss, see ``ExportedModel``)."""
+        return last_stage, loss
+
     def layer_params(self, i: int) -> dict[str, nn.Parameter]:
         raise NotImplementedError
 

@@ -147,6 +147,28 @@ class ExportedModel(TracedModel):
         g.lint()
         return fx.GraphModule(root, g, class_name=f"Stage_{a}_{b}")
 
+    def for_engine(self, last_stage: nn.Module, loss):
+        if self.out_spec.is_leaf():
+            return last_stage, loss
+        rebuild = _rebuild(self.out_spec)
+
+        def model_loss(out, target):  # the loss of the model's own output structure
+            return loss(rebuild(*(out if isinstance(out, tuple) else (out,))), target)
+        return _Leaves(last_stage), model_loss
+
+
+class _Leaves(nn.Module):
+    """The last stage returning the tensors of the model's output structure (the pipeline engine
+    passes tensors only)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        leaves = pytree.tree_leaves(self.inner(*args))
+        return leaves[0] if len(leaves) == 1 else tuple(leaves)
+
 
 def _rebuild(spec: pytree.TreeSpec) -> Callable:
     """The model's own output structure (a ``ModelOutput``, a tuple) from its flat tensors."""

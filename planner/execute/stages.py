@@ -4,6 +4,7 @@ plan was made for."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ class Built:
     lm: LayeredModel
     modules: list[nn.Module]  # one per plan stage
     bounds: list[tuple[int, int]]
+    loss: Callable  # the loss as the engine calls it on the last stage's output
 
 
 def build_model(plan: Plan, *, device: torch.device, dtype: torch.dtype) -> ModelSpec:
@@ -85,14 +87,17 @@ def build_stages(plan: Plan, spec: ModelSpec, example_inputs: tuple, stages: lis
     bounds = stage_bounds(plan, lm.names)
     wanted = range(len(plan.stages)) if stages is None else stages
     modules: list[nn.Module] = []
+    loss = spec.loss
     for s in wanted:
         a, b = bounds[s]
         module = lm.stage(a, b)
         st = plan.stages[s]
         chosen = st.layers if st.recompute == "full" else st.recompute_layers if st.recompute == "selective" else []
         apply_recompute(module, _local_paths(lm, st.layers, chosen))
+        if s == len(plan.stages) - 1:
+            module, loss = lm.for_engine(module, spec.loss)
         modules.append(module)
-    return Built(lm, modules, bounds)
+    return Built(lm, modules, bounds, loss)
 
 
 def _local_paths(lm: LayeredModel, stage_layers: list[str], chosen: list[str]) -> list[str]:
