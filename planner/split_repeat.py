@@ -142,6 +142,11 @@ def _copy_block(gm: fx.GraphModule, z: list[fx.Node], a: list[fx.Node], prev: li
     done: dict[fx.Node, fx.Node] = {}
     attrs: dict[str, fx.Node] = {}
     position = {n: i for i, n in enumerate(a)}
+    used = {str(x.target)[len(prefix):] for n in z for x in n.all_input_nodes
+            if x.op == "get_attr" and str(x.target).startswith(prefix)}
+    for name in block.state_dict(keep_vars=True):  # in the block's own order, as the exported blocks
+        if name in used:
+            _register(gm, to + name, block, name)
 
     def arg(x: fx.Node) -> fx.Node:
         if x in done:
@@ -152,7 +157,6 @@ def _copy_block(gm: fx.GraphModule, z: list[fx.Node], a: list[fx.Node], prev: li
         if x.op == "get_attr" and target.startswith(prefix):
             name = target[len(prefix):]
             if name not in attrs:
-                _register(gm, to + name, block, name)
                 attrs[name] = gm.graph.get_attr(to + name)
                 attrs[name].meta = dict(x.meta)
             return attrs[name]
