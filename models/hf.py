@@ -1,201 +1,110 @@
-"""Any Hugging Face ``transformers`` causal language model, built from its configuration with
-random weights (nothing is downloaded), described to planner as an explicit sequence of layers:
-the token embedding, each decoder block, the final norm and the language-model head.
+"""Hugging Face ``transformers`` models as they are, built from a configuration with random
+weights (nothing is downloaded): ``AutoModelFor...`` of the task, no adapter. planner finds the
+layers through ``torch.export`` (``ModelSpec(trace="export")``): the model's repeated blocks
+(``transformer.h.3``, ``model.layers.3``, ``bert.encoder.layer.3``, ``decoder.block.3``,
+``vit.layers.3``) and the modules beside them; masks, positions and the encoder's output cross
+stages as tensors.
 
-Hugging Face models do not trace with torch.fx as a whole, so the model is wrapped: small adapter
-modules call the model's own submodules (same parameters) one after the other, each taking and
-returning one tensor. The adapter handles the two common layouts, learned absolute positions
-(GPT-2 style: ``wte``/``wpe``/``h``/``ln_f``) and rotary positions computed in every block
-(Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-NeoX style); the factory runs the wrapper and the
-original model on a few tokens and refuses an architecture whose forward it does not reproduce.
-
-Needs transformers (``pip install -e '.[hf]'``). Small by default so that it profiles on a
-CPU in seconds; scale it with factory arguments, and pass any other configuration field as is:
+Needs transformers (``pip install -e '.[hf]'``). Small by default so that it profiles on a CPU in
+seconds; ``n_layer``, ``d_model``, ``n_head``, ``vocab`` and ``seq`` set the configuration's
+standard sizes (the feed-forward width, key-value heads and head size follow unless given), and
+any other configuration field passes as is:
 
     planner profile models/hf.py:build --arg model_type=llama --arg n_layer=16 \\
-        --arg d_model=2048 --arg n_head=32 --arg num_key_value_heads=8 --arg vocab=32000 \\
-        --arg seq=2048
+        --arg d_model=2048 --arg n_head=32 --arg num_key_value_heads=8 --arg vocab=32000 --arg seq=2048
+    planner profile models/hf.py:build --arg model_type=t5 --arg task=seq2seq
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from planner.model import ModelSpec
 
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+_AUTO = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
+         "classification": "AutoModelForSequenceClassification", "seq2seq": "AutoModelForSeq2SeqLM",
+         "image-classification": "AutoModelForImageClassification"}
+_DEFAULT_TASK = {"bert": "masked-lm", "roberta": "masked-lm", "t5": "seq2seq", "bart": "seq2seq",
+                 "vit": "image-classification"}
+# Fields that follow from the standard sizes where a configuration has them: (n_layer, d_model, n_head) -> value.
+_DERIVED = {"intermediate_size": lambda n, d, h: 4 * d, "d_ff": lambda n, d, h: 4 * d,
+            "num_key_value_heads": lambda n, d, h: h, "head_dim": lambda n, d, h: d // h,
+            "d_kv": lambda n, d, h: d // h, "num_decoder_layers": lambda n, d, h: n}
 
 
-class Embed(nn.Module):
-    """Token ids -> hidden states: token embedding, learned positions if any, dropout if any."""
-
-    def __init__(self, tokens: nn.Module, positions: nn.Module | None, drop: nn.Module | None):
-        super().__init__()
-        self.tokens = tokens
-        self.positions = positions
-        self.drop = drop
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.tokens(ids)
-        if self.positions is not None:
-            pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-            h = h + self.positions(pos)
-        if self.drop is not None:
-            h = self.drop(h)
-        return h  # (mb, seq, hidden)
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
 
 
-class Block(nn.Module):
-    """One decoder block on hidden states alone: positions (and rotary embeddings) are made here,
-    causality comes from the attention kernel (no mask, no cache), and only the hidden states are
-    returned."""
-
-    def __init__(self, block: nn.Module, rotary: nn.Module | None):
-        super().__init__()
-        self.block = block
-        self.rotary = rotary
-        accepted = inspect.signature(block.forward).parameters
-        self.pass_position_ids = "position_ids" in accepted
-        self.pass_use_cache = "use_cache" in accepted
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        kwargs = {}
-        if self.rotary is not None or self.pass_position_ids:
-            pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)  # (1, seq)
-            if self.pass_position_ids:
-                kwargs["position_ids"] = pos
-            if self.rotary is not None:
-                kwargs["position_embeddings"] = self.rotary(h, pos)
-        if self.pass_use_cache:
-            kwargs["use_cache"] = False
-        out = self.block(h, attention_mask=None, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+def token_loss(out, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every position's logits (positions with target -100 left out)."""
+    logits = _logits(out)  # (mb, seq, vocab) or (mb, classes)
+    return F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=-100)
 
 
-class CausalLM(nn.Module):
-    """The Hugging Face model's parts as a sequence: ``embed``, ``blocks.i``, ``norm``, ``lm_head``.
-
-    The parts are the original model's modules (shared, not copied); the original model itself is
-    kept as ``original`` without registering it, so the wrapper's parameters are named once."""
-
-    def __init__(self, original: nn.Module, embed: Embed, blocks: list[Block], norm: nn.Module,
-                 lm_head: nn.Module):
-        super().__init__()
-        self.embed = embed
-        self.blocks = nn.ModuleList(blocks)
-        self.norm = norm
-        self.lm_head = lm_head
-        object.__setattr__(self, "original", original)
-
-    @property
-    def layer_names(self) -> list[str]:
-        return ["embed", *(f"blocks.{i}" for i in range(len(self.blocks))), "norm", "lm_head"]
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)
-        for block in self.blocks:
-            h = block(h)
-        return self.lm_head(self.norm(h))  # (mb, seq, vocab)
+# ----------------------------------------------------------------------------- the batches
+# Every sample of a batch weighs the same in its loss (a fixed number of predicted positions per
+# sample), so the mean over a batch is the mean of its micro-batches' means, as the pipeline computes.
 
 
-def _unsupported(model_type: str, why: str) -> ValueError:
-    return ValueError(f"model_type={model_type!r} is not supported by planner's Hugging Face adapter: "
-                      f"{why}")
+def _causal(size, gen, vocab, seq, _cfg):
+    tokens = torch.randint(0, vocab, (size, seq + 1), generator=gen)
+    return (tokens[:, :-1],), tokens[:, 1:]
 
 
-def wrap(hf_model: nn.Module, model_type: str = "?") -> CausalLM:
-    """Find the embedding, the decoder blocks, the final norm and the head of a causal LM."""
-    n = hf_model.config.num_hidden_layers
-    lists = [(name, m) for name, m in hf_model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) == n and name]
-    if not lists:
-        raise _unsupported(model_type, f"no list of {n} decoder blocks found")
-    path, block_list = min(lists, key=lambda item: item[0].count("."))
-    stack = hf_model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else hf_model
-    tokens = hf_model.get_input_embeddings()
-    lm_head = hf_model.get_output_embeddings()
-    if tokens is None or lm_head is None:
-        raise _unsupported(model_type, "no input embedding or output head")
-
-    positions = drop = rotary = norm = None
-    for name, child in stack.named_children():
-        kind = type(child).__name__.lower()
-        if child is tokens or child is block_list:
-            continue
-        if type(child) is nn.Embedding and positions is None:
-            positions = child
-        elif isinstance(child, nn.Dropout) and drop is None:
-            drop = child
-        elif "rotary" in kind and rotary is None:
-            rotary = child
-        elif "norm" in kind and norm is None:
-            norm = child
-        elif any(True for _ in child.parameters()):
-            raise _unsupported(model_type, f"it has a part the adapter does not know: "
-                                           f"{name} ({type(child).__name__})")
-    if norm is None:
-        raise _unsupported(model_type, "no final norm found beside the decoder blocks")
-    if rotary is not None and \
-            "position_embeddings" not in inspect.signature(block_list[0].forward).parameters:
-        raise _unsupported(model_type, f"{type(block_list[0]).__name__} takes no position_embeddings")
-    blocks = [Block(b, rotary) for b in block_list]
-    return CausalLM(hf_model, Embed(tokens, positions, drop), blocks, norm, lm_head)
+def _padding_mask(size, gen, seq):
+    """1 for tokens, 0 for padding after a random length of at least half the sequence."""
+    lengths = torch.randint(seq // 2 + 1, seq + 1, (size, 1), generator=gen)
+    return (torch.arange(seq).unsqueeze(0) < lengths).long()  # (size, seq)
 
 
-def _run_ours(model: CausalLM, model_type: str, ids: torch.Tensor) -> torch.Tensor:
-    try:
-        return model(ids)
-    except Exception as e:
-        raise _unsupported(model_type, f"run layer by layer it raised {type(e).__name__}: "
-                                       f"{str(e).strip().splitlines()[0] if str(e) else ''}") from None
+def _masked(size, gen, vocab, seq, _cfg):
+    ids = torch.randint(0, vocab - 1, (size, seq), generator=gen)
+    mask = _padding_mask(size, gen, seq)
+    k = max(1, seq // 2 * 15 // 100)  # BERT's 15%, among the positions that are never padding
+    where = torch.rand(size, seq // 2 + 1, generator=gen).argsort(dim=1)[:, :k]
+    target = torch.full_like(ids, -100).scatter(1, where, ids.gather(1, where))
+    return (ids.scatter(1, where, vocab - 1), mask), target  # the last token id stands for [MASK]
 
 
-def _check(model: CausalLM, model_type: str, vocab: int, seq: int, seed: int) -> None:
-    """The wrapper must compute the original model's logits. Built on the meta device, where
-    there are no values to compare, it must at least run and give the logits' shape."""
-    meta = next(model.parameters()).is_meta
-    ids = torch.randint(0, vocab, (1, min(seq, 16)), generator=torch.Generator().manual_seed(seed))
-    ids = ids.to("meta") if meta else ids
-    modes = {name: m.training for name, m in model.original.named_modules()}
-    model.original.eval()
-    try:
-        with torch.no_grad():
-            ours = _run_ours(model, model_type, ids)
-            if meta:
-                if tuple(ours.shape) != (1, ids.shape[1], vocab):
-                    raise _unsupported(model_type, f"run layer by layer it gives logits of shape "
-                                                   f"{tuple(ours.shape)}, not {(1, ids.shape[1], vocab)}")
-                return
-            theirs = model.original(input_ids=ids, use_cache=False).logits
-    finally:
-        for name, m in model.original.named_modules():
-            m.training = modes[name]
-    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5):
-        diff = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else "shape"
-        raise _unsupported(model_type, "run layer by layer it does not reproduce the model's own "
-                                       f"logits (largest difference {diff})")
+def _classes(size, gen, vocab, seq, cfg):
+    ids = torch.randint(0, vocab, (size, seq), generator=gen)
+    return (ids, _padding_mask(size, gen, seq)), torch.randint(0, cfg.num_labels, (size,), generator=gen)
 
 
-def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+def _seq2seq(size, gen, vocab, seq, cfg):
+    ids = torch.randint(0, vocab, (size, seq), generator=gen)
+    labels = torch.randint(0, vocab, (size, max(seq // 2, 1)), generator=gen)
+    start = torch.full((size, 1), getattr(cfg, "decoder_start_token_id", None) or 0, dtype=labels.dtype)
+    return (ids, _padding_mask(size, gen, seq), torch.cat([start, labels[:, :-1]], dim=1)), labels
+
+
+def _images(size, gen, vocab, seq, cfg):
+    pixels = torch.randn(size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=gen)
+    return (pixels,), torch.randint(0, cfg.num_labels, (size,), generator=gen)
+
+
+_BATCH = {"causal-lm": _causal, "masked-lm": _masked, "classification": _classes, "seq2seq": _seq2seq,
+          "image-classification": _images}
+
+
+# ---------------------------------------------------------------------------- the configuration
 
 
 def _config_fields(defaults, model_type: str, n_layer: int, d_model: int, n_head: int, vocab: int,
                    seq: int, overrides: dict) -> dict:
     """The configuration's fields: the standard sizes, derived widths, no dropout, no special
-    token outside the vocabulary, then the overrides."""
+    token outside the vocabulary, then the overrides (under the model's own names or the standard)."""
     fields = dict(num_hidden_layers=n_layer, hidden_size=d_model, num_attention_heads=n_head,
                   vocab_size=vocab, max_position_embeddings=seq)
     stored = defaults.to_dict()  # settable fields (some configurations derive head_dim, say)
-    for name, value in (("intermediate_size", 4 * d_model), ("num_key_value_heads", n_head),
-                        ("head_dim", d_model // n_head)):
+    for name, derive in _DERIVED.items():
         if stored.get(name) is not None:
-            fields[name] = value
+            fields[name] = derive(n_layer, d_model, n_head)
     for name, value in stored.items():  # no dropout: runs must be comparable with a plain one
         if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
             fields[name] = 0.0
@@ -214,18 +123,29 @@ def _config_fields(defaults, model_type: str, n_layer: int, d_model: int, n_head
     return fields
 
 
-def build(model_type: str = "gpt2", n_layer: int = 4, d_model: int = 128, n_head: int = 4,
-          vocab: int = 1000, seq: int = 64, seed: int = 0, check: bool = True,
-          **overrides) -> ModelSpec:
-    """``model_type`` is any key of transformers' ``AutoConfig`` (gpt2, llama, mistral, qwen2,
-    ...). ``n_layer``, ``d_model``, ``n_head``, ``vocab`` and ``seq`` set the configuration's
-    standard fields; the feed-forward width, key-value heads and head size follow from them unless
-    given in ``overrides``, which are passed to the configuration as they are."""
+def _config(model_type: str, fields: dict):
+    from transformers import AutoConfig
+
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as e:
+        raise ValueError(f"model_type={model_type!r}: the configuration refuses these settings "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[-1]})") from None
+
+
+def build(model_type: str = "gpt2", task: str | None = None, n_layer: int = 4, d_model: int = 128,
+          n_head: int = 4, vocab: int = 1000, seq: int = 64, seed: int = 0, **overrides) -> ModelSpec:
+    """``model_type`` is any key of transformers' ``AutoConfig`` (gpt2, llama, mistral, qwen2, bert,
+    t5, vit, ...); ``task`` one of causal-lm, masked-lm, classification, seq2seq,
+    image-classification (default: the model type's usual one, else causal-lm)."""
+    try:
+        import transformers
+        from transformers import AutoConfig
     except ImportError:
-        raise ImportError("models/hf.py needs Hugging Face transformers: pip install -e '.[hf]'") \
-            from None
+        raise ImportError("models/hf.py needs Hugging Face transformers: pip install -e '.[hf]'") from None
+    task = task or _DEFAULT_TASK.get(model_type, "causal-lm")
+    if task not in _AUTO:
+        raise ValueError(f"task={task!r}: choose one of {', '.join(_AUTO)}")
     if n_layer < 1 or d_model < 1 or n_head < 1 or seq < 1 or vocab < 2:
         raise ValueError("n_layer, d_model, n_head and seq must be at least 1 and vocab at least 2")
     if d_model % n_head:
@@ -234,29 +154,17 @@ def build(model_type: str = "gpt2", n_layer: int = 4, d_model: int = 128, n_head
         defaults = AutoConfig.for_model(model_type)
     except (ValueError, KeyError) as e:
         raise ValueError(f"model_type={model_type!r}: {e}") from None
-    fields = _config_fields(defaults, model_type, n_layer, d_model, n_head, vocab, seq, overrides)
-    try:
-        config = AutoConfig.for_model(model_type, **fields)
-    except Exception as e:
-        raise ValueError(f"model_type={model_type!r}: the configuration refuses these settings "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[-1]})") from None
-    vocab = config.vocab_size
-    if getattr(config, "is_encoder_decoder", False):
-        raise _unsupported(model_type, "encoder-decoder models are not causal LMs")
-    # SDPA attention without a mask is causal, so the blocks need no mask passed between layers.
+    if task == "image-classification":
+        overrides = {"image_size": 32, "patch_size": 8, "num_labels": 10, **overrides}
+    config = _config(model_type, dict(_config_fields(defaults, model_type, n_layer, d_model, n_head, vocab, seq,
+                                                     overrides), use_cache=False))
     torch.manual_seed(seed)
     try:
-        original = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    except ValueError as e:  # no causal LM for this type, or no SDPA attention
-        raise _unsupported(model_type, str(e).strip().splitlines()[0]) from None
-    model = wrap(original, model_type)
-    if check:
-        _check(model, model_type, vocab, seq, seed)
+        model = getattr(transformers, _AUTO[task]).from_config(config)
+    except ValueError as e:  # no model of this task for this type
+        raise ValueError(f"model_type={model_type!r} task={task!r}: {str(e).strip().splitlines()[0]}") from None
     model.train()
-
-    def batch(size: int, gen: torch.Generator):
-        tokens = torch.randint(0, vocab, (size, seq + 1), generator=gen)
-        return (tokens[:, :-1],), tokens[:, 1:]
-
-    return ModelSpec(model=model, batch=batch, loss=lm_loss, layers=model.layer_names,
-                     name=f"hf-{model_type}")
+    vocab = getattr(config, "vocab_size", vocab)
+    make = _BATCH[task]
+    return ModelSpec(model=model, batch=lambda size, gen: make(size, gen, vocab, seq, config), loss=token_loss,
+                     name=f"hf-{model_type}", trace="export")

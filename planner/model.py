@@ -43,6 +43,9 @@ class ModelSpec:
     loss: Callable[[Any, Any], Any]
     layers: list[str] | None = None
     name: str | None = None
+    # How layers are found when ``layers`` is None: "fx" (torch.fx), "export" (torch.export, for
+    # a forward fx cannot trace: Hugging Face models), or "auto" (fx, else export).
+    trace: str = "auto"
 
 
 def describe(e: BaseException) -> str:
@@ -226,7 +229,7 @@ def build_spec(ref: str, args: dict[str, Any]) -> ModelSpec:
             raise ModelError(f"factory {ref} does not accept these arguments: "
                              f"{describe(e).split(': ', 1)[-1]}") from None
     if isinstance(result, dict):
-        unknown = set(result) - {"model", "batch", "loss", "layers", "name"}
+        unknown = set(result) - {"model", "batch", "loss", "layers", "name", "trace"}
         if unknown:
             raise ModelError(f"factory {ref} returned unknown keys {sorted(unknown)}")
         try:

@@ -170,6 +170,11 @@ class LayeredModel:
     def stage(self, a: int, b: int) -> nn.Module:
         raise NotImplementedError
 
+    def for_engine(self, last_stage: nn.Module, loss):
+        """The last stage and the loss as the pipeline engine takes them: a stage returns tensors
+        only (a model returning a structure is rebuilt for its loss, see ``ExportedModel``)."""
+        return last_stage, loss
+
     def layer_params(self, i: int) -> dict[str, nn.Parameter]:
         raise NotImplementedError
 
@@ -374,13 +379,25 @@ def _owner(model: nn.Module, param: str, owned: set[int]) -> str:
 
 
 def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
-            depth: int | None = None) -> LayeredModel:
-    """Cut ``model`` into layers: explicit when ``layers`` is given, else traced."""
+            depth: int | None = None, trace: str = "auto") -> LayeredModel:
+    """Cut ``model`` into layers: explicit when ``layers`` is given, else traced by torch.fx, or
+    (``trace="export"``, or ``"auto"``: where fx cannot trace it) from its torch.export graph
+    (``planner.split_export``)."""
     if layers is not None:
         if not layers:
             raise ModelError("ModelSpec(layers=[]) names no layers: list module paths, or leave layers "
                              "out to trace the model")
         return SequentialModel(model, layers, inputs)
+    if trace != "fx":
+        from planner.split_export import traced_or_exported
+
+        return traced_or_exported(model, inputs, depth, trace)
+    return traced_by_fx(model, inputs, depth)
+
+
+def traced_by_fx(model: nn.Module, inputs: tuple, depth: int | None) -> TracedModel:
+    """The model's layers by torch.fx, the parts of a module called several times merged into it,
+    with the tensors its layers write into in place found by one run."""
     chosen = choose_layers(model, depth)
     traced = TracedModel(model, chosen)
     if depth is None:

@@ -195,19 +195,17 @@ def test_committed_profiles_still_load():
 
 def test_hf_models_build_on_meta_with_no_weights():
     pytest.importorskip("transformers")
-    for model_type in ("gpt2", "llama"):
+    for model_type in ("gpt2", "llama", "t5"):
         spec = build_meta_spec("models/hf.py:build", {"model_type": model_type, "n_layer": 2})
         tensors = [*spec.model.parameters(), *spec.model.buffers()]
         assert tensors and all(t.is_meta for t in tensors), model_type
-        assert spec.layers == ["embed", "blocks.0", "blocks.1", "norm", "lm_head"]
+        assert spec.layers is None and spec.trace == "export"
 
 
-def test_hf_adapter_is_checked_on_meta_too():
+def test_hf_model_type_without_the_task_is_refused_with_both_named():
     pytest.importorskip("transformers")
-    # Falcon's blocks need ALiBi biases passed in: the adapter cannot run them one by one, and says
-    # so on the meta device as it does in memory
-    with pytest.raises(ModelError, match="model_type='falcon' is not supported.*run layer by layer it raised"):
-        build_meta_spec("models/hf.py:build", {"model_type": "falcon", "n_layer": 2})
+    with pytest.raises(ModelError, match="model_type='vit' task='causal-lm'"):
+        build_meta_spec("models/hf.py:build", {"model_type": "vit", "task": "causal-lm", "n_layer": 2})
 
 
 class TwoLinear(nn.Module):

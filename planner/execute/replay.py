@@ -73,7 +73,7 @@ def replay_rank(plan: Plan, rank: int, device: torch.device, repeats: int = 2) -
         target = target.to(device) if torch.is_tensor(target) else target
 
         def step(times) -> None:
-            _run_actions(schedule.ranks[rank], modules, buffers, first_inputs, target, spec.loss, m, S,
+            _run_actions(schedule.ranks[rank], modules, buffers, first_inputs, target, built.loss, m, S,
                          device, times)
             opt.step()
             opt.zero_grad(set_to_none=False)

@@ -115,7 +115,7 @@ def run_single(plan: Plan, device: torch.device, steps: int = 3, warmup: int = 1
     owned = _one_rank_group()
     try:
         runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule, single=True),
-                               m, spec.loss)
+                               m, built.loss)
         named = stage_parameters(modules, spec.model)
         opt = optimizer_for(plan, list(named.values()))
         with _failures("the single-process reference run", device):

@@ -4,6 +4,7 @@ plan was made for."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ class Built:
     lm: LayeredModel
     modules: list[nn.Module]  # one per plan stage
     bounds: list[tuple[int, int]]
+    loss: Callable  # the loss as the engine calls it on the last stage's output
 
 
 def build_model(plan: Plan, *, device: torch.device, dtype: torch.dtype) -> ModelSpec:
@@ -81,10 +83,11 @@ def apply_recompute(module: nn.Module, layer_paths: list[str]) -> None:
 
 def build_stages(plan: Plan, spec: ModelSpec, example_inputs: tuple, stages: list[int] | None = None) -> Built:
     """Stage modules for the plan's stages (all, or those listed), sharing the model's parameters."""
-    lm = layered(spec.model, example_inputs, spec.layers, plan.model.depth)
+    lm = layered(spec.model, example_inputs, spec.layers, plan.model.depth, spec.trace)
     bounds = stage_bounds(plan, lm.names)
     wanted = range(len(plan.stages)) if stages is None else stages
     modules: list[nn.Module] = []
+    loss = spec.loss
     for s in wanted:
         a, b = bounds[s]
         module = lm.stage(a, b)
@@ -92,8 +95,10 @@ def build_stages(plan: Plan, spec: ModelSpec, example_inputs: tuple, stages: lis
         chosen = st.layers if st.recompute == "full" else st.recompute_layers if st.recompute == "selective" else []
         apply_recompute(module, _local_paths(lm, st.layers, chosen))
         guard_cuts(module, s, first=a == 0, last=b >= lm.n_layers)
+        if s == len(plan.stages) - 1:
+            module, loss = lm.for_engine(module, spec.loss)
         modules.append(module)
-    return Built(lm, modules, bounds)
+    return Built(lm, modules, bounds, loss)
 
 
 def guard_cuts(module: nn.Module, stage: int, first: bool, last: bool) -> None:
@@ -133,10 +138,11 @@ def _meta(meta: list[tuple[torch.dtype, tuple[int, ...]]]) -> str:
 
 
 def _local_paths(lm: LayeredModel, stage_layers: list[str], chosen: list[str]) -> list[str]:
-    """Module paths of chosen layers inside a stage module: traced stages keep the model's
-    paths (a module called several times is one module there: recomputing one of its calls
-    recomputes every call in the stage); explicit sequences hold their layers as layers.<position>."""
-    if lm.mode == "traced":
+    """Module paths of chosen layers inside a stage module: traced and exported stages keep the
+    model's paths (a module called several times is one module there: recomputing one of its
+    calls recomputes every call in the stage); explicit sequences hold their layers as
+    layers.<position>."""
+    if lm.mode != "explicit":
         path = dict(zip(lm.names, lm.paths, strict=True))
         return list(dict.fromkeys(path[n] for n in chosen))
     return [f"layers.{stage_layers.index(n)}" for n in chosen]

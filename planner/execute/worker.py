@@ -233,7 +233,7 @@ def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_
     named = stage_parameters(modules, spec.model)
     tied = _tied(plan, built.lm, spec.model, named, pp_rank, dp_rank)
     schedule = plan_schedule(plan)
-    runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, spec.loss,
+    runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, built.loss,
                            group=pp_groups[dp_rank])
     state = _Rank(plan=plan, rank=rank, dp_rank=dp_rank, device=device, spec=spec, runtime=runtime,
                   modules=list(modules.values()), named=named, tied=tied,

@@ -269,7 +269,7 @@ def _estimate(spec: ModelSpec, opts: Options, dtype: torch.dtype,
     sizes = sorted(set(opts.mbs))
     batches = {b: make_batch(spec, b, opts.seed, cpu, dtype) for b in sizes}
     model = spec.model if is_meta(spec.model) else keep_ties(copy.deepcopy(spec.model), lambda m: m.to("meta"))
-    source = OnMeta(model, batches[sizes[0]][0], spec.layers, opts.depth, cpu, dtype)
+    source = OnMeta(model, batches[sizes[0]][0], spec.layers, opts.depth, cpu, dtype, spec.trace)
     run = Run(spec=spec, device=cpu, warmup=0, repeats=1, seed=opts.seed, dedupe=opts.dedupe,
               memory_bytes=None, batches=batches)
     info = DeviceInfo(type=kind.device.type, name=kind.device.name, memory_bytes=kind.device.memory_bytes)
@@ -287,9 +287,9 @@ def _measure(spec: ModelSpec, opts: Options, device: torch.device, dtype: torch.
               dedupe=opts.dedupe, memory_bytes=opts.memory_bytes, batches=batches)
     source: Source
     if is_meta(spec.model):
-        source = OnMeta(spec.model, first, spec.layers, opts.depth, device, dtype)
+        source = OnMeta(spec.model, first, spec.layers, opts.depth, device, dtype, spec.trace)
     else:
-        source = InMemory(spec.model, first, spec.layers, opts.depth, device)
+        source = InMemory(spec.model, first, spec.layers, opts.depth, device, spec.trace)
         run.whole = lambda b: _time_whole_model(spec, batches[b][0], batches[b][1], device, opts)
     steps = Steps(progress, len(sizes) * (source.lm.n_layers + 2))
     return measure_model(source, run, _device_info(device, workspace), steps)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from planner.errors import ModelError
 from planner.model import user_code
@@ -46,8 +47,10 @@ class LayerResult:
 
 
 def _leaves(inputs: tuple) -> tuple:
-    return tuple(t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
-                 for t in inputs)
+    """The inputs as leaves of a new graph; tensors inside a structure too (a model's output the
+    loss reads, such as a Hugging Face ``ModelOutput``)."""
+    return tuple(tree_map(lambda t: t.detach().requires_grad_(t.is_floating_point())
+                          if isinstance(t, torch.Tensor) else t, inputs))
 
 
 def _grads_for(outs: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:

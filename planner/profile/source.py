@@ -55,8 +55,8 @@ class Source:
 
 class InMemory(Source):
     def __init__(self, model: nn.Module, first_inputs: tuple, layers: list[str] | None, depth: int | None,
-                 device: torch.device):
-        self.lm = layered(model, first_inputs, layers, depth)
+                 device: torch.device, trace: str = "auto"):
+        self.lm = layered(model, first_inputs, layers, depth, trace)
         self.stages = [self.lm.stage(i, i + 1) for i in range(self.lm.n_layers)]
         self.device = device
 
@@ -65,12 +65,12 @@ class OnMeta(Source):
     materialises = True
 
     def __init__(self, model: nn.Module, first_inputs: tuple, layers: list[str] | None, depth: int | None,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, trace: str = "auto"):
         # The factory's model stays as it was. Tensors it made real (a table built on the CPU
         # explicitly, say) go to meta too, so that the meta run does not mix devices; measured
         # layers get fresh values for them, which timing does not depend on.
         meta = keep_ties(copy.deepcopy(model), lambda m: m.to(dtype=dtype).to("meta"))
-        self.lm = layered(meta, to_meta(first_inputs), layers, depth)
+        self.lm = layered(meta, to_meta(first_inputs), layers, depth, trace)
         self.stages = [self.lm.stage(i, i + 1) for i in range(self.lm.n_layers)]
         self.device, self.dtype = device, dtype
 
