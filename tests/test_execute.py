@@ -299,3 +299,26 @@ def test_run_folder_is_removed_after_a_timing_miss_and_kept_after_a_failed_check
     _record_run_dir(failed, kept=False)
     assert failed.run_dir is not None and Path(failed.run_dir).exists()
     assert any("a check failed" in n for n in failed.notes)
+
+
+def test_zero_shards_follow_the_largest_first_rule():
+    from torch import nn
+
+    from planner.execute.train import zero_shard
+
+    params = [nn.Parameter(torch.zeros(n)) for n in (5, 3, 3, 2, 1)]
+    # 5 -> replica 0; 3 -> 1; 3 -> 1 (3 < 5); 2 -> 0 (5 < 6); 1 -> 1 (6 < 7)
+    sizes = [sum(p.numel() for p in shard) for shard in zero_shard(params, 2)]
+    assert sizes == [7, 7]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pp,dp,cluster", [(1, 2, "cpu2"), (2, 2, "cpux4")])
+def test_zero_1_shards_the_optimizer_over_gloo_replicas(tiny_profile, tmp_path, pp, dp, cluster):
+    settings = Settings(global_batch=8, pp=pp, dp=dp, tp=1, zero=1, schedules=("1f1b",), time_limit_s=5)
+    result = solve(tiny_profile, from_spec(cluster), settings)
+    path = tmp_path / "zero1.json"
+    dump(make_plan(tiny_profile, from_spec(cluster), result, settings), path)
+    assert load_plan(path).parallel.zero == 1
+    ver = execute(path, Options(steps=2, warmup=1, run_dir=str(tmp_path / "run"), tolerance=100.0))
+    assert ver.mode == "distributed" and ver.checks and all(ok for _, ok, _ in ver.checks), ver.checks

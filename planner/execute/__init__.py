@@ -139,10 +139,10 @@ def load_runnable(plan_path: Path) -> Plan:
 
     plan = load_plan(plan_path)
     par = plan.parallel
-    if par.tp > 1 or par.zero:
-        raise ExecutionError(f"{plan_path}: planner execute runs pipeline and data parallelism only; this plan has "
-                             f"tp {par.tp}, zero {par.zero}: run it through `planner export` (Megatron-LM, DeepSpeed, "
-                             "torchtitan), or solve with --tp 1 --zero 0")
+    if par.tp > 1 or par.zero > 1:
+        raise ExecutionError(f"{plan_path}: planner execute runs pipeline and data parallelism, with ZeRO stage 1 "
+                             f"at most; this plan has tp {par.tp}, zero {par.zero}: run it through `planner export` "
+                             "(Megatron-LM, DeepSpeed, torchtitan), or solve with --tp 1 --zero 1")
     return with_factory_found(plan, plan_path)
 
 

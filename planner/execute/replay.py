@@ -67,7 +67,7 @@ def replay_rank(plan: Plan, rank: int, device: torch.device, repeats: int = 2) -
     with probe:  # on a CPU the probe counts live tensors, which slows every operation
         _materialise(nn.ModuleList(modules.values()), device)  # at once: weights tied across stages stay one
         params = list(stage_parameters(modules).values())
-        opt = optimizer_for(plan, params)
+        opt = optimizer_for(plan, params, shard_of=0)
         buffers = _buffers(built, mine, cut_values, m, n, device)
         first_inputs = tuple(t.to(device) if torch.is_tensor(t) else t for t in inputs)
         target = target.to(device) if torch.is_tensor(target) else target

@@ -10,16 +10,43 @@ from planner.errors import InputError
 from planner.formats import Plan
 
 
-def optimizer_for(plan: Plan, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def optimizer_for(plan: Plan, params: list[nn.Parameter], dp_group=None,
+                  shard_of: int | None = None) -> torch.optim.Optimizer:
+    """The plan's optimizer over these parameters. With ZeRO stage 1 and several replicas, its state
+    is sharded over the replicas: in a distributed run by torch's ZeroRedundancyOptimizer over the
+    replica group ``dp_group`` (each replica steps its shard, then broadcasts it); a rank replayed
+    alone keeps replica ``shard_of``'s shard, so that its memory is that of the run."""
     t = plan.training
     if t.precision == "mixed":
         raise InputError("plans with --precision mixed (fp32 master weights) are modelled but not executed; "
                          "solve with --precision param to run one")
     if not params:
         params = [nn.Parameter(torch.zeros(1))]  # a stage without weights still steps
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=1e-4)
-    return torch.optim.SGD(params, lr=1e-3, momentum=0.9 if t.optimizer == "sgd-momentum" else 0.0)
+    kind: type[torch.optim.Optimizer] = torch.optim.Adam if t.optimizer == "adam" else torch.optim.SGD
+    options: dict = {"lr": 1e-4} if t.optimizer == "adam" else \
+        {"lr": 1e-3, "momentum": 0.9 if t.optimizer == "sgd-momentum" else 0.0}
+    dp = plan.parallel.dp
+    if plan.parallel.zero >= 1 and dp > 1:
+        if dp_group is not None:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            return ZeroRedundancyOptimizer(params, optimizer_class=kind, process_group=dp_group, **options)
+        if shard_of is not None:
+            params = zero_shard(params, dp)[shard_of] or [nn.Parameter(torch.zeros(1))]
+    return kind(params, **options)
+
+
+def zero_shard(params: list[nn.Parameter], dp: int) -> list[list[nn.Parameter]]:
+    """Parameters per replica as ZeroRedundancyOptimizer partitions them: largest first, each to
+    the replica holding the fewest elements so far (whole tensors, so shards are close to, not
+    exactly, 1/dp of the state)."""
+    shards: list[list[nn.Parameter]] = [[] for _ in range(dp)]
+    sizes = [0] * dp
+    for p in sorted(params, key=lambda p: p.numel(), reverse=True):
+        k = sizes.index(min(sizes))
+        shards[k].append(p)
+        sizes[k] += p.numel()
+    return shards
 
 
 def batch_seed(step: int, dp_rank: int, dp: int) -> int:

@@ -237,7 +237,8 @@ def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_
                            group=pp_groups[dp_rank])
     state = _Rank(plan=plan, rank=rank, dp_rank=dp_rank, device=device, spec=spec, runtime=runtime,
                   modules=list(modules.values()), named=named, tied=tied,
-                  dp_group=dp_groups[pp_rank], opt=optimizer_for(plan, list(named.values())),
+                  dp_group=dp_groups[pp_rank],
+                  opt=optimizer_for(plan, list(named.values()), dp_group=dp_groups[pp_rank]),
                   reference=reference, first=0 in mine, last=len(plan.stages) - 1 in mine)
     return state, batch
 

@@ -388,9 +388,9 @@ def solve(profile: Profile, cluster: Cluster, settings: Settings,
                   "about other splits (drop --fix-cuts to search them)")
         result = replace(result, proven=False, proven_for_fixed_cuts=result.proven, notes=[pinned, *result.notes])
     name, best = result.best.config.schedule, result.best.config
-    if best.tp > 1 or best.zero:
+    if best.tp > 1 or best.zero > 1:
         result.notes.append(f"tp {best.tp} and zero {best.zero} are planned, not executed: planner execute runs "
-                            "tp 1, zero 0 plans only (export this one, or solve with --tp 1 --zero 0)")
+                            "tp 1 plans with ZeRO stage 1 at most (export this one, or solve with --tp 1 --zero 1)")
     if not SCHEDULES[name].executable:
         result.notes.append(f"{name} is modelled only: PyTorch's pipeline engine cannot run it, so "
                             "planner execute refuses this plan")
