@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from planner.clusters import from_spec
-from planner.errors import CheckFailed, ExecutionError
+from planner.errors import CheckFailed, ExecutionError, InputError
 from planner.execute import Options, execute, raise_on_failure
 from planner.execute.single import run_single
 from planner.formats import dump, load_plan
@@ -322,3 +322,21 @@ def test_zero_1_shards_the_optimizer_over_gloo_replicas(tiny_profile, tmp_path, 
     assert load_plan(path).parallel.zero == 1
     ver = execute(path, Options(steps=2, warmup=1, run_dir=str(tmp_path / "run"), tolerance=100.0))
     assert ver.mode == "distributed" and ver.checks and all(ok for _, ok, _ in ver.checks), ver.checks
+
+
+def test_an_in_process_run_the_device_cannot_hold_is_refused_before_building(monkeypatch):
+    import planner.execute as ex
+    from planner.errors import InfeasibleError
+
+    plan = load_plan("plans/gpt.cpu2-pp2.json")
+    weights = sum(s.cost.param_bytes for s in plan.stages)
+    monkeypatch.setattr(ex, "_free_bytes", lambda device: weights - 1)
+    with pytest.raises(InfeasibleError, match=r"--mode single needs at least .* \(every stage's weights"):
+        ex._refuse_what_cannot_fit(plan, "single", torch.device("cpu"))
+    monkeypatch.setattr(ex, "_free_bytes", lambda device: weights)
+    ex._refuse_what_cannot_fit(plan, "single", torch.device("cpu"))  # fits: nothing raised
+
+
+def test_a_tensor_parallel_plan_is_refused_in_one_line_before_anything_starts():
+    with pytest.raises(InputError, match=r"this plan has tp 2, ZeRO stage 1: run it through `planner export`"):
+        execute(Path("plans/gpt3-175b.16xh100x8.json"), Options())

@@ -140,9 +140,9 @@ def load_runnable(plan_path: Path) -> Plan:
     plan = load_plan(plan_path)
     par = plan.parallel
     if par.tp > 1 or par.zero > 1:
-        raise ExecutionError(f"{plan_path}: planner execute runs pipeline and data parallelism, with ZeRO stage 1 "
-                             f"at most; this plan has tp {par.tp}, zero {par.zero}: run it through `planner export` "
-                             "(Megatron-LM, DeepSpeed, torchtitan), or solve with --tp 1 --zero 1")
+        raise InputError(f"{plan_path}: planner execute runs pipeline and data parallelism, with ZeRO stage 1 "
+                         f"at most; this plan has tp {par.tp}, ZeRO stage {par.zero}: run it through "
+                         "`planner export` (Megatron-LM, DeepSpeed, torchtitan), or solve with --tp 1 --zero 1")
     return with_factory_found(plan, plan_path)
 
 
@@ -183,6 +183,8 @@ def _execute(plan_path: Path, opts: Options, progress) -> Verification:
                              "(--threads to change; profile with the same to compare)")
         _distributed(plan, plan_path, opts, ver, progress)
     in_process = [m for m in ("single", "replay") if m in mode]
+    for m in in_process:
+        _refuse_what_cannot_fit(plan, m, device)
     if in_process:
         if device.type == "cpu":
             ver.notes.append(f"CPU: {threads} thread{'s' * (threads > 1)} in this process, as each distributed "
@@ -193,6 +195,44 @@ def _execute(plan_path: Path, opts: Options, progress) -> Verification:
             if "replay" in mode:
                 _guarded("replay", _replay, plan, device, ver, progress)
     return ver
+
+
+def _refuse_what_cannot_fit(plan: Plan, mode: str, device) -> None:
+    """Refuse, before anything is built, an in-process run this device cannot hold: single mode
+    holds every stage's weights and gradients (at least the plan's summed parameter bytes, tied
+    copies counted once more, which the gradients cover), replay the fullest rank's predicted peak."""
+    from planner.errors import InfeasibleError
+    from planner.units import fmt_bytes
+
+    free = _free_bytes(device)
+    if free is None:
+        return
+    if mode == "single":
+        need, what = sum(s.cost.param_bytes for s in plan.stages), "every stage's weights and gradients"
+    else:
+        need, what = max(s.predicted.peak_memory_bytes for s in plan.stages), "its fullest rank's predicted peak"
+    if need > free:
+        world = plan.parallel.pp * plan.parallel.dp * plan.parallel.tp
+        raise InfeasibleError(f"--mode {mode} needs at least {fmt_bytes(need)} on {device} ({what}); it has "
+                              f"{fmt_bytes(free)} available: run the plan distributed on its cluster "
+                              f"({plan.cluster.name}, {world} devices)"
+                              + (", or --mode replay on one of its devices" if mode == "single" else ""))
+
+
+def _free_bytes(device) -> int | None:
+    """Memory this process can still take on the device: CUDA's free memory, or the kernel's
+    MemAvailable on a CPU (None where neither can be read)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @contextmanager

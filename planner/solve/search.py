@@ -389,8 +389,10 @@ def solve(profile: Profile, cluster: Cluster, settings: Settings,
         result = replace(result, proven=False, proven_for_fixed_cuts=result.proven, notes=[pinned, *result.notes])
     name, best = result.best.config.schedule, result.best.config
     if best.tp > 1 or best.zero > 1:
-        result.notes.append(f"tp {best.tp} and zero {best.zero} are planned, not executed: planner execute runs "
-                            "tp 1 plans with ZeRO stage 1 at most (export this one, or solve with --tp 1 --zero 1)")
+        what = " and ".join(x for x in (f"tp {best.tp}" if best.tp > 1 else "",
+                                        f"ZeRO stage {best.zero}" if best.zero > 1 else "") if x)
+        result.notes.append(f"{what}: planned, not executed: planner execute runs tp 1 plans with ZeRO stage 0 "
+                            "or 1 (export this one, or solve with --tp 1 --zero 1)")
     if not SCHEDULES[name].executable:
         result.notes.append(f"{name} is modelled only: PyTorch's pipeline engine cannot run it, so "
                             "planner execute refuses this plan")
