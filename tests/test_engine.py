@@ -136,6 +136,11 @@ MODELS = {
     "unet": ("models/unet.py:build", {"levels": 2, "width": 4, "image": 8}),
     "encdec": ("models/encdec.py:build", {"n_enc": 2, "n_dec": 2, "d_model": 16, "n_head": 2, "vocab": 32,
                                           "src_seq": 8, "tgt_seq": 6}),
+    # Hugging Face models as they are, through torch.export
+    "hf-gpt2": ("models/hf.py:build", {"model_type": "gpt2", "n_layer": 2, "d_model": 32, "n_head": 2, "vocab": 64,
+                                       "seq": 8}),
+    "hf-llama": ("models/hf.py:build", {"model_type": "llama", "n_layer": 2, "d_model": 32, "n_head": 2,
+                                        "vocab": 64, "seq": 8}),
 }
 SCHEDULES = [("gpipe", None), ("1f1b", None), ("interleaved-1f1b", 2), ("zb-h1", None), ("zb-h1", 2),
              ("zb-v", 2), ("dualpipe-v", 2)]
