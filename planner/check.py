@@ -74,15 +74,9 @@ def _saved_settings(plan: Plan):
     from planner.formats import Training
     from planner.solve import Settings
 
-    saved = dict(plan.provenance.solver.get("settings", {})) if isinstance(plan.provenance.solver, dict) else {}
-    keep = {k: v for k, v in saved.items() if k in Settings.__dataclass_fields__ and k != "training"}
-    for key in ("schedules", "fix_cuts"):
-        if keep.get(key) is not None:
-            keep[key] = tuple(keep[key])
-    keep["global_batch"] = keep.get("global_batch") or plan.microbatch.global_batch
-    for key, before in (("tp", 1), ("zero", 0)):  # plans made before tp and ZeRO were searched
-        keep.setdefault(key, before)
-    return Settings(**keep, training=Training(**plan.training.model_dump()))
+    saved = plan.provenance.solver.get("settings", {})
+    return Settings.from_record(saved if isinstance(saved, dict) else {},
+                                Training(**plan.training.model_dump()), plan.microbatch.global_batch)
 
 
 @dataclass

@@ -62,3 +62,17 @@ def test_the_command_refuses_with_one_line(tmp_path, args, needle):
     r = CliRunner().invoke(app, ["solve", str(p), "--cluster", "h100x4", *args])
     assert r.exit_code == 2 and r.output.startswith("error:") and needle in r.output
     assert r.output.count("\n") == 1, r.output
+
+
+def test_settings_round_trip_through_a_plans_record():
+    from planner.formats import Training
+    from planner.solve import Settings
+
+    s = Settings(global_batch=32, pp=2, schedules=("1f1b", "zb-h1"), fix_cuts=(4,), zero=1, jobs=3)
+    saved = s.record()
+    assert "training" not in saved and "jobs" not in saved and saved["schedules"] == ("1f1b", "zb-h1")
+    back = Settings.from_record({**saved, "schedules": ["1f1b", "zb-h1"], "fix_cuts": [4]}, Training(), 32)
+    assert back == Settings(global_batch=32, pp=2, schedules=("1f1b", "zb-h1"), fix_cuts=(4,), zero=1)
+    # a plan made before tp and ZeRO were searched re-solves at tp 1, ZeRO 0
+    old = Settings.from_record({"pp": 2, "unknown_later_field": 1}, Training(), 16)
+    assert (old.tp, old.zero, old.global_batch) == (1, 0, 16)

@@ -3,7 +3,6 @@ was found."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from planner.formats import BaselineResult, Cluster, Plan, Profile
@@ -27,7 +26,7 @@ def baseline_results(result: SolveResult, n_layers: int) -> list[BaselineResult]
 
 def make_plan(profile: Profile, cluster: Cluster, result: SolveResult, settings: Settings) -> Plan:
     best = result.best
-    saved: dict[str, Any] = {k: v for k, v in asdict(settings).items() if k not in ("training", "jobs")}
+    saved = settings.record()
     saved["fix_cuts"] = list(settings.fix_cuts) if settings.fix_cuts else None
     saved["schedules"] = list(settings.schedules) if settings.schedules else None
     solver: dict[str, Any] = {

@@ -5,9 +5,9 @@ count, schedule, virtual stages."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal, get_args
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
 
 from planner.autosched import NAME as AUTO
 from planner.autosched import SEEDS
@@ -66,6 +66,26 @@ class Settings:
             if SCHEDULES[canonical(name)].placement == "v" and self.virtual_stages not in (None, 2):
                 raise InputError(f"--schedule {name} runs exactly 2 stages per device (V placement): "
                                  f"--virtual-stages {self.virtual_stages} does not apply (drop it, or give 2)")
+
+    def record(self) -> dict[str, Any]:
+        """What a plan's provenance stores (``solver.settings``): every field but the training,
+        which the plan holds itself, and the worker count, which does not change the answer."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("training", "jobs")}
+
+    @classmethod
+    def from_record(cls, saved: Mapping[str, Any], training: Training, global_batch: int) -> Settings:
+        """The settings a plan's provenance stored, as the search reads them. Plans made before a
+        field existed get the value that reproduces their search (tp 1 and ZeRO 0 before they were
+        searched); fields this planner does not know are left out."""
+        known = {f.name for f in fields(cls)} - {"training", "jobs"}
+        keep = {k: v for k, v in saved.items() if k in known}
+        for key in ("schedules", "fix_cuts"):
+            if keep.get(key) is not None:
+                keep[key] = tuple(keep[key])
+        keep["global_batch"] = keep.get("global_batch") or global_batch
+        for key, before in (("tp", 1), ("zero", 0)):
+            keep.setdefault(key, before)
+        return cls(**keep, training=training)
 
 
 def requested(settings: Settings) -> list[str]:
