@@ -241,8 +241,9 @@ class TracedModel(LayeredModel):
                                  "later layer; only tensors can pass between stages: compute it inside "
                                  "the layer that uses it, or describe layers explicitly")
 
-    def stage(self, a: int, b: int) -> nn.Module:
-        g = fx.Graph()
+    def stage_inputs(self, g: fx.Graph, a: int, b: int) -> dict[fx.Node, fx.Node]:
+        """Placeholders in ``g`` for what enters stage [a, b), by the node computing each: made
+        contiguous after a cut, and copied where a layer of the stage writes into it in place."""
         env: dict[fx.Node, fx.Node] = {}
         for t in self.crossing(a):
             src = self.node_of[t.key]
@@ -252,6 +253,11 @@ class TracedModel(LayeredModel):
             if self.writes_into(t, a, b):  # the first stage too: the caller's batch stays as it was
                 value = g.call_method("clone", (value,))
             env[src] = value
+        return env
+
+    def stage(self, a: int, b: int) -> nn.Module:
+        g = fx.Graph()
+        env = self.stage_inputs(g, a, b)
         for n in self.gm.graph.nodes:
             if n.op in ("placeholder", "output"):
                 continue

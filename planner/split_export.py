@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from planner.errors import ModelError, PlannerError
 from planner.model import describe
-from planner.split import INPUT, TracedModel, choose_layers, contiguous_grad
+from planner.split import INPUT, TracedModel, choose_layers
 
 __all__ = ["ExportedModel", "ExportError", "export_graph", "traced_or_exported", "TRACE_ROUTES"]
 
@@ -124,11 +124,7 @@ class ExportedModel(TracedModel):
 
     def stage(self, a: int, b: int) -> nn.Module:
         g = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        for t in self.crossing(a):
-            src = self.node_of[t.key]
-            placeholder = g.placeholder(f"in_{src.name}")
-            env[src] = g.call_function(contiguous_grad, (placeholder,)) if a > 0 else placeholder
+        env = self.stage_inputs(g, a, b)
         root: dict[str, nn.Module] = {}
         for k in range(a, b):
             ins, outs = self.io[k]
