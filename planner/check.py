@@ -74,9 +74,8 @@ def _saved_settings(plan: Plan):
     from planner.formats import Training
     from planner.solve import Settings
 
-    saved = plan.provenance.solver.get("settings", {})
-    return Settings.from_record(saved if isinstance(saved, dict) else {},
-                                Training(**plan.training.model_dump()), plan.microbatch.global_batch)
+    return Settings.from_record(plan.provenance.solver.settings, Training(**plan.training.model_dump()),
+                                plan.microbatch.global_batch)
 
 
 @dataclass

@@ -420,9 +420,28 @@ class BaselineResult(_Frozen):
     fits: bool
 
 
-class SavedSettings(BaseModel):
-    """The solver settings a plan was made with (``planner.solve.Settings`` less its training and
-    jobs), which ``check --resolve`` searches with again. Keys a newer planner adds are kept."""
+def _listed(value: Any) -> Any:
+    """A JSON array read into a tuple (settings are frozen and hashable); anything else is refused
+    in the file's own terms."""
+    if isinstance(value, list):
+        return tuple(value)
+    if value is not None and not isinstance(value, tuple):
+        raise ValueError("Input should be a valid list")
+    return value
+
+
+Recompute = Literal["none", "full", "auto", "selective"]
+Objective = Literal["time", "memory"]
+Schedules = Annotated[tuple[str, ...], Field(min_length=1), BeforeValidator(_listed)]
+Cuts = Annotated[tuple[int, ...], BeforeValidator(_listed)]
+
+
+class SolverSettings(BaseModel):
+    """What the search was asked: the pins, the schedules, the recomputation policy, the budgets.
+    ``planner.solve.Settings`` is this model plus the training and the worker count, which the
+    plan records elsewhere or which do not change the answer; a plan stores it as
+    ``provenance.solver.settings``, and ``check --resolve`` searches with it again. Keys a newer
+    planner adds are kept; ``None`` leaves a dimension to the search."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -431,26 +450,41 @@ class SavedSettings(BaseModel):
     dp: int | None = Field(default=None, ge=1)
     mbs: int | None = Field(default=None, ge=1)
     microbatches: int | None = Field(default=None, ge=1)
-    schedules: list[str] | None = Field(default=None, min_length=1)
+    schedules: Schedules | None = None  # None: every schedule the engine runs
     virtual_stages: int | None = Field(default=None, ge=1)
-    recompute: Literal["none", "full", "auto", "selective"] = "auto"
-    fix_cuts: list[int] | None = None
+    recompute: Recompute = "auto"  # none | full | auto (per stage) | selective (per layer, ILP)
+    fix_cuts: Cuts | None = None  # stage start positions after the first
     top: int = Field(default=5, ge=1)
     include_model_only: bool = False
-    budget: int = Field(default=400, ge=1)
-    ilp: bool = False
+    budget: int = Field(default=400, ge=1)  # simulations per configuration in branch and bound
+    ilp: bool = False  # bound interleaved / V configurations with the ILP (slower, tighter)
     time_limit_s: float = Field(default=10.0, gt=0, le=MAX_MEASURED_S)
-    jobs: int | None = Field(default=None, ge=1)
-    objective: Literal["time", "memory"] = "time"
-    tp: int | None = Field(default=None, ge=1)
-    zero: Literal[0, 1, 2, 3] | None = None
-    sequence_parallel: bool = True
+    objective: Objective = "time"  # time: the fastest plan; memory: the least peak memory per device
+    tp: int | None = Field(default=None, ge=1)  # None: every divisor of the devices per node
+    zero: Literal[0, 1, 2, 3] | None = None  # None: searched (1-3 where dp > 1)
+    sequence_parallel: bool = True  # with tp > 1 (Megatron-LM's --sequence-parallel)
+
+
+class SolverRecord(BaseModel):
+    """How the plan was found: the settings, whether the search proved it optimal, and what it
+    walked. Keys a newer planner adds are kept; every field may be absent in a hand-made plan."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    settings: SolverSettings | None = None
+    proven_optimal: bool | None = None
+    proven_for_fixed_cuts: bool | None = Field(default=None, description="the split was the user's "
+                                               "(--fix-cuts): proven optimal given it")
+    lower_bound_s: float | None = Field(default=None, ge=0)
+    configurations: int | None = Field(default=None, ge=0)
+    configurations_solved: int | None = Field(default=None, ge=0)
+    notes: list[str] = Field(default_factory=list)
 
 
 class Provenance(_Frozen):
     profile_fingerprint: str
     planner_version: str
-    solver: dict[str, Any] = Field(default_factory=dict)
+    solver: SolverRecord = SolverRecord()
     costs_estimated: str | None = Field(default=None, description="how the profile's costs were estimated "
                                         "(planner profile --estimate); None: they were measured")
 
@@ -614,16 +648,13 @@ def _size_problem(plan: Plan) -> str | None:
 
 
 def _settings_problem(plan: Plan) -> str | None:
-    """Saved solver settings that a search could run with: typed, in range, and cuts that fall
-    inside the plan's own layers."""
-    if "settings" not in plan.provenance.solver:
+    """Saved solver settings that a search could run with: cuts that fall inside the plan's own
+    layers (their types and ranges are the model's)."""
+    saved = plan.provenance.solver.settings
+    if saved is None:
         return None
-    try:
-        saved = SavedSettings.model_validate(plan.provenance.solver["settings"], strict=True)
-    except ValidationError as err:
-        return f"provenance.solver.settings: {_describe(err)}"
     n = sum(len(stage.layers) for stage in plan.stages)
-    cuts = saved.fix_cuts or []
+    cuts = list(saved.fix_cuts or ())
     if cuts != sorted(set(cuts)) or any(not 0 < k < n for k in cuts):
         return (f"provenance.solver.settings.fix_cuts {cuts}: stage starts must increase and lie between "
                 f"1 and {n - 1} (the plan's {n} layers)")
@@ -636,7 +667,8 @@ KINDS: dict[str, type[BaseModel]] = {"profile": Profile, "cluster": Cluster, "pl
 M = TypeVar("M", bound=BaseModel)
 
 
-def _describe(err: ValidationError) -> str:
+def describe(err: ValidationError) -> str:
+    """A validation error in one line: the first problem with its field, and how many more."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
@@ -661,7 +693,7 @@ def parse(data: Any, model: type[M], source: str) -> M:
     try:
         return model.model_validate(data, strict=True)
     except ValidationError as err:
-        raise InputError(f"{source}: {_describe(err)}") from None
+        raise InputError(f"{source}: {describe(err)}") from None
 
 
 class _Refused(str):

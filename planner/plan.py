@@ -21,6 +21,7 @@ from planner.formats import (
     Profile,
     Provenance,
     ScheduleSpec,
+    SolverRecord,
     Stage,
     StageCost,
     StagePrediction,
@@ -30,7 +31,7 @@ from planner.simulate import CutLink, SimResult, simulate
 
 
 def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
-            baselines: list[BaselineResult] | None = None, solver: dict | None = None) -> Plan:
+            baselines: list[BaselineResult] | None = None, solver: SolverRecord | None = None) -> Plan:
     """The plan file for an evaluated configuration."""
     sim = ev.simulation()
     cfg = ev.config
@@ -55,7 +56,7 @@ def to_plan(profile: Profile, cluster: Cluster, ev: Evaluation, *,
                              peak_memory_bytes=max(sim.peak_memory_bytes)),
         baselines=baselines or [],
         provenance=Provenance(profile_fingerprint=profile_fingerprint(profile),
-                              planner_version=__version__, solver=solver or {},
+                              planner_version=__version__, solver=solver or SolverRecord(),
                               costs_estimated=profile.measurement.estimated if profile.measurement else None),
     )
 

@@ -176,18 +176,15 @@ def solve_report(prof: Profile, cluster, result, plan: Plan) -> list:
     return out
 
 
-def _settings(plan: Plan) -> dict:
-    solver = plan.provenance.solver
-    return solver.get("settings", {}) if isinstance(solver, dict) else {}
-
-
 def _pinned(plan: Plan) -> bool:
     """The plan's partition was given by the user (``--fix-cuts``), not searched."""
-    return bool(_settings(plan).get("fix_cuts"))
+    saved = plan.provenance.solver.settings
+    return saved is not None and bool(saved.fix_cuts)
 
 
 def _by_memory(plan: Plan) -> bool:
-    return _settings(plan).get("objective") == "memory"
+    saved = plan.provenance.solver.settings
+    return saved is not None and saved.objective == "memory"
 
 
 def versus(theirs: float, mine: float, unit: str = "") -> str:

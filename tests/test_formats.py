@@ -180,7 +180,7 @@ import time  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from planner.cli import app  # noqa: E402
-from planner.formats import MAX_ACTIONS, check_output  # noqa: E402
+from planner.formats import MAX_ACTIONS, SolverRecord, check_output  # noqa: E402
 
 PLANS = Path(__file__).resolve().parents[1] / "plans"
 PP2 = PLANS / "gpt.cpu2-pp2.json"  # pp=2 dp=1 1f1b: two stages on devices 0 and 1
@@ -283,9 +283,10 @@ def test_a_recompute_list_needs_selective(tmp_path, mode):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("schedules", 5, "settings: field schedules: Input should be a valid list"),
-    ("top", "x", "settings: field top: Input should be a valid integer"),
-    ("recompute", "maybe", "settings: field recompute: Input should be 'none', 'full', 'auto' or 'selective'"),
+    ("schedules", 5, "field provenance.solver.settings.schedules: Input should be a valid list"),
+    ("top", "x", "field provenance.solver.settings.top: Input should be a valid integer"),
+    ("recompute", "maybe",
+     "field provenance.solver.settings.recompute: Input should be 'none', 'full', 'auto' or 'selective'"),
     ("fix_cuts", [15], "fix_cuts [15]: stage starts must increase and lie between 1 and 14"),
     ("fix_cuts", [9, 3], "fix_cuts [9, 3]: stage starts must increase"),
 ])
@@ -300,8 +301,9 @@ def test_saved_solver_settings_are_checked_on_load(tmp_path, key, value, message
 def test_saved_solver_settings_may_be_absent_or_carry_new_keys(tmp_path):
     def newer(d):
         d["provenance"]["solver"]["settings"]["a_later_option"] = [1]
-    assert load_plan(_mutant(tmp_path, newer)).provenance.solver["settings"]["a_later_option"] == [1]
-    assert load_plan(_mutant(tmp_path, lambda d: d["provenance"].update(solver={}))).provenance.solver == {}
+    settings = load_plan(_mutant(tmp_path, newer)).provenance.solver.settings
+    assert settings is not None and settings.model_extra == {"a_later_option": [1]}
+    assert load_plan(_mutant(tmp_path, lambda d: d["provenance"].update(solver={}))).provenance.solver == SolverRecord()
 
 
 def test_schedule_must_match_virtual_stages(tmp_path):

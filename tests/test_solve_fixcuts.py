@@ -1,10 +1,13 @@
 """A split pinned with --fix-cuts is the user's: priced as given, compared honestly with today's
 splits, and never called optimal."""
 
+import json
+
 import pytest
 from rich.console import Console
 
 from planner.clusters import from_spec
+from planner.formats import to_json
 from planner.report import solve_report, versus
 from planner.solve import Settings, solve
 from planner.solve.plan import make_plan
@@ -36,14 +39,15 @@ def test_a_pinned_split_is_not_called_optimal():
     assert [s.start for s in r.best.inner.segments] == [0, 1, 2, 3]
     assert r.proven is False and r.proven_for_fixed_cuts is True
     solver = make_plan(prof, cluster, r, settings).provenance.solver
-    assert solver["proven_optimal"] is False and solver["proven_for_fixed_cuts"] is True
+    assert solver.proven_optimal is False and solver.proven_for_fixed_cuts is True
 
 
 def test_a_searched_split_has_no_fixed_cuts_claim():
     r = solve(sixteen_blocks(), from_spec("h100x4"), Settings(global_batch=32, pp=4, dp=1, schedules=("1f1b",)))
     assert r.proven and r.proven_for_fixed_cuts is None
-    assert "proven_for_fixed_cuts" not in make_plan(sixteen_blocks(), from_spec("h100x4"), r,
-                                                    Settings(global_batch=32)).provenance.solver
+    plan = make_plan(sixteen_blocks(), from_spec("h100x4"), r, Settings(global_batch=32))
+    assert plan.provenance.solver.proven_for_fixed_cuts is None
+    assert json.loads(to_json(plan))["provenance"]["solver"]["proven_for_fixed_cuts"] is None
 
 
 def test_the_report_names_the_users_split_and_the_faster_baselines():

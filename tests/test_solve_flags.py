@@ -65,14 +65,15 @@ def test_the_command_refuses_with_one_line(tmp_path, args, needle):
 
 
 def test_settings_round_trip_through_a_plans_record():
-    from planner.formats import Training
+    from planner.formats import SolverSettings, Training
     from planner.solve import Settings
 
     s = Settings(global_batch=32, pp=2, schedules=("1f1b", "zb-h1"), fix_cuts=(4,), zero=1, jobs=3)
     saved = s.record()
-    assert "training" not in saved and "jobs" not in saved and saved["schedules"] == ("1f1b", "zb-h1")
-    back = Settings.from_record({**saved, "schedules": ["1f1b", "zb-h1"], "fix_cuts": [4]}, Training(), 32)
+    assert "training" not in type(saved).model_fields and "jobs" not in type(saved).model_fields
+    assert saved.schedules == ("1f1b", "zb-h1")
+    back = Settings.from_record(saved, Training(), 32)
     assert back == Settings(global_batch=32, pp=2, schedules=("1f1b", "zb-h1"), fix_cuts=(4,), zero=1)
     # a plan made before tp and ZeRO were searched re-solves at tp 1, ZeRO 0
-    old = Settings.from_record({"pp": 2, "unknown_later_field": 1}, Training(), 16)
+    old = Settings.from_record(SolverSettings(pp=2, unknown_later_field=1), Training(), 16)  # type: ignore[call-arg]
     assert (old.tp, old.zero, old.global_batch) == (1, 0, 16)

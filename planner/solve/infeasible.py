@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -215,17 +215,17 @@ def _relaxations(s: Settings, policy: Policy) -> Iterator[tuple[Callable[[Config
     if s.recompute == "none":
         yield (lambda cfg: "--recompute auto"), s, Policy("auto")
     if s.fix_cuts is not None:
-        yield (lambda cfg: "drop --fix-cuts"), replace(s, fix_cuts=None), policy
+        yield (lambda cfg: "drop --fix-cuts"), s.replace(fix_cuts=None), policy
     if s.pp is not None or s.dp is not None:
         yield ((lambda cfg: f"--pp {cfg.pp}" + (f" --dp {cfg.dp}" if s.dp is not None else "")),
-               replace(s, pp=None, dp=None), policy)
+               s.replace(pp=None, dp=None), policy)
     if s.mbs is not None:
-        yield (lambda cfg: f"--mbs {cfg.mbs}"), replace(s, mbs=None), policy
+        yield (lambda cfg: f"--mbs {cfg.mbs}"), s.replace(mbs=None), policy
     if s.microbatches is not None:
-        yield (lambda cfg: f"--microbatches {cfg.m}"), replace(s, microbatches=None), policy
+        yield (lambda cfg: f"--microbatches {cfg.m}"), s.replace(microbatches=None), policy
     if s.schedules is not None or s.virtual_stages is not None:
         yield ((lambda cfg: f"--schedule {cfg.schedule}" + (f" --virtual-stages {cfg.v}" if cfg.v > 1 else "")),
-               replace(s, schedules=None, virtual_stages=None), policy)
+               s.replace(schedules=None, virtual_stages=None), policy)
 
 
 def explain_undecided(search: Search, configs: Sequence[Config], undecided: Sequence[Config],

@@ -3,9 +3,7 @@ was found."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from planner.formats import BaselineResult, Cluster, Plan, Profile
+from planner.formats import BaselineResult, Cluster, Plan, Profile, SolverRecord
 from planner.plan import profile_fingerprint, to_plan
 from planner.solve.result import SolveResult
 from planner.solve.settings import Settings
@@ -26,19 +24,11 @@ def baseline_results(result: SolveResult, n_layers: int) -> list[BaselineResult]
 
 def make_plan(profile: Profile, cluster: Cluster, result: SolveResult, settings: Settings) -> Plan:
     best = result.best
-    saved = settings.record()
-    saved["fix_cuts"] = list(settings.fix_cuts) if settings.fix_cuts else None
-    saved["schedules"] = list(settings.schedules) if settings.schedules else None
-    solver: dict[str, Any] = {
-        "settings": saved,
-        "proven_optimal": result.proven,
-        "lower_bound_s": best.inner.lower_bound_s,
-        "configurations": result.configs_total,
-        "configurations_solved": result.configs_solved,
-        "notes": result.notes,
-    }
-    if result.proven_for_fixed_cuts is not None:  # the split is the user's: proven only given it
-        solver["proven_for_fixed_cuts"] = result.proven_for_fixed_cuts
+    solver = SolverRecord(settings=settings.record(), proven_optimal=result.proven,
+                          lower_bound_s=best.inner.lower_bound_s, configurations=result.configs_total,
+                          configurations_solved=result.configs_solved, notes=result.notes,
+                          # the split is the user's: proven only given it
+                          proven_for_fixed_cuts=result.proven_for_fixed_cuts)
     return to_plan(profile, cluster, best.evaluation,
                    baselines=baseline_results(result, len(profile.layers)), solver=solver)
 

@@ -5,83 +5,86 @@ count, schedule, virtual stages."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Literal, get_args
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, get_args
+
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from planner.autosched import NAME as AUTO
 from planner.autosched import SEEDS
 from planner.errors import InputError, ScheduleError
 from planner.evaluate import Config
-from planner.formats import Cluster, Profile, Training
+from planner.formats import Cluster, Objective, Profile, Recompute, SolverSettings, Training, describe
 from planner.schedules import SCHEDULES, canonical, check_combination
 
 VIRTUAL = (2, 4)  # chunks per rank tried for interleaved schedules
 SMALL_CLUSTER = 64  # up to this many devices every pp is tried, above it the divisors
 
-Recompute = Literal["none", "full", "auto", "selective"]
-Objective = Literal["time", "memory"]
 RECOMPUTE: tuple[Recompute, ...] = get_args(Recompute)
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
+NOT_RECORDED = frozenset({"training", "jobs"})  # the plan holds the training; jobs do not change the answer
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What the search reads, and what a plan's provenance stores: checked when made, so a typo
-    fails here and not as a silently different search."""
+class Settings(SolverSettings):
+    """What the search reads: the settings a plan records (``SolverSettings``) plus the training
+    and the worker count. Checked when made, so a typo fails here, in one line, and not as a
+    silently different search."""
 
-    global_batch: int | None = None
-    pp: int | None = None
-    dp: int | None = None
-    mbs: int | None = None
-    microbatches: int | None = None
-    schedules: tuple[str, ...] | None = None  # None: every schedule the engine runs
-    virtual_stages: int | None = None
-    recompute: Recompute = "auto"  # none | full | auto (per stage) | selective (per layer, ILP)
-    training: Training = Training()  # noqa: RUF009 (frozen, so one shared default is safe)
-    fix_cuts: tuple[int, ...] | None = None  # stage start positions after the first
-    top: int = 5
-    include_model_only: bool = False
-    budget: int = 400  # simulations per configuration in branch and bound
-    ilp: bool = False  # bound interleaved / V configurations with the ILP (slower, tighter)
-    time_limit_s: float = 10.0
-    jobs: int | None = None  # worker processes; None: one per core for large searches
-    objective: Objective = "time"  # time: the fastest plan; memory: the least peak memory per device
-    tp: int | None = None  # tensor-parallel degree; None: every divisor of the devices per node
-    zero: int | None = None  # ZeRO stage 0-3; None: searched (1-3 where dp > 1)
-    sequence_parallel: bool = True  # with tp > 1 (Megatron-LM's --sequence-parallel)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        if self.zero is not None and self.zero not in (0, 1, 2, 3):
-            raise InputError(f"--zero {self.zero}: the ZeRO stages are 0, 1, 2 and 3")
-        if self.tp is not None and self.tp < 1:
-            raise InputError(f"--tp {self.tp}: give a degree of at least 1")
-        if self.recompute not in RECOMPUTE:
-            raise InputError(f"--recompute {self.recompute!r}: choose {', '.join(RECOMPUTE)}")
-        if self.objective not in OBJECTIVES:
-            raise InputError(f"--objective {self.objective!r}: choose {' or '.join(OBJECTIVES)}")
-        if self.schedules is not None and not self.schedules:
+    training: Training = Training()
+    jobs: int | None = Field(default=None, ge=1)  # worker processes; None: one per core for large searches
+
+    if not TYPE_CHECKING:  # type checkers read the fields' own signature
+
+        def __init__(self, **values: Any) -> None:
+            try:
+                super().__init__(**values)
+            except ValidationError as err:
+                raise InputError(f"solver settings: {describe(err)}") from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flags(cls, values: Any) -> Any:
+        """The checks whose message names the flag to change, before the field types are read."""
+        if not isinstance(values, dict):
+            return values
+        zero, tp = values.get("zero"), values.get("tp")
+        if zero is not None and zero not in (0, 1, 2, 3):
+            raise InputError(f"--zero {zero}: the ZeRO stages are 0, 1, 2 and 3")
+        if isinstance(tp, int) and tp < 1:
+            raise InputError(f"--tp {tp}: give a degree of at least 1")
+        if values.get("recompute", "auto") not in RECOMPUTE:
+            raise InputError(f"--recompute {values['recompute']!r}: choose {', '.join(RECOMPUTE)}")
+        if values.get("objective", "time") not in OBJECTIVES:
+            raise InputError(f"--objective {values['objective']!r}: choose {' or '.join(OBJECTIVES)}")
+        schedules = values.get("schedules")
+        if schedules is not None and not schedules:
             raise InputError("--schedule names no schedule: give one or more, comma separated (gpipe,1f1b,...)")
-        for name in self.schedules or ():
-            if SCHEDULES[canonical(name)].placement == "v" and self.virtual_stages not in (None, 2):
+        for name in schedules or ():
+            if SCHEDULES[canonical(name)].placement == "v" and values.get("virtual_stages") not in (None, 2):
                 raise InputError(f"--schedule {name} runs exactly 2 stages per device (V placement): "
-                                 f"--virtual-stages {self.virtual_stages} does not apply (drop it, or give 2)")
+                                 f"--virtual-stages {values['virtual_stages']} does not apply (drop it, or give 2)")
+        return values
 
-    def record(self) -> dict[str, Any]:
-        """What a plan's provenance stores (``solver.settings``): every field but the training,
-        which the plan holds itself, and the worker count, which does not change the answer."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("training", "jobs")}
+    def replace(self, **changes: Any) -> Settings:
+        """These settings with some changed, checked again."""
+        return Settings(**{**self._fields(), **changes})
+
+    def _fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+    def record(self) -> SolverSettings:
+        """What a plan's provenance stores (``solver.settings``)."""
+        return SolverSettings(**{k: v for k, v in self._fields().items() if k not in NOT_RECORDED})
 
     @classmethod
-    def from_record(cls, saved: Mapping[str, Any], training: Training, global_batch: int) -> Settings:
+    def from_record(cls, saved: SolverSettings | None, training: Training, global_batch: int) -> Settings:
         """The settings a plan's provenance stored, as the search reads them. Plans made before a
         field existed get the value that reproduces their search (tp 1 and ZeRO 0 before they were
-        searched); fields this planner does not know are left out."""
-        known = {f.name for f in fields(cls)} - {"training", "jobs"}
-        keep = {k: v for k, v in saved.items() if k in known}
-        for key in ("schedules", "fix_cuts"):
-            if keep.get(key) is not None:
-                keep[key] = tuple(keep[key])
+        searched); keys this planner does not know are left out."""
+        given = saved.model_dump(exclude_unset=True) if saved is not None else {}
+        keep = {k: v for k, v in given.items() if k in SolverSettings.model_fields}
         keep["global_batch"] = keep.get("global_batch") or global_batch
         for key, before in (("tp", 1), ("zero", 0)):
             keep.setdefault(key, before)
