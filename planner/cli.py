@@ -137,9 +137,10 @@ def profile(
                                            help="run nothing: price each layer's FLOPs and bytes at this "
                                            "device's datasheet peaks (h100, h200, a100, a100-80gb, rtx4090)"),
 ) -> None:
-    """Measure a model layer by layer into a profile (needs torch). The model is built on the meta
-    device and each layer made real only while it is measured, so a model larger than the device
-    can be profiled."""
+    """Measure a model layer by layer into a profile (needs torch).
+
+    The model is built on the meta device and each layer made real only while it is measured, so
+    a model larger than the device can be profiled."""
     from planner import report
     from planner.formats import check_output, dump
     from planner.model import build_spec, parse_args
