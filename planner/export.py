@@ -140,6 +140,10 @@ def _deepspeed(plan: Plan) -> str:
         **({"note_zero": "DeepSpeed's PipelineModule runs ZeRO stages 0 and 1 only; run this plan with "
                          "torchtitan, or solve with --zero 1"} if plan.parallel.zero >= 2 and plan.parallel.pp > 1
            else {}),
+        **({"note_schedule": f"this plan's schedule is {plan.schedule.name}; DeepSpeed's PipelineEngine runs its "
+                             "own 1F1B (TrainSchedule), so its step time and memory are those of planner's 1f1b "
+                             "on the same parts: solve with --schedule 1f1b to compare"}
+           if plan.schedule.name not in ("1f1b", "naive") else {}),
         "note": "DeepSpeed computes parts itself from partition_method; use these boundaries by "
                 "overriding PipelineModule._partition_layers to set self.parts = parts"
                 + ("" if plan.schedule.virtual_stages == 1 else
@@ -182,4 +186,22 @@ def _torch(plan: Plan) -> str:
         "note": "planner executes its own action list through _PipelineScheduleRuntime; the class above "
                 "is the engine's nearest built-in schedule",
         **({"actions_per_rank": plan.schedule.order} if plan.schedule.order is not None else {}),
+        **_torch_sharding(plan),
     }, indent=1) + "\n"
+
+
+def _torch_sharding(plan: Plan) -> dict[str, object]:
+    """What pipeline() does not cover: the degrees and sharding to apply inside each stage."""
+    par = plan.parallel
+    if par.tp == 1 and par.dp == 1:
+        return {}
+    return {
+        "data_parallel_degree": par.dp, "tensor_parallel_degree": par.tp, "zero_stage": par.zero,
+        "sequence_parallel": par.sequence_parallel and par.tp > 1,
+        "note_sharding": "the split and schedule above cover the pipeline axis only: build a DeviceMesh of "
+                         f"(pp {par.pp}, dp {par.dp}, tp {par.tp}), apply parallelize_module with Colwise/"
+                         "RowwiseParallel to each stage over the tp axis"
+                         + (", and replicate over the dp axis" if not par.zero else
+                            ", and shard the optimizer state over the dp axis (ZeroRedundancyOptimizer, ZeRO 1)"
+                            if par.zero == 1 else f", and shard over the dp axis (fully_shard, ZeRO {par.zero})"),
+    }

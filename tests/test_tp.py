@@ -245,6 +245,23 @@ def test_exports_carry_tp_and_zero():
     assert "--use-distributed-optimizer" not in export(plain, "megatron")
     titan = json.loads(export(plain, "torchtitan"))
     assert (titan["data_parallel_shard_degree"], titan["data_parallel_replicate_degree"]) == (1, 2)
+    torch_split = json.loads(export(plan, "torch"))  # pipeline() splits; the degrees inside a stage come beside
+    assert (torch_split["tensor_parallel_degree"], torch_split["zero_stage"], torch_split["sequence_parallel"]) == \
+        (2, 1, True)
+    assert "DeviceMesh of (pp 2, dp 2, tp 2)" in torch_split["note_sharding"]
+    assert "ZeroRedundancyOptimizer" in torch_split["note_sharding"]
+
+
+def test_deepspeed_export_says_it_runs_its_own_1f1b():
+    prof = chain_profile([1e-3] * 4, param_bytes=64 * MiB, names=["emb", "h.0", "h.1", "head"])
+    cluster = from_spec("h100x8")
+    plans = {}
+    for name in ("1f1b", "zb-h1"):
+        cfg = Config(pp=2, dp=1, mbs=1, m=4, schedule=name)
+        ev = evaluate(CostTable(prof, 1), cluster, cfg, segments_from_bounds([0, 2], 4))
+        plans[name] = to_plan(prof, cluster, ev)
+    assert "note_schedule" not in json.loads(export(plans["1f1b"], "deepspeed"))
+    assert "schedule is zb-h1" in json.loads(export(plans["zb-h1"], "deepspeed"))["note_schedule"]
 
 
 def test_simulate_and_check_show_tp_and_zero(tmp_path):
