@@ -282,7 +282,8 @@ def execute(
             if path is not None:
                 check_output(path, inputs=(plan_file, profile_file), flag=flag)
         tol = _fraction(tolerance, "--tolerance")
-        opts = Options(mode=mode, steps=steps, warmup=warmup, tolerance=tol, verify=not no_verify,
+        opts = Options(mode=mode, steps=steps,  # type: ignore[arg-type] # checked by check_options
+                       warmup=warmup, tolerance=tol, verify=not no_verify,
                        timeout_s=timeout, device=device, nnodes=nnodes, node_rank=node_rank,
                        master_addr=master_addr, master_port=master_port,
                        run_dir=str(run_dir) if run_dir else None, threads=threads)

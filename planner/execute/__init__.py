@@ -19,17 +19,23 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from planner.errors import ExecutionError, InputError, Interrupted, PlannerError
 from planner.execute.reports import Measured, WorkerReport, error_text
 from planner.formats import Plan, load_plan
 
-__all__ = ["Options", "Verification", "execute"]
+__all__ = ["Mode", "Options", "Verification", "execute"]
+
+# distributed: pp x dp workers; single: every stage in this process; replay: each rank's actions
+# alone; auto: distributed where the devices exist, else single then replay
+Mode = Literal["auto", "distributed", "single", "replay", "single+replay"]
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 @dataclass
 class Options:
-    mode: str = "auto"  # auto | distributed | single | replay
+    mode: Mode = "auto"
     steps: int = 5
     warmup: int = 2
     tolerance: float = 0.10
@@ -60,7 +66,7 @@ class Row:
 
 @dataclass
 class Verification:
-    mode: str
+    mode: Mode
     device: str
     rows: list[Row] = field(default_factory=list)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (name, ok, detail)
@@ -97,7 +103,7 @@ def _device(name: str, plan: Plan):
     return resolve_device(name)
 
 
-def _choose_mode(plan: Plan, opts: Options) -> str:
+def _choose_mode(plan: Plan, opts: Options) -> Mode:
     import torch
 
     if opts.mode != "auto":
@@ -112,7 +118,7 @@ def _choose_mode(plan: Plan, opts: Options) -> str:
 
 def check_options(opts: Options) -> None:
     """Refuse impossible options before anything is built or started."""
-    if opts.mode not in ("auto", "distributed", "single", "replay", "single+replay"):
+    if opts.mode not in MODES:
         raise InputError(f"--mode {opts.mode!r}: choose auto, distributed, single or replay")
     if opts.steps < 1:
         raise InputError("--steps must be at least 1")
