@@ -340,3 +340,22 @@ def test_an_in_process_run_the_device_cannot_hold_is_refused_before_building(mon
 def test_a_tensor_parallel_plan_is_refused_in_one_line_before_anything_starts():
     with pytest.raises(InputError, match=r"this plan has tp 2, ZeRO stage 1: run it through `planner export`"):
         execute(Path("plans/gpt3-175b.16xh100x8.json"), Options())
+
+
+def test_a_launch_that_starts_nothing_leaves_no_run_folder(tiny_profile, tmp_path, monkeypatch):
+    # the temporary folder is kept after a failure for its logs; one that holds nothing is removed
+    import tempfile
+
+    import planner.execute.launch as launch_module
+
+    def refused(*args, **kwargs):
+        raise ExecutionError("no free port")
+
+    path = plan_for(tiny_profile, tmp_path, "1f1b")
+    runs = tmp_path / "tmp"
+    runs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(runs))
+    monkeypatch.setattr(launch_module, "launch", refused)
+    with pytest.raises(ExecutionError, match="no free port"):
+        execute(path, Options(mode="distributed", steps=1, warmup=0))
+    assert list(runs.iterdir()) == []

@@ -327,10 +327,15 @@ def _distributed(plan: Plan, plan_path: Path, opts: Options, ver: Verification, 
     run_dir = Path(opts.run_dir) if opts.run_dir else Path(tempfile.mkdtemp(prefix="planner-run-"))
     ver.run_dir = str(run_dir)
     # on failure the folder stays for the post-mortem; every message names its launcher log
-    result = launch(plan, plan_path.resolve(), run_dir, steps=opts.steps, warmup=opts.warmup,
-                    verify=opts.verify, timeout_s=opts.timeout_s, use_cuda=use_cuda,
-                    threads=opts.threads or 1, progress=progress,
-                    rdzv=Rendezvous(opts.nnodes, opts.node_rank, opts.master_addr, opts.master_port))
+    try:
+        result = launch(plan, plan_path.resolve(), run_dir, steps=opts.steps, warmup=opts.warmup,
+                        verify=opts.verify, timeout_s=opts.timeout_s, use_cuda=use_cuda,
+                        threads=opts.threads or 1, progress=progress,
+                        rdzv=Rendezvous(opts.nnodes, opts.node_rank, opts.master_addr, opts.master_port))
+    except BaseException:
+        if not opts.run_dir and not any(run_dir.iterdir()):  # nothing started: no post-mortem to keep
+            run_dir.rmdir()
+        raise
     if opts.nnodes > 1:
         ver.notes.append(f"node {opts.node_rank} of {opts.nnodes}: the checks and times cover every rank of the "
                          "run (the workers exchange their reports at the end)")
