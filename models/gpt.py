@@ -55,12 +55,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.c_attn(x).split(d, dim=2)
-        # (mb, heads, seq, head_dim)
-        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        head_dim = d // self.n_head
+        # c_attn's outputs are grouped by head, (head, q|k|v, head_dim), as Megatron-LM lays out its
+        # fused QKV, so that a column-parallel shard holds whole heads; the heads are counted from
+        # the output, which holds n_head / tp of them under tensor parallelism
+        qkv = self.c_attn(x)
+        qkv = qkv.view(b, t, qkv.shape[-1] // (3 * head_dim), 3, head_dim)  # (mb, seq, heads, 3, head_dim)
+        q, k, v = (z.transpose(1, 2) for z in qkv.unbind(3))  # (mb, heads, seq, head_dim)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -118,6 +122,26 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))  # (mb, seq, vocab)
 
 
+# Tensor parallelism (Megatron-LM, Shoeybi et al., 2019, section 3): attention and MLP split as a
+# column- then a row-parallel Linear, embeddings by rows, the head by the vocabulary (its logits
+# gathered for the loss); with sequence parallelism the norms run on the local part of the sequence.
+TP_PLAN = {
+    "transformer.emb": "scatter_output",
+    "emb.wte": "rowwise",
+    "emb.wpe": "rowwise",
+    "ln_1": "sequence",
+    "ln_2": "sequence",
+    "attn": "gather_input",
+    "attn.c_attn": "colwise",
+    "attn.c_proj": "rowwise",
+    "mlp": "gather_input",
+    "mlp.c_fc": "colwise",
+    "mlp.c_proj": "rowwise",
+    "transformer.ln_f": "sequence",
+    "lm_head": "colwise_gather",
+}
+
+
 def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
@@ -138,4 +162,4 @@ def build(n_layer: int = 12, d_model: int = 128, n_head: int = 4, vocab: int = 2
         tokens = torch.randint(0, vocab, (size, seq + 1), generator=gen)
         return (tokens[:, :-1],), tokens[:, 1:]
 
-    return ModelSpec(model=model, batch=batch, loss=lm_loss, name="gpt-tied" if tied else "gpt")
+    return ModelSpec(model=model, batch=batch, loss=lm_loss, name="gpt-tied" if tied else "gpt", tp_plan=TP_PLAN)

@@ -4,6 +4,7 @@
     2xh100x8                two such nodes on InfiniBand
     a100-80gbx4+a100-40gbx4 a node of 4 A100-80GB and a node of 4 A100-40GB
     cpu2                    two CPU processes (gloo), for tests and laptops
+    cpu4                    four CPU processes (gloo), for tensor parallelism and ZeRO
     path/to/cluster.json    anything else, in the cluster format
 
 Bandwidths are per direction, per GPU, from the vendors' datasheets; latencies are typical
@@ -78,6 +79,7 @@ PRESETS = {
     "a100-80gbx8": "a node of 8 A100-80GB on NVLink",
     "rtx4090x4": "a workstation of 4 RTX 4090 24 GB on PCIe",
     "cpu2": "two CPU processes (gloo)",
+    "cpu4": "four CPU processes (gloo), for tensor parallelism and ZeRO tests",
     "2xh100x8": "two nodes of 8 H100-80GB on InfiniBand",
 }
 

@@ -70,6 +70,9 @@ class ModelRef(_Frozen):
     args: dict[str, JsonScalar] = Field(default_factory=dict)
     depth: int | None = Field(default=None, description="module depth layers were cut at (None: natural blocks)")
     fingerprint: str = Field(description="sha256 of module paths, types and parameter shapes")
+    tensor_parallel: bool | None = Field(default=None, description="whether the factory gives a tp_plan, which "
+                                         "planner execute needs to split the model over tp > 1 ranks (None: "
+                                         "not recorded)")
 
 
 class DeviceInfo(_Frozen):

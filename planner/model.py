@@ -16,6 +16,10 @@ a given generator. Set ``layers`` to a list of module paths to describe the mode
 sequence (each layer called on the previous layer's output, DeepSpeed ``PipelineModule`` style)
 when its ``forward`` does not trace. A plain dict with the same keys works too.
 
+``tp_plan`` says how tensor parallelism cuts the model (``planner execute`` with tp > 1): a module
+path, or the end of one (``"attn.c_attn"`` names that module in every block), mapped to a style of
+``TP_STYLES``. A model without one runs with tp 1.
+
 This module does not import torch; the factory it loads does.
 """
 
@@ -46,6 +50,33 @@ class ModelSpec:
     # How layers are found when ``layers`` is None: "fx" (torch.fx), "export" (torch.export, for
     # a forward fx cannot trace: Hugging Face models), or "auto" (fx, else export).
     trace: str = "auto"
+    # module path (or its last components) -> one of TP_STYLES; None: no tensor parallelism
+    tp_plan: dict[str, str] | None = None
+
+
+# How a module is cut by tensor parallelism (Megatron-LM: Shoeybi et al., 2019, section 3), in
+# torch.distributed.tensor.parallel's terms. The sequence-parallel styles act only in plans with
+# parallel.sequence_parallel (Korthikanti et al., 2022, section 4.2.2); the sequence is dimension 1.
+TP_STYLES = {
+    "colwise": "a Linear split by output features; its output stays split for a rowwise one",
+    "rowwise": "a Linear split by input features (its output all-reduced), or an Embedding split by rows",
+    "colwise_gather": "a Linear split by output features whose output is all-gathered (an output head)",
+    "sequence": "a norm run on the local part of the sequence (sequence parallelism only)",
+    "gather_input": "a module whose input is all-gathered along the sequence (sequence parallelism only)",
+    "scatter_output": "a module whose output is split along the sequence (sequence parallelism only)",
+}
+
+
+def check_tp_plan(ref: str, tp_plan: Any) -> None:
+    """A tp_plan maps module paths to known styles."""
+    if tp_plan is None:
+        return
+    if not isinstance(tp_plan, dict) or not all(isinstance(k, str) for k in tp_plan):
+        raise ModelError(f"factory {ref}: tp_plan must map module paths to styles, got {type(tp_plan).__name__}")
+    bad = {k: v for k, v in tp_plan.items() if v not in TP_STYLES}
+    if bad:
+        key = next(iter(bad))
+        raise ModelError(f"factory {ref}: tp_plan[{key!r}] is {bad[key]!r}; styles are {', '.join(TP_STYLES)}")
 
 
 def describe(e: BaseException) -> str:
@@ -229,7 +260,7 @@ def build_spec(ref: str, args: dict[str, Any]) -> ModelSpec:
             raise ModelError(f"factory {ref} does not accept these arguments: "
                              f"{describe(e).split(': ', 1)[-1]}") from None
     if isinstance(result, dict):
-        unknown = set(result) - {"model", "batch", "loss", "layers", "name", "trace"}
+        unknown = set(result) - {"model", "batch", "loss", "layers", "name", "trace", "tp_plan"}
         if unknown:
             raise ModelError(f"factory {ref} returned unknown keys {sorted(unknown)}")
         try:
@@ -242,6 +273,7 @@ def build_spec(ref: str, args: dict[str, Any]) -> ModelSpec:
     for field in ("batch", "loss"):
         if not callable(getattr(result, field)):
             raise ModelError(f"factory {ref}: '{field}' is not callable")
+    check_tp_plan(ref, result.tp_plan)
     if result.name is None:
         result.name = Path(ref.split(":")[0]).stem if ".py" in ref else ref.split(":")[0].rsplit(".", 1)[-1]
     return result

@@ -337,8 +337,9 @@ def test_an_in_process_run_the_device_cannot_hold_is_refused_before_building(mon
     ex._refuse_what_cannot_fit(plan, "single", torch.device("cpu"))  # fits: nothing raised
 
 
-def test_a_tensor_parallel_plan_is_refused_in_one_line_before_anything_starts():
-    with pytest.raises(InputError, match=r"this plan has tp 2, ZeRO stage 1: run it through `planner export`"):
+def test_what_is_not_executed_is_refused_in_one_line_before_anything_starts():
+    # pp 16 x dp 4 x tp 2 with ZeRO 1: tensor parallelism runs, ZeRO 1 over its parameters does not
+    with pytest.raises(InputError, match=r"tp > 1 with ZeRO stage 1 over dp > 1 is not executed .*--zero 0, 2 or 3"):
         execute(Path("plans/gpt3-175b.16xh100x8.json"), Options())
 
 

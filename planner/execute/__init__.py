@@ -2,7 +2,8 @@
 
 Three ways to run, one entry point:
 
-* distributed: pp x dp workers through torchrun (NCCL on GPUs, gloo on CPU processes);
+* distributed: pp x dp x tp workers through torchrun (NCCL on GPUs, gloo on CPU processes), with
+  tensor parallelism and ZeRO 2/3 on torch's DTensor (``parallel``);
 * single: every stage in this process on one device, checked against a plain run;
 * replay: each pipeline rank's action list alone on the local device, to measure its memory and
   action times; the simulator composes the measured times into a measured-basis step time.
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from planner.errors import ExecutionError, InputError, Interrupted, PlannerError
-from planner.execute.reports import Measured, WorkerReport, error_text
+from planner.execute.reports import Measured, WorkerReport, error_text, world_size
 from planner.formats import Plan, load_plan
 
 __all__ = ["Mode", "Options", "Verification", "execute"]
@@ -108,12 +109,18 @@ def _choose_mode(plan: Plan, opts: Options) -> Mode:
 
     if opts.mode != "auto":
         return opts.mode
-    world = plan.parallel.pp * plan.parallel.dp
+    world = world_size(plan)
     if plan.cluster.devices[0].type == "cpu":
         return "distributed" if world > 1 else "single"
     if torch.cuda.is_available() and torch.cuda.device_count() * opts.nnodes >= world:
         return "distributed"
-    return "single+replay"
+    return "single" if _sharded(plan) else "single+replay"
+
+
+def _sharded(plan: Plan) -> bool:
+    """Tensor parallelism or ZeRO 2/3: a rank's memory is that of its shards, which only a
+    distributed run has."""
+    return plan.parallel.tp > 1 or (plan.parallel.zero >= 2 and plan.parallel.dp > 1)
 
 
 def check_options(opts: Options) -> None:
@@ -144,12 +151,26 @@ def load_runnable(plan_path: Path) -> Plan:
     from planner.model import with_factory_found
 
     plan = load_plan(plan_path)
-    par = plan.parallel
-    if par.tp > 1 or par.zero > 1:
-        raise InputError(f"{plan_path}: planner execute runs pipeline and data parallelism, with ZeRO stage 1 "
-                         f"at most; this plan has tp {par.tp}, ZeRO stage {par.zero}: run it through "
-                         "`planner export` (Megatron-LM, DeepSpeed, torchtitan), or solve with --tp 1 --zero 1")
+    problem = unexecuted(plan)
+    if problem:
+        raise InputError(f"{plan_path}: {problem}")
     return with_factory_found(plan, plan_path)
+
+
+def unexecuted(plan: Plan) -> str | None:
+    """What of the plan's parallelism planner execute does not run, with the knob to turn (None:
+    all of it runs). Which models have a tp_plan is checked when the model is built."""
+    from planner.schedules import SCHEDULES
+
+    par = plan.parallel
+    if par.zero >= 2 and par.dp > 1 and SCHEDULES[plan.schedule.name].split_backward:
+        return (f"ZeRO stage {par.zero} runs with schedules whose backward is one action (gpipe, 1f1b, "
+                f"interleaved-1f1b); {plan.schedule.name} splits it, which FSDP's gradient reduction does not "
+                "follow: solve with --schedule 1f1b, or --zero 1")
+    if par.tp > 1 and par.zero == 1 and par.dp > 1:
+        return ("tp > 1 with ZeRO stage 1 over dp > 1 is not executed (ZeroRedundancyOptimizer does not take "
+                "tensor-parallel parameters): solve with --zero 0, 2 or 3")
+    return None
 
 
 def execute(plan_path: Path, opts: Options, progress=None) -> Verification:
@@ -179,6 +200,8 @@ def _execute(plan_path: Path, opts: Options, progress) -> Verification:
     stale = check_fingerprint(plan, rebuilt_fingerprint(plan), f"{plan.model.factory} built now")
     if stale:
         raise CheckFailed(stale[0])
+    if plan.parallel.tp > 1:
+        _refuse_without_tp_plan(plan)
     mode = _choose_mode(plan, opts)
     device = _device(opts.device, plan)
     ver = Verification(mode=mode, device=str(device), tolerance=opts.tolerance)
@@ -188,6 +211,9 @@ def _execute(plan_path: Path, opts: Options, progress) -> Verification:
             ver.notes.append(f"CPU: {threads} thread{'s' * (threads > 1)} per worker process "
                              "(--threads to change; profile with the same to compare)")
         _distributed(plan, plan_path, opts, ver, progress)
+    if "replay" in mode and _sharded(plan):
+        raise InputError("--mode replay runs one rank alone, without its tensor-parallel peers or its FSDP shards: "
+                         "run the plan distributed, or --mode single to check its stages")
     in_process = [m for m in ("single", "replay") if m in mode]
     for m in in_process:
         _refuse_what_cannot_fit(plan, m, device)
@@ -201,6 +227,16 @@ def _execute(plan_path: Path, opts: Options, progress) -> Verification:
             if "replay" in mode:
                 _guarded("replay", _replay, plan, device, ver, progress)
     return ver
+
+
+def _refuse_without_tp_plan(plan: Plan) -> None:
+    """A plan with tp > 1 needs the model's tp_plan (built on the meta device: nothing allocated)."""
+    from planner.split import build_on_meta
+
+    spec = build_on_meta(plan.model.factory, dict(plan.model.args))
+    if spec.tp_plan is None:
+        raise InputError(f"the plan has tp {plan.parallel.tp}, and {plan.model.factory} gives no tp_plan "
+                         "(ModelSpec.tp_plan: module path -> colwise, rowwise, ...): add one, or solve with --tp 1")
 
 
 def _refuse_what_cannot_fit(plan: Plan, mode: str, device) -> None:
@@ -316,7 +352,7 @@ def _distributed(plan: Plan, plan_path: Path, opts: Options, ver: Verification, 
 
     from planner.execute.launch import Rendezvous, launch
 
-    world = plan.parallel.pp * plan.parallel.dp
+    world = world_size(plan)
     if world % opts.nnodes:
         raise InputError(f"the plan's {world} workers cannot be split evenly over --nnodes {opts.nnodes}")
     use_cuda = plan.cluster.devices[0].type == "cuda"
@@ -359,16 +395,17 @@ def _record_times(ver: Verification, plan: Plan, measured: list[Measured]) -> No
 
 
 def _record_memory(ver: Verification, plan: Plan, first_replica: list[WorkerReport]) -> None:
-    """Each pipeline rank's peak (replicas hold the same)."""
+    """Each pipeline rank's peak (replicas hold the same), for each of its tp ranks."""
     predicted = _predicted_peaks(plan)
     for r in first_replica:
         m, pred = r.measured, predicted[r.pp_rank]
         assert m is not None
+        what = f"rank {r.pp_rank}" + (f" tp {r.tp_rank}" if plan.parallel.tp > 1 else "")
         if m.peak_allocated_bytes is not None:
-            ver.rows.append(Row(f"rank {r.pp_rank} peak memory", pred, m.peak_allocated_bytes, "bytes",
+            ver.rows.append(Row(f"{what} peak memory", pred, m.peak_allocated_bytes, "bytes",
                                 f"CUDA allocated; reserved {m.peak_reserved_bytes}"))
         elif m.cpu_live_peak_bytes is not None:
-            ver.rows.append(Row(f"rank {r.pp_rank} peak memory", pred, m.cpu_live_peak_bytes, "bytes",
+            ver.rows.append(Row(f"{what} peak memory", pred, m.cpu_live_peak_bytes, "bytes",
                                 "CPU: live tensor bytes counted by planner during two steps (process RSS "
                                 f"{m.max_rss_bytes / 2**20:.0f} MiB includes Python and torch)", checked=False))
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from planner.errors import ExecutionError, Interrupted
-from planner.execute.reports import WorkerReport, read_report
+from planner.execute.reports import WorkerReport, coordinates, read_report, world_size
 from planner.formats import Plan
 
 PARENT_ENV = "PLANNER_PARENT_PID"  # the planner process whose workers these are
@@ -190,7 +190,7 @@ def launch(plan: Plan, plan_path: Path, run_dir: Path, *, steps: int, warmup: in
            progress: Callable[[str, int, int], None] | None = None) -> DistributedResult:
     from planner.execute.single import free_port
 
-    world = plan.parallel.pp * plan.parallel.dp
+    world = world_size(plan)
     if world % rdzv.nnodes:
         raise ExecutionError(f"{world} workers cannot be split evenly over {rdzv.nnodes} nodes")
     per_node = world // rdzv.nnodes
@@ -255,6 +255,10 @@ def _progress(run_dir: Path, world: int) -> str:
     return f"ranks {waiting} never finished" if waiting else "every rank reported"
 
 
+def _pp_rank(plan: Plan, rank: int) -> int:
+    return coordinates(rank, plan.parallel.dp, plan.parallel.tp)[0]
+
+
 def _stage_text(plan: Plan, pp_rank: int) -> str:
     stages = [st.index for st in plan.stages if st.rank == pp_rank]
     return "stage " + ", ".join(map(str, stages)) if len(stages) == 1 else "stages " + ", ".join(map(str, stages))
@@ -267,7 +271,7 @@ def _diagnose(plan: Plan, reports: list[WorkerReport], log: str, code: int, log_
     real = [r for r in failed if not _is_knock_on(r)]
     if real:
         return _describe(plan, real[0], log_path)
-    world = plan.parallel.pp * plan.parallel.dp
+    world = world_size(plan)
     silent = sorted(set(range(world)) - {r.rank for r in reports})
     # torchrun's failure summary: "rank : 1 (local_rank: 1)" then "exitcode : -9 (pid: ...)", its
     # "Root Cause" section first (the other entries are often the peers it stopped with SIGTERM)
@@ -277,11 +281,11 @@ def _diagnose(plan: Plan, reports: list[WorkerReport], log: str, code: int, log_
         if not silent or int(rank) in silent:
             rank, exit_code = int(rank), int(exit_code)
             how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
-            stages = _stage_text(plan, rank // plan.parallel.dp)
+            stages = _stage_text(plan, _pp_rank(plan, rank))
             return f"rank {rank} ({stages}) {how} before reporting (log: {log_path})"
     if silent:
         rank = silent[0]
-        return f"rank {rank} ({_stage_text(plan, rank // plan.parallel.dp)}) died without reporting (log: {log_path})"
+        return f"rank {rank} ({_stage_text(plan, _pp_rank(plan, rank))}) died without reporting (log: {log_path})"
     if failed:
         return _describe(plan, failed[0], log_path)
     return f"the workers failed (launcher exit code {code}) without reporting why (log: {log_path})"

@@ -51,6 +51,7 @@ class WorkerReport(_Model):
     pp_rank: int
     dp_rank: int
     stages: list[int]
+    tp_rank: int = 0
     device: str = ""
     measured: Measured | None = None
     failure: Failure | None = None
@@ -61,6 +62,19 @@ class WorkerReport(_Model):
     @classmethod
     def from_json(cls, text: str) -> WorkerReport:
         return cls.model_validate_json(text)
+
+
+def coordinates(rank: int, dp: int, tp: int) -> tuple[int, int, int]:
+    """Global rank -> (pipeline rank, replica, tensor-parallel rank): rank = (pp * dp + d) * tp + t,
+    the plan's placement (a replica of a stage owns tp consecutive devices)."""
+    replica, tp_rank = divmod(rank, tp)
+    pp_rank, dp_rank = divmod(replica, dp)
+    return pp_rank, dp_rank, tp_rank
+
+
+def world_size(plan) -> int:
+    """Workers of a distributed run: one per device of the plan."""
+    return plan.parallel.pp * plan.parallel.dp * plan.parallel.tp
 
 
 def read_report(path: Path) -> WorkerReport | None:

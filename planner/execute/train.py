@@ -15,7 +15,8 @@ def optimizer_for(plan: Plan, params: list[nn.Parameter], dp_group=None,
     """The plan's optimizer over these parameters. With ZeRO stage 1 and several replicas, its state
     is sharded over the replicas: in a distributed run by torch's ZeroRedundancyOptimizer over the
     replica group ``dp_group`` (each replica steps its shard, then broadcasts it); a rank replayed
-    alone keeps replica ``shard_of``'s shard, so that its memory is that of the run."""
+    alone keeps replica ``shard_of``'s shard, so that its memory is that of the run. With ZeRO 2 and
+    3 the parameters are FSDP's shards already (``parallel.shard_stage``)."""
     t = plan.training
     if t.precision == "mixed":
         raise InputError("plans with --precision mixed (fp32 master weights) are modelled but not executed; "
@@ -26,6 +27,8 @@ def optimizer_for(plan: Plan, params: list[nn.Parameter], dp_group=None,
     options: dict = {"lr": 1e-4} if t.optimizer == "adam" else \
         {"lr": 1e-3, "momentum": 0.9 if t.optimizer == "sgd-momentum" else 0.0}
     dp = plan.parallel.dp
+    if plan.parallel.zero >= 2 and dp_group is not None:
+        return kind(params, **options)  # FSDP's sharded parameters: each replica steps its shard
     if plan.parallel.zero >= 1 and dp > 1:
         if dp_group is not None:
             from torch.distributed.optim import ZeroRedundancyOptimizer

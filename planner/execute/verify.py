@@ -276,7 +276,8 @@ def compare_grads(named: dict[str, nn.Parameter], ref: Reference, u: float) -> G
         if want is None or p.grad is None or not want.numel():
             continue
         compared += 1
-        diff = float((p.grad.detach().to(want.device, torch.float64) - want.double()).abs().max())
+        grad = _whole(p.grad.detach())
+        diff = float((grad.to(want.device, torch.float64) - want.double()).abs().max())
         scale = float(want.abs().max())
         tau = tolerance(ref.noise.get(name, 0.0), scale, largest, ref.m, u, ref.u_ref)
         if diff > out.worst or not out.worst_name:
@@ -292,6 +293,14 @@ def compare_grads(named: dict[str, nn.Parameter], ref: Reference, u: float) -> G
     return out
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A gradient as the reference has it: a DTensor's (tensor parallelism, FSDP) gathered from its
+    ranks, every rank of its mesh gathering the same parameters in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def inject_grad_fault(named: dict[str, nn.Parameter], rank: int) -> str | None:
     """``PLANNER_FAULT=grad@R``: on global rank R, add GRAD_FAULT of the largest element of the
     first gradient to its first element (a fault the check must catch). The parameter's name, or
@@ -299,10 +308,13 @@ def inject_grad_fault(named: dict[str, nn.Parameter], rank: int) -> str | None:
     kind, _, where = os.environ.get(FAULT, "").partition("@")
     if kind != "grad" or not where.isdigit() or int(where) != rank:
         return None
+    from torch.distributed.tensor import DTensor
+
     for name, p in named.items():
-        if p.grad is not None and p.grad.numel() and float(p.grad.abs().max()) > 0:
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        if grad is not None and grad.numel() and float(grad.abs().max()) > 0:
             with torch.no_grad():
-                p.grad[(0,) * p.grad.dim()] += GRAD_FAULT * p.grad.abs().max()
+                grad[(0,) * grad.dim()] += GRAD_FAULT * grad.abs().max()
             return name
     return None
 

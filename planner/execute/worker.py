@@ -1,9 +1,11 @@
 """One worker of a distributed run, started by torchrun: ``python -m planner.execute.worker``.
 
-Pipeline rank r and data-parallel replica d run as global rank ``r * dp + d`` (the plan's
-placement). The worker builds the whole model with the same seed as every other worker, keeps
-its stages, runs the plan's action list on the engine, sums tied-weight gradients across the
-ranks that share them, averages gradients across replicas, steps the optimizer, and writes what
+Pipeline rank r, data-parallel replica d and tensor-parallel rank t run as global rank
+``(r * dp + d) * tp + t`` (the plan's placement, one DeviceMesh over (pp, dp, tp): see
+``parallel``). The worker builds the whole model with the same seed as every other worker, keeps
+its stages (split over its tp ranks, sharded over its replicas with ZeRO 2 or 3), runs the plan's
+action list on the engine, sums tied-weight gradients across the ranks that share them, averages
+gradients across replicas (FSDP does it inside the step), steps the optimizer, and writes what
 it measured (or why it failed) to ``<run-dir>/rank<R>.json`` (a ``WorkerReport``). At the end every
 worker gathers every rank's report, so each node holds the whole run's (a node without the last
 stage still sees the loss). It always destroys its process group, and it exits by itself when its
@@ -40,7 +42,8 @@ from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
 
 from planner.execute import load_runnable
 from planner.execute.launch import PARENT_ENV, alive
-from planner.execute.reports import Failure, Measured, WorkerReport, error_text
+from planner.execute.parallel import local, make_mesh, shard_stage, tensor_parallel
+from planner.execute.reports import Failure, Measured, WorkerReport, coordinates, error_text
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages, canonical_params, tied_groups
 from planner.execute.train import batch_seed, optimizer_for, stage_parameters
@@ -119,9 +122,10 @@ def _sync(params: list[torch.nn.Parameter], group, average: int = 0) -> None:
     for p in params:
         if p.grad is None:
             continue
-        dist.all_reduce(p.grad, group=group)
+        grad = local(p.grad)  # a DTensor's shard: the ranks of a group hold the same slice
+        dist.all_reduce(grad, group=group)
         if average:
-            p.grad /= average
+            grad /= average
 
 
 # ----------------------------------------------------------------------------- one rank, built
@@ -142,6 +146,7 @@ class _Rank:
     tied: list[tuple[list[torch.nn.Parameter], Any]]  # (shared weights held here, their group)
     dp_group: Any
     opt: torch.optim.Optimizer
+    reduced: bool  # FSDP (ZeRO 2, 3) averages the gradients over the replicas inside the step
     reference: Reference | None
     first: bool  # holds the first stage: feeds the inputs
     last: bool  # holds the last stage: computes the loss
@@ -170,7 +175,7 @@ class _Rank:
 
     def update(self) -> None:
         dp = self.plan.parallel.dp
-        if dp > 1:
+        if dp > 1 and not self.reduced:
             _sync(self.params, self.dp_group, average=dp)
         self.opt.step()
         self.opt.zero_grad(set_to_none=False)
@@ -187,19 +192,27 @@ def _batch(plan: Plan, spec: ModelSpec, step: int, dp_rank: int) -> Batch:
                       DTYPES[plan.dtype])
 
 
-def _groups(pp: int, dp: int) -> tuple[list, list]:
-    """The pipeline group of each replica and the replica group of each pipeline rank (every
-    process creates every group, in the same order)."""
-    pp_groups = [dist.new_group([r * dp + d for r in range(pp)]) for d in range(dp)]
-    dp_groups = [dist.new_group([r * dp + d for d in range(dp)]) for r in range(pp)]
-    return pp_groups, dp_groups
+def reference_batch(plan: Plan, spec: ModelSpec, batch: Batch, reduced: bool) -> Batch:
+    """What the reference runs: this replica's batch, or, where the replicas' gradients are
+    averaged inside the step (FSDP), every replica's, one after the other: their m * dp
+    micro-batches, each loss divided by their number, are the replicas' average."""
+    if not reduced:
+        return batch
+    parts = [_batch(plan, spec, 0, d) for d in range(plan.parallel.dp)]
+
+    def cat(xs: list) -> Any:
+        return torch.cat(xs) if torch.is_tensor(xs[0]) else xs[0]
+
+    inputs = tuple(cat([p[0][k] for p in parts]) for k in range(len(batch[0])))
+    return inputs, cat([p[1] for p in parts])
 
 
 def _tied(plan: Plan, lm: LayeredModel, model: torch.nn.Module, named: dict[str, torch.nn.Parameter],
-          pp_rank: int, dp_rank: int) -> list:
+          rank: int) -> list:
     """For each weight shared by stages on several ranks: the copies held here and the group of
-    the ranks (in this replica) that hold them. Every process creates every group."""
-    dp = plan.parallel.dp
+    the ranks (in this replica and tp rank) that hold them. Every process creates every group."""
+    dp, tp = plan.parallel.dp, plan.parallel.tp
+    pp_rank, dp_rank, tp_rank = coordinates(rank, dp, tp)
     by_name = canonical_params(model)
     own = {id(p) for p in named.values()}
     out = []
@@ -207,40 +220,52 @@ def _tied(plan: Plan, lm: LayeredModel, model: torch.nn.Module, named: dict[str,
         ranks = sorted({plan.stages[s].rank for s in stages})
         if len(ranks) < 2:
             continue
-        groups = [dist.new_group([r * dp + d for r in ranks]) for d in range(dp)]
+        groups = [dist.new_group([(r * dp + d) * tp + t for r in ranks]) for d in range(dp) for t in range(tp)]
         if pp_rank in ranks:
             held = [by_name[n] for n in names if n in by_name and id(by_name[n]) in own]
-            out.append((held, groups[dp_rank]))
+            out.append((held, groups[dp_rank * tp + tp_rank]))
     return out
 
 
 def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_Rank, Batch]:
     """This rank's stages on the engine, and step 0's batch (its first micro-batch gives the
     engine its shapes)."""
-    pp, dp = plan.parallel.pp, plan.parallel.dp
-    pp_rank, dp_rank = divmod(rank, dp)
+    par = plan.parallel
+    pp_rank, dp_rank, _ = coordinates(rank, par.dp, par.tp)
     mine = [st.index for st in plan.stages if st.rank == pp_rank]
     dtype = DTYPES[plan.dtype]
     m, size = plan.microbatch.count, plan.microbatch.size
-    pp_groups, dp_groups = _groups(pp, dp)
+    mesh = make_mesh(plan, device)
+    reduced = par.zero >= 2 and par.dp > 1
     torch.manual_seed(0)
     spec = build_model(plan, device=torch.device("cpu"), dtype=dtype)
     batch = _batch(plan, spec, 0, dp_rank)
-    reference = Reference.of(spec.model, spec.layers, m, plan.dtype) if verify else None
+    reference = Reference.of(spec.model, spec.layers, m * (par.dp if reduced else 1), plan.dtype) if verify else None
     one = tuple(x[:size] if torch.is_tensor(x) else x for x in batch[0])
     built = build_stages(plan, spec, one, stages=mine)
-    modules = {s: module.to(device) for s, module in zip(mine, built.modules, strict=True)}
+    modules = {s: _parallel(plan, module.to(device), spec, mesh) for s, module in zip(mine, built.modules, strict=True)}
     named = stage_parameters(modules, spec.model)
-    tied = _tied(plan, built.lm, spec.model, named, pp_rank, dp_rank)
+    tied = _tied(plan, built.lm, spec.model, named, rank)
     schedule = plan_schedule(plan)
     runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, built.loss,
-                           group=pp_groups[dp_rank])
+                           group=mesh.get_group("pp"))
+    dp_group = mesh.get_group("dp")
     state = _Rank(plan=plan, rank=rank, dp_rank=dp_rank, device=device, spec=spec, runtime=runtime,
-                  modules=list(modules.values()), named=named, tied=tied,
-                  dp_group=dp_groups[pp_rank],
-                  opt=optimizer_for(plan, list(named.values()), dp_group=dp_groups[pp_rank]),
+                  modules=list(modules.values()), named=named, tied=tied, dp_group=dp_group,
+                  opt=optimizer_for(plan, list(named.values()), dp_group=dp_group), reduced=reduced,
                   reference=reference, first=0 in mine, last=len(plan.stages) - 1 in mine)
     return state, batch
+
+
+def _parallel(plan: Plan, module: torch.nn.Module, spec: ModelSpec, mesh) -> torch.nn.Module:
+    """A stage split over its tp ranks by the model's tp_plan, then sharded over its replicas
+    with ZeRO 2 or 3."""
+    par = plan.parallel
+    if par.tp > 1:
+        tensor_parallel(module, spec.tp_plan, mesh["tp"], par.sequence_parallel)
+    if par.zero >= 2 and par.dp > 1:
+        shard_stage(module, mesh["dp"], par.zero)
+    return module
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -274,10 +299,20 @@ def _reference_step(r: _Rank, batch: Batch) -> _Checks:
         checks = _Checks(reference_loss=ref.loss, max_grad_error=grad.worst, grad_ratio=grad.ratio,
                          grad_detail=grad.detail(), grad_message=grad.message, reference_note=reference_note(ref))
         if r.last:
-            checks.loss = float(sum(float(x.detach()) for x in losses))
+            checks.loss = _replica_loss(r, losses)
             checks.loss_tolerance, checks.loss_message = ref.loss_check(checks.loss, u)
     r.update()
     return checks
+
+
+def _replica_loss(r: _Rank, losses: list) -> float:
+    """The step's loss on this replica, or, where the reference ran every replica's batch, the
+    replicas' average (the ranks of the last stage all compute it)."""
+    loss = torch.tensor(float(sum(float(x.detach()) for x in losses)), dtype=torch.float64)
+    if r.reduced:
+        dist.all_reduce(loss, group=r.dp_group)
+        loss /= r.plan.parallel.dp
+    return float(loss)
 
 
 def _timed_step(r: _Rank, timer: Timer, step: int) -> float:
@@ -294,7 +329,7 @@ def _live_tensors(r: _Rank) -> Iterator[LiveTensors | None]:
     if r.device.type != "cpu":
         yield None
         return
-    tracker = LiveTensors(ignore=[p.untyped_storage().data_ptr() for p in r.params])
+    tracker = LiveTensors(ignore=[local(p).untyped_storage().data_ptr() for p in r.params])
     with tracker:
         yield tracker
     tracker.sweep()
@@ -313,7 +348,7 @@ def _memory_steps(r: _Rank, timer: Timer, batch: Batch, done: Callable[[int], No
     done(1)
     if tracker is None:
         return checks, None
-    return checks, tracker.peak + sum(p.numel() * p.element_size() for p in r.params)
+    return checks, tracker.peak + sum(local(p).numel() * local(p).element_size() for p in r.params)
 
 
 def _run(r: _Rank, batch: Batch, steps: int, warmup: int, done: Callable[[int], None]) -> Measured:
@@ -321,7 +356,7 @@ def _run(r: _Rank, batch: Batch, steps: int, warmup: int, done: Callable[[int], 
     the second memory step), then ``steps`` timed steps."""
     timer = Timer(r.device)
     if r.reference is not None:  # before the memory count: the reference's tensors are not this rank's
-        r.reference.run(r.spec, *batch)
+        r.reference.run(r.spec, *reference_batch(r.plan, r.spec, batch, r.reduced))
     checks, cpu_peak = _memory_steps(r, timer, batch, done)
     times = []
     for step in range(2, max(warmup, 1) + steps + 1):
@@ -382,15 +417,15 @@ def _share(report: WorkerReport, run_dir: Path, world: int, local_rank: int) -> 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
     run_dir = Path(args.run_dir)
     out = run_dir / f"rank{rank}.json"
     _watch_parents()
     _write(run_dir / f"rank{rank}.pid", str(os.getpid()))
     plan = load_runnable(Path(args.plan))
-    pp_rank, dp_rank = divmod(rank, plan.parallel.dp)
-    device = _device(plan, local)
-    report = WorkerReport(rank=rank, pp_rank=pp_rank, dp_rank=dp_rank, device=str(device),
+    pp_rank, dp_rank, tp_rank = coordinates(rank, plan.parallel.dp, plan.parallel.tp)
+    device = _device(plan, local_rank)
+    report = WorkerReport(rank=rank, pp_rank=pp_rank, dp_rank=dp_rank, tp_rank=tp_rank, device=str(device),
                           stages=[st.index for st in plan.stages if st.rank == pp_rank])
 
     def done(step: int) -> None:
@@ -402,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         state, batch = _build(plan, rank, device, args.verify)
         report = report.model_copy(update={"measured": _run(state, batch, args.steps, args.warmup, done)})
         _write(out, report.to_json())
-        _share(report, run_dir, world, local)
+        _share(report, run_dir, world, local_rank)
         return 0
     except BaseException as e:  # report why, then fail so torchrun stops the others
         _write(out, report.model_copy(update={"failure": _failure(e, device)}).to_json())

@@ -395,7 +395,7 @@ def _assemble(spec: ModelSpec, factory: str, args: dict, opts: Options, m: Measu
     dtype = cast(Dtype, opts.dtype)  # one of DTYPES: _check_options refused any other
     return Profile(
         model=ModelRef(name=spec.name or "model", factory=factory, args=args, depth=opts.depth,
-                       fingerprint=fingerprint(spec.model)),
+                       fingerprint=fingerprint(spec.model), tensor_parallel=spec.tp_plan is not None),
         device=m.device, dtype=dtype, layers=layers, edges=_edges(m),
         loss=LossCost(by_mbs={str(b): _cost(m.loss[b], 0) for b in m.sizes}),
         tied=tied, batch=m.batch, whole=_whole(m),

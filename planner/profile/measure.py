@@ -91,6 +91,20 @@ def saved_storages(run: Callable[[], object], ignore: set[int]) -> tuple[object,
 # --------------------------------------------------------------------------- live tensors
 
 
+def _storage_tensors(found: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors that own storage: a wrapper subclass (a DTensor) has none of its own, its inner
+    tensors (a DTensor's local shard) do; the mode sees the wrapper, not the ops on its insides."""
+    out = []
+    for t in found:
+        flatten = getattr(type(t), "__tensor_flatten__", None)
+        if flatten is None:
+            out.append(t)
+        else:
+            names, _ = flatten(t)
+            out.extend(_storage_tensors([x for x in (getattr(t, n) for n in names) if isinstance(x, torch.Tensor)]))
+    return out
+
+
 class LiveTensors(TorchDispatchMode):
     """Counts the bytes of tensor storages created inside the region that are still alive, and
     their peak. Works on any device; on CUDA the allocator's own statistics are used instead."""
@@ -111,7 +125,7 @@ class LiveTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.sweep()
-        for t in tensors(out):
+        for t in _storage_tensors(tensors(out)):
             s = t.untyped_storage()
             key = s.data_ptr()
             if key and key not in self.live and key not in self.ignore and s.nbytes():

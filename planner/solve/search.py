@@ -380,6 +380,26 @@ def too_many_actions(cfg: Config) -> str:
             "than planner simulates: lower --global-batch or profile larger micro-batches")
 
 
+def _not_executed(profile: Profile, settings: Settings, best: Config) -> list[str]:
+    """Notes on the parallelism of the plan that planner execute does not run (the same rules as
+    its refusal), and on tp held at 1 for a model without a tp_plan."""
+    notes = []
+    no_plan = profile.model.tensor_parallel is False
+    if no_plan and not settings.tp:
+        notes.append("tp 1 only: the model gives no tp_plan (ModelSpec.tp_plan), which planner execute needs to "
+                     "split it; pin --tp to plan tensor parallelism for an export")
+    if best.tp > 1 and no_plan:
+        notes.append(f"tp {best.tp}: planned, not executed: the model gives no tp_plan (export this plan, or "
+                     "give the factory one)")
+    if best.zero >= 2 and best.dp > 1 and SCHEDULES[best.schedule].split_backward:
+        notes.append(f"ZeRO stage {best.zero} with {best.schedule}: planned, not executed: FSDP runs with "
+                     "schedules whose backward is one action (--schedule 1f1b, gpipe, interleaved-1f1b)")
+    if best.tp > 1 and best.zero == 1 and best.dp > 1:
+        notes.append("tp > 1 with ZeRO stage 1: planned, not executed (ZeroRedundancyOptimizer does not take "
+                     "tensor-parallel parameters): solve with --zero 2 or 3")
+    return notes
+
+
 def solve(profile: Profile, cluster: Cluster, settings: Settings,
           progress: Callable[[str, int, int], None] | None = None) -> SolveResult:
     result = Search(profile, cluster, settings, progress).run()
@@ -388,11 +408,7 @@ def solve(profile: Profile, cluster: Cluster, settings: Settings,
                   "about other splits (drop --fix-cuts to search them)")
         result = replace(result, proven=False, proven_for_fixed_cuts=result.proven, notes=[pinned, *result.notes])
     name, best = result.best.config.schedule, result.best.config
-    if best.tp > 1 or best.zero > 1:
-        what = " and ".join(x for x in (f"tp {best.tp}" if best.tp > 1 else "",
-                                        f"ZeRO stage {best.zero}" if best.zero > 1 else "") if x)
-        result.notes.append(f"{what}: planned, not executed: planner execute runs tp 1 plans with ZeRO stage 0 "
-                            "or 1 (export this one, or solve with --tp 1 --zero 1)")
+    result.notes.extend(_not_executed(profile, settings, best))
     if not SCHEDULES[name].executable:
         result.notes.append(f"{name} is modelled only: PyTorch's pipeline engine cannot run it, so "
                             "planner execute refuses this plan")

@@ -131,12 +131,15 @@ def _check_pins(profile: Profile, n_dev: int, settings: Settings) -> None:
                          f"the cluster has {n_dev}")
 
 
-def tensor_degrees(cluster: Cluster, settings: Settings) -> list[int]:
+def tensor_degrees(cluster: Cluster, settings: Settings, profile: Profile | None = None) -> list[int]:
     """tp as pinned, else every divisor of the devices per node (of the smallest node's count,
     where nodes differ): a tensor-parallel group all-reduces twice per block each way, so it
-    stays on a node's link (Narayanan et al., 2021, section 3.3)."""
+    stays on a node's link (Narayanan et al., 2021, section 3.3). A model whose profile says it
+    gives no tp_plan gets tp 1 unless tp is pinned (planner execute could not split it)."""
     if settings.tp:
         return [settings.tp]
+    if profile is not None and profile.model.tensor_parallel is False:
+        return [1]
     per_node = math.gcd(*(len(node.devices) for node in cluster.nodes))
     return [t for t in range(1, per_node + 1) if per_node % t == 0]
 
@@ -189,7 +192,7 @@ def _wanted(name: str, pp: int, m: int, settings: Settings) -> bool:
 def configurations(profile: Profile, cluster: Cluster, settings: Settings) -> Iterator[Config]:
     n_dev = len(cluster.devices)
     _check_pins(profile, n_dev, settings)
-    for tp in tensor_degrees(cluster, settings):
+    for tp in tensor_degrees(cluster, settings, profile):
         for pp, dp in _degrees(n_dev // tp, len(profile.layers), settings):
             for zero in zero_stages(dp, settings):
                 yield from _schedules_for(profile, settings, pp, dp, tp, zero)

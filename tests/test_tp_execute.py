@@ -1,0 +1,159 @@
+"""Tensor parallelism and ZeRO 2/3 executed: four gloo processes on the CPU, losses and gradients
+checked against the single-process float64 reference, memory against the prediction."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from planner.clusters import from_spec
+from planner.errors import ExecutionError, InputError, ModelError
+from planner.execute import Options, execute, raise_on_failure, unexecuted
+from planner.execute.parallel import module_styles
+from planner.execute.reports import coordinates
+from planner.formats import dump, load_plan
+from planner.model import build_spec, check_tp_plan
+from planner.profile import Options as ProfileOptions
+from planner.profile import profile_model
+from planner.solve import Settings, solve
+from planner.solve.plan import make_plan
+
+TINY = {"n_layer": 3, "d_model": 32, "n_head": 2, "vocab": 64, "seq": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+    spec = build_spec("models/gpt.py:build", TINY)
+    return profile_model(spec, "models/gpt.py:build", TINY, ProfileOptions(mbs=(1, 2), repeats=2, warmup=1, threads=1))
+
+
+def plan_for(profile, tmp_path, *, pp=2, dp=1, tp=1, zero=0, sp=False, schedule="1f1b", name="plan.json"):
+    settings = Settings(global_batch=8, pp=pp, dp=dp, tp=tp, zero=zero, sequence_parallel=sp,
+                        schedules=(schedule,), time_limit_s=5)
+    cluster = from_spec("cpu4")
+    plan = make_plan(profile, cluster, solve(profile, cluster, settings), settings)
+    path = tmp_path / name
+    dump(plan, path)
+    return path
+
+
+def run(path, tmp_path):
+    return execute(path, Options(steps=1, warmup=1, run_dir=str(tmp_path / "run"), tolerance=10.0, timeout_s=120))
+
+
+# ----------------------------------------------------------------------------- by hand
+
+
+def test_global_ranks_are_pipeline_major_then_replica_then_tp():
+    # pp 2 x dp 2 x tp 2: rank 5 is pipeline rank 1, replica 0, tp rank 1
+    assert coordinates(5, dp=2, tp=2) == (1, 0, 1)
+    assert [coordinates(r, dp=1, tp=2) for r in range(4)] == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1)]
+
+
+def test_a_plan_key_names_a_path_or_its_end_and_the_longest_key_wins():
+    block = nn.ModuleDict({"attn": nn.ModuleDict({"c_proj": nn.Linear(2, 2)}), "mlp": nn.ModuleDict(
+        {"c_proj": nn.Linear(2, 2)})})
+    model = nn.ModuleDict({"h": nn.ModuleList([block])})
+    styles = module_styles(model, {"c_proj": "colwise", "attn.c_proj": "rowwise"})
+    assert styles == {"h.0.attn.c_proj": "rowwise", "h.0.mlp.c_proj": "colwise"}
+
+
+def test_an_unknown_tp_style_is_refused_with_the_known_ones():
+    with pytest.raises(ModelError, match=r"tp_plan\['attn.qkv'\] is 'column'; styles are colwise, rowwise"):
+        check_tp_plan("m.py:build", {"attn.qkv": "column"})
+
+
+def test_the_bundled_gpt_splits_whole_heads():
+    # the fused QKV is grouped by head: the first half of c_attn's outputs is head 0's q, k and v
+    spec = build_spec("models/gpt.py:build", {"n_layer": 1, "d_model": 8, "n_head": 2, "vocab": 8, "seq": 4})
+    attn = spec.model.transformer.h[0].attn
+    x = torch.randn(1, 4, 8)
+    full = attn(x)
+    with torch.no_grad():
+        attn.c_attn.weight[12:] = 0  # head 1's q, k, v: its attention averages zeros
+        attn.c_attn.bias[12:] = 0
+    head0 = attn(x)
+    w = attn.c_proj.weight  # head 0 meets c_proj's columns 0:4
+    assert not torch.allclose(full, head0)
+    y = torch.nn.functional.scaled_dot_product_attention(
+        *(z.transpose(1, 2) for z in attn.c_attn(x).view(1, 4, 2, 3, 4)[:, :, :1].unbind(3)), is_causal=True)
+    assert torch.allclose(head0, y.transpose(1, 2).reshape(1, 4, 4) @ w[:, :4].T + attn.c_proj.bias, atol=1e-6)
+
+
+def test_zero_2_with_a_split_backward_is_refused_with_the_schedules_that_run(tiny_profile, tmp_path):
+    plan = load_plan(plan_for(tiny_profile, tmp_path, dp=2, zero=2, schedule="zb-h1"))
+    assert "ZeRO stage 2 runs with schedules whose backward is one action" in unexecuted(plan)
+    with pytest.raises(InputError, match="solve with --schedule 1f1b, or --zero 1"):
+        execute(tmp_path / "plan.json", Options(mode="distributed"))
+
+
+def test_a_model_without_a_tp_plan_is_refused_before_workers_start(tiny_profile, tmp_path):
+    root = str(Path.cwd())
+    (tmp_path / "plain.py").write_text(
+        f"import sys\nsys.path.insert(0, {root!r})\nfrom models.gpt import build as gpt\n\n"
+        "def build(**kw):\n    spec = gpt(**kw)\n    spec.tp_plan = None\n    return spec\n")
+    path = plan_for(tiny_profile, tmp_path, tp=2)
+    data = json.loads(path.read_text())
+    data["model"]["factory"] = str(tmp_path / "plain.py") + ":build"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="gives no tp_plan .*solve with --tp 1"):
+        execute(path, Options(mode="distributed"))
+
+
+def test_solve_keeps_tp_at_1_for_a_model_without_a_tp_plan(tiny_profile):
+    model = tiny_profile.model.model_copy(update={"tensor_parallel": False})
+    profile = tiny_profile.model_copy(update={"model": model})
+    settings = Settings(global_batch=8, time_limit_s=5)
+    result = solve(profile, from_spec("cpu4"), settings)
+    assert result.best.config.tp == 1
+    assert any(n.startswith("tp 1 only: the model gives no tp_plan") for n in result.notes)
+
+
+def test_replay_of_a_tensor_parallel_plan_is_refused(tiny_profile, tmp_path):
+    path = plan_for(tiny_profile, tmp_path, tp=2)
+    with pytest.raises(InputError, match="--mode replay runs one rank alone"):
+        execute(path, Options(mode="replay"))
+
+
+# ----------------------------------------------------------------------------- four gloo processes
+
+
+def _memory_errors(ver):
+    return {r.what: r.error for r in ver.rows if "peak memory" in r.what}
+
+
+@pytest.mark.slow
+def test_pp2_tp2_matches_the_reference_and_the_predicted_memory(tiny_profile, tmp_path):
+    ver = run(plan_for(tiny_profile, tmp_path, tp=2), tmp_path)
+    assert ver.mode == "distributed"
+    assert all(ok for _, ok, _ in ver.checks), ver.checks
+    errors = _memory_errors(ver)
+    assert sorted(errors) == [f"rank {r} tp {t} peak memory" for r in (0, 1) for t in (0, 1)]
+    assert all(abs(e) <= 0.10 for e in errors.values()), errors
+
+
+@pytest.mark.slow
+def test_pp2_tp2_with_sequence_parallelism_matches_the_reference(tiny_profile, tmp_path):
+    ver = run(plan_for(tiny_profile, tmp_path, tp=2, sp=True), tmp_path)
+    assert all(ok for _, ok, _ in ver.checks), ver.checks
+    assert all(abs(e) <= 0.10 for e in _memory_errors(ver).values()), _memory_errors(ver)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_pp2_dp2_zero_matches_the_reference(tiny_profile, tmp_path, zero):
+    ver = run(plan_for(tiny_profile, tmp_path, dp=2, zero=zero), tmp_path)
+    assert all(ok for _, ok, _ in ver.checks), ver.checks
+    assert any("4 micro-batches" in n for n in ver.notes), ver.notes  # the reference ran both replicas' batches
+
+
+@pytest.mark.slow
+def test_a_wrong_gradient_on_one_tp_rank_fails_the_check(tiny_profile, tmp_path, monkeypatch):
+    monkeypatch.setenv("PLANNER_FAULT", "grad@3")  # pipeline rank 1, tp rank 1
+    ver = run(plan_for(tiny_profile, tmp_path, tp=2), tmp_path)
+    grads = next(c for c in ver.checks if "gradients" in c[0])
+    assert not grads[1] and "differs from the reference" in grads[2]
+    with pytest.raises(ExecutionError, match="gradients equal the reference .* failed"):
+        raise_on_failure(ver)
