@@ -247,6 +247,23 @@ def build_auto(costs: Sequence[StageCost], cuts: Sequence[CutLink] | None, m: in
     return AutoResult(from_order(NAME, pp, m, rows(schedule.ranks)), step, peaks, source, tried)
 
 
+def any_order_bound(costs: Sequence[StageCost], cuts: Sequence[CutLink], m: int) -> float:
+    """A step time no one-stage-per-rank order of these stage costs beats (zb-auto's, whichever
+    candidate wins), under the simulator's rules: rank s's first action is a forward (each of its
+    backwards needs its own forward first), and its first forward waits for that micro-batch's
+    forwards on every earlier stage and their transfers (link busy time plus latency). From then
+    on it runs m forwards and m backwards, each whole (B) or split (I then W), one action at a
+    time, then all-reduces and steps its optimizer: step >= head_s + m (F + min(B, I + W)) +
+    tail_s, for every s."""
+    head, bound = 0.0, 0.0
+    for s, c in enumerate(costs):
+        f, whole, inp, weight = action_seconds(c)
+        bound = max(bound, head + m * (f + min(whole, inp + weight)) + c.allreduce_s + c.optimizer_s)
+        if s < len(cuts):
+            head += f + cuts[s].busy_s + cuts[s].latency_s
+    return bound
+
+
 def _candidates(costs: list[StageCost], links: list[CutLink], m: int,
                 max_candidates: int | None) -> Iterator[tuple[str, tuple[tuple[Action, ...], ...]]]:
     """The published orders, then the list scheduler's, each with where it came from."""
@@ -289,4 +306,4 @@ def _whole_is_shorter(c: StageCost) -> bool:
     return whole < inp + weight
 
 
-__all__ = ["NAME", "AutoResult", "Policy", "build_auto", "list_schedule", "policies", "rows"]
+__all__ = ["NAME", "AutoResult", "Policy", "any_order_bound", "build_auto", "list_schedule", "policies", "rows"]

@@ -337,3 +337,63 @@ def test_the_ilp_improves_on_the_list_scheduler_where_it_can():
     got = refine_by_ilp(start, costs, cuts, budget, time_limit_s=10)
     assert got.step_time_s == pytest.approx(29.5)
     assert got.source.endswith("reordered by the ILP")
+
+
+def test_the_any_order_bound_by_hand():
+    # two ranks, two micro-batches, F = I = W = 1 s, the cut busy 0.5 s with 0.25 s latency:
+    # rank 1 starts after 1 + 0.5 + 0.25 s and then computes 2 x (1 + 2) s
+    from planner.autosched import any_order_bound
+
+    costs = [stage(), stage()]
+    assert any_order_bound(costs, [CutLink(busy_s=0.5, latency_s=0.25)], 2) == 7.75
+    # with a gradient all-reduce of 2 s on rank 0 it ends last: 6 + 2 s
+    costs[0] = costs[0].model_copy(update={"allreduce_s": 2.0})
+    assert any_order_bound(costs, [CutLink(busy_s=0.5, latency_s=0.25)], 2) == 8.0
+
+
+@given(instances(), st.sampled_from(["zb-h1", "zb-h2", "1f1b"]))
+@settings(max_examples=60, deadline=None)
+def test_no_order_beats_the_any_order_bound(inst, name):
+    # the bound that lets the search skip zb-auto where no order could change its answer stays
+    # at or below the published orders and zb-auto's own, with whole backwards cheaper or dearer
+    from planner.autosched import any_order_bound
+
+    pp, m, costs, cuts = inst
+    costs = [c.model_copy(update={"bwd_s": 0.8 * (c.bwd_input_s + c.bwd_weight_s) if k % 2 else None,
+                                  "overhead_s": 0.01 * k, "allreduce_s": 0.1 * k})
+             for k, c in enumerate(costs)]
+    bound = any_order_bound(costs, cuts, m)
+    assert bound <= step_time(build(name, pp, m), costs, cuts) * (1 + 1e-12)
+    auto = build_auto(costs, cuts, m, [10**15] * pp)
+    assert auto is not None
+    assert bound <= auto.step_time_s * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("schedules", [None, ("zb-auto",), ("zb-auto", "1f1b")])
+@pytest.mark.parametrize("top", [1, 3])
+def test_skipping_zb_auto_by_its_bound_changes_no_answer(monkeypatch, schedules, top):
+    # the search with and without the skip (Search.auto_cannot_help) finds the same plans
+    from planner.clusters import from_spec
+    from planner.solve import Settings, solve
+    from planner.solve.search import Search
+
+    settings_ = Settings(global_batch=64, schedules=schedules, top=top, jobs=1)
+    cluster = from_spec("h100x8")
+    calls: list[bool] = []
+    real = Search.auto_cannot_help
+
+    def counted(self, *args):
+        calls.append(real(self, *args))
+        return calls[-1]
+    monkeypatch.setattr(Search, "auto_cannot_help", counted)
+    pruned = solve(_profile(), cluster, settings_)
+    monkeypatch.setattr(Search, "auto_cannot_help", lambda self, *args: False)
+    full = solve(_profile(), cluster, settings_)
+    assert _answer(pruned) == _answer(full)
+    if schedules is None:
+        assert any(calls)  # the skip was taken at least once here
+
+
+def _answer(result):
+    ranked = [(c.config, c.evaluation.segments, c.evaluation.step_time_s) for c in result.ranked]
+    return ranked, result.proven, result.notes

@@ -310,6 +310,47 @@ def test_the_memory_aware_bound_never_exceeds_a_plan_that_fits(d):
             assert bound <= ev.step_time_s * (1 + 1e-9)
 
 
+@given(st.fixed_dictionaries({
+    "seed": st.integers(0, 10**6),
+    "n": st.integers(4, 7),
+    "schedule": st.sampled_from([("interleaved-1f1b", 2), ("zb-h1", 2), ("zb-v", 2), ("dualpipe-v", 2)]),
+    "m": st.sampled_from([2, 4]),
+    "memory": st.sampled_from([3, 6, 40]),
+    "policy": st.sampled_from(["auto", "none", "full"]),
+    "floor": st.sampled_from([0.5, 0.999, 1.001, 2.0]),
+}))
+@settings(max_examples=60, deadline=None)
+def test_the_memory_aware_bound_skips_its_program_only_where_it_cannot_raise_the_floor(d):
+    # fluid_bound(b, floor) is max(floor, the program's optimum), whether or not it solved it
+    from planner.solve import fluid
+
+    rng = np.random.default_rng(d["seed"])
+    name, v = d["schedule"]
+    prof = chain_profile(list(rng.uniform(1e-3, 3e-3, d["n"])),
+                         act_bytes=[int(x) for x in rng.integers(1, 8, d["n"]) * 2**27],
+                         param_bytes=[int(x) for x in rng.integers(1, 8, d["n"]) * 2**25])
+    cfg = Config(pp=2, dp=2, mbs=1, m=d["m"], schedule=name, v=v)
+    b, _ = setup(prof, "h100x4", cfg, policy=d["policy"], memory_bytes=d["memory"] * GiB)
+    solved = fluid._solve(b, fluid._classes(b), 5.0)  # the program, always solved
+    floor = d["floor"] * (solved if np.isfinite(solved) else 1.0)
+    assert fluid.fluid_bound(b, floor) == max(floor, solved) or \
+        fluid.fluid_bound(b, floor) == pytest.approx(max(floor, solved), rel=1e-9)
+
+
+def test_the_memory_aware_bound_skips_its_program_where_memory_is_plenty(monkeypatch):
+    # 40 GiB devices, 0.5 GiB of layers: spread evenly the layers fit, so above that spread's
+    # step (the program's optimum, memory not binding) the floor stands and no program is solved
+    from planner.solve import fluid
+
+    prof = chain_profile([1e-3, 2e-3, 1e-3, 2e-3], act_bytes=2**25, param_bytes=2**25)
+    cfg = Config(pp=2, dp=2, mbs=1, m=4, schedule="interleaved-1f1b", v=2)
+    b, _ = setup(prof, "h100x4", cfg, memory_bytes=40 * GiB)
+    optimum = fluid._solve(b, fluid._classes(b), 5.0)
+    assert fluid.fluid_bound(b, optimum * 0.9) == optimum  # below it, the program raises the floor
+    monkeypatch.setattr(fluid, "_solve", lambda *args: pytest.fail("the program was solved"))
+    assert fluid.fluid_bound(b, optimum * 1.001) == optimum * 1.001
+
+
 def test_torchgpipe_baseline_is_its_block_partition_not_a_min_max_split():
     # GPT-2-medium on an H100: 2.4 ms embedding, 24 blocks of 4.0 ms, 27 ms head with loss.
     # torchgpipe's blockpartition.solve keeps the equal split and grows the first stage: 7, 6, 6, 7

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -68,15 +69,11 @@ class StageBounds:
         self.n = table.n
         self.S = schedule.n_stages
         self.m = config.m
-        self.k = inflight_peaks(schedule)
-        # (activations held, I-to-W held, input gradients done, outputs still being sent)
-        self.states = [np.array(x, dtype=float) for x in stage_states(schedule)]
-        self.tops = [x.max(axis=0) for x in self.states]  # every count at its largest
-        self.probes = [_probes(x) for x in self.states]
+        order = _order_facts(schedule)
+        self.k = order.k
+        self.states, self.tops, self.probes = order.states, order.tops, order.probes
+        self.remote_next, self.hops, self.w_after = order.remote_next, order.hops, order.w_after
         place = schedule.stage_rank
-        self.remote_next = [s + 1 < self.S and place[s + 1] != place[s] for s in range(self.S)]
-        self.hops = np.concatenate([[0], np.cumsum(self.remote_next[:-1])]).astype(int)  # links before s
-        self.w_after = _weight_gradients_after_last_input(schedule)
         self.speed = [ranks[place[s]].speed for s in range(self.S)]
         self.cap = [ranks[place[s]].capacity_bytes * share for s in range(self.S)]
         self.vmax = max(r.speed for r in ranks)
@@ -257,6 +254,32 @@ class StageBounds:
     def min_memory(self, s: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """Least memory stage s can need for [i, j) under the policy (for 'nothing fits' reports)."""
         return self.least_memory(s, i, j)[0]
+
+
+@dataclass(frozen=True)
+class _OrderFacts:
+    """What a schedule's order alone fixes for the bounds, whatever the costs: computed once per
+    schedule and shared by every configuration run in it (its ZeRO stages, tp degrees,
+    micro-batch sizes). Read only."""
+
+    k: list[int]  # in-flight peak per stage
+    states: list[np.ndarray]  # (activations held, I-to-W held, input gradients done, outputs being sent)
+    tops: list[np.ndarray]  # every count at its largest
+    probes: list[np.ndarray]
+    remote_next: list[bool]  # the next stage is on another rank
+    hops: np.ndarray  # links before each stage
+    w_after: list[int]
+
+
+@lru_cache(maxsize=512)
+def _order_facts(schedule: Schedule) -> _OrderFacts:
+    states = [np.array(x, dtype=float) for x in stage_states(schedule)]
+    place, n_stages = schedule.stage_rank, schedule.n_stages
+    remote_next = [s + 1 < n_stages and place[s + 1] != place[s] for s in range(n_stages)]
+    return _OrderFacts(k=inflight_peaks(schedule), states=states, tops=[x.max(axis=0) for x in states],
+                       probes=[_probes(x) for x in states], remote_next=remote_next,
+                       hops=np.concatenate([[0], np.cumsum(remote_next[:-1])]).astype(int),
+                       w_after=_weight_gradients_after_last_input(schedule))
 
 
 def _probes(states: np.ndarray) -> np.ndarray:

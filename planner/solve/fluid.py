@@ -29,13 +29,22 @@ BIN = 1.1  # costs within 10% of each other share a class
 GiB = 2**30
 
 
-def fluid_bound(b: StageBounds, time_limit: float = 5.0) -> float:
-    """The least step time of the relaxed program; inf where no fraction of the layers fits,
-    0 where the solver did not finish (no bound)."""
+def fluid_bound(b: StageBounds, floor: float = 0.0, time_limit: float = 5.0) -> float:
+    """The larger of ``floor`` (a lower bound known already) and the least step time of the
+    relaxed program; inf where no fraction of the layers fits. Where the solver does not finish
+    the program gives no bound (``floor``). The program is not solved where one of its feasible
+    points already costs no more than ``floor``: its optimum cannot raise the bound then."""
+    classes = _classes(b)
+    if _spread_within(b, classes, floor):
+        return floor
+    return max(floor, _solve(b, classes, time_limit))
+
+
+def _solve(b: StageBounds, classes: tuple[np.ndarray, ...], time_limit: float) -> float:
     import pulp  # only when a search needs it: planner starts faster without
 
     t, sched = b.t, b.schedule
-    f, bmin, act, prod, params, count = _classes(b)
+    f, bmin, act, prod, params, count = classes
     options = b.policy.options()
     prob = pulp.LpProblem("fluid", pulp.LpMinimize)
     step = pulp.LpVariable("step", lowBound=0)
@@ -64,6 +73,33 @@ def fluid_bound(b: StageBounds, time_limit: float = 5.0) -> float:
     if status != "Optimal":
         return 0.0
     return float(pulp.value(step)) * (1 - 1e-6)  # the solver's tolerance
+
+
+def _spread_within(b: StageBounds, classes: tuple[np.ndarray, ...], floor: float) -> bool:
+    """Whether one feasible point of the program costs at most ``floor``: every class spread
+    evenly over the stages with the policy's first choice (no recomputation, unless only full
+    is allowed), checked against the program's own rows (each rank's step and its fullest
+    states' memory). The program minimises over its feasible points, so its optimum is then no
+    higher than ``floor``. (The memory rows keep a margin of 1e-9 for the solver's rounding.)"""
+    f, bmin, act, prod, params, count = classes
+    sched = b.schedule
+    choice = b.policy.options()[0]
+    share = count / sched.n_stages  # of each class, on every stage
+    compute = f * (2 if choice == FULL else 1) + bmin
+    held = prod if choice == FULL else act
+    for r, states in enumerate(memory_states(sched)):
+        mine = sched.stages_of(r)
+        speed = b.speed[mine[0]]
+        per_byte = b.ar[mine[0]][0] + b.opt_per_byte / speed
+        overheads = 2 * b.m * len(mine) * b.ranks[r].overhead_s
+        if overheads + len(mine) * float(share @ (b.m * compute / speed + params * per_byte)) > floor:
+            return False
+        room = float(b.cap[mine[0]] - b.t.workspace) / GiB
+        for counts in _fullest_states(states, len(mine)):
+            used = sum(float(share @ (params * b.bpp + n * held)) for n in counts) / GiB
+            if used > room * (1 - 1e-9):
+                return False
+    return True
 
 
 def _classes(b: StageBounds) -> tuple[np.ndarray, ...]:

@@ -18,7 +18,7 @@ from math import comb
 import numpy as np
 
 from planner.autosched import NAME as AUTO
-from planner.autosched import SEEDS, build_auto, rows
+from planner.autosched import SEEDS, any_order_bound, build_auto, rows
 from planner.cost import CostTable, Segment
 from planner.errors import InfeasibleError, InputError
 from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices, tp_link
@@ -71,6 +71,9 @@ class Search:
         self.graph = LayerGraph(profile)
         self.tables: dict[tuple[int, int, bool], CostTable] = {}
         self._ranks: dict[tuple[int, int, int], list[RankDevice]] = {}
+        self._totals: dict[tuple[int, int, bool, int, int, int], quick.Totals] = {}
+        self._quick: dict[Config, float] = {}
+        self._balanced: dict[tuple[int, int, bool, int], list[int] | None] = {}
         self.policy = Policy("auto" if settings.recompute in ("auto", "selective") else settings.recompute)
         self.skipped_auto: list[Config] = []  # too large for zb-auto's list scheduler
 
@@ -115,7 +118,21 @@ class Search:
         return quick.may_fit(self.table_for(cfg), self.ranks_for(cfg), cfg)
 
     def quick_bound(self, cfg: Config) -> float:
-        return quick.quick_bound(self.table_for(cfg), self.ranks_for(cfg), self.cluster, cfg)
+        if cfg not in self._quick:
+            key = (cfg.mbs, cfg.tp, cfg.sp, cfg.pp, cfg.dp, cfg.zero)
+            if key not in self._totals:
+                self._totals[key] = quick.totals(self.table_for(cfg), self.ranks_for(cfg), self.cluster, cfg.zero)
+            self._quick[cfg] = quick.quick_bound(self._totals[key], cfg)
+        return self._quick[cfg]
+
+    def time_balanced(self, cfg: Config) -> list[int] | None:
+        """The contiguous split with the lightest heaviest stage by layer times (the same for
+        every configuration with cfg's table and stage count)."""
+        key = (cfg.mbs, cfg.tp, cfg.sp, cfg.n_stages)
+        if key not in self._balanced:
+            t = self.table_for(cfg)
+            self._balanced[key] = bl.min_max(t.fwd + t.bwd, cfg.n_stages)
+        return self._balanced[key]
 
     def fixed(self, cfg: Config) -> list[int] | None:
         """The user's stage starts (--fix-cuts) where they fit cfg's stage count."""
@@ -192,12 +209,11 @@ class Search:
     def first(self, cfg: Config, kth: float) -> InnerResult:
         """One configuration's first answer: the DP's partition, simulated (proven optimal when
         the simulation meets the bound), never worse than the time-balanced split."""
-        t = self.table_for(cfg)
-        warm = [p for p in [bl.min_max(t.fwd + t.bwd, cfg.n_stages)] if p is not None]
+        warm = [p for p in [self.time_balanced(cfg)] if p is not None]
         floor = self.quick_bound(cfg)
         b = self.bounds(cfg)
         if cfg.n_stages > cfg.pp:  # several stages per rank: the rank's memory, as a program
-            floor = max(floor, fluid_bound(b))
+            floor = fluid_bound(b, floor)
             if floor >= self.step_ub(cfg, kth):
                 return InnerResult(floor, None, np.inf, proven=True)  # cannot beat the best so far
         if self.large_multi(cfg):
@@ -262,7 +278,7 @@ class Search:
                 break
             if self.progress:
                 self.progress(f"zb-auto: {cand.config.describe()}", k, min(len(seeds), self.settings.top))
-            found = self.auto_candidate(cand, names, deadline)
+            found = self.auto_candidate(cand, names, deadline, results)
             if found is None:
                 continue
             bare = replace(found.config, order=None)
@@ -274,10 +290,12 @@ class Search:
         for cfg in [c for c in results if c.schedule not in names]:
             del results[cfg]
 
-    def auto_candidate(self, cand: Candidate, names: list[str], deadline: float) -> Candidate | None:
+    def auto_candidate(self, cand: Candidate, names: list[str], deadline: float,
+                       results: dict[Config, Candidate] | None = None) -> Candidate | None:
         """zb-auto on a candidate's own partition (with --ilp, on small schedules, reordered by
         the ILP within its time limit); None where it adds nothing: no faster than the
-        candidate, or one of the asked-for published orders itself."""
+        candidate, or one of the asked-for published orders itself, or (given the ``results``
+        so far) outside the top K whatever order it finds."""
         ev = cand.evaluation
         runs = min(AUTO_POLICIES, AUTO_ACTIONS // self.actions(ev.config) - len(SEEDS))
         if runs < 1:  # too large to list-schedule in the time one configuration gets
@@ -285,6 +303,8 @@ class Search:
             if ev.config.schedule in names:
                 return None
             order = rows(ev.schedule.ranks)  # the published order it starts from, as it is
+        elif self.auto_cannot_help(ev, names, results or {}):
+            return None
         else:
             # by time, whatever fits the devices; by memory, no more than the order it starts from
             budget = ev.peak_memory_bytes if self.settings.objective == "memory" else \
@@ -307,6 +327,27 @@ class Search:
         inner = InnerResult(self.quick_bound(cfg), ev.segments, priced.step_time_s, proven=False,
                             evaluations=1 + max(runs, 0), payload=priced)
         return Candidate(cfg, inner)
+
+    def auto_cannot_help(self, ev: Evaluation, names: list[str], results: dict[Config, Candidate]) -> bool:
+        """Whether no zb-auto order on ``ev``'s partition could change the answer, by a bound on
+        every order (``any_order_bound``), so the list scheduler need not run. Either
+
+        * ``ev``'s own published order is asked for and no order beats it by the margin
+          ``auto_candidate`` requires (1 - 1e-12): it would return None; or
+        * by time, ``top`` plans that stay in the results (asked-for published orders, which
+          ``auto`` never removes) are faster than any order could be, compared as ``rank_key``
+          rounds them: whatever zb-auto found would rank below them, out of the top K and not
+          the best (replacing another zb-auto entry of the same configuration only where it is
+          faster still, so that one was outside the top K as well)."""
+        bound = any_order_bound(ev.costs, ev.cuts, ev.config.m)
+        if ev.config.schedule in names and bound >= ev.step_time_s * (1 - 1e-12):
+            return True
+        if self.settings.objective != "time" or bound <= 0:
+            return False
+        fastest = round(ev.config.global_batch / bound, 9)
+        ahead = sum(1 for c in results.values() if c.config.schedule in names and c.config.schedule != AUTO
+                    and round(c.throughput, 9) > fastest)
+        return ahead >= self.settings.top
 
     def rank_key(self, c: Candidate) -> tuple[float | int, ...]:
         """Fastest first; among equals the one needing less memory, then the simpler schedule
