@@ -227,6 +227,9 @@ class CostTable:
         self.peak = np.array([c.peak_bytes for c in costs], dtype=float)
         self.wgrad = np.array([c.wgrad_bytes for c in costs], dtype=float)
         self.params = np.array([layer.param_bytes for layer in profile.layers], dtype=float)
+        self.opt_share = np.ones(self.n)  # the share of a layer's optimizer temporaries one device has
+        self._opt_peaks: dict[str, np.ndarray] = {}
+        self._opt_matrix: dict[str, np.ndarray] = {}
         self.cut = np.array(self.graph.cut_bytes_per_sample(), dtype=float) * mbs  # (n + 1,)
         self.in_bytes = np.array(self.graph.input_bytes_per_sample(), dtype=float) * mbs
         # the whole model's optimizer step, shared by parameter byte of the whole (unsharded) model
@@ -272,6 +275,7 @@ class CostTable:
         self.bwd_input = self.bwd_input * div + comm  # the input gradient is what is all-reduced
         self.bwd_weight = self.bwd_weight * div
         self.params = self.params * div
+        self.opt_share = div
         self.wgrad = self.wgrad * div
         self.peak = self.peak * div
         self._tied = [(members, nbytes * div[members[0]]) for members, nbytes in self._tied]
@@ -465,11 +469,39 @@ class CostTable:
             grad_in_bytes=int(self.cut[seg.start]),
             static_bytes=int(round(static)),
             transient_bytes=int(round(self.transient_bytes(seg))),
+            optimizer_transient_bytes=int(round(self.optimizer_transient_bytes(seg, training.optimizer)
+                                                * dp.optimizer_share())),
             param_bytes=int(round(params)),
             batch_bytes=int(round(self.batch_bytes(seg, m))),
             optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share() / speed,
             allreduce_s=allreduce_s + dp.step_s(params),
         )
+
+    def optimizer_transient_bytes(self, seg: Segment, optimizer: str) -> float:
+        """The temporaries of the optimizer's step over the stage's parameters, from each layer's
+        measured step (``Layer.optimizer_peak_bytes``). torch's default implementation on a GPU
+        steps every parameter at once (foreach), so the layers' temporaries add up; on a CPU it steps
+        one parameter at a time, so the largest layer's is the stage's (torch/optim/optimizer.py,
+        ``_default_to_fused_or_foreach``)."""
+        return float(self.optimizer_transient_matrix(optimizer)[seg.start, seg.stop])
+
+    def optimizer_transient_matrix(self, optimizer: str) -> np.ndarray:
+        """(n+1, n+1): ``optimizer_transient_bytes`` of every segment [i, j): the layers' summed
+        (GPU) or their largest (CPU)."""
+        if optimizer not in self._opt_matrix:
+            peaks = self._optimizer_peaks(optimizer)
+            if self.profile.device.type == "cuda":
+                prefix = self._prefix(peaks)
+                self._opt_matrix[optimizer] = np.maximum(prefix[None, :] - prefix[:, None], 0.0)
+            else:
+                self._opt_matrix[optimizer] = _range_max(peaks)
+        return self._opt_matrix[optimizer]
+
+    def _optimizer_peaks(self, optimizer: str) -> np.ndarray:
+        if optimizer not in self._opt_peaks:
+            peaks = [layer.optimizer_peak_bytes.get(optimizer, 0) for layer in self.profile.layers]  # type: ignore[call-overload]
+            self._opt_peaks[optimizer] = np.array(peaks, dtype=float) * self.opt_share
+        return self._opt_peaks[optimizer]
 
     def gathered_bytes(self, seg: Segment, dp: DataParallel) -> float:
         """ZeRO-3 gathers one layer's weights at a time around its forward and backward: the

@@ -28,6 +28,7 @@ INPUT = "@input"  # pseudo-layer: the batch handed to the first stage
 LOSS = "@loss"  # pseudo-layer: the loss function on the last stage
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+OptimizerName = Literal["sgd", "sgd-momentum", "adam"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 JsonScalar = int | float | str | bool | None
 
@@ -107,6 +108,9 @@ class Layer(_Frozen):
     same_as: str | None = Field(default=None, description="the identical layer (module class, parameter "
                                 "shapes, input shapes and dtypes) whose measured costs this one shares; "
                                 "None: measured itself")
+    optimizer_peak_bytes: dict[OptimizerName, Bytes] = Field(
+        default_factory=dict, description="per optimizer: the bytes one step over this layer's parameters "
+        "alone allocates above its state and frees again (its temporaries); absent: not measured")
 
 
 class Edge(_Frozen):
@@ -364,7 +368,7 @@ class Training(_Frozen):
     dtype (plain PyTorch). 'mixed': fp32 master weights and states beside low-precision
     parameters (Megatron-LM, DeepSpeed)."""
 
-    optimizer: Literal["sgd", "sgd-momentum", "adam"] = "adam"
+    optimizer: OptimizerName = "adam"
     precision: Literal["param", "mixed"] = "param"
 
 
@@ -383,6 +387,8 @@ class StageCost(_Frozen):
                                "step ends (the engine accumulates it into the receive buffer)")
     static_bytes: int = Field(ge=0, description="weights, gradients, optimizer state")
     transient_bytes: int = Field(ge=0, description="workspace while one micro-batch computes")
+    optimizer_transient_bytes: int = Field(default=0, ge=0, description="above the static bytes while the "
+                                           "optimizer steps (its temporaries)")
     param_bytes: int = Field(ge=0)
     batch_bytes: int = Field(default=0, ge=0, description="inputs/targets of all micro-batches held")
     optimizer_s: float = Field(default=0.0, ge=0)

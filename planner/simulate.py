@@ -312,7 +312,8 @@ def stage_states(schedule: Schedule) -> list[np.ndarray]:
 
 def peak_memory(schedule: Schedule, costs: list[StageCost]) -> list[int]:
     """Peak bytes per rank: static memory of its stages, plus what the micro-batches in flight
-    hold, plus the transient workspace of the action running."""
+    hold, plus the transient workspace of the action running; or, if more, what the optimizer
+    step holds after the last action (``optimizer_peak``)."""
     peaks = []
     for r, states in enumerate(memory_states(schedule)):
         stages = schedule.stages_of(r)
@@ -325,8 +326,17 @@ def peak_memory(schedule: Schedule, costs: list[StageCost]) -> list[int]:
         transient = np.array([c.transient_bytes for c in mine], dtype=np.int64)
         base = sum(c.static_bytes + c.batch_bytes for c in mine)
         top = states[:, 1:] @ sizes + transient[states[:, 0]]
-        peaks.append(int(base + top.max()))
+        peaks.append(int(base + max(top.max(), optimizer_peak(mine, schedule.microbatches))))
     return peaks
+
+
+def optimizer_peak(stages: list[StageCost], m: int) -> int:
+    """Beyond the static bytes, what a rank holds while its optimizer steps: nothing in flight and
+    its sends waited for, but the input gradients of all ``m`` micro-batches still in their
+    receive buffers (the engine clears them at the next step), and the step's temporaries. One
+    optimizer steps all the rank's stages: their temporaries are added, exact where it steps every
+    parameter at once (GPU), an upper bound where it steps one at a time (CPU)."""
+    return sum(m * c.grad_in_bytes + c.optimizer_transient_bytes for c in stages)
 
 
 def _steady_state(schedule: Schedule, costs: list[StageCost], cuts: list[CutLink], tails: list[float]) -> float:

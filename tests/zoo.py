@@ -8,6 +8,8 @@
 * ``tied_checked``: the GPT of ``models/gpt.py`` with its head tied to the embedding, whose factory
   runs the model once as a sanity check (so it cannot be built on the meta device).
 * ``gpt2_missing_wpe``: an explicit layer list that leaves the position embedding out.
+* ``autoencoder``: a decoder that reuses the encoder's weight transposed
+  (``F.linear(h, enc.weight.t())``), as tied autoencoders do.
 """
 
 from __future__ import annotations
@@ -221,3 +223,30 @@ def gpt2_missing_wpe() -> ModelSpec:
     """An explicit list that names the token embedding, the blocks and the head, not ``wpe``."""
     model = _Positions(64, 8, 16)
     return ModelSpec(model=model, layers=["wte", "h.0", "h.1", "head"], batch=_lm_batch(64, 8), loss=_lm_loss)
+
+
+# --------------------------------------------------------------------------- autoencoder
+
+
+class AutoEncoder(nn.Module):
+    """The decoder reuses the encoder's weight transposed: the weight is shared, not copied."""
+
+    def __init__(self, d_in: int, d_hidden: int, n_mid: int):
+        super().__init__()
+        self.enc = nn.Linear(d_in, d_hidden)
+        self.mid = nn.Sequential(*[nn.Sequential(nn.Linear(d_hidden, d_hidden), nn.ReLU()) for _ in range(n_mid)])
+        self.dec_bias = nn.Parameter(torch.zeros(d_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mid(torch.tanh(self.enc(x)))  # (mb, d_hidden)
+        return F.linear(h, self.enc.weight.t(), self.dec_bias)  # (mb, d_in)
+
+
+def autoencoder(d_in: int = 256, d_hidden: int = 64, n_mid: int = 2, seed: int = 0) -> ModelSpec:
+    torch.manual_seed(seed)
+
+    def batch(size: int, gen: torch.Generator):
+        x = torch.randn(size, d_in, generator=gen)
+        return (x,), x
+
+    return ModelSpec(model=AutoEncoder(d_in, d_hidden, n_mid), batch=batch, loss=F.mse_loss, name="autoencoder")

@@ -23,9 +23,7 @@ def optimizer_for(plan: Plan, params: list[nn.Parameter], dp_group=None,
                          "solve with --precision param to run one")
     if not params:
         params = [nn.Parameter(torch.zeros(1))]  # a stage without weights still steps
-    kind: type[torch.optim.Optimizer] = torch.optim.Adam if t.optimizer == "adam" else torch.optim.SGD
-    options: dict = {"lr": 1e-4} if t.optimizer == "adam" else \
-        {"lr": 1e-3, "momentum": 0.9 if t.optimizer == "sgd-momentum" else 0.0}
+    kind, options = torch_optimizer(t.optimizer)
     dp = plan.parallel.dp
     if plan.parallel.zero >= 2 and dp_group is not None:
         return kind(params, **options)  # FSDP's sharded parameters: each replica steps its shard
@@ -37,6 +35,14 @@ def optimizer_for(plan: Plan, params: list[nn.Parameter], dp_group=None,
         if shard_of is not None:
             params = zero_shard(params, dp)[shard_of] or [nn.Parameter(torch.zeros(1))]
     return kind(params, **options)
+
+
+def torch_optimizer(name: str) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The torch optimizer class and options that train a plan whose ``training.optimizer`` is
+    ``name`` (the profiler weighs the same one's step)."""
+    if name == "adam":
+        return torch.optim.Adam, {"lr": 1e-4}
+    return torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9 if name == "sgd-momentum" else 0.0}
 
 
 def zero_shard(params: list[nn.Parameter], dp: int) -> list[list[nn.Parameter]]:

@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import partial
@@ -159,9 +159,12 @@ class _Rank:
         return _batch(self.plan, self.spec, step, self.dp_rank)
 
     def on_device(self, batch: Batch) -> Batch:
+        """This rank's part of the batch on its device: the inputs where the first stage runs, the
+        target where the last does (the others never read them, and the plan does not count them:
+        ``CostTable.batch_bytes``)."""
         inputs, target = batch
-        inputs = tuple(x.to(self.device) if torch.is_tensor(x) else x for x in inputs)
-        return inputs, target.to(self.device) if torch.is_tensor(target) else target
+        inputs = tuple(x.to(self.device) if torch.is_tensor(x) else x for x in inputs) if self.first else ()
+        return inputs, (target.to(self.device) if torch.is_tensor(target) else target) if self.last else None
 
     def backward(self, batch: Batch) -> list:
         """Forward and backward of every micro-batch; the losses on the last stage's rank."""
@@ -227,9 +230,9 @@ def _tied(plan: Plan, lm: LayeredModel, model: torch.nn.Module, named: dict[str,
     return out
 
 
-def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_Rank, Batch]:
-    """This rank's stages on the engine, and step 0's batch (its first micro-batch gives the
-    engine its shapes)."""
+def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> _Rank:
+    """This rank's stages on the engine (the first micro-batch of step 0 gives the engine its
+    shapes; the steps make their batches again, so that none is held beyond its step)."""
     par = plan.parallel
     pp_rank, dp_rank, _ = coordinates(rank, par.dp, par.tp)
     mine = [st.index for st in plan.stages if st.rank == pp_rank]
@@ -254,7 +257,7 @@ def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> tuple[_
                   modules=list(modules.values()), named=named, tied=tied, dp_group=dp_group,
                   opt=optimizer_for(plan, list(named.values()), dp_group=dp_group), reduced=reduced,
                   reference=reference, first=0 in mine, last=len(plan.stages) - 1 in mine)
-    return state, batch
+    return state
 
 
 def _parallel(plan: Plan, module: torch.nn.Module, spec: ModelSpec, mesh) -> torch.nn.Module:
@@ -284,13 +287,23 @@ class _Checks:  # the verification fields of Measured
     reference_note: str = ""
 
 
-def _reference_step(r: _Rank, batch: Batch) -> _Checks:
+def _reference_step(r: _Rank, tracker: LiveTensors | None) -> _Checks:
     """Step 0, Dropout modules off, its loss and gradients compared with the single-process
-    reference (run already) before the optimizer steps; no check without a reference."""
+    reference (run already) before the optimizer steps; no check without a reference. The
+    comparison's temporaries are not training memory: ``tracker`` does not count them."""
+    batch = r.on_device(r.batch(0))
     dist.barrier()
     with checked_step(r.modules):
-        losses = r.backward(r.on_device(batch))
+        losses = r.backward(batch)
         u = roundoff(r.plan.dtype, r.device)
+    del batch
+    with tracker.uncounted() if tracker is not None else nullcontext():
+        checks = _compare(r, losses, u)
+    r.update()
+    return checks
+
+
+def _compare(r: _Rank, losses: list, u: float) -> _Checks:
     checks = _Checks()
     ref = r.reference
     if ref is not None:
@@ -301,7 +314,6 @@ def _reference_step(r: _Rank, batch: Batch) -> _Checks:
         if r.last:
             checks.loss = _replica_loss(r, losses)
             checks.loss_tolerance, checks.loss_message = ref.loss_check(checks.loss, u)
-    r.update()
     return checks
 
 
@@ -335,11 +347,11 @@ def _live_tensors(r: _Rank) -> Iterator[LiveTensors | None]:
     tracker.sweep()
 
 
-def _memory_steps(r: _Rank, timer: Timer, batch: Batch, done: Callable[[int], None]) -> tuple[_Checks, int | None]:
+def _memory_steps(r: _Rank, timer: Timer, done: Callable[[int], None]) -> tuple[_Checks, int | None]:
     """Steps 0 and 1, memory counted: the checks of step 0, and the CPU's live peak in bytes
     (None on a GPU). Faults are injected at step 1, once the pipeline ran."""
     with _live_tensors(r) as tracker:
-        checks = _reference_step(r, batch)
+        checks = _reference_step(r, tracker)
         done(0)
         _inject(r.rank)
         if r.device.type == "cuda":
@@ -351,13 +363,13 @@ def _memory_steps(r: _Rank, timer: Timer, batch: Batch, done: Callable[[int], No
     return checks, tracker.peak + sum(local(p).numel() * local(p).element_size() for p in r.params)
 
 
-def _run(r: _Rank, batch: Batch, steps: int, warmup: int, done: Callable[[int], None]) -> Measured:
+def _run(r: _Rank, steps: int, warmup: int, done: Callable[[int], None]) -> Measured:
     """Every step, ``done(step)`` after each: steps 0 to ``warmup`` untimed (at least to step 1,
     the second memory step), then ``steps`` timed steps."""
     timer = Timer(r.device)
     if r.reference is not None:  # before the memory count: the reference's tensors are not this rank's
-        r.reference.run(r.spec, *reference_batch(r.plan, r.spec, batch, r.reduced))
-    checks, cpu_peak = _memory_steps(r, timer, batch, done)
+        r.reference.run(r.spec, *reference_batch(r.plan, r.spec, r.batch(0), r.reduced))
+    checks, cpu_peak = _memory_steps(r, timer, done)
     times = []
     for step in range(2, max(warmup, 1) + steps + 1):
         seconds = _timed_step(r, timer, step)
@@ -434,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=args.timeout))
-        state, batch = _build(plan, rank, device, args.verify)
-        report = report.model_copy(update={"measured": _run(state, batch, args.steps, args.warmup, done)})
+        state = _build(plan, rank, device, args.verify)
+        report = report.model_copy(update={"measured": _run(state, args.steps, args.warmup, done)})
         _write(out, report.to_json())
         _share(report, run_dir, world, local_rank)
         return 0

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
+from planner.formats import OptimizerName
 from planner.profile.layer import Subject
-from planner.profile.measure import Stat, Timer, stat, tensors
+from planner.profile.measure import MemoryProbe, Stat, Timer, stat, storage_key, tensors
 
-__all__ = ["longest_fit", "WholeTimes", "Calibration", "ChainTimes", "time_chain", "time_optimizer", "CHAIN_FACTOR"]
+__all__ = ["longest_fit", "WholeTimes", "Calibration", "ChainTimes", "time_chain", "time_optimizer", "optimizer_peaks",
+           "CHAIN_FACTOR"]
 
 # A chain may take this many times the memory of the largest layer measured alone, so that the
 # profiler's peak stays a small multiple of one layer's, whatever the machine has free.
@@ -97,6 +99,37 @@ def _step(subject: Subject, timer: Timer) -> tuple[float, float]:
     subject.clear()
     t_b, _ = timer(lambda: subject.backward(outs, grads))
     return t_f, t_b
+
+
+def optimizer_peaks(params: list[nn.Parameter], device: torch.device) -> dict[OptimizerName, int]:
+    """Per optimizer the executor runs, the bytes its first step over ``params`` allocates above
+    what it keeps (its state) and frees again: the temporaries of its update. torch's defaults
+    pick the implementation: on a CPU one parameter at a time (Adam's ``exp_avg_sq.sqrt() /
+    bias_correction2_sqrt`` makes two parameter-sized temporaries, of the largest parameter); on
+    a GPU over every parameter at once (``torch._foreach_sqrt``: one of all of them together)
+    (torch/optim/adam.py, ``_single_tensor_adam`` and ``_multi_tensor_adam``; the choice is
+    ``_default_to_fused_or_foreach`` in torch/optim/optimizer.py). Gradients are made where
+    missing and cleared afterwards; a zero learning rate leaves the values as they are."""
+    from planner.execute.train import torch_optimizer
+
+    params = [p for p in params if p.requires_grad]
+    out: dict[OptimizerName, int] = {}
+    if not params:
+        return out
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    # the step updates these in place: on a CPU the live-tensor count would take them for new
+    ignore = {storage_key(p) for p in params} | {storage_key(p.grad) for p in params if p.grad is not None}
+    for name in get_args(OptimizerName):
+        kind, options = torch_optimizer(name)
+        opt = kind(params, **{**options, "lr": 0.0})
+        with MemoryProbe(device, ignore) as probe:  # the first step: its state is made inside, and kept
+            opt.step()
+        out[name] = max(probe.peak - probe.final, 0)
+        del opt
+    for p in params:
+        p.grad = None
+    return out
 
 
 def time_optimizer(params: list[nn.Parameter], timer: Timer, repeats: int) -> float:

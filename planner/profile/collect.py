@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from planner.errors import InfeasibleError
-from planner.formats import BatchInfo, DeviceInfo
+from planner.formats import BatchInfo, DeviceInfo, OptimizerName
 from planner.model import ModelSpec, user_code
 from planner.profile.chain import (
     CHAIN_FACTOR,
@@ -23,6 +23,7 @@ from planner.profile.chain import (
     ChainTimes,
     WholeTimes,
     longest_fit,
+    optimizer_peaks,
     time_chain,
     time_optimizer,
 )
@@ -53,6 +54,7 @@ class Measurements:
     bytes_of: dict[int, dict[Key, int]] = field(default_factory=dict)  # size -> bytes of each tensor
     batch: BatchInfo | None = None  # at the largest size
     input_bytes: list[int] = field(default_factory=list)  # each model input at the largest size
+    optimizer_peak: list[dict[OptimizerName, int]] = field(default_factory=list)  # per layer (chain.optimizer_peaks)
 
 
 class Steps:
@@ -83,6 +85,7 @@ class Run:
     batches: dict[int, tuple[tuple, Any]]  # size -> (inputs, target) on the device
     whole: Callable[[int], WholeTimes] | None = None  # time the whole model at a size (in memory)
     optimizer_s: list[float | None] = field(default_factory=list)  # per layer; None: not timed (no room)
+    optimizer_peak: list[dict[OptimizerName, int]] = field(default_factory=list)  # per layer; empty: not weighed
 
     def room(self) -> int:
         return self.memory_bytes if self.memory_bytes is not None else available_bytes(self.device)
@@ -98,10 +101,12 @@ def measure_model(source: Source, run: Run, device_info: DeviceInfo, steps: Step
                      bytes_of={b: flow_bytes(lm, flows[b]) for b in sizes})
     batch_info(m, run)
     run.optimizer_s = [None] * lm.n_layers
+    run.optimizer_peak = [{} for _ in range(lm.n_layers)]
     results: dict[int, list[LayerResult]] = {b: [] for b in sizes}
     for i in range(lm.n_layers):
         _layer(source, run, m, flows, results, i, steps)
     m.layers = results
+    m.optimizer_peak = run.optimizer_peak
     for b in sizes:
         steps.start(f"mbs {b}: loss")
         m.loss[b] = _loss(source, run, flows[b], b)
@@ -143,6 +148,7 @@ def _layer(source: Source, run: Run, m: Measurements, flows: dict, results: dict
             results[b].append(rekey(results[b][rep], lm, rep, i))
             steps.finish()
         run.optimizer_s[i] = run.optimizer_s[rep]
+        run.optimizer_peak[i] = run.optimizer_peak[rep]
         return
     if source.materialises:
         _check_fits(source, run, m, flows, i)
@@ -156,11 +162,13 @@ def _layer(source: Source, run: Run, m: Measurements, flows: dict, results: dict
                                       run.warmup, run.repeats))
             del subject, inputs
             steps.finish()
-        # Where the model is not timed whole, its optimizer step is timed layer by layer, where
-        # Adam's two more copies of the parameters fit.
-        if run.whole is None and 2 * param_bytes(module) <= run.room():
-            with user_code(f"layer {lm.names[i]}: an Adam step over its parameters"):
-                run.optimizer_s[i] = time_optimizer(list(module.parameters()), Timer(run.device), run.repeats)
+        # Where Adam's two more copies of the parameters fit, its step is weighed layer by layer,
+        # and timed so where the model is not timed whole.
+        if 2 * param_bytes(module) <= run.room():
+            with user_code(f"layer {lm.names[i]}: an optimizer step over its parameters"):
+                run.optimizer_peak[i] = optimizer_peaks(list(module.parameters()), run.device)
+                if run.whole is None:
+                    run.optimizer_s[i] = time_optimizer(list(module.parameters()), Timer(run.device), run.repeats)
 
 
 def rekey(r: LayerResult, lm: LayeredModel, src: int, dst: int) -> LayerResult:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -115,6 +116,7 @@ class LiveTensors(TorchDispatchMode):
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.total = 0
         self.peak = 0
+        self.counting = True
 
     def sweep(self) -> None:
         for key, (ref, n) in list(self.live.items()):
@@ -122,8 +124,20 @@ class LiveTensors(TorchDispatchMode):
                 del self.live[key]
                 self.total -= n
 
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """A region whose tensors are not counted (a check that is not part of what is measured);
+        what it creates and keeps stays uncounted."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if not self.counting:
+            return out
         self.sweep()
         for t in _storage_tensors(tensors(out)):
             s = t.untyped_storage()

@@ -91,6 +91,7 @@ class StageBounds:
         # data-parallel all-reduce is linear in gradient bytes: seconds = a * bytes + c
         self.ar = [dp.step_coeffs() for dp in self.dps]
         self.opt_per_byte = table.optimizer_per_byte * self.dps[0].optimizer_share()
+        self.optimizer = config.training.optimizer
 
     # ------------------------------------------------------------------------ pieces
 
@@ -103,9 +104,10 @@ class StageBounds:
             out = out - np.maximum(inside - 1, 0) * nbytes
         return out
 
-    def _parts(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> tuple[np.ndarray, np.ndarray]:
+    def _parts(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stage s's memory as (fixed bytes, the four per-micro-batch sizes its states count:
-        activations held, weight-gradient inputs held, input gradient, output being sent)."""
+        activations held, weight-gradient inputs held, input gradient, output being sent, and
+        what the optimizer step holds beyond the fixed bytes: ``simulate.optimizer_peak``)."""
         t = self.t
         params = self.params(i, j)
         static = params * self.bpp + (self.versions[s] - 1) * params
@@ -121,22 +123,24 @@ class StageBounds:
             transient = t.peak_max[i, j]
         sent = t.cut[j] if self.remote_next[s] else np.zeros(i.shape)
         sizes = np.stack([held, t.WGRAD[j] - t.WGRAD[i], t.cut[i], sent])
-        return static + batch + transient + t.cut[i] + t.workspace, sizes
+        step = self.m * t.cut[i] + t.optimizer_transient_matrix(self.optimizer)[i, j] * self.dps[s].optimizer_share()
+        return static + batch + transient + t.cut[i] + t.workspace, sizes, step - transient - t.cut[i] - t.workspace
 
     def memory(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
         """Peak bytes of stage s's rank if it held only this stage (exact for one chunk per rank)."""
-        fixed, sizes = self._parts(s, i, j, choice)
-        peak: np.ndarray = fixed + self._inflight(self.states[s], sizes)
+        fixed, sizes, step = self._parts(s, i, j, choice)
+        peak: np.ndarray = fixed + np.maximum(self._inflight(self.states[s], sizes), step)
         return peak
 
     def fits(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
         """memory(s, i, j, choice) <= cap[s], without weighing every state for every segment:
         each state count at its largest over-estimates the in-flight bytes, the few states
         ``probe`` keeps under-estimate them; only segments in between get every state."""
-        fixed, sizes = self._parts(s, i, j, choice)
+        fixed, sizes, step = self._parts(s, i, j, choice)
         room = self.cap[s] - fixed
-        ok: np.ndarray = self.tops[s] @ sizes <= room
-        maybe = np.flatnonzero(~ok & (self._inflight(self.probes[s], sizes) <= room))
+        stepped = step <= room
+        ok: np.ndarray = (self.tops[s] @ sizes <= room) & stepped
+        maybe = np.flatnonzero(~ok & stepped & (self._inflight(self.probes[s], sizes) <= room))
         if len(maybe):
             ok[maybe] = self._inflight(self.states[s], sizes[:, maybe]) <= room[maybe]
         return ok
