@@ -77,19 +77,22 @@ def test_a_region_left_uncounted_adds_nothing_to_the_live_peak():
 # --------------------------------------------------------- whole plans on two processes
 
 
+# (factory, arguments, the second stage's first layer, micro-batch size): the split pinned, so that
+# the run does not depend on how the search ranks splits timed on a busy machine
 CASES = {
-    "autoencoder": ("tests/zoo.py:autoencoder", {}),  # the decoder reuses the encoder's weight transposed
-    "resnet18-batchnorm": ("tests/zoo.py:resnet18", {"width": 8, "image": 64}),
+    "autoencoder": ("tests/zoo.py:autoencoder", {}, 2, 2),  # the decoder reuses the encoder's weight transposed
+    "resnet18-batchnorm": ("tests/zoo.py:resnet18", {"width": 8, "image": 64}, 3, 1),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_measured_peak_stays_within_two_percent_of_the_prediction(name, tmp_path):
-    source, args = CASES[name]
+    source, args, cut, mbs = CASES[name]
     spec = build_spec(source, args)
     prof = profile_model(spec, source, args, ProfileOptions(mbs=(1, 2), repeats=1, warmup=0, threads=1))
-    settings = Settings(global_batch=8, pp=2, dp=1, tp=1, zero=0, schedules=("1f1b",), time_limit_s=5)
+    settings = Settings(global_batch=8, pp=2, dp=1, tp=1, zero=0, schedules=("1f1b",), fix_cuts=(cut,), mbs=mbs,
+                        time_limit_s=5)
     result = solve(prof, from_spec("cpu2"), settings)
     path = tmp_path / "plan.json"
     dump(make_plan(prof, from_spec("cpu2"), result, settings), path)
