@@ -104,7 +104,8 @@ def simulate(
         if timeline is not None:
             from planner import timeline as tl
 
-            tl.write(timeline, plan_schedule(plan), sim, f"{plan.model.name} on {plan.cluster.name}")
+            tl.write(timeline, plan_schedule(plan), sim, f"{plan.model.name} on {plan.cluster.name}",
+                     [st.cost for st in plan.stages])
     except PlannerError as e:
         _fail(e)
     if as_json:

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 
 from planner.errors import InputError
-from planner.formats import DTYPE_BYTES, LayerCost, Link, Profile, StageCost, Training
+from planner.formats import DTYPE_BYTES, Collectives, LayerCost, Link, Profile, StageCost, Training
 from planner.graph import LayerGraph
 
 Recompute = Literal["none", "full", "selective"]
@@ -238,6 +238,7 @@ class CostTable:
         self.optimizer_per_byte = self.optimizer_s / self.param_total
         self._tied = [(sorted(self.graph.index[n] for n in g.layers), float(g.param_bytes)) for g in profile.tied]
         self.tensor_scale = 1.0  # the share of an inter-layer tensor one device holds
+        self.tp_comm = np.zeros(self.n)  # per layer: the tensor-parallel collectives in fwd, bwd and bwd_input
         if tp > 1:
             if tp_link is None:
                 raise InputError(f"tp {tp} needs the link its devices all-reduce over")
@@ -269,6 +270,7 @@ class CostTable:
         hidden = np.where(reduces >= 2, self.in_bytes, hidden)  # a block all-reduces its own input's size
         per_byte, fixed = ring_allreduce_coeffs(tp, link)
         comm = reduces * (per_byte * hidden + fixed)
+        self.tp_comm = comm
         div = 1 - frac + frac / tp
         self.fwd = self.fwd * div + comm
         self.bwd = self.bwd * div + comm
@@ -309,6 +311,10 @@ class CostTable:
     @cached_property
     def BW(self) -> np.ndarray:
         return self._prefix(self.bwd_weight)
+
+    @cached_property
+    def TPC(self) -> np.ndarray:
+        return self._prefix(self.tp_comm)
 
     @cached_property
     def BMIN(self) -> np.ndarray:
@@ -411,6 +417,16 @@ class CostTable:
         b = self.B[j] - self.B[i] + again
         return float(f) / speed, float(bi) / speed, float(bw) / speed, float(b) / speed
 
+    def tp_comm_times(self, seg: Segment, speed: float = 1.0) -> tuple[float, float]:
+        """(forward, backward) seconds per micro-batch of the tensor-parallel collectives inside
+        ``times``: each layer's all-reduces run once in its forward and once in its input gradient
+        (so in the whole backward too, not in the weight gradient), and a recomputed layer's
+        forward repeats its own."""
+        i, j = seg.start, seg.stop
+        comm = float(self.TPC[j] - self.TPC[i])
+        again = sum(float(self.tp_comm[layer]) for layer in seg.recomputed())
+        return comm / speed, (comm + again) / speed
+
     def held_bytes(self, seg: Segment) -> float:
         """Bytes held per micro-batch in flight (from its forward until its backward frees it)."""
         i, j = seg.start, seg.stop
@@ -475,6 +491,8 @@ class CostTable:
             batch_bytes=int(round(self.batch_bytes(seg, m))),
             optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share() / speed,
             allreduce_s=allreduce_s + dp.step_s(params),
+            tp_comm=_collectives(*self.tp_comm_times(seg, speed), 0.0),
+            zero_comm=_collectives(gather_f, gather_i, scatter_w),
         )
 
     def optimizer_transient_bytes(self, seg: Segment, optimizer: str) -> float:
@@ -509,6 +527,16 @@ class CostTable:
         if dp.zero < 3 or dp.dp <= 1:
             return 0.0
         return float(self.params_max[seg.start, seg.stop])
+
+
+_NO_COLLECTIVES = Collectives()
+
+
+def _collectives(fwd_s: float, bwd_input_s: float, bwd_weight_s: float) -> Collectives:
+    """The record of a stage's collectives, shared while there are none (the solver builds thousands)."""
+    if not (fwd_s or bwd_input_s or bwd_weight_s):
+        return _NO_COLLECTIVES
+    return Collectives.model_construct(fwd_s=fwd_s, bwd_input_s=bwd_input_s, bwd_weight_s=bwd_weight_s)
 
 
 def _split(c: LayerCost) -> tuple[float, float]:

@@ -372,6 +372,16 @@ class Training(_Frozen):
     precision: Literal["param", "mixed"] = "param"
 
 
+class Collectives(_Frozen):
+    """Seconds of collective communication inside a stage's fwd_s, bwd_input_s and bwd_weight_s,
+    per micro-batch, as the cost model prices them; a whole backward runs the input- and the
+    weight-gradient parts' both. For reports: the simulator reads only the totals."""
+
+    fwd_s: float = Field(default=0.0, ge=0)
+    bwd_input_s: float = Field(default=0.0, ge=0)
+    bwd_weight_s: float = Field(default=0.0, ge=0)
+
+
 class StageCost(_Frozen):
     """Per micro-batch, on the stage's device, as the simulator consumes it."""
 
@@ -393,6 +403,10 @@ class StageCost(_Frozen):
     batch_bytes: int = Field(default=0, ge=0, description="inputs/targets of all micro-batches held")
     optimizer_s: float = Field(default=0.0, ge=0)
     allreduce_s: float = Field(default=0.0, ge=0)
+    tp_comm: Collectives = Field(default=Collectives(), description="the tensor-parallel all-reduces (reduce-"
+                                 "scatter + all-gather pairs with sequence parallelism) inside the times above")
+    zero_comm: Collectives = Field(default=Collectives(), description="ZeRO-2's gradient reduce-scatter and "
+                                   "ZeRO-3's weight all-gathers over dp inside the times above")
     overhead_s: float = Field(default=0.0, ge=0, description="runtime bookkeeping per action")
 
 

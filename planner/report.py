@@ -9,20 +9,46 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from planner.formats import Plan, Profile
+from planner.formats import Collectives, Plan, Profile, Stage
 from planner.simulate import SimResult
 from planner.units import fmt_bytes, fmt_time, layer_span
+
+
+def device_grid(plan: Plan, stage: Stage) -> list[list[int]]:
+    """The devices of a stage's pipeline rank by coordinates: ``grid[d][k]`` runs data-parallel
+    replica d's tensor-parallel shard k (a replica's tp devices follow its first)."""
+    return [[first + k for k in range(plan.parallel.tp)] for first in stage.devices]
+
+
+def device_ranges(devices: list[int]) -> str:
+    """'0-7', '0-3, 8-11', '5': sorted device indices with consecutive runs joined."""
+    runs: list[list[int]] = []
+    for d in sorted(devices):
+        if runs and d == runs[-1][1] + 1:
+            runs[-1][1] = d
+        else:
+            runs.append([d, d])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def step_comm_s(comm: Collectives, microbatches: int) -> float:
+    """A stage's collectives over one step: every micro-batch runs one forward and one backward,
+    whole or as its input- and weight-gradient parts."""
+    return microbatches * (comm.fwd_s + comm.bwd_input_s + comm.bwd_weight_s)
 
 
 def simulation_summary(plan: Plan, sim: SimResult) -> dict[str, Any]:
     """The prediction of a plan as plain data (``planner simulate --json``)."""
     stages = []
+    m = plan.microbatch.count
     for st in plan.stages:
         r = st.rank
-        cap = plan.cluster.usable_bytes([d + k for d in st.devices for k in range(plan.parallel.tp)])
+        grid = device_grid(plan, st)
+        cap = plan.cluster.usable_bytes([d for row in grid for d in row])
         stages.append({
-            "index": st.index, "rank": r, "layers": st.layers, "recompute": st.recompute,
+            "index": st.index, "rank": r, "devices": grid, "layers": st.layers, "recompute": st.recompute,
             "compute_s": sim.stage_compute_s[st.index],
+            "tp_comm_s": step_comm_s(st.cost.tp_comm, m), "zero_comm_s": step_comm_s(st.cost.zero_comm, m),
             "utilization": sim.stage_compute_s[st.index] / sim.step_time_s if sim.step_time_s else 0.0,
             "rank_compute_s": sim.compute_s[r], "rank_idle_s": sim.idle_s[r],
             "peak_memory_bytes": sim.peak_memory_bytes[r], "capacity_bytes": cap,
@@ -53,24 +79,122 @@ def simulation_table(plan: Plan, sim: SimResult) -> Table:
     title = (f"{plan.model.name}: {sched}, {parallel_text(plan)}, "
              f"{plan.microbatch.count} x {plan.microbatch.size} per replica")
     table = Table(title=title, title_justify="left")
-    for col in ("stage", "rank", "layers", "recompute", "compute/step", "util.", "peak memory", "of device"):
-        table.add_column(col, justify="right" if col not in ("layers", "recompute") else "left")
+    comm = _comm_columns(plan)
+    with_rank = any(st.rank != st.index for st in plan.stages)  # else the stage's index is its rank's
+    for col in ("stage", *(["rank"] if with_rank else []), "devices", "layers", "recompute", "compute", *comm,
+                "util.", "peak mem.", "of device"):
+        table.add_column(col, justify="right" if col not in ("devices", "layers", "recompute") else "left")
     bottleneck = summary["bottleneck_rank"]
     for st in summary["stages"]:
         style = "bold red" if st["rank"] == bottleneck else None
         over = st["peak_memory_bytes"] > st["capacity_bytes"]
-        table.add_row(str(st["index"]), str(st["rank"]), layer_span(st["layers"]), st["recompute"],
-                      fmt_time(st["compute_s"]), f"{st['utilization']:.0%}",
-                      ("[red]" if over else "") + fmt_bytes(st["peak_memory_bytes"]),
+        shown = [fmt_time(st[key]) if recorded else "-" for key, recorded in comm.values()]
+        table.add_row(str(st["index"]), *([str(st["rank"])] if with_rank else []),
+                      device_ranges([d for row in st["devices"] for d in row]),
+                      layer_span(st["layers"]), st["recompute"], fmt_time(st["compute_s"]), *shown,
+                      f"{st['utilization']:.0%}", ("[red]" if over else "") + fmt_bytes(st["peak_memory_bytes"]),
                       fmt_bytes(st["capacity_bytes"]), style=style)
-    table.caption = (f"step {fmt_time(summary['step_time_s'])}, "
-                     f"{summary['throughput_samples_per_s']:.1f} samples/s, "
-                     f"bubble {summary['bubble_fraction']:.1%}, "
-                     f"peak {fmt_bytes(summary['peak_memory_bytes'])}; bottleneck: rank {bottleneck}")
+    table.caption = "\n".join([
+        f"step {fmt_time(summary['step_time_s'])}, {summary['throughput_samples_per_s']:.1f} samples/s, "
+        f"bubble {summary['bubble_fraction']:.1%}, peak {fmt_bytes(summary['peak_memory_bytes'])}; "
+        f"bottleneck: rank {bottleneck}",
+        "times per step, memory per device" + ("" if with_rank or plan.parallel.pp == 1 else
+                                               "; stage s runs on pipeline rank s"), *collective_notes(plan)])
     if plan.provenance.costs_estimated:
         table.caption += f"\n{estimated_note(plan.provenance.costs_estimated)}"
     table.caption_justify = "left"
     return table
+
+
+def _comm_columns(plan: Plan) -> dict[str, tuple[str, bool]]:
+    """The collectives' columns the plan has, each as (summary key, whether the plan records them:
+    plans solved before they were recorded carry zeros)."""
+    par = plan.parallel
+    out = {}
+    if par.tp > 1:
+        out["TP comm"] = ("tp_comm_s", any(st.cost.tp_comm != Collectives() for st in plan.stages))
+    if par.zero >= 2 and par.dp > 1:
+        out["ZeRO comm"] = ("zero_comm_s", any(st.cost.zero_comm != Collectives() for st in plan.stages))
+    return out
+
+
+def collective_notes(plan: Plan) -> list[str]:
+    """What the devices column and the collectives' columns show: one line each."""
+    notes = [coordinates_note(plan)] if plan.parallel.dp * plan.parallel.tp > 1 else []
+    recorded = {name: ok for name, (_, ok) in _comm_columns(plan).items()}
+    if "TP comm" in recorded:
+        notes.append(tp_note(plan) if recorded["TP comm"] else _unrecorded("TP comm"))
+    if "ZeRO comm" in recorded:
+        notes.append(zero_note(plan) if recorded["ZeRO comm"] else _unrecorded("ZeRO comm"))
+    if plan.parallel.dp > 1 and plan.parallel.zero < 3:
+        notes.append(dp_step_note(plan))
+    return notes
+
+
+def _unrecorded(column: str) -> str:
+    return (f"{column}: not recorded in this plan (solved before planner recorded its collectives); "
+            "re-solve to see them")
+
+
+def coordinates_note(plan: Plan) -> str:
+    """How a pipeline rank's devices map to (dp, tp) coordinates, and why one peak stands for all."""
+    par = plan.parallel
+    n = par.dp * par.tp
+    coords = " and ".join(part for part in (f"replica d (dp 0-{par.dp - 1})" if par.dp > 1 else "",
+                                            f"shard k (tp 0-{par.tp - 1})" if par.tp > 1 else "") if part)
+    regular = all(st.devices == [(st.rank * par.dp + d) * par.tp for d in range(par.dp)] for st in plan.stages)
+    if regular:
+        terms = [f"{n}r" if par.pp > 1 else "", f"{par.tp}d" if par.dp > 1 and par.tp > 1 else
+                 ("d" if par.dp > 1 else ""), "k" if par.tp > 1 else ""]
+        where = f"on device {' + '.join(t for t in terms if t)} (Megatron-LM's order: tp, dp, pp)"
+    else:
+        where = "on the stage's d-th listed device + k"
+    rank = "pipeline rank r's" if par.pp > 1 else "the"
+    return (f"devices: {rank} dp {par.dp} x tp {par.tp} = {n} devices, {coords} {where}; the cost model gives "
+            "them all the same shapes (even tensor shards, identical or evenly sharded replicas), so the "
+            "peak shown is each one's")
+
+
+def tp_note(plan: Plan) -> str:
+    """Which tensor-parallel collectives TP comm/step counts, on which link, priced how."""
+    from planner.clusters import describe_link
+    from planner.evaluate import tp_link
+
+    par = plan.parallel
+    link = tp_link(plan.cluster, par.tp, par.pp * par.dp * par.tp)
+    where = "within a node" if link == plan.cluster.intra_node else "between nodes"
+    what = ("a reduce-scatter + all-gather pair (sequence parallelism)" if par.sequence_parallel
+            else "an all-reduce")
+    return (f"TP comm, inside compute: {what} of the hidden state twice a block in each forward and each "
+            "input gradient (once in the embedding and the output layer; recomputed forwards repeat theirs), "
+            f"over tp {par.tp} {where} ({describe_link(link)}), as a ring: 2(tp-1)/tp x bytes / bandwidth "
+            "+ 2(tp-1) latencies, serial with the compute")
+
+
+def _dp_links(plan: Plan) -> str:
+    """The links the stages' data-parallel rings run over."""
+    from planner.clusters import describe_link
+
+    links = {describe_link(plan.cluster.link(st.devices[0], st.devices[-1])) for st in plan.stages}
+    return "; ".join(sorted(links))
+
+
+def zero_note(plan: Plan) -> str:
+    par = plan.parallel
+    also = ("; ZeRO-3 also all-gathers the stage's weights before each forward and each input gradient"
+            if par.zero == 3 else "")
+    return (f"ZeRO comm, inside compute: each micro-batch's weight gradient reduce-scatters the stage's "
+            f"gradients over dp {par.dp} ({_dp_links(plan)}), half a ring all-reduce{also}")
+
+
+def dp_step_note(plan: Plan) -> str:
+    """The data-parallel collective once a step, after the last backward (not in compute/step)."""
+    par = plan.parallel
+    what = {0: "all-reduces its gradients", 1: "reduce-scatters its gradients and all-gathers the updated "
+            "shards (ZeRO-1)", 2: "all-gathers its updated weights (ZeRO-2)"}[par.zero]
+    most = max(st.cost.allreduce_s for st in plan.stages)
+    return (f"dp step, after compute (the timeline's purple tail): each rank {what} over dp {par.dp} "
+            f"({_dp_links(plan)}), up to {fmt_time(most)} a stage, then steps its optimizer")
 
 
 def estimated_note(how: str) -> str:

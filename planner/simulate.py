@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 
 from planner.errors import ScheduleError
-from planner.formats import StageCost
+from planner.formats import Collectives, StageCost
 from planner.schedules import Action, Kind, Schedule
 
 
@@ -167,6 +167,12 @@ def action_seconds(x: StageCost) -> tuple[float, float, float, float]:
     o = x.overhead_s
     b = x.bwd_s if x.bwd_s is not None else x.bwd_input_s + x.bwd_weight_s
     return x.fwd_s + o, b + o, x.bwd_input_s + o, x.bwd_weight_s + o
+
+
+def collective_seconds(c: Collectives) -> tuple[float, float, float, float]:
+    """The part of one F, B, I and W action (as ``action_seconds`` orders them) that is the
+    collectives ``c``: a whole backward runs those of both its parts."""
+    return c.fwd_s, c.bwd_input_s + c.bwd_weight_s, c.bwd_input_s, c.bwd_weight_s
 
 
 def _times(c: Compiled, costs: list[StageCost], cuts: list[CutLink]) -> tuple[list[float], list[float]]:

@@ -23,9 +23,17 @@ def fmt_time(s: float | None) -> str:
 
 
 def layer_span(layers: list[str]) -> str:
+    """'transformer.h.5 .. h.10 (6)': the first and last layer, the last without the dotted
+    prefix it shares with the first (bar the name of an index), and how many."""
     if len(layers) == 1:
         return layers[0]
-    return f"{layers[0]} .. {layers[-1]} ({len(layers)})"
+    first, last = layers[0].split("."), layers[-1].split(".")
+    same = 0
+    while same < min(len(first), len(last)) - 1 and first[same] == last[same]:
+        same += 1
+    if same and last[same].isdigit():  # 'h.10', not a bare '10'
+        same -= 1
+    return f"{layers[0]} .. {'.'.join(last[same:])} ({len(layers)})"
 
 
 __all__ = ["fmt_bytes", "fmt_time", "layer_span"]
