@@ -21,6 +21,9 @@ FAMILIES = {  # name -> (factory args, the layers expected at the ends and a blo
                                                                    "classifier"]),
     "t5": (dict(model_type="t5"), ["encoder.embed_tokens", "decoder.block.1", "lm_head"]),
     "vit": (dict(model_type="vit"), ["vit.embeddings", "vit.layers.1", "classifier"]),
+    # one layer group called n_layer times: a layer per call
+    "albert": (dict(model_type="albert", task="masked-lm"), ["albert.embeddings",
+                                                             "albert.encoder.albert_layer_groups.0@2", "predictions"]),
 }
 
 
@@ -55,7 +58,7 @@ def _check_reproduces(name, **extra):
     return lm
 
 
-@pytest.mark.parametrize("name", ["gpt2", "vit"])
+@pytest.mark.parametrize("name", ["gpt2", "vit", "albert"])
 def test_exported_layers_compute_what_the_model_computes(name):
     _check_reproduces(name)
 
@@ -244,6 +247,36 @@ def test_single_mode_runs_an_exported_model_with_recomputation(tmp_path):
         st["recompute"] = "full"
     path.write_text(json.dumps(data))
     r = run_single(load_plan(path), torch.device("cpu"), steps=1, warmup=0)
+    assert r.grad_message == ""
+    assert r.loss == pytest.approx(r.reference_loss, rel=1e-5)
+
+
+def test_a_module_called_several_times_is_one_layer_per_call_with_its_weights_tied(tmp_path):
+    import json
+
+    from planner.execute.single import run_single
+    from planner.execute.stages import Checkpointed, build_stages
+    from planner.formats import load_plan
+
+    prof, path = _profile_and_solve(tmp_path, "albert")
+    group = "albert.encoder.albert_layer_groups.0"
+    assert [layer.name for layer in prof.layers] == ["albert.embeddings", "albert.encoder.embedding_hidden_mapping_in",
+                                                     f"{group}@1", f"{group}@2", "predictions"]
+    shared = _spec("albert").model.get_submodule(group)
+    shared_bytes = sum(p.numel() * 4 for p in shared.parameters())  # float32
+    assert ([f"{group}@1", f"{group}@2"], shared_bytes) in [(g.layers, g.param_bytes) for g in prof.tied]
+    assert prof.layers[2].param_bytes == prof.layers[3].param_bytes == shared_bytes
+    data = json.loads(path.read_text())  # the two calls on different stages, the second recomputed
+    names = [layer.name for layer in prof.layers]
+    data["stages"][0]["layers"], data["stages"][1]["layers"] = names[:3], names[3:]
+    data["stages"][1]["recompute"] = "full"
+    path.write_text(json.dumps(data))
+    plan = load_plan(path)
+    spec = _spec("albert")
+    built = build_stages(plan, spec, spec.batch(1, torch.Generator().manual_seed(0))[0])
+    recomputed = [type(m.inner).__name__ for m in built.modules[1].modules() if isinstance(m, Checkpointed)]
+    assert sorted(recomputed) == ["GraphModule", "_Calls"]  # the head, and the shared group's call
+    r = run_single(plan, torch.device("cpu"), steps=1, warmup=0)
     assert r.grad_message == ""
     assert r.loss == pytest.approx(r.reference_loss, rel=1e-5)
 
