@@ -245,9 +245,10 @@ def _layers_of(nodes: list[fx.Node], owned: dict[fx.Node, int], n_layers: int) -
         if n in layer or n.op in ("output", "get_attr") or not users:
             continue
         layer[n] = min(users)
-    for n in nodes:  # unused results and the unpacking of a tuple stay with what they read
+    for n in nodes:  # unused results and the unpacking of a tuple stay with what they read (a layer,
+        # not the batch: GPT-2's classifier finds the last token from the input ids alone)
         if n.op in ("call_function", "call_method") and n not in layer:
-            layer[n] = max((layer[x] for x in _inputs(n)), default=0)
+            layer[n] = max([0, *(layer[x] for x in _inputs(n))])
         if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
             layer[n] = layer[n.args[0]]
     return layer
@@ -300,23 +301,43 @@ def _size_source(graph: fx.Graph, layer: dict[fx.Node, int], k: int, before: fx.
 
 
 def _localise_sizes(graph: fx.Graph, layer: dict[fx.Node, int], names: list[str]) -> None:
-    """A symbolic size used by layers other than the one computing it is read again in each of
-    them, from a tensor of that layer with a dimension of that size."""
+    """A symbolic size used by layers other than the one computing it is computed again in each of
+    them (``_local_size``): only tensors cross a cut."""
     for s in [n for n in graph.nodes if _sym(n)]:
         for k in sorted({layer[u] for u in s.users if u.op != "output"} - {layer[s]}):
+            order = {n: i for i, n in enumerate(graph.nodes)}
             users = [u for u in s.users if u.op != "output" and layer[u] == k]
-            first = min(users, key=lambda u: list(graph.nodes).index(u))
-            found = _size_source(graph, layer, k, first, s.meta["val"])
-            if found is None:
+            first = min(users, key=order.__getitem__)
+            size = _local_size(graph, layer, k, first, s)
+            if size is None:
                 raise ModelError(f"layer {names[k]} uses the size {s.name} ({s.meta['val']}) computed in layer "
-                                 f"{names[layer[s]]} and has no tensor of that size to read it from; only "
+                                 f"{names[layer[s]]} and has no tensor to read it from; only "
                                  "tensors can pass between stages: describe layers explicitly")
-            with graph.inserting_before(first):
-                size = graph.call_function(torch.ops.aten.sym_size.int, found)
-            size.meta["val"] = s.meta["val"]
-            layer[size] = k
             for u in users:
                 u.replace_input_with(s, size)
+
+
+def _local_size(graph: fx.Graph, layer: dict[fx.Node, int], k: int, before: fx.Node, s: fx.Node) -> fx.Node | None:
+    """Symbolic size ``s`` computed in layer ``k`` before node ``before``: read from a dimension of
+    a tensor the layer has, else (an expression of sizes, ``64 * batch``) computed again from its
+    sizes, each found so in turn; None where some size is in no tensor the layer has."""
+    if layer.get(s) == k:
+        return s
+    found = _size_source(graph, layer, k, before, s.meta["val"])
+    if found is not None:
+        with graph.inserting_before(before):
+            size = graph.call_function(torch.ops.aten.sym_size.int, found)
+    else:
+        if s.op != "call_function" or not s.all_input_nodes or not all(_sym(x) for x in s.all_input_nodes):
+            return None
+        local = {x: _local_size(graph, layer, k, before, x) for x in s.all_input_nodes}
+        if any(v is None for v in local.values()):
+            return None
+        with graph.inserting_before(before):
+            size = graph.node_copy(s, lambda x: local[x])
+    size.meta["val"] = s.meta["val"]
+    layer[size] = k
+    return size
 
 
 def _layer_io(nodes: list[fx.Node], layer: dict[fx.Node, int], k: int) -> tuple[list[fx.Node], list[fx.Node]]:
