@@ -153,8 +153,8 @@ def _task(model_type: str, task: str | None) -> str:
         raise ValueError(f"model_type={model_type!r}: transformers has no model of this type for any task "
                          f"models/hf.py builds ({', '.join(_AUTO)}); describe the model with a factory of your own")
     if task is not None and task not in has:
-        raise ValueError(f"model_type={model_type!r} has no {task} model in transformers; it has "
-                         f"{', '.join(has)}: pass --arg task={has[0]}")
+        raise ValueError(f"model_type={model_type!r} task={task!r}: transformers has no {task} model of this type; "
+                         f"it has {', '.join(has)}: pass --arg task={has[0]}")
     return task or has[0]
 
 

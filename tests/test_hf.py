@@ -202,8 +202,9 @@ def test_the_default_task_is_the_first_transformers_has_a_model_of_the_type_for(
     assert tasks_of("vit") == ["image-classification"]
     assert type(build(model_type="distilbert", **SMALL).model).__name__ == "DistilBertForMaskedLM"
     assert type(build(model_type="albert", **SMALL).model).__name__ == "AlbertForMaskedLM"
-    with pytest.raises(ValueError, match=r"model_type='albert' has no causal-lm model in transformers; it has "
-                                         r"masked-lm, classification: pass --arg task=masked-lm"):
+    with pytest.raises(ValueError, match=r"model_type='albert' task='causal-lm': transformers has no causal-lm "
+                                         r"model of this type; it has masked-lm, classification: pass "
+                                         r"--arg task=masked-lm"):
         build(model_type="albert", task="causal-lm", **SMALL)
     with pytest.raises(ValueError, match=r"model_type='wav2vec2': transformers has no model of this type for any "
                                          r"task models/hf.py builds \(causal-lm, masked-lm"):
