@@ -17,10 +17,12 @@ any other configuration field passes as is:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from planner.model import ModelSpec
 
@@ -28,12 +30,20 @@ _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_tok
 _AUTO = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
          "classification": "AutoModelForSequenceClassification", "seq2seq": "AutoModelForSeq2SeqLM",
          "image-classification": "AutoModelForImageClassification"}
-_DEFAULT_TASK = {"bert": "masked-lm", "roberta": "masked-lm", "t5": "seq2seq", "bart": "seq2seq",
-                 "vit": "image-classification"}
+# transformers' table of the model types each AutoModelFor... builds (model type -> class name)
+_MAPPING = {"causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+            "classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+            "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+            "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"}
 # Fields that follow from the standard sizes where a configuration has them: (n_layer, d_model, n_head) -> value.
 _DERIVED = {"intermediate_size": lambda n, d, h: 4 * d, "d_ff": lambda n, d, h: 4 * d,
             "num_key_value_heads": lambda n, d, h: h, "head_dim": lambda n, d, h: d // h,
-            "d_kv": lambda n, d, h: d // h, "num_decoder_layers": lambda n, d, h: n}
+            "d_kv": lambda n, d, h: d // h, "num_decoder_layers": lambda n, d, h: n,
+            # an encoder-decoder's other half (BART, mBART, Marian, Whisper)
+            "decoder_layers": lambda n, d, h: n, "decoder_attention_heads": lambda n, d, h: h,
+            "encoder_ffn_dim": lambda n, d, h: 4 * d, "decoder_ffn_dim": lambda n, d, h: 4 * d,
+            # GPT-Neo's attention kind of each layer: global and local in turn
+            "attention_types": lambda n, d, h: [[["global", "local"], n // 2]] + ([[["global"], 1]] if n % 2 else [])}
 
 
 def _logits(out) -> torch.Tensor:
@@ -72,8 +82,14 @@ def _masked(size, gen, vocab, seq, _cfg):
 
 
 def _classes(size, gen, vocab, seq, cfg):
-    ids = torch.randint(0, vocab, (size, seq), generator=gen)
-    return (ids, _padding_mask(size, gen, seq)), torch.randint(0, cfg.num_labels, (size,), generator=gen)
+    """Tokens other than padding, then padding: a decoder's classifier reads the last token that is
+    not the padding id, an encoder's the first token."""
+    pad = cfg.pad_token_id
+    ids = torch.randint(0, vocab - 1 if isinstance(pad, int) else vocab, (size, seq), generator=gen)
+    mask = _padding_mask(size, gen, seq)
+    if isinstance(pad, int):
+        ids = torch.where(ids >= pad, ids + 1, ids).masked_fill(mask == 0, pad)
+    return (ids, mask), torch.randint(0, cfg.num_labels, (size,), generator=gen)
 
 
 def _seq2seq(size, gen, vocab, seq, cfg):
@@ -90,9 +106,57 @@ def _images(size, gen, vocab, seq, cfg):
 
 _BATCH = {"causal-lm": _causal, "masked-lm": _masked, "classification": _classes, "seq2seq": _seq2seq,
           "image-classification": _images}
+# what each batch passes to forward, by position
+_INPUTS = {"causal-lm": ("input_ids",), "masked-lm": ("input_ids", "attention_mask"),
+           "classification": ("input_ids", "attention_mask"),
+           "seq2seq": ("input_ids", "attention_mask", "decoder_input_ids"), "image-classification": ("pixel_values",)}
+
+
+def _passed(model, model_type: str, task: str) -> int:
+    """How many of the batch's inputs the model's forward takes by position: all, or for
+    classification the tokens alone where the mask is not its second parameter (GPT-2's is
+    past_key_values). Padding comes last, so a decoder's causal attention never lets a token see
+    it, and the classifier finds the last token by the padding id."""
+    params = list(inspect.signature(model.forward).parameters)
+    names = _INPUTS[task]
+    n = next((i for i, name in enumerate(names) if i >= len(params) or params[i] != name), len(names))
+    if n < len(names) and not (task == "classification" and n == 1):
+        raise ValueError(f"model_type={model_type!r} task={task!r}: {type(model).__name__}.forward takes "
+                         f"{', '.join(params[:len(names)])} first; models/hf.py passes {', '.join(names)} by position")
+    return n
 
 
 # ---------------------------------------------------------------------------- the configuration
+
+
+def tasks_of(model_type: str) -> list[str]:
+    """The tasks transformers has a model of ``model_type`` for, in the order a default is chosen:
+    seq2seq first for an encoder-decoder (T5, BART), then masked-lm before causal-lm: a type with
+    both is an encoder (BERT, RoBERTa), whose causal-LM class is the decoder half of an
+    encoder-decoder pairing (it warns when used alone without is_decoder)."""
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    has = [task for task, table in _MAPPING.items() if model_type in getattr(modeling_auto, table, {})]
+    first = ["seq2seq"] if getattr(AutoConfig.for_model(model_type), "is_encoder_decoder", False) else []
+    order = [*first, "masked-lm", "causal-lm", "seq2seq", "classification", "image-classification"]
+    return sorted(has, key=order.index)
+
+
+def _task(model_type: str, task: str | None) -> str:
+    """The task asked for, else the model type's own (see ``tasks_of``); one that transformers has
+    no model of this type for is refused with those it has."""
+    if task is not None and task not in _AUTO:
+        raise ValueError(f"task={task!r}: choose one of {', '.join(_AUTO)}")
+    has = tasks_of(model_type)
+    if not has:
+        raise ValueError(f"model_type={model_type!r}: transformers has no model of this type for any task "
+                         f"models/hf.py builds ({', '.join(_AUTO)}); describe the model with a factory of your own")
+    if task is not None and task not in has:
+        raise ValueError(f"model_type={model_type!r} task={task!r}: transformers has no {task} model of this type; "
+                         f"it has {', '.join(has)}: pass --arg task={has[0]}")
+    return task or has[0]
+
 
 
 def _config_fields(defaults, model_type: str, n_layer: int, d_model: int, n_head: int, vocab: int,
@@ -124,28 +188,57 @@ def _config_fields(defaults, model_type: str, n_layer: int, d_model: int, n_head
 
 
 def _config(model_type: str, fields: dict):
+    """The configuration of these fields. One that requires a special token (Whisper's
+    decoder_start_token_id) and refuses None gets the last id of the vocabulary for it instead."""
     from transformers import AutoConfig
 
     try:
         return AutoConfig.for_model(model_type, **fields)
     except Exception as e:
-        raise ValueError(f"model_type={model_type!r}: the configuration refuses these settings "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[-1]})") from None
+        refused = f"({type(e).__name__}: {str(e).strip().splitlines()[-1].strip()})"
+    last = {name: fields["vocab_size"] - 1 for name in _TOKEN_IDS if name in fields and fields[name] is None}
+    if last and isinstance(fields.get("vocab_size"), int):
+        try:
+            return AutoConfig.for_model(model_type, **{**fields, **last})
+        except Exception:
+            pass
+    raise ValueError(f"model_type={model_type!r}: the configuration refuses these settings {refused}")
+
+
+def _model(transformers, model_type: str, task: str, config, seed: int):
+    torch.manual_seed(seed)
+    try:
+        return getattr(transformers, _AUTO[task]).from_config(config)
+    except ValueError as e:
+        raise ValueError(f"model_type={model_type!r} task={task!r}: {str(e).strip().splitlines()[0]}") from None
+
+
+def _position_offset(model: nn.Module, config) -> int:
+    """How many rows the position table needs beyond ``seq``. RoBERTa's family (XLM-RoBERTa,
+    CamemBERT, Longformer, ...) numbers the positions of a sequence from padding_idx + 1 (padding
+    tokens take padding_idx itself), so its table needs seq + padding_idx + 1 rows. Such a model is
+    known by its position table: an embedding of max_position_embeddings rows whose padding row is
+    the padding token's. Models that count positions from 0 (BERT, GPT-2), or offset them
+    internally (BART, OPT), have none and keep seq rows."""
+    pad, rows = getattr(config, "pad_token_id", None), getattr(config, "max_position_embeddings", None)
+    if not isinstance(pad, int) or not isinstance(rows, int):
+        return 0
+    padded = any(isinstance(m, nn.Embedding) and m.padding_idx == pad and m.num_embeddings == rows
+                 for m in model.modules())
+    return pad + 1 if padded else 0
 
 
 def build(model_type: str = "gpt2", task: str | None = None, n_layer: int = 4, d_model: int = 128,
           n_head: int = 4, vocab: int = 1000, seq: int = 64, seed: int = 0, **overrides) -> ModelSpec:
     """``model_type`` is any key of transformers' ``AutoConfig`` (gpt2, llama, mistral, qwen2, bert,
     t5, vit, ...); ``task`` one of causal-lm, masked-lm, classification, seq2seq,
-    image-classification (default: the model type's usual one, else causal-lm)."""
+    image-classification (default: the first transformers has a model of this type for, in the
+    order of ``tasks_of``)."""
     try:
         import transformers
         from transformers import AutoConfig
     except ImportError:
         raise ImportError("models/hf.py needs Hugging Face transformers: pip install -e '.[hf]'") from None
-    task = task or _DEFAULT_TASK.get(model_type, "causal-lm")
-    if task not in _AUTO:
-        raise ValueError(f"task={task!r}: choose one of {', '.join(_AUTO)}")
     if n_layer < 1 or d_model < 1 or n_head < 1 or seq < 1 or vocab < 2:
         raise ValueError("n_layer, d_model, n_head and seq must be at least 1 and vocab at least 2")
     if d_model % n_head:
@@ -154,17 +247,23 @@ def build(model_type: str = "gpt2", task: str | None = None, n_layer: int = 4, d
         defaults = AutoConfig.for_model(model_type)
     except (ValueError, KeyError) as e:
         raise ValueError(f"model_type={model_type!r}: {e}") from None
+    task = _task(model_type, task)
     if task == "image-classification":
         overrides = {"image_size": 32, "patch_size": 8, "num_labels": 10, **overrides}
-    config = _config(model_type, dict(_config_fields(defaults, model_type, n_layer, d_model, n_head, vocab, seq,
-                                                     overrides), use_cache=False))
-    torch.manual_seed(seed)
-    try:
-        model = getattr(transformers, _AUTO[task]).from_config(config)
-    except ValueError as e:  # no model of this task for this type
-        raise ValueError(f"model_type={model_type!r} task={task!r}: {str(e).strip().splitlines()[0]}") from None
+    fields = dict(_config_fields(defaults, model_type, n_layer, d_model, n_head, vocab, seq, overrides),
+                  use_cache=False)
+    if task == "classification" and fields.get("pad_token_id", getattr(defaults, "pad_token_id", None)) is None:
+        fields["pad_token_id"] = vocab - 1  # a decoder's classifier finds the last token by the padding id
+    config = _config(model_type, fields)
+    model = _model(transformers, model_type, task, config, seed)
+    offset = 0 if "max_position_embeddings" in overrides else _position_offset(model, config)
+    if offset:
+        config = _config(model_type, {**fields, "max_position_embeddings": seq + offset})
+        model = _model(transformers, model_type, task, config, seed)
     model.train()
-    vocab = getattr(config, "vocab_size", vocab)
-    make = _BATCH[task]
-    return ModelSpec(model=model, batch=lambda size, gen: make(size, gen, vocab, seq, config), loss=token_loss,
-                     name=f"hf-{model_type}", trace="export")
+    vocab, make, n = getattr(config, "vocab_size", vocab), _BATCH[task], _passed(model, model_type, task)
+
+    def batch(size, gen):
+        inputs, target = make(size, gen, vocab, seq, config)
+        return inputs[:n], target
+    return ModelSpec(model=model, batch=batch, loss=token_loss, name=f"hf-{model_type}", trace="export")

@@ -7,7 +7,10 @@ traced model (the elements of every ``nn.ModuleList``: ``transformer.h.3``, ``mo
 ``encoder.layer.3``, ``decoder.block.3``, and the stateful modules beside them); a node run inside
 one of them belongs to it, and every other node (masks, positions, reshapes between blocks)
 joins the first layer that uses its result, as in a traced model. So masks, position tensors,
-rotary tables and an encoder's output cross stages as tensors.
+rotary tables and an encoder's output cross stages as tensors. A module called several times
+(ALBERT's shared layer group) is one layer per call, ``path@1``, ``path@2``, ... as in a traced
+model (``nn_module_stack`` tells the calls apart), each holding the module's own parameters, so
+the calls' weights are tied.
 
 The batch dimension is exported dynamic, so one graph serves every micro-batch size. A size read
 from a tensor (``x.shape[0]``) is one graph value that many layers use; a layer that did not
@@ -31,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from planner.errors import ModelError, PlannerError
 from planner.model import describe
-from planner.split import INPUT, TracedModel, choose_layers
+from planner.split import INPUT, TracedModel, call_names, choose_layers
 
 __all__ = ["ExportedModel", "ExportError", "export_graph", "traced_or_exported", "TRACE_ROUTES"]
 
@@ -96,10 +99,11 @@ class ExportedModel(TracedModel):
         exported: tuple[fx.GraphModule, pytree.TreeSpec] = export_deep(model, inputs) or export_graph(model, inputs)
         self.gm, self.out_spec = exported
         nodes = list(self.gm.graph.nodes)
-        self.names, owned = _owned_layers(nodes, layers)
-        self.paths = list(self.names)  # the exported route takes each module as called once
+        self.paths, owned = _owned_layers(nodes, layers)
+        self.names = call_names(self.paths)
         self.node_layer = _layers_of(nodes, owned, len(self.names))
         _check_order(nodes, self.node_layer, self.names)
+        _in_layer_order(self.gm.graph, self.node_layer)
         _localise_sizes(self.gm.graph, self.node_layer, self.names)
         self._index()
         self._modules: dict[int, fx.GraphModule] = {}
@@ -119,7 +123,7 @@ class ExportedModel(TracedModel):
     def layer_module(self, k: int) -> fx.GraphModule:
         """Layer ``k`` alone: its inputs (``io[k][0]``) in, its outputs (``io[k][1]``) out."""
         if k not in self._modules:
-            self._modules[k] = _layer_graph(self.gm, self.names[k], self.node_layer, k, *self.io[k])
+            self._modules[k] = _layer_graph(self.gm, self.paths[k], self.node_layer, k, *self.io[k])
         return self._modules[k]
 
     def stage(self, a: int, b: int) -> nn.Module:
@@ -128,11 +132,10 @@ class ExportedModel(TracedModel):
         root: dict[str, nn.Module] = {}
         for k in range(a, b):
             ins, outs = self.io[k]
-            root[self.names[k]] = self.layer_module(k)
             missing = [x.name for x in ins if x not in env]
             if missing:
                 raise ModelError(f"stage [{a}, {b}) needs {missing[0]}, which does not cross its cut")
-            call = g.call_module(self.names[k], tuple(env[x] for x in ins))
+            call = g.call_module(self.paths[k], (*self._place(root, k), *(env[x] for x in ins)))
             for j, o in enumerate(outs):
                 env[o] = g.call_function(operator.getitem, (call, j))
         if b >= self.n_layers:
@@ -144,6 +147,19 @@ class ExportedModel(TracedModel):
         g.lint()
         return fx.GraphModule(root, g, class_name=f"Stage_{a}_{b}")
 
+    def _place(self, root: dict[str, nn.Module], k: int) -> tuple[str, ...]:
+        """Layer ``k``'s module put among a stage's modules ``root`` at its module path, and what its
+        call takes before its inputs. The calls of a module called several times share one module
+        there (``_Calls``), as in a traced stage: recomputing it recomputes each of its calls."""
+        if self.names[k] == self.paths[k]:
+            root[self.paths[k]] = self.layer_module(k)
+            return ()
+        calls = root.setdefault(self.paths[k], _Calls())
+        assert isinstance(calls, _Calls)
+        call = self.names[k].rpartition("@")[2]
+        calls.calls[call] = self.layer_module(k)
+        return (call,)
+
     def for_engine(self, last_stage: nn.Module, loss):
         if self.out_spec.is_leaf():
             return last_stage, loss
@@ -152,6 +168,19 @@ class ExportedModel(TracedModel):
         def model_loss(out, target):  # the loss of the model's own output structure
             return loss(rebuild(*(out if isinstance(out, tuple) else (out,))), target)
         return _Leaves(last_stage), model_loss
+
+
+class _Calls(nn.Module):
+    """The layers of one module called several times (``path@1``, ``path@2``, ...) in a stage, at the
+    module's path; ``forward(call, *inputs)`` runs call ``call``. The calls' layers hold the same
+    parameters, the module's."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = nn.ModuleDict()
+
+    def forward(self, call: str, *args):
+        return self.calls[call](*args)
 
 
 class _Leaves(nn.Module):
@@ -177,32 +206,38 @@ def _rebuild(spec: pytree.TreeSpec) -> Callable:
 # ------------------------------------------------------------------------- layer assignment
 
 
-def _owned_layers(nodes: list[fx.Node], wanted: list[str]) -> tuple[list[str], dict[fx.Node, str]]:
-    """The chosen layers that run in the graph, in the order they first run, and the node each
-    runs (a node belongs to the outermost chosen module on its module stack)."""
+def _call_of(n: fx.Node, chosen: set[str]) -> tuple[str, str] | None:
+    """The outermost chosen module on the node's module stack, and which call of it ran the node:
+    torch.export keys a module's n-th call (from 0) ``...@n`` in ``nn_module_stack``."""
+    for key, (path, _) in (n.meta.get("nn_module_stack") or {}).items():
+        if path in chosen:
+            return path, key
+    return None
+
+
+def _owned_layers(nodes: list[fx.Node], wanted: list[str]) -> tuple[list[str], dict[fx.Node, int]]:
+    """The module path of each call of a chosen layer in the graph, in the order the calls first
+    run (a module called n times: n calls), and the call each node runs (a node belongs to the
+    outermost chosen module on its module stack)."""
     chosen = set(wanted)
-    owned: dict[fx.Node, str] = {}
-    order: dict[str, None] = {}
+    owned: dict[fx.Node, int] = {}
+    order: dict[tuple[str, str], int] = {}
     for n in nodes:
         if n.op not in ("call_function", "call_method"):
             continue
-        layer = next((p for p in _stack(n) if p in chosen), None)
-        if layer is not None:
-            owned[n] = layer
-            order.setdefault(layer)
+        call = _call_of(n, chosen)
+        if call is not None:
+            owned[n] = order.setdefault(call, len(order))
     if not order:
         raise ModelError("none of the chosen layers runs in the exported forward: describe layers explicitly")
-    return list(order), owned
+    return [path for path, _ in order], owned
 
 
-def _layers_of(nodes: list[fx.Node], owned: dict[fx.Node, str], n_layers: int) -> dict[fx.Node, int]:
-    """The layer each node runs in: its module's, else the earliest layer using its result; a node
-    whose result nobody uses (a check) runs where its inputs are."""
-    index: dict[str, int] = {}
-    for name in owned.values():
-        index.setdefault(name, len(index))
+def _layers_of(nodes: list[fx.Node], owned: dict[fx.Node, int], n_layers: int) -> dict[fx.Node, int]:
+    """The layer each node runs in: its module call's, else the earliest layer using its result; a
+    node whose result nobody uses (a check) runs where its inputs are."""
     layer: dict[fx.Node, int] = {n: INPUT for n in nodes if n.op == "placeholder"}
-    layer.update({n: index[name] for n, name in owned.items()})
+    layer.update(owned)
     last = n_layers - 1
     live = {n for n in nodes if n.users or n.op == "output" or n in layer}
     for n in reversed(nodes):
@@ -210,9 +245,10 @@ def _layers_of(nodes: list[fx.Node], owned: dict[fx.Node, str], n_layers: int) -
         if n in layer or n.op in ("output", "get_attr") or not users:
             continue
         layer[n] = min(users)
-    for n in nodes:  # unused results and the unpacking of a tuple stay with what they read
+    for n in nodes:  # unused results and the unpacking of a tuple stay with what they read (a layer,
+        # not the batch: GPT-2's classifier finds the last token from the input ids alone)
         if n.op in ("call_function", "call_method") and n not in layer:
-            layer[n] = max((layer[x] for x in _inputs(n)), default=0)
+            layer[n] = max([0, *(layer[x] for x in _inputs(n))])
         if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
             layer[n] = layer[n.args[0]]
     return layer
@@ -227,8 +263,18 @@ def _check_order(nodes: list[fx.Node], layer: dict[fx.Node, int], names: list[st
         later = [x for x in _inputs(n) if layer[x] > layer[n]]
         if later:
             raise ModelError(f"layer {names[layer[n]]} uses {later[0].name}, computed later by layer "
-                             f"{names[layer[later[0]]]} (is a module called more than once?): describe "
-                             "layers explicitly with ModelSpec(layers=[...])")
+                             f"{names[layer[later[0]]]} (a module that runs in pieces around another?): "
+                             "describe layers explicitly with ModelSpec(layers=[...])")
+
+
+def _in_layer_order(graph: fx.Graph, layer: dict[fx.Node, int]) -> None:
+    """The graph's operations moved into layer order, each layer's in its own order: what the
+    stages run. A node a layer shares with the whole model (a mask made early in the forward, used
+    first by a later layer) then comes after everything the layer receives."""
+    nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method")]
+    end = next(n for n in graph.nodes if n.op == "output")
+    for n in sorted(nodes, key=lambda n: layer[n]):  # stable: the order within a layer is kept
+        end.prepend(n)
 
 
 def _same_size(dim, value) -> bool:
@@ -237,8 +283,9 @@ def _same_size(dim, value) -> bool:
 
 def _size_source(graph: fx.Graph, layer: dict[fx.Node, int], k: int, before: fx.Node,
                  value) -> tuple[fx.Node, int] | None:
-    """A tensor layer ``k`` has (its own, computed before ``before``, or one it receives) with a
-    dimension of the symbolic size ``value``, and that dimension."""
+    """A tensor layer ``k`` has (one it receives, or its own computed before ``before``) with a
+    dimension of the symbolic size ``value``, and that dimension. The graph is in layer order, so
+    every tensor it receives comes before its first node."""
     receives = {x for n in graph.nodes if layer.get(n) == k for x in _inputs(n) if layer[x] != k}
     for n in graph.nodes:
         if n is before:
@@ -254,23 +301,43 @@ def _size_source(graph: fx.Graph, layer: dict[fx.Node, int], k: int, before: fx.
 
 
 def _localise_sizes(graph: fx.Graph, layer: dict[fx.Node, int], names: list[str]) -> None:
-    """A symbolic size used by layers other than the one computing it is read again in each of
-    them, from a tensor of that layer with a dimension of that size."""
+    """A symbolic size used by layers other than the one computing it is computed again in each of
+    them (``_local_size``): only tensors cross a cut."""
     for s in [n for n in graph.nodes if _sym(n)]:
         for k in sorted({layer[u] for u in s.users if u.op != "output"} - {layer[s]}):
+            order = {n: i for i, n in enumerate(graph.nodes)}
             users = [u for u in s.users if u.op != "output" and layer[u] == k]
-            first = min(users, key=lambda u: list(graph.nodes).index(u))
-            found = _size_source(graph, layer, k, first, s.meta["val"])
-            if found is None:
+            first = min(users, key=order.__getitem__)
+            size = _local_size(graph, layer, k, first, s)
+            if size is None:
                 raise ModelError(f"layer {names[k]} uses the size {s.name} ({s.meta['val']}) computed in layer "
-                                 f"{names[layer[s]]} and has no tensor of that size to read it from; only "
+                                 f"{names[layer[s]]} and has no tensor to read it from; only "
                                  "tensors can pass between stages: describe layers explicitly")
-            with graph.inserting_before(first):
-                size = graph.call_function(torch.ops.aten.sym_size.int, found)
-            size.meta["val"] = s.meta["val"]
-            layer[size] = k
             for u in users:
                 u.replace_input_with(s, size)
+
+
+def _local_size(graph: fx.Graph, layer: dict[fx.Node, int], k: int, before: fx.Node, s: fx.Node) -> fx.Node | None:
+    """Symbolic size ``s`` computed in layer ``k`` before node ``before``: read from a dimension of
+    a tensor the layer has, else (an expression of sizes, ``64 * batch``) computed again from its
+    sizes, each found so in turn; None where some size is in no tensor the layer has."""
+    if layer.get(s) == k:
+        return s
+    found = _size_source(graph, layer, k, before, s.meta["val"])
+    if found is not None:
+        with graph.inserting_before(before):
+            size = graph.call_function(torch.ops.aten.sym_size.int, found)
+    else:
+        if s.op != "call_function" or not s.all_input_nodes or not all(_sym(x) for x in s.all_input_nodes):
+            return None
+        local = {x: _local_size(graph, layer, k, before, x) for x in s.all_input_nodes}
+        if any(v is None for v in local.values()):
+            return None
+        with graph.inserting_before(before):
+            size = graph.node_copy(s, lambda x: local[x])
+    size.meta["val"] = s.meta["val"]
+    layer[size] = k
+    return size
 
 
 def _layer_io(nodes: list[fx.Node], layer: dict[fx.Node, int], k: int) -> tuple[list[fx.Node], list[fx.Node]]:

@@ -21,6 +21,13 @@ FAMILIES = {  # name -> (factory args, the layers expected at the ends and a blo
                                                                    "classifier"]),
     "t5": (dict(model_type="t5"), ["encoder.embed_tokens", "decoder.block.1", "lm_head"]),
     "vit": (dict(model_type="vit"), ["vit.embeddings", "vit.layers.1", "classifier"]),
+    # positions numbered from the padding id + 1
+    "roberta": (dict(model_type="roberta"), ["roberta.embeddings", "roberta.encoder.layer.1", "lm_head"]),
+    # the classifier finds the last token by the padding id from the input ids
+    "gpt2-cls": (dict(model_type="gpt2", task="classification"), ["transformer.wte", "transformer.h.1", "score"]),
+    # one layer group called n_layer times: a layer per call
+    "albert": (dict(model_type="albert", task="masked-lm"), ["albert.embeddings",
+                                                             "albert.encoder.albert_layer_groups.0@2", "predictions"]),
 }
 
 
@@ -55,7 +62,7 @@ def _check_reproduces(name, **extra):
     return lm
 
 
-@pytest.mark.parametrize("name", ["gpt2", "vit"])
+@pytest.mark.parametrize("name", ["gpt2", "vit", "albert", "roberta", "gpt2-cls"])
 def test_exported_layers_compute_what_the_model_computes(name):
     _check_reproduces(name)
 
@@ -185,6 +192,37 @@ def test_factory_sizes_and_tasks():
         build(task="translation")
 
 
+def test_the_default_task_is_the_first_transformers_has_a_model_of_the_type_for():
+    from models.hf import build, tasks_of
+
+    assert tasks_of("gpt2") == ["causal-lm", "classification"]
+    assert tasks_of("albert") == ["masked-lm", "classification"]  # no causal LM
+    assert tasks_of("bert")[0] == "masked-lm"  # an encoder: its causal LM is a decoder half
+    assert tasks_of("t5")[0] == tasks_of("bart")[0] == "seq2seq"  # encoder-decoders
+    assert tasks_of("vit") == ["image-classification"]
+    assert type(build(model_type="distilbert", **SMALL).model).__name__ == "DistilBertForMaskedLM"
+    assert type(build(model_type="albert", **SMALL).model).__name__ == "AlbertForMaskedLM"
+    with pytest.raises(ValueError, match=r"model_type='albert' task='causal-lm': transformers has no causal-lm "
+                                         r"model of this type; it has masked-lm, classification: pass "
+                                         r"--arg task=masked-lm"):
+        build(model_type="albert", task="causal-lm", **SMALL)
+    with pytest.raises(ValueError, match=r"model_type='wav2vec2': transformers has no model of this type for any "
+                                         r"task models/hf.py builds \(causal-lm, masked-lm"):
+        build(model_type="wav2vec2", **SMALL)
+
+
+def test_positions_numbered_after_the_padding_id_get_room_in_the_table(tmp_path):
+    from models.hf import build
+
+    # RoBERTa's positions run from pad_token_id + 1 = 2 to seq + 1: seq + 2 rows
+    assert build(model_type="roberta", **SMALL).model.config.max_position_embeddings == 16 + 2
+    assert build(model_type="bert", **SMALL).model.config.max_position_embeddings == 16  # from 0
+    assert build(model_type="roberta", max_position_embeddings=40, **SMALL).model.config.max_position_embeddings == 40
+    prof, _ = _profile_and_solve(tmp_path, "roberta")  # every micro-batch size runs
+    assert [layer.name for layer in prof.layers] == ["roberta.embeddings", "roberta.encoder.layer.0",
+                                                     "roberta.encoder.layer.1", "lm_head"]
+
+
 def test_masked_lm_batches_predict_the_same_number_of_tokens_per_sample():
     spec = _spec("bert", seq=40)
     (ids, mask), target = spec.batch(4, torch.Generator().manual_seed(1))
@@ -244,6 +282,36 @@ def test_single_mode_runs_an_exported_model_with_recomputation(tmp_path):
         st["recompute"] = "full"
     path.write_text(json.dumps(data))
     r = run_single(load_plan(path), torch.device("cpu"), steps=1, warmup=0)
+    assert r.grad_message == ""
+    assert r.loss == pytest.approx(r.reference_loss, rel=1e-5)
+
+
+def test_a_module_called_several_times_is_one_layer_per_call_with_its_weights_tied(tmp_path):
+    import json
+
+    from planner.execute.single import run_single
+    from planner.execute.stages import Checkpointed, build_stages
+    from planner.formats import load_plan
+
+    prof, path = _profile_and_solve(tmp_path, "albert")
+    group = "albert.encoder.albert_layer_groups.0"
+    assert [layer.name for layer in prof.layers] == ["albert.embeddings", "albert.encoder.embedding_hidden_mapping_in",
+                                                     f"{group}@1", f"{group}@2", "predictions"]
+    shared = _spec("albert").model.get_submodule(group)
+    shared_bytes = sum(p.numel() * 4 for p in shared.parameters())  # float32
+    assert ([f"{group}@1", f"{group}@2"], shared_bytes) in [(g.layers, g.param_bytes) for g in prof.tied]
+    assert prof.layers[2].param_bytes == prof.layers[3].param_bytes == shared_bytes
+    data = json.loads(path.read_text())  # the two calls on different stages, the second recomputed
+    names = [layer.name for layer in prof.layers]
+    data["stages"][0]["layers"], data["stages"][1]["layers"] = names[:3], names[3:]
+    data["stages"][1]["recompute"] = "full"
+    path.write_text(json.dumps(data))
+    plan = load_plan(path)
+    spec = _spec("albert")
+    built = build_stages(plan, spec, spec.batch(1, torch.Generator().manual_seed(0))[0])
+    recomputed = [type(m.inner).__name__ for m in built.modules[1].modules() if isinstance(m, Checkpointed)]
+    assert sorted(recomputed) == ["GraphModule", "_Calls"]  # the head, and the shared group's call
+    r = run_single(plan, torch.device("cpu"), steps=1, warmup=0)
     assert r.grad_message == ""
     assert r.loss == pytest.approx(r.reference_loss, rel=1e-5)
 
