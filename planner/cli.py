@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, one_line
 
 MAX_GIB = 2**20  # --memory: 1 PiB, the most a file may say a device has (formats.MAX_MEASURED_BYTES)
 MAX_SECONDS = 1e6  # --time-limit, --timeout: 11.6 days (formats.MAX_MEASURED_S)
@@ -35,7 +35,7 @@ _SHOWN: list[PlannerError] = []  # the error a command printed (main then prints
 
 
 def _fail(e: PlannerError) -> None:
-    err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(one_line(str(e)))}", soft_wrap=True)
     _SHOWN.append(e)
     raise typer.Exit(e.exit_code)
 
@@ -361,7 +361,7 @@ def check(
             out.print(f"[green]ok[/]     {path}: {escape(summary(str(path)))} ({', '.join(checked)})", soft_wrap=True)
         else:
             tag = "[red]bad[/]   " if result.code == 2 else "[red]failed[/]"
-            first = result.lines[0]
+            first = one_line(result.lines[0])
             where = "" if first.startswith(str(path)) else f"{path}: "
             out.print(f"{tag} {where}{escape(first)}", soft_wrap=True)
         for line in result.lines[1 if result.code else 0:]:
@@ -537,7 +537,7 @@ def main() -> None:
         err.print("[bold red]error:[/] interrupted by SIGINT (Ctrl-C)")
         sys.exit(_CTRL_C)
     except PlannerError as e:  # raised outside a command's own handling
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(one_line(str(e)))}", soft_wrap=True)
         sys.exit(e.exit_code)
     except ModuleNotFoundError as e:  # torch or pillow, which only the [torch] extra installs
         from planner.errors import EXTRAS, MissingExtraError

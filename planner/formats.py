@@ -23,7 +23,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from planner.errors import InputError, ScheduleError
+from planner.errors import InputError, ScheduleError, one_line
 from planner.schedules import SCHEDULES, canonical, check_combination, from_order
 
 SCHEMA_VERSION: Final = 1
@@ -46,14 +46,14 @@ MAX_FILE_BYTES = 512 * 2**20  # a profile of thousands of layers is a few MiB
 MAX_ACTIONS = 400_000  # the largest schedule a plan may have: solve's cap (solve.search.MAX_ACTIONS)
 
 
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):  # Literal[1] accepts True (True == 1) even in strict mode
-        raise ValueError(f"Input should be a number, not {str(value).lower()}")
+def _integer(value: Any) -> Any:
+    if isinstance(value, (bool, float)):  # Literal[1] accepts True and 1.0 (equal to 1) even in strict mode
+        raise ValueError(f"Input should be an integer, not {json.dumps(value)}")
     return value
 
 
-Version = Annotated[Literal[1], BeforeValidator(_not_bool)]
-ZeroStage = Annotated[Literal[0, 1, 2, 3], BeforeValidator(_not_bool)]
+Version = Annotated[Literal[1], BeforeValidator(_integer)]
+ZeroStage = Annotated[Literal[0, 1, 2, 3], BeforeValidator(_integer)]
 Seconds = Annotated[float, Field(ge=0, le=MAX_MEASURED_S)]  # measured
 Bytes = Annotated[int, Field(ge=0, le=MAX_MEASURED_BYTES)]  # measured or a device's memory
 Factor = Annotated[float, Field(ge=1e-6, le=1e6)]  # a relative speed or a scale
@@ -684,8 +684,8 @@ M = TypeVar("M", bound=BaseModel)
 def describe(err: ValidationError) -> str:
     """A validation error in one line: the first problem with its field, and how many more."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
+    loc = _path(tuple(first["loc"]), top="")
+    msg = one_line(first["msg"].removeprefix("Value error, "))
     more = len(err.errors()) - 1
     return (f"field {loc}: " if loc else "") + msg + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
@@ -753,8 +753,13 @@ def check_numbers(data: Any, source: str) -> None:
                              f"of at most {MAX_NUMBER:g}")
 
 
-def _path(where: tuple[str | int, ...]) -> str:
-    return ".".join(map(str, where)) or "(top level)"
+def _path(where: tuple[str | int, ...], top: str = "(top level)") -> str:
+    """Where in a file, as ``stages.0.cost``; a key that would not read as one (empty, with a dot,
+    a newline or other control character) is written as a JSON string."""
+    def key(k: str | int) -> str:
+        text = str(k)
+        return text if text and text.isprintable() and "." not in text else json.dumps(text)
+    return ".".join(map(key, where)) or top
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -408,7 +408,7 @@ def test_a_boolean_is_no_zero_stage(tmp_path):
     data["parallel"]["zero"] = True  # was read as ZeRO stage 1 (True == 1)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(data))
-    refused(["simulate", str(path)], "field parallel.zero: Input should be a number, not true")
+    refused(["simulate", str(path)], "field parallel.zero: Input should be an integer, not true")
 
 
 def test_a_profile_of_no_time_is_bad_input(tmp_path):
