@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from planner.formats import Plan, Profile, WholeCost
+from planner.errors import InputError
+from planner.formats import Plan, Profile, WholeCost, load_plan, load_profile
 
 # A measured step more than twice or less than half the prediction is more likely a loaded machine,
 # a different device or a different thread count than a cost model that is off by that much.
@@ -40,3 +42,13 @@ def calibrated_profile(profile: Profile, plan: Plan, ver) -> Calibration:
     for key in (layer_mbs for layer_mbs in profile.layers[0].by_mbs if layer_mbs not in whole):
         whole[key] = WholeCost(fwd_s=0.0, bwd_s=0.0, layer_sum_s=0.0, scale=ratio)
     return Calibration(profile.model_copy(update={"whole": whole}), ratio)
+
+
+def check_inputs(profile_path: str | os.PathLike[str], plan_path: str | os.PathLike[str]) -> None:
+    """Before a run whose measurements go into the profile: the profile reads, and it is of the
+    plan's model (else the run's times would be written into another model's profile)."""
+    profile, plan = load_profile(profile_path), load_plan(plan_path)
+    if profile.model.fingerprint != plan.model.fingerprint:
+        raise InputError(f"--profile {profile_path} is of model {profile.model.name} "
+                         f"({profile.model.fingerprint[:19]}...), the plan of {plan.model.name} "
+                         f"({plan.model.fingerprint[:19]}...): give the profile the plan was solved from")

@@ -17,7 +17,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, one_line
+
+MAX_GIB = 2**20  # --memory: 1 PiB, the most a file may say a device has (formats.MAX_MEASURED_BYTES)
+MAX_SECONDS = 1e6  # --time-limit, --timeout: 11.6 days (formats.MAX_MEASURED_S)
+MAX_MBS = 999_999  # --mbs: the largest micro-batch size a profile may hold (formats.Profile's by_mbs keys)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact pipeline-parallel planning for PyTorch models: profile, solve, "
@@ -27,8 +31,12 @@ out = Console(highlight=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False)
 
 
+_SHOWN: list[PlannerError] = []  # the error a command printed (main then prints nothing more)
+
+
 def _fail(e: PlannerError) -> None:
-    err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(one_line(str(e)))}", soft_wrap=True)
+    _SHOWN.append(e)
     raise typer.Exit(e.exit_code)
 
 
@@ -131,7 +139,7 @@ def profile(
     no_dedupe: bool = typer.Option(False, "--no-dedupe", help="measure every layer, identical ones too"),
     no_meta: bool = typer.Option(False, "--no-meta", help="build the model in memory, not on the meta device "
                                  "(for a factory that computes with its weights while building)"),
-    memory: float | None = typer.Option(None, "--memory", min=0.001, metavar="GIB",
+    memory: float | None = typer.Option(None, "--memory", min=0.001, max=MAX_GIB, metavar="GIB",
                                            help="memory the profiler may use, in GiB (default: what the device "
                                            "has free)"),
     estimate: str | None = typer.Option(None, "--estimate", metavar="DEVICE",
@@ -144,11 +152,11 @@ def profile(
     a model larger than the device can be profiled."""
     from planner import report
     from planner.formats import check_output, dump
-    from planner.model import build_spec, parse_args
+    from planner.model import build_spec, model_file, parse_args
 
     try:
-        check_output(output)
-        sizes = _int_list(mbs, "--mbs")
+        check_output(output, inputs=(model_file(model),))
+        sizes = _int_list(mbs, "--mbs", most=MAX_MBS)
         args = parse_args(arg)
         from planner.profile import Options, build_meta_spec, profile_model
 
@@ -195,7 +203,7 @@ def solve(
     top: int = typer.Option(5, "--top", min=1, help="candidates to list"),
     include_model_only: bool = typer.Option(False, "--include-model-only",
                                             help="also rank PipeDream schedules the engine cannot run"),
-    time_limit: float = typer.Option(10.0, "--time-limit", min=0.1,
+    time_limit: float = typer.Option(10.0, "--time-limit", min=0.1, max=MAX_SECONDS,
                                      help="seconds before the search stops and reports its gap"),
     ilp: bool = typer.Option(False, "--ilp",
                              help="also bound interleaved and V configurations with the ILP (slower, tighter)"),
@@ -261,7 +269,8 @@ def execute(
     profile_file: Path | None = typer.Option(None, "--profile", help="the profile the plan was solved from"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the single-process reference check"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (single and replay modes)"),
-    timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds before workers are stopped"),
+    timeout: float = typer.Option(600.0, "--timeout", min=1, max=MAX_SECONDS,
+                                  help="seconds before workers are stopped"),
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="torchrun: number of nodes"),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="torchrun: this node's rank"),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="torchrun: rendezvous host"),
@@ -293,6 +302,12 @@ def execute(
             from planner.errors import InputError
 
             raise InputError("--calibrate needs --profile (the profile the plan was solved from)")
+        if calibrate is not None and profile_file is not None:
+            from planner.calibrate import check_inputs
+
+            check_inputs(profile_file, plan_file)
+        if run_dir is not None:
+            _check_run_dir(run_dir)
         for path, flag in ((report_file, "--report"), (calibrate, "--calibrate")):
             if path is not None:
                 _check_output(path, flag, inputs=[plan_file] + ([profile_file] if profile_file else []))
@@ -347,7 +362,7 @@ def check(
             out.print(f"[green]ok[/]     {path}: {escape(summary(str(path)))} ({', '.join(checked)})", soft_wrap=True)
         else:
             tag = "[red]bad[/]   " if result.code == 2 else "[red]failed[/]"
-            first = result.lines[0]
+            first = one_line(result.lines[0])
             where = "" if first.startswith(str(path)) else f"{path}: "
             out.print(f"{tag} {where}{escape(first)}", soft_wrap=True)
         for line in result.lines[1 if result.code else 0:]:
@@ -410,6 +425,18 @@ def _check_output(path: Path, flag: str, inputs: list[Path]) -> None:
         raise InputError(f"{flag} {path}: not writable")
 
 
+def _check_run_dir(path: Path) -> None:
+    """--run-dir: a folder, or a name one can be made at."""
+    from planner.errors import InputError
+
+    above = path
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        what = "is" if above == path else f"is inside {above}, which is"
+        raise InputError(f"--run-dir {path}: {what} a file, not a folder; give a folder for the workers' reports")
+
+
 def _fraction(text: str, flag: str) -> float:
     from planner.errors import InputError
 
@@ -444,7 +471,7 @@ def _cuts(text: str, names: list[str]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def _int_list(text: str, flag: str, most: int) -> list[int]:
     from planner.errors import InputError
 
     try:
@@ -453,6 +480,8 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise InputError(f"{flag} {text!r}: write whole numbers separated by commas") from None
     if not values or any(v < 1 for v in values):
         raise InputError(f"{flag} {text!r}: give at least one positive number")
+    if max(values) > most:
+        raise InputError(f"{flag} {max(values)}: at most {most:,}")
     return values
 
 
@@ -492,22 +521,24 @@ def main() -> None:
     usage = _usage_error()
     try:
         code = app(standalone_mode=False)
+        if code == _CTRL_C and not _SHOWN:  # typer's own exit for a Ctrl-C no command handled
+            err.print("[bold red]error:[/] interrupted by SIGINT (Ctrl-C)")
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        err.print("[bold red]interrupted[/]")
-        sys.exit(130)
+        err.print("[bold red]error:[/] interrupted by SIGINT (Ctrl-C)")
+        sys.exit(_CTRL_C)
     except usage as e:  # bad command line: one line, exit 2
         if type(e).__name__ == "NoArgsIsHelpError":
             sys.exit(0)
         err.print(f"[bold red]error:[/] {escape(_click_message(e))} (see --help)", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]")
-        sys.exit(130)
+        err.print("[bold red]error:[/] interrupted by SIGINT (Ctrl-C)")
+        sys.exit(_CTRL_C)
     except PlannerError as e:  # raised outside a command's own handling
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(one_line(str(e)))}", soft_wrap=True)
         sys.exit(e.exit_code)
     except ModuleNotFoundError as e:  # torch or pillow, which only the [torch] extra installs
         from planner.errors import EXTRAS, MissingExtraError
@@ -519,6 +550,9 @@ def main() -> None:
         sys.exit(missing.exit_code)
     except Exception as e:
         _internal_error(e)
+
+
+_CTRL_C = 130  # 128 + SIGINT
 
 
 def _internal_error(e: Exception) -> None:

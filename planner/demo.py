@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 MODEL = "models/gpt.py:build"
+FILES = ("gpt.profile.json", "gpt.plan.json", "timeline.png")
 
 
 def _model_ref() -> str:
@@ -37,6 +38,21 @@ def _cluster(device):
                    intra_node=h100.intra_node, reserved_bytes=h100.reserved_bytes)
 
 
+def _prepare(out_dir: Path) -> None:
+    """The folder exists (made here) and the three files can be written in it, before anything runs."""
+    from planner.errors import InputError
+    from planner.formats import check_output
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir}: is a file; give a folder for the profile, plan and picture")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out_dir}: cannot make the folder: {e.strerror}") from None
+    for name in FILES:
+        check_output(out_dir / name, flag="--out")
+
+
 def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int:
 
     from planner import report, timeline
@@ -50,7 +66,7 @@ def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int
     from planner.solve import Settings, solve
     from planner.solve.plan import make_plan
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _prepare(out_dir)
     device = resolve_device(device_name)
     cpu = device.type == "cpu"
     ref = _model_ref()
@@ -86,7 +102,7 @@ def run_demo(out_dir: Path, device_name: str, out: Console, err: Console) -> int
     with report.progress(err) as bar:
         ver = execute(plan_path, Options(steps=5, warmup=2, tolerance=0.15), progress=bar)
     out.print(report.verification_table(ver))
-    out.print(f"files in {out_dir}: gpt.profile.json, gpt.plan.json, timeline.png")
+    out.print(f"files in {out_dir}: {', '.join(FILES)}")
     try:
         raise_on_failure(ver)
     except ToleranceError as e:  # a demo reports a timing miss; `planner execute` fails on it

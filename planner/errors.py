@@ -19,6 +19,14 @@ reason, and its message says what happened.
 
 from __future__ import annotations
 
+import re
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and other control characters escaped, as Python writes them
+    (a file name or a key in a file may hold any of them)."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
 
 class PlannerError(Exception):
     """Base class: a message for one line, and the exit code that goes with it."""

@@ -12,15 +12,18 @@ import json
 import math
 import os
 import re
+import signal
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from planner.errors import InputError, ScheduleError
+from planner.errors import InputError, ScheduleError, one_line
 from planner.schedules import SCHEDULES, canonical, check_combination, from_order
 
 SCHEMA_VERSION: Final = 1
@@ -44,13 +47,14 @@ MAX_FILE_BYTES = 512 * 2**20  # a profile of thousands of layers is a few MiB
 MAX_ACTIONS = 400_000  # the largest schedule a plan may have: solve's cap (solve.search.MAX_ACTIONS)
 
 
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):  # Literal[1] accepts True (True == 1) even in strict mode
-        raise ValueError(f"Input should be 1, not {value}")
+def _integer(value: Any) -> Any:
+    if isinstance(value, (bool, float)):  # Literal[1] accepts True and 1.0 (equal to 1) even in strict mode
+        raise ValueError(f"Input should be an integer, not {json.dumps(value)}")
     return value
 
 
-Version = Annotated[Literal[1], BeforeValidator(_not_bool)]
+Version = Annotated[Literal[1], BeforeValidator(_integer)]
+ZeroStage = Annotated[Literal[0, 1, 2, 3], BeforeValidator(_integer)]
 Seconds = Annotated[float, Field(ge=0, le=MAX_MEASURED_S)]  # measured
 Bytes = Annotated[int, Field(ge=0, le=MAX_MEASURED_BYTES)]  # measured or a device's memory
 Factor = Annotated[float, Field(ge=1e-6, le=1e6)]  # a relative speed or a scale
@@ -210,7 +214,8 @@ class Profile(_Frozen):
             if index.get(e.src, -1) >= index.get(e.dst, len(names)):
                 raise ValueError(f"edges[{k}] goes from {e.src!r} back to {e.dst!r}: "
                                  "layers must be in topological order")
-        problem = _edge_problem(self.edges) or _tied_problem(self.tied, {layer.name: layer for layer in self.layers})
+        problem = _edge_problem(self.edges) or _tied_problem(self.tied, {layer.name: layer for layer in self.layers}) \
+            or _time_problem(self.layers, self.loss)
         if problem:
             raise ValueError(problem)
         if self.loss is not None and set(self.loss.by_mbs) != sizes:
@@ -231,6 +236,15 @@ def _edge_problem(edges: list[Edge]) -> str | None:
         j = seen.setdefault((e.src, e.tensor, e.dst), k)
         if j != k:
             return f"edges[{k}] repeats edges[{j}] ({e.src!r} output {e.tensor} to {e.dst!r})"
+    return None
+
+
+def _time_problem(layers: list[Layer], loss: LossCost | None) -> str | None:
+    """Some time at every micro-batch size: a step of no time has no throughput to compare."""
+    for key in layers[0].by_mbs:
+        costs = [layer.by_mbs[key] for layer in layers] + ([loss.by_mbs[key]] if loss and key in loss.by_mbs else [])
+        if not any(c.fwd_s > 0 or c.bwd_s > 0 for c in costs):
+            return f"every layer takes 0 s forward and backward at micro-batch {key}: a profile needs measured times"
     return None
 
 
@@ -334,7 +348,7 @@ class Parallel(_Frozen):
     dp: int = Field(ge=1)
     tp: int = Field(default=1, ge=1, le=72, description="tensor-parallel degree: devices per replica of a stage "
                     "(Megatron-LM's --tensor-model-parallel-size)")
-    zero: Literal[0, 1, 2, 3] = Field(default=0, description="ZeRO stage over dp: 0 replicates, 1 shards optimizer "
+    zero: ZeroStage = Field(default=0, description="ZeRO stage over dp: 0 replicates, 1 shards optimizer "
                                       "state, 2 also gradients (FSDP SHARD_GRAD_OP), 3 also parameters (FSDP "
                                       "FULL_SHARD)")
     sequence_parallel: bool = Field(default=False, description="tp > 1 only: activations outside the tensor-"
@@ -484,7 +498,7 @@ class SolverSettings(BaseModel):
     time_limit_s: float = Field(default=10.0, gt=0, le=MAX_MEASURED_S)
     objective: Objective = "time"  # time: the fastest plan; memory: the least peak memory per device
     tp: int | None = Field(default=None, ge=1)  # None: every divisor of the devices per node
-    zero: Literal[0, 1, 2, 3] | None = None  # None: searched (1-3 where dp > 1)
+    zero: ZeroStage | None = None  # None: searched (1-3 where dp > 1)
     sequence_parallel: bool = True  # with tp > 1 (Megatron-LM's --sequence-parallel)
 
 
@@ -693,8 +707,8 @@ M = TypeVar("M", bound=BaseModel)
 def describe(err: ValidationError) -> str:
     """A validation error in one line: the first problem with its field, and how many more."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
+    loc = _path(tuple(first["loc"]), top="")
+    msg = one_line(first["msg"].removeprefix("Value error, "))
     more = len(err.errors()) - 1
     return (f"field {loc}: " if loc else "") + msg + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
@@ -704,7 +718,8 @@ def parse(data: Any, model: type[M], source: str) -> M:
     strict: a file says ``0``, not ``"0"``, where a number is meant."""
     kind = model.model_fields["kind"].default
     if not isinstance(data, dict):
-        raise InputError(f"{source}: expected a JSON object, found {type(data).__name__}")
+        check_numbers(data, source)
+        raise InputError(f"{source}: expected a JSON object (a planner {kind}), found {_json_type(data)}")
     found = data.get("kind")
     if isinstance(found, str) and found != kind and found in KINDS:
         raise InputError(f"{source}: this is a planner {found}, not a {kind}")
@@ -717,6 +732,15 @@ def parse(data: Any, model: type[M], source: str) -> M:
         return model.model_validate(data, strict=True)
     except ValidationError as err:
         raise InputError(f"{source}: {describe(err)}") from None
+
+
+def _json_type(value: Any) -> str:
+    """What JSON calls a decoded value."""
+    for kind, name in ((bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"),
+                       (list, "an array")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else type(value).__name__
 
 
 class _Refused(str):
@@ -752,8 +776,13 @@ def check_numbers(data: Any, source: str) -> None:
                              f"of at most {MAX_NUMBER:g}")
 
 
-def _path(where: tuple[str | int, ...]) -> str:
-    return ".".join(map(str, where)) or "(top level)"
+def _path(where: tuple[str | int, ...], top: str = "(top level)") -> str:
+    """Where in a file, as ``stages.0.cost``; a key that would not read as one (empty, with a dot,
+    a newline or other control character) is written as a JSON string."""
+    def key(k: str | int) -> str:
+        text = str(k)
+        return text if text and text.isprintable() and "." not in text else json.dumps(text)
+    return ".".join(map(key, where)) or top
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -845,7 +874,7 @@ def _parent(p: Path) -> Path:
     return p.parent if str(p.parent) else Path(".")
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+def write_atomic(path: str | os.PathLike[str], text: str | bytes) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     p = Path(path)
     parent = _parent(p)
@@ -853,13 +882,33 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
         raise InputError(f"{p}: folder {parent} does not exist")
     if p.is_dir():
         raise InputError(f"{p}: is a directory; give a file name")
+    with _signals_held():
+        _write_replace(p, parent, text)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait while a file is written and renamed, then act: a file is
+    complete or untouched, and no temporary file is left, however the process is stopped."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: the rename alone keeps the file whole
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _write_replace(p: Path, parent: Path, text: str | bytes) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
     except OSError as err:
         raise InputError(f"{p}: cannot write in {parent}: {err.strerror}") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _mode_for(p))  # mkstemp makes it private; give it what a plain write would

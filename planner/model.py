@@ -194,6 +194,23 @@ def resolve_factory(ref: str, near: str | Path | None = None) -> str:
     return f"{find_factory_file(where, near)}:{fn_name}"
 
 
+def model_file(ref: str) -> str | None:
+    """The source file a model reference names, where there is one (an output must not overwrite it)."""
+    where = ref.rsplit(":", 1)[0]
+    if ":" not in ref or not where:
+        return None
+    if _is_file_ref(where):
+        try:
+            return str(find_factory_file(where))
+        except ModelError:
+            return None
+    try:  # imports the packages above a dotted name, as loading the factory does next
+        spec = importlib.util.find_spec(where)
+    except Exception:  # noqa: BLE001 (loading the factory reports it)
+        return None
+    return spec.origin if spec is not None and spec.has_location else None
+
+
 def with_factory_found(plan: Any, plan_path: str | Path) -> Any:
     """The plan (a ``formats.Plan``), its factory resolved next to the plan file (in memory only)."""
     factory = resolve_factory(plan.model.factory, near=plan_path)

@@ -10,6 +10,7 @@ The picture is laid out once as boxes and labels; SVG, HTML and PNG only render 
 from __future__ import annotations
 
 import html
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,9 +231,9 @@ def to_png(lay: Layout, path: Path) -> None:
     for t in lay.texts:
         anchor = {"start": "ls", "middle": "ms", "end": "rs"}[t.anchor]
         draw.text((t.x, t.y), t.text, fill="black", font=font(t.size), anchor=anchor)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    write_atomic(path, png.getvalue())
 
 
 def write(path: str | Path, schedule: Schedule, sim: SimResult, title: str,

@@ -1,8 +1,12 @@
 """The command line as users meet it: output, files written or not, exit codes."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -316,3 +320,193 @@ def test_check_resolve_on_a_slower_profile_finds_the_better_plan(tmp_path):
     best, mine = _rates(text.split("a better plan exists", 1)[1])[:2]
     gain = float(text.split("samples/s, ", 1)[1].split("%")[0]) / 100
     assert best > mine * 1.05 and gain == pytest.approx(best / mine - 1, abs=2e-3)
+
+
+# ------------------------------------------------------------------ bad input found by hand
+
+REPO = Path(__file__).resolve().parents[1]
+GPT_PLAN = str(REPO / "plans" / "gpt.cpu2-pp2.json")
+GPT_PROFILE = str(REPO / "profiles" / "gpt.cpu.json")
+GPT_MODEL = str(REPO / "models" / "gpt.py")
+
+
+def refused(args: list[str], message: str, code: int = 2):
+    """The command fails with one line on stderr naming the problem, and the exit code of its class."""
+    r = runner.invoke(app, args)
+    assert r.exit_code == code, (args, r.output, r.exception)
+    assert r.stdout == "" and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), (args, r.output)
+    assert "Traceback" not in r.output and "internal error" not in r.output
+    assert message in r.stderr, (args, r.stderr)
+    return r
+
+
+@pytest.mark.parametrize("args,message", [
+    # numbers no run could use: were an OverflowError (profile --memory) or a worker failing (exit 5)
+    (["solve", GPT_PROFILE, "--cluster", "cpu2", "--time-limit", "inf"], "'--time-limit'"),
+    (["profile", f"{GPT_MODEL}:build", "-o", "p.json", "--memory", "inf"], "'--memory'"),
+    (["profile", f"{GPT_MODEL}:build", "-o", "p.json", "--memory", "1e300"], "'--memory'"),
+    (["execute", GPT_PLAN, "--timeout", "inf"], "'--timeout'"),
+    (["execute", GPT_PLAN, "--master-addr", ""], "--master-addr is empty"),
+    # a micro-batch size a profile cannot hold: the profile was built, then failed validation
+    (["profile", f"{GPT_MODEL}:build", "-o", "p.json", "--mbs", "1,1000000", "--estimate", "h100"],
+     "--mbs 1000000: at most 999,999"),
+])
+def test_flags_no_run_could_use_are_refused_in_one_line(tmp_path, args, message):
+    # as a process: a value out of an option's range is the command line's error, which main() renders
+    done = subprocess.run([sys.executable, "-m", "planner", *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == "", (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_profile_refuses_to_write_over_its_model(tmp_path):
+    model = tmp_path / "gpt.py"
+    model.write_text(Path(GPT_MODEL).read_text())
+    before = model.read_bytes()
+    refused(["profile", f"{model}:build", "-o", str(model), "--estimate", "h100"], "is also an input")
+    assert model.read_bytes() == before  # was replaced by the profile's JSON
+
+
+def test_a_run_folder_that_is_a_file_is_bad_input(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    refused(["execute", GPT_PLAN, "--run-dir", str(taken)], "is a file, not a folder")  # was FileExistsError
+    refused(["execute", GPT_PLAN, "--run-dir", str(taken / "sub")], f"is inside {taken}")
+
+
+def test_calibrating_another_models_profile_is_refused_before_the_run(tmp_path):
+    # was: the whole run, then the gpt run's times written into the cnn's profile, with a warning
+    cnn = str(REPO / "profiles" / "cnn.h200.json")
+    refused(["execute", GPT_PLAN, "--calibrate", str(tmp_path / "c.json"), "--profile", cnn],
+            "is of model cnn")
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_demo_into_a_file_is_bad_input(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    refused(["demo", "--out", str(taken), "--device", "cpu"], "is a file")  # was FileExistsError
+    refused(["demo", "--out", str(taken / "sub"), "--device", "cpu"], "cannot make the folder")
+    assert taken.read_text() == "x"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("1" * 400, "(top level): 1111"),  # said "found _Refused"
+    ("[1, 2]", "expected a JSON object (a planner plan), found an array"),
+    ("null", "found null"),
+    ("true", "found a boolean"),
+], ids=["huge number", "array", "null", "boolean"])
+def test_a_file_that_is_no_object_says_what_it_holds(tmp_path, text, message):
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    refused(["simulate", str(path)], message)
+
+
+def test_a_boolean_is_no_zero_stage(tmp_path):
+    data = json.loads(Path(GPT_PLAN).read_text())
+    data["parallel"]["zero"] = True  # was read as ZeRO stage 1 (True == 1)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    refused(["simulate", str(path)], "field parallel.zero: Input should be an integer, not true")
+
+
+def test_a_profile_of_no_time_is_bad_input(tmp_path):
+    data = json.loads(Path(GPT_PROFILE).read_text())
+    costs = [c for layer in data["layers"] for c in layer["by_mbs"].values()] + list(data["loss"]["by_mbs"].values())
+    for cost in costs:
+        cost.update(fwd_s=0.0, bwd_s=0.0, bwd_input_s=0.0, bwd_weight_s=0.0)
+    path = tmp_path / "prof.json"
+    path.write_text(json.dumps(data))
+    # --objective memory divided by the step time: ZeroDivisionError
+    refused(["solve", str(path), "--cluster", "h100x8", "--objective", "memory"], "every layer takes 0 s")
+
+
+# ---------------------------------------------------------------- stopped from outside
+
+LONG_SOLVE = ["solve", str(REPO / "profiles" / "llama2-70b.h100-estimate.json"), "--cluster", "8xh100x8",
+              "--time-limit", "120"]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _start(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "planner", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _wait_for(check, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,message", [
+    (signal.SIGTERM, 143, "error: stopped by SIGTERM"),
+    (signal.SIGHUP, 129, "error: stopped by SIGHUP"),
+    (signal.SIGINT, 130, "error: interrupted by SIGINT (Ctrl-C)"),
+])
+def test_a_stopped_solve_leaves_no_worker_and_its_output_untouched(tmp_path, sig, code, message):
+    out = tmp_path / "plan.json"
+    out.write_text("kept\n")
+    proc = _start([*LONG_SOLVE, "--jobs", "2", "-o", str(out)], tmp_path)
+    try:
+        _wait_for(lambda: len(_children(proc.pid)) >= 2, 120)
+        workers = _children(proc.pid)
+        time.sleep(1)  # into the search
+        if sig == signal.SIGINT:  # Ctrl-C reaches the whole process group
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        # SIGTERM to planner alone left its idle workers waiting on their queue for ever
+        _wait_for(lambda: not any(_alive(w) for w in workers), 10)
+    finally:
+        if _alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code and err == message + "\n", (proc.returncode, err)
+    assert out.read_text() == "kept\n" and sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_so_in_any_command(tmp_path):
+    proc = _start([*LONG_SOLVE, "--jobs", "1"], tmp_path)
+    time.sleep(6)  # typer turned a Ctrl-C no command handled into exit 130 and printed nothing
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "error: interrupted by SIGINT (Ctrl-C)\n", (proc.returncode, err)
+
+
+def test_a_file_being_written_when_stopped_is_complete_or_untouched(tmp_path):
+    """SIGTERM while the temporary file is written: before, the process died there, leaving the
+    temporary file beside the untouched output; now the signal waits for the rename."""
+    code = f"""
+import os, signal
+from planner import formats
+real = os.fsync
+def fsync(fd):
+    os.kill(os.getpid(), signal.SIGTERM)
+    real(fd)
+formats.os.fsync = fsync
+formats.write_atomic({str(tmp_path / 'out.json')!r}, "new\\n")
+print("not reached")
+"""
+    (tmp_path / "out.json").write_text("old\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == -signal.SIGTERM and "not reached" not in done.stdout, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"] and (tmp_path / "out.json").read_text() == "new\n"

@@ -38,8 +38,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from planner.cli import app
+from planner.errors import InputError
 from planner.export import FORMATS
-from planner.formats import MAX_ACTIONS, MAX_DEPTH, MAX_INT, MAX_NUMBER, json_schema
+from planner.formats import KINDS, MAX_ACTIONS, MAX_DEPTH, MAX_INT, MAX_NUMBER, json_schema, load
 from planner.schedules import SCHEDULES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -517,8 +518,10 @@ SETTING_VALUES: dict[str, tuple[list, list]] = {
     "include_model_only": ([True, False], [1, "true", None]),
     "ilp": ([False], [0, "no", None]),
     "time_limit_s": ([0.5, 1, 3.0], [0, -1.0, 1e7, "1", None, True]),
-    "jobs": ([None, 1], [0, -1, "1", 1.0]),
     "objective": (["time", "memory"], ["speed", None, 0]),
+    "tp": ([None, 1, 2], [0, -1, "2", 2.0, True]),
+    "zero": ([None, 0, 1, 3], [4, -1, "1", 1.0, True, False]),
+    "sequence_parallel": ([True, False], [1, "yes", None]),
 }
 
 
@@ -529,7 +532,8 @@ def saved_setting(draw, base: Base) -> Mutant:
     where = ("provenance", "solver", "settings")
     if key == "(the settings)":
         value = draw(st.sampled_from([5, [], None, "x", {}]))
-        return Mutant(base.name, f"settings = {value!r}", encode(replaced(base.tree, where, value)), value != {})
+        return Mutant(base.name, f"settings = {value!r}", encode(replaced(base.tree, where, value)),
+                      value not in ({}, None))  # absent settings (null) search with the defaults
     valid, invalid = SETTING_VALUES[key]
     value = draw(st.sampled_from(valid + invalid))
     return Mutant(base.name, f"settings.{key} = {value!r}", encode(replaced(base.tree, (*where, key), value)),
@@ -889,6 +893,44 @@ def test_saved_settings_are_checked_before_a_search_again(mutant):
 @given(mutant=cluster_mutants())
 def test_cluster_file_mutants_are_solved_for_or_refused_in_one_line(mutant):
     assert_behaves(mutant, "cluster")
+
+
+# ------------------------------------------------------------------------- loading alone
+
+# Any JSON value, NaN, infinities and integers past 64 bits among them.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**80, max_value=2**80) | st.floats() | st.text(max_size=12),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=4),
+    max_leaves=20)
+
+
+@st.composite
+def loaded_texts(draw) -> bytes:
+    """A committed plan, profile or cluster with one node replaced by any JSON value, as text,
+    sometimes cut short; or any bytes at all."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=200))
+    base = draw(st.sampled_from(PLANS + PROFILES + CLUSTERS))
+    text = encode(replaced(base.tree, draw(st.sampled_from(_paths(base.name))), draw(JSON_VALUES)))
+    return text[:draw(st.integers(0, len(text)))] if draw(st.integers(0, 9)) == 0 else text
+
+
+@settings(FUZZ, max_examples=max(50, settings().max_examples * 2))  # milliseconds each
+@given(text=loaded_texts())
+@example(text=b'{"kind": "plan", "parallel": {"pp": 2, "dp": 1, "zero": true}}')  # was ZeRO stage 1
+@example(text=b"1" * 400)  # said "found _Refused"
+@example(text=b'{"kind": "plan", "baselines": {"\\n": Infinity}}')  # the key's line break broke the message
+def test_loading_anything_gives_a_model_or_one_input_error(text):
+    """The loaders alone, on every format: a model or an InputError of one line naming the file,
+    never another exception."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "file.json"
+        path.write_bytes(text)
+        for model in KINDS.values():
+            try:
+                load(path, model)
+            except InputError as err:
+                assert str(err).startswith(f"{path}: ") and "\n" not in str(err), str(err)
 
 
 # ------------------------------------------------------------------- the fuzz's own oracle

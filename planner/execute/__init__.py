@@ -133,6 +133,8 @@ def check_options(opts: Options) -> None:
         raise InputError("--nnodes must be at least 1")
     if not 0 <= opts.node_rank < opts.nnodes:
         raise InputError(f"--node-rank {opts.node_rank}: with --nnodes {opts.nnodes} it is 0 to {opts.nnodes - 1}")
+    if not opts.master_addr.strip():
+        raise InputError("--master-addr is empty: give the rendezvous host (127.0.0.1 on one node)")
     if opts.master_port is not None and not 1 <= opts.master_port <= 65535:
         raise InputError(f"--master-port {opts.master_port}: a TCP port is 1 to 65535")
     if opts.nnodes > 1 and opts.master_port is None:
@@ -176,7 +178,7 @@ def unexecuted(plan: Plan) -> str | None:
 def execute(plan_path: Path, opts: Options, progress=None) -> Verification:
     """Run the plan and compare with its prediction. However it ends (an error, Ctrl-C, SIGTERM,
     SIGHUP), no process it started is left running."""
-    from planner.execute.launch import signals_as_errors
+    from planner.signals import signals_as_errors
 
     check_options(opts)
     with signals_as_errors():

@@ -49,25 +49,6 @@ class DistributedResult:
 
 
 @contextmanager
-def signals_as_errors() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise ``Interrupted`` in the main thread, as Ctrl-C raises
-    KeyboardInterrupt, so every way of being stopped runs the same clean-up."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame) -> None:
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextmanager
 def _ignoring_signals() -> Iterator[None]:
     """While stopping the workers: a second Ctrl-C or SIGTERM must not cut the clean-up short."""
     if threading.current_thread() is not threading.main_thread():

@@ -3,12 +3,17 @@ the search's cost tables by inheriting them, or this process alone."""
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from planner.evaluate import Config
+from planner.signals import signals_as_errors
 from planner.solve.exact import InnerResult
 
 if TYPE_CHECKING:
@@ -33,12 +38,47 @@ def jobs(search: Search, configs: list[Config]) -> int:
     return cores() if sum(search.actions(c) for c in configs) >= PARALLEL_ACTIONS else 1
 
 
-def executor(search: Search, workers: int) -> Inline | ProcessPoolExecutor:
-    """Forked worker processes, which share this search's tables, or this process alone."""
+@contextmanager
+def executor(search: Search, workers: int) -> Iterator[Inline | ProcessPoolExecutor]:
+    """Forked worker processes, which share this search's tables, or this process alone. However
+    the search ends (an error, Ctrl-C, SIGTERM, SIGHUP), no worker is left running: idle ones
+    would otherwise wait on their queue for ever."""
     _ACTIVE[:] = [search]
     if workers <= 1:
-        return Inline()
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+        yield Inline()
+        return
+    with signals_as_errors():
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_signals)
+        try:
+            yield pool
+            pool.shutdown(wait=True)
+        except BaseException:
+            _stop(pool)
+            raise
+
+
+def _worker_signals() -> None:
+    """In a worker: Ctrl-C reaches the whole process group, and the search stops the workers
+    itself; SIGTERM ends a worker at once (the handler forked from the search would only fail the
+    task and keep the worker alive)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+    try:  # Linux: killed with the search, even by SIGKILL (PR_SET_PDEATHSIG = 1, linux/prctl.h)
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):  # another system: the handlers above still cover the rest
+        pass
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what is queued and kill the workers (a task under way may take seconds to finish)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # CPython's, since 3.2
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        p.kill()
+    for p in processes:
+        p.join(timeout=5)
 
 
 class Inline:
