@@ -150,7 +150,6 @@ def test_pp2_dp2_zero_matches_the_reference_and_the_predicted_memory(tiny_profil
     # the gathered weights and whole gradients the engine holds through the step are predicted
     # (planner.cost.DataParallel): no rank above its prediction by more than 2%
     errors = _memory_errors(ver)
-    print(errors)
     assert len(errors) == 2 and all(e <= 0.02 for e in errors.values()), errors  # one row per pipeline rank
 
 
