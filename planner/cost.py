@@ -107,49 +107,104 @@ def replicated_act_bytes(act: np.ndarray, in_bytes: np.ndarray, allreduces: np.n
 class DataParallel:
     """How a stage's dp replicas share their state: ZeRO stage ``zero`` (Rajbhandari et al., SC'20)
     and their ring's all-reduce as (seconds per byte, fixed seconds). A reduce-scatter or an
-    all-gather is half an all-reduce: (n-1)/n bytes / bandwidth and n-1 latencies each."""
+    all-gather is half an all-reduce: (n-1)/n bytes / bandwidth and n-1 latencies each.
+
+    Stages 2 and 3 are priced as torch's pipeline engine runs them with an FSDP2 stage
+    (``fully_shard`` of the stage module: one parameter group; torchtitan uses the same engine), not
+    as the ZeRO paper runs them with gradient accumulation (gradients reduce-scattered micro-batch
+    by micro-batch, stage 3's weights gathered one layer at a time). In torch 2.13's
+    ``torch/distributed/pipelining``:
+
+    * ``schedules._add_unshard_reshard`` puts an UNSHARD (all-gather of the stage's weights) before a
+      stage's first action of the step and a RESHARD after its last; ``_add_reduce_grad`` one
+      REDUCE_GRAD after its last backward.
+    * ``stage.backward_maybe_with_nosync`` sets ``requires_gradient_sync(False)`` and
+      ``reshard_after_backward(False)`` before every backward: FSDP accumulates whole (unsharded)
+      gradients and keeps the gathered weights after each backward; ``perform_reduce_grad`` turns
+      both back on and runs FSDP's post-backward once: one reduce-scatter of the whole gradients,
+      then the gathered weights are freed (``FSDPParamGroup.post_backward``).
+    * ZeRO 2 is ``reshard_after_forward=False`` (``planner.execute.parallel.shard_stage``): the
+      weights stay gathered from the UNSHARD to the REDUCE_GRAD. ZeRO 3 is
+      ``reshard_after_forward=True``: FSDP frees them after every forward
+      (``FSDPParamGroup.post_forward`` -> ``reshard``), so the stage's next action, forward or
+      backward, gathers them again (``pre_forward`` / ``pre_backward`` -> ``unshard``); after a
+      backward they stay until the next forward ends. Every forward is followed by one more
+      gather: m per step beside the UNSHARD, whatever the order.
+
+    So during the step a device holds, per parameter byte, the gathered weights beside their shard,
+    the whole gradients from the first backward to the reduce-scatter beside the sharded gradients
+    (kept from step to step: the executor zeroes gradients, ``zero_grad(set_to_none=False)``), and
+    the optimizer state's shard: ``(w + g)(1 + 1/n) + o/n``, for stage 2 and 3 alike (at stage 3
+    the gathered weights are there during every forward and backward, hence at the peak). Shards
+    alone are held only between steps and in the optimizer step, which this prices from the same
+    in-step bytes (an upper bound). Stage 1's ``w + g + o/n`` is never more: with the same time
+    (below), stage 2 costs what stage 1 costs and holds ``(w + g)/n`` more, stage 3 adds a gather
+    per micro-batch, so neither is ever better (``planner.solve.settings.zero_stages``). The
+    engine's window of three gathered stages per rank (``max_active_stages``) is not modelled: a
+    rank with more than three stages re-gathers evicted ones (more time, less memory).
+    """
 
     dp: int = 1
     zero: int = 0
     per_byte: float = 0.0
     fixed: float = 0.0
 
+    @property
+    def fsdp(self) -> bool:
+        """Stages 2 and 3 over several replicas: an FSDP2 stage under the pipeline engine."""
+        return self.zero >= 2 and self.dp > 1
+
+    @property
+    def regathers(self) -> bool:
+        """Stage 3 over several replicas: the weights are freed after every forward and gathered
+        again (``reshard_after_forward``)."""
+        return self.fsdp and self.zero >= 3
+
     def state_factor(self, training: Training, dtype: str) -> float:
         """Bytes of weights, gradients and optimizer state per parameter byte on one device: stage 1
-        divides the optimizer state over dp, 2 also the gradients, 3 also the weights (ZeRO
-        section 5, table 1)."""
+        divides the optimizer state over dp (ZeRO section 5, table 1); stages 2 and 3 hold, during
+        the step, the gathered weights and the whole gradients beside their shards (class doc)."""
         w, g, o = state_bytes(training, dtype)
-        n = self.dp if self.dp > 1 else 1
-        total = w / (n if self.zero >= 3 else 1) + g / (n if self.zero >= 2 else 1) + o / (n if self.zero >= 1 else 1)
+        if self.fsdp:
+            total = (w + g) * (1 + 1 / self.dp) + o / self.dp
+        else:
+            total = w + g + o / (self.dp if self.zero >= 1 and self.dp > 1 else 1)
         return total / DTYPE_BYTES[dtype]
 
     def step_coeffs(self) -> tuple[float, float]:
-        """The collective after the last backward, as (seconds per gradient byte, fixed seconds):
-        stages 0 and 1 all-reduce (stage 1 as reduce-scatter then all-gather of the updated
-        shards, the same volume, ZeRO section 7.2.1); stage 2 has reduce-scattered its gradients
-        micro-batch by micro-batch and all-gathers the updated weights; stage 3 gathers weights
-        where they are used, so nothing is left to do."""
-        share = {0: 1.0, 1: 1.0, 2: 0.5}.get(self.zero, 0.0)
-        return share * self.per_byte, share * self.fixed
+        """The collectives of a step outside its actions, as (seconds per gradient byte, fixed
+        seconds), one all-reduce's volume at every stage: stage 0 all-reduces; stage 1
+        reduce-scatters and all-gathers the updated shards (ZeRO section 7.2.1); stages 2 and 3
+        reduce-scatter once after the last backward (the engine's REDUCE_GRAD) and all-gather at
+        the next step's UNSHARD, before its first forward: between two steps that is where stage
+        1's all-gather is, so it is priced here too."""
+        return self.per_byte, self.fixed
 
     def step_s(self, param_bytes: float) -> float:
         a, c = self.step_coeffs()
         return a * param_bytes + c if param_bytes > 0 and self.dp > 1 else 0.0
 
     def per_microbatch(self, param_bytes: float) -> tuple[float, float, float]:
-        """Seconds each micro-batch's (forward, input gradient, weight gradient) adds: stage 2
-        reduce-scatters its gradients, stage 3 also all-gathers the weights before forward and
-        again before backward. For one micro-batch a step moves 2x the weights for stages 0 to 2
-        and 3x for stage 3, the ZeRO paper's volumes (section 7.2); with gradient accumulation over
-        m micro-batches these collectives run once per micro-batch."""
-        if self.dp <= 1 or param_bytes <= 0 or self.zero < 2:
+        """Seconds each micro-batch's (forward, input gradient, weight gradient) adds: at stage 3
+        the all-gather that follows every forward (class doc), priced at the forward's end (the
+        rank's next action waits for it, as on the engine; the forward's output is sent after it,
+        which the engine does not wait for: a little late, never early). Nothing at stage 2."""
+        if not self.regathers or param_bytes <= 0:
             return 0.0, 0.0, 0.0
-        half = 0.5 * (self.per_byte * param_bytes + self.fixed)
-        return (half, half, half) if self.zero == 3 else (0.0, 0.0, half)
+        return 0.5 * (self.per_byte * param_bytes + self.fixed), 0.0, 0.0
 
     def per_microbatch_per_byte(self) -> float:
         """Seconds per parameter byte of one micro-batch's collectives (a lower bound: no latency)."""
-        return {2: 0.5, 3: 1.5}.get(self.zero, 0.0) * self.per_byte if self.dp > 1 else 0.0
+        return 0.5 * self.per_byte if self.regathers else 0.0
+
+    def gather_buffer(self, param_bytes: float) -> float:
+        """Bytes beside the in-step state while stage 3 gathers with micro-batches in flight: the
+        all-gather's flat output (``_fsdp_collectives.foreach_all_gather``), freed once copied into
+        the weights (``foreach_all_gather_copy_out``). Stage 2 gathers only at the step's start,
+        before any gradient exists: its flat buffer takes the place of the whole gradients (as
+        large as the weights) in the state counted, and so do the reduce-scatter's input and
+        output after the last backward, the gathered weights being freed first."""
+        return param_bytes if self.regathers else 0.0
 
     def optimizer_share(self) -> float:
         """The share of the optimizer step a device runs: its shard from stage 1 on."""
@@ -367,11 +422,6 @@ class CostTable:
         return np.cumsum(np.cumsum(diff, axis=0), axis=1)[: n + 1, : n + 1]
 
     @cached_property
-    def params_max(self) -> np.ndarray:
-        """(n+1, n+1): the largest layer's parameter bytes in [i, j) (ZeRO-3's gathered layer)."""
-        return _range_max(self.params)
-
-    @cached_property
     def peak_max(self) -> np.ndarray:
         """(n+1, n+1): max over layers of [i, j) of transient bytes (none / selective base)."""
         return _range_max(self.peak)
@@ -438,15 +488,17 @@ class CostTable:
             held += self.in_bytes[layer] - self.act[layer]
         return float(held)
 
-    def transient_bytes(self, seg: Segment) -> float:
+    def transient_bytes(self, seg: Segment, gather: float = 0.0) -> float:
+        """The largest one-layer workspace, the input gradient being sent back, and the runtime's
+        workspace; or, if more, ZeRO 3's all-gather buffer (``DataParallel.gather_buffer``) before
+        an action: no layer computes then, and nothing is sent."""
         i, j = seg.start, seg.stop
         base = self.peak_max[i, j]
         if seg.recompute == "full":
             base = self.recompute_peak_max[i, j]
         elif seg.recompute == "selective" and seg.recompute_layers:
             base = max(base, max(self.act[k] + self.peak[k] for k in seg.recompute_layers))
-        # plus the input gradient being sent back, plus the runtime's workspace
-        return float(base + self.cut[i] + self.workspace)
+        return float(max(base + self.cut[i], gather) + self.workspace)
 
     def buffer_bytes(self, seg: Segment, m: int) -> float:
         """Receive buffers the engine allocates per micro-batch for activations (from the previous
@@ -475,7 +527,6 @@ class CostTable:
         static = params * dp.state_factor(training, self.profile.dtype)
         static += (weight_versions - 1) * params  # stashed weight versions (PipeDream)
         static += self.buffer_bytes(seg, m)
-        static += self.gathered_bytes(seg, dp)
         return StageCost.model_construct(  # the solver builds thousands: skip re-validation
             fwd_s=f + gather_f, bwd_input_s=bi + gather_i, bwd_weight_s=bw + scatter_w,
             bwd_s=b + gather_i + scatter_w,
@@ -484,7 +535,7 @@ class CostTable:
             wgrad_bytes=int(round(self.WGRAD[seg.stop] - self.WGRAD[seg.start])),
             grad_in_bytes=int(self.cut[seg.start]),
             static_bytes=int(round(static)),
-            transient_bytes=int(round(self.transient_bytes(seg))),
+            transient_bytes=int(round(self.transient_bytes(seg, dp.gather_buffer(params)))),
             optimizer_transient_bytes=int(round(self.optimizer_transient_bytes(seg, training.optimizer)
                                                 * dp.optimizer_share())),
             param_bytes=int(round(params)),
@@ -520,13 +571,6 @@ class CostTable:
             peaks = [layer.optimizer_peak_bytes.get(optimizer, 0) for layer in self.profile.layers]  # type: ignore[call-overload]
             self._opt_peaks[optimizer] = np.array(peaks, dtype=float) * self.opt_share
         return self._opt_peaks[optimizer]
-
-    def gathered_bytes(self, seg: Segment, dp: DataParallel) -> float:
-        """ZeRO-3 gathers one layer's weights at a time around its forward and backward: the
-        largest of the stage's, whole, beside its shard (ZeRO section 5.3)."""
-        if dp.zero < 3 or dp.dp <= 1:
-            return 0.0
-        return float(self.params_max[seg.start, seg.stop])
 
 
 _NO_COLLECTIVES = Collectives()

@@ -77,33 +77,74 @@ def test_activations_at_tp_with_and_without_sequence_parallelism():
     assert sp.cut[1] == plain.cut[1] / 2 == MiB / 2
 
 
-def test_zero_stages_divide_optimizer_state_then_gradients_then_weights():
-    # mixed-precision Adam in bf16: 2 + 2 + 12 bytes per parameter, 8 per parameter byte; over 4 replicas
+def test_zero_stages_as_the_pipeline_engine_holds_them():
+    # mixed-precision Adam in bf16: 2 + 2 + 12 bytes per parameter, 8 per parameter byte; over 4
+    # replicas stage 1 shards the 12; stages 2 and 3 keep gathered weights and whole gradients
+    # through the step beside their shards: (2 + 2) * (1 + 1/4) + 12/4 = 8 bytes a parameter
     mixed = Training(precision="mixed")
     factors = [DataParallel(4, z).state_factor(mixed, "bfloat16") for z in range(4)]
-    assert factors == [16 / 2, (2 + 2 + 3) / 2, (2 + 0.5 + 3) / 2, (0.5 + 0.5 + 3) / 2]
+    assert factors == [16 / 2, (2 + 2 + 3) / 2, (5 + 3) / 2, (5 + 3) / 2]
     assert DataParallel(1, 3).state_factor(mixed, "bfloat16") == 8  # one replica: nothing to shard
 
 
-def test_zero_traffic_is_the_zero_papers_for_one_micro_batch():
-    # all-reduce of B bytes: a * B + c; one micro-batch moves 2x the weights for stages 0-2, 3x for 3
+def test_zero_traffic_is_one_allreduce_a_step_and_a_gather_after_every_forward_at_stage_3():
+    # all-reduce of B bytes: a * B + c. Stages 0-2: one all-reduce's volume a step (stage 2: the
+    # reduce-scatter after the last backward and the gather opening the next step); stage 3 also
+    # gathers after every forward, half an all-reduce each
     a, c, nbytes = 1e-9, 1e-5, 1e9
     allreduce = a * nbytes + c
-    for z, total in ((0, 1.0), (1, 1.0), (2, 1.0), (3, 1.5)):
-        dp = DataParallel(4, z, a, c)
-        assert dp.step_s(nbytes) + sum(dp.per_microbatch(nbytes)) == pytest.approx(total * allreduce), z
-    assert DataParallel(4, 2, a, c).per_microbatch(nbytes) == (0.0, 0.0, pytest.approx(allreduce / 2))
+    for z in range(4):
+        assert DataParallel(4, z, a, c).step_s(nbytes) == pytest.approx(allreduce), z
+    assert DataParallel(4, 2, a, c).per_microbatch(nbytes) == (0.0, 0.0, 0.0)
+    assert DataParallel(4, 3, a, c).per_microbatch(nbytes) == (pytest.approx(allreduce / 2), 0.0, 0.0)
+    assert DataParallel(1, 3, a, c).per_microbatch(nbytes) == (0.0, 0.0, 0.0)
     assert DataParallel(4, 1, a, c).optimizer_share() == 0.25
 
 
-def test_a_stage_under_zero_3_holds_its_shard_and_one_whole_layer():
-    prof = chain_profile([1e-3] * 2, param_bytes=[4 * GiB, 2 * GiB])
+def _zero_costs(zero: int, m: int = 4):
+    prof = chain_profile([1e-3] * 2, param_bytes=[4 * GiB, 2 * GiB], act_bytes=[MiB, MiB])
     t = CostTable(prof, 1)
-    dp = rank_devices(from_spec("h100x4"), 1, 4)[0].data_parallel(from_spec("h100x4"), 3)
-    cost = t.stage_cost(Segment(0, 2), 1, Training(), data_parallel=dp)
-    # float32 Adam: 16 bytes per parameter, 4 per parameter byte, all over 4 replicas; plus the
-    # gathered 4 GiB layer and the receive buffers
-    assert cost.static_bytes == 6 * GiB + 4 * GiB + t.buffer_bytes(Segment(0, 2), 1)
+    cluster = from_spec("h100x4")
+    dp = rank_devices(cluster, 1, 4)[0].data_parallel(cluster, zero)
+    return t, dp, t.stage_cost(Segment(0, 2), m, Training(), data_parallel=dp)
+
+
+def test_a_stage_under_zero_2_and_3_holds_its_weights_and_gradients_whole_beside_their_shards():
+    t, _, cost = _zero_costs(3)
+    # float32 Adam, 6 GiB of weights over 4 replicas: weights and gradients 6 + 6 whole and
+    # 1.5 + 1.5 sharded, Adam's 12 GiB of state as 3; plus the receive buffers
+    assert cost.static_bytes == (6 + 6 + 1.5 + 1.5 + 3) * GiB + t.buffer_bytes(Segment(0, 2), 4)
+    assert _zero_costs(2)[2].static_bytes == cost.static_bytes
+    # stage 3's gather buffer (6 GiB) with micro-batches in flight, above a layer's workspace
+    assert cost.transient_bytes == 6 * GiB + t.workspace
+    assert _zero_costs(2)[2].transient_bytes == _zero_costs(1)[2].transient_bytes < 6 * GiB
+
+
+def test_zero_2_and_3_cost_at_least_what_zero_1_costs_in_every_term():
+    one, two, three = (_zero_costs(z)[2] for z in (1, 2, 3))
+    gather = _zero_costs(3)[1].per_microbatch(6 * GiB)[0]
+    assert gather > 0
+    # time: stage 2 is stage 1's, stage 3 adds its gather to every forward
+    for f in ("bwd_input_s", "bwd_weight_s", "bwd_s", "optimizer_s", "allreduce_s"):
+        assert getattr(one, f) == getattr(two, f) == getattr(three, f), f
+    assert one.fwd_s == two.fwd_s == pytest.approx(three.fwd_s - gather)
+    # memory: (w + g) / n more than stage 1, (6 + 6) GiB / 4
+    assert two.static_bytes - one.static_bytes == 3 * GiB
+    for f in ("act_bytes", "wgrad_bytes", "grad_in_bytes", "transient_bytes", "optimizer_transient_bytes"):
+        assert getattr(one, f) <= getattr(two, f) <= getattr(three, f), f
+
+
+def test_the_free_search_tries_zero_1_only_and_still_prices_a_pinned_zero_2_or_3():
+    prof = chain_profile([1e-3] * 4, param_bytes=[GiB] * 4)
+    cluster = from_spec("h100x4")
+    base = {"global_batch": 8, "pp": 2, "dp": 2, "schedules": ("1f1b",), "time_limit_s": 10}
+    free = solve(prof, cluster, Settings(**base))
+    assert {c.config.zero for c in free.ranked} == {1}
+    pinned = {z: solve(prof, cluster, Settings(**base, zero=z)).best.evaluation for z in (1, 2, 3)}
+    assert pinned[1].config == free.best.config
+    assert pinned[1].step_time_s == pinned[2].step_time_s < pinned[3].step_time_s
+    peaks = [max(pinned[z].peak_memory_bytes) for z in (1, 2, 3)]
+    assert peaks[0] < peaks[1] <= peaks[2]
 
 
 def test_tensor_parallel_groups_stay_in_a_node_unless_pinned_across():

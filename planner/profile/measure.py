@@ -108,12 +108,18 @@ def _storage_tensors(found: list[torch.Tensor]) -> list[torch.Tensor]:
 
 class LiveTensors(TorchDispatchMode):
     """Counts the bytes of tensor storages created inside the region that are still alive, and
-    their peak. Works on any device; on CUDA the allocator's own statistics are used instead."""
+    their peak. Works on any device; on CUDA the allocator's own statistics are used instead.
+
+    A storage is known by its identity, not its address, and its size is read again at every
+    operation: FSDP frees and re-allocates its gathered weights in place
+    (``UntypedStorage.resize_`` in ``_fsdp_param.free_storage`` / ``alloc_storage``, not a
+    dispatched operation), so one storage shrinks to nothing and grows again at a new address.
+    Counted by address at first sight, each re-allocation was counted once more and none freed."""
 
     def __init__(self, ignore: Iterable[int] = ()):
         super().__init__()
-        self.ignore = set(ignore)
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.ignore = set(ignore)  # addresses of storages made before the region
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}  # storage identity -> (ref, bytes counted)
         self.total = 0
         self.peak = 0
         self.counting = True
@@ -123,6 +129,11 @@ class LiveTensors(TorchDispatchMode):
             if ref.expired():
                 del self.live[key]
                 self.total -= n
+                continue
+            now = torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()  # resized in place?
+            if now != n:
+                self.live[key] = (ref, now)
+                self.total += now - n
 
     @contextmanager
     def uncounted(self) -> Iterator[None]:
@@ -141,8 +152,8 @@ class LiveTensors(TorchDispatchMode):
         self.sweep()
         for t in _storage_tensors(tensors(out)):
             s = t.untyped_storage()
-            key = s.data_ptr()
-            if key and key not in self.live and key not in self.ignore and s.nbytes():
+            key = s._cdata
+            if key not in self.live and s.data_ptr() and s.data_ptr() not in self.ignore and s.nbytes():
                 self.live[key] = (StorageWeakRef(s), s.nbytes())
                 self.total += s.nbytes()
         self.peak = max(self.peak, self.total)

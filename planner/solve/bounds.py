@@ -82,7 +82,6 @@ class StageBounds:
         # data-parallel replicas: their ZeRO sharding and collectives (planner.cost.DataParallel)
         self.dps = [ranks[place[s]].data_parallel(cluster, config.zero) for s in range(self.S)]
         self.bpp = self.dps[0].state_factor(config.training, table.profile.dtype)
-        self.gathers = config.zero >= 3 and config.dp > 1  # ZeRO-3 holds one whole layer at a time
         self.versions = [weight_versions(config.schedule, config.pp, place[s]) for s in range(self.S)]
         self.split = schedule.split_backward
         self.one_chunk = schedule.n_stages == schedule.pp
@@ -112,8 +111,6 @@ class StageBounds:
         params = self.params(i, j)
         static = params * self.bpp + (self.versions[s] - 1) * params
         static = static + self.m * (t.cut[i] + t.cut[j])  # receive buffers, per micro-batch
-        if self.gathers:
-            static = static + t.params_max[i, j]
         batch = np.where(i == 0, self.m * t.input_batch, 0.0) + np.where(j == self.n, self.m * t.target_batch, 0.0)
         if choice == FULL:
             held = t.PRODUCED[j] - t.PRODUCED[i]
@@ -124,7 +121,10 @@ class StageBounds:
         sent = t.cut[j] if self.remote_next[s] else np.zeros(i.shape)
         sizes = np.stack([held, t.WGRAD[j] - t.WGRAD[i], t.cut[i], sent])
         step = self.m * t.cut[i] + t.optimizer_transient_matrix(self.optimizer)[i, j] * self.dps[s].optimizer_share()
-        return static + batch + transient + t.cut[i] + t.workspace, sizes, step - transient - t.cut[i] - t.workspace
+        # CostTable.transient_bytes: the layer's workspace and the gradient sent, or ZeRO 3's gather
+        gather = params if self.dps[s].regathers else np.zeros(i.shape)
+        transient = np.maximum(transient + t.cut[i], gather) + t.workspace
+        return static + batch + transient, sizes, step - transient
 
     def memory(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
         """Peak bytes of stage s's rank if it held only this stage (exact for one chunk per rank)."""
@@ -156,7 +156,7 @@ class StageBounds:
 
     def work(self, s: int, i: Starts, j: Starts, choice: int) -> np.ndarray:
         """Seconds stage s computes in a step: every micro-batch's forward and backward, with the
-        collectives ZeRO 2 and 3 run per micro-batch."""
+        gather ZeRO 3 runs after every forward."""
         t = self.t
         f = (t.F[j] - t.F[i]) / self.speed[s]
         ef, ei, ew = self._zero_extra(s, i, j)
@@ -173,11 +173,10 @@ class StageBounds:
         """Per micro-batch, the seconds ZeRO adds to stage s's forward, input and weight gradients
         (``DataParallel.per_microbatch``, vectorised)."""
         dp = self.dps[s]
-        if dp.zero < 2 or dp.dp <= 1:
+        if not dp.regathers:  # only ZeRO 3 gathers, after every forward
             return 0.0, 0.0, 0.0
         params = self.params(i, j)
-        half = np.where(params > 0, 0.5 * (dp.per_byte * params + dp.fixed), 0.0)
-        return (half, half, half) if dp.zero == 3 else (0.0, 0.0, half)
+        return np.where(params > 0, 0.5 * (dp.per_byte * params + dp.fixed), 0.0), 0.0, 0.0
 
     def head(self, s: int, i: Starts) -> np.ndarray:
         """Earliest start of stage s: the first micro-batch crosses every earlier layer."""

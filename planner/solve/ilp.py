@@ -246,7 +246,7 @@ class _Model:
         held, wgrads, transient, static = [], [], [], []
         for s in range(self.S):  # stage by stage, each stage's rows together
             held.append(self._held(s))
-            transient.append(self._transient(s))
+            transient.append(self._transient(s, params[s]))
             static.append(self._static(s, params[s]))
             wgrads.append(pulp.lpSum(float(self.b.t.wgrad[i]) * self.x[i, s] for i in range(self.n)))
         for r, states in enumerate(memory_states(self.b.schedule)):
@@ -285,15 +285,18 @@ class _Model:
         dropped = self.c[s] if self.mode == "auto" else (1 if self.mode == "full" else 0)
         return self._alive_after_stage(k, tensor, s, dropped)
 
-    def _transient(self, s: int) -> Expr:
+    def _transient(self, s: int, params: Expr) -> Expr:
         """The largest one-layer workspace of stage s (a recomputed layer's activations included),
-        the input gradient it sends back and the runtime's workspace."""
+        the input gradient it sends back and the runtime's workspace; at least ZeRO 3's gather
+        buffer, the stage's weights (``CostTable.transient_bytes``)."""
         t = self.b.t
         tr = pulp.LpVariable(f"transient_gib_{s}", lowBound=0)
         for i in range(self.n):
             self.prob += tr >= float(t.peak[i]) / GIB * self.x[i, s]
             if self.mode != "none":
                 self.prob += tr >= float(t.act[i] + t.peak[i]) / GIB * self.u[i, s]
+        if self.b.dps[s].regathers:
+            self.prob += tr >= (params - self.cut_in[s]) * (1 / GIB)
         return GIB * tr + self.cut_in[s] + t.workspace
 
     def _static(self, s: int, params: Expr) -> Expr:

@@ -145,11 +145,16 @@ def tensor_degrees(cluster: Cluster, settings: Settings, profile: Profile | None
 
 
 def zero_stages(dp: int, settings: Settings) -> list[int]:
-    """The ZeRO stage as pinned, else 1 to 3 over several replicas (stage 0 moves the same bytes as
-    stage 1 and holds more, ZeRO section 7.2.1, so it never wins) and 0 over one."""
+    """The ZeRO stage as pinned, else 1 over several replicas and 0 over one. Stage 1 dominates:
+    stage 0 moves the same bytes and holds more (ZeRO section 7.2.1); stages 2 and 3, as the
+    pipeline engine runs them (``planner.cost.DataParallel``), take stage 1's time or more (3
+    gathers after every forward) and every memory term of theirs is at least stage 1's (the
+    gathered weights and whole gradients beside their shards), and the simulated step and peak
+    only grow with each term, so no partition or schedule is better with them. Pinned, they are
+    priced as any other."""
     if settings.zero is not None:
         return [settings.zero]
-    return [1, 2, 3] if dp > 1 else [0]
+    return [1] if dp > 1 else [0]
 
 
 def _pipeline_degrees(n_dev: int, n_layers: int, settings: Settings) -> list[int]:
