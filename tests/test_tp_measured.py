@@ -2,10 +2,17 @@
 model using them in place of the derived ones, and ``planner profile --tp`` end to end."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from planner.cli import app
 from planner.cost import CostTable, Segment, tp_costs_note
 from planner.formats import Link, Profile, TpCosts, TpLayerCost, Training, load_profile, parse, to_json
 from planner.plan import profile_fingerprint
@@ -13,6 +20,7 @@ from planner.synthetic import chain_profile
 
 MiB = 2**20
 GBS = Link(bandwidth_bytes_per_s=1e9, latency_s=0.0)
+runner = CliRunner()
 
 
 def _measured(prof: Profile, layers: dict[int, TpCosts], tp: int = 2) -> Profile:
@@ -127,3 +135,116 @@ def test_the_note_counts_the_measured_layers_or_says_why_none_are():
         "tp 2 costs modelled (matrix products divided, ring all-reduces added), not measured: the profile "
         "measured tp 2 with sequence parallelism, not tp 2 without it at micro-batch 1")
     assert tp_costs_note(prof, 4, True, 1).endswith("not measured: planner profile --tp 4 measures them")
+
+
+# ----------------------------------------------------------------------------- measurement
+
+TINY_GPT = ["models/gpt.py:build", "--arg", "n_layer=2", "--arg", "d_model=32", "--arg", "n_head=2",
+            "--arg", "vocab=64", "--arg", "seq=16", "--mbs", "1", "--repeats", "1", "--warmup", "0"]
+NO_TP_PLAN = """
+import torch
+from torch import nn
+from planner.model import ModelSpec
+
+def build():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    return ModelSpec(model=model, loss=nn.functional.cross_entropy,
+                     batch=lambda n, g: ((torch.randn(n, 4, generator=g),), torch.zeros(n, dtype=torch.long)))
+"""
+
+
+def test_profile_tp_refuses_a_model_without_a_tp_plan_in_one_line(tmp_path):
+    (tmp_path / "plain.py").write_text(NO_TP_PLAN)
+    result = runner.invoke(app, ["profile", f"{tmp_path / 'plain.py'}:build", "--tp", "2", "-o",
+                                 str(tmp_path / "p.json")])
+    assert result.exit_code == 2, result.output
+    assert "--tp 2: the model gives no tp_plan (ModelSpec.tp_plan" in result.output
+    assert len(result.output.strip().splitlines()) <= 2 and not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tp", "1"], "give degrees of 2 or more"),
+    (["--tp", "2", "--estimate", "h100"], "--estimate runs nothing: choose one"),
+])
+def test_profile_tp_refuses_degree_1_and_estimates(tmp_path, flags, message):
+    result = runner.invoke(app, ["profile", *TINY_GPT, *flags, "-o", str(tmp_path / "p.json")])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.slow
+def test_profile_tp_2_measures_every_layer_and_solve_uses_it(tmp_path):
+    out = tmp_path / "p.json"
+    result = runner.invoke(app, ["profile", *TINY_GPT, "--tp", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    prof = load_profile(out)
+    names = [layer.name for layer in prof.layers]
+    assert names == ["transformer.emb", "transformer.h.0", "transformer.h.1", "transformer.ln_f", "lm_head"]
+    for layer in prof.layers:
+        costs = layer.tp_costs["2"]
+        assert costs.sequence_parallel and set(costs.by_mbs) == {"1"}
+        assert costs.by_mbs["1"].fwd_s > 0 and costs.by_mbs["1"].bwd_s > 0
+        assert costs.by_mbs["1"].act_bytes is not None
+    # float32 parameters per device: the embeddings (64 + 16) x 32 split by rows; a block's 12,704
+    # less its two norms (2 x 64) and two row-parallel biases (2 x 32), replicated, split in two;
+    # the final norm (64) replicated; the head's 64 x 32 split by the vocabulary
+    block = 4 * ((12_704 - 192) // 2 + 192)
+    assert [layer.tp_costs["2"].param_bytes for layer in prof.layers] == [80 * 32 * 2, block, block, 256, 64 * 32 * 2]
+    assert prof.layers[2].tp_costs == prof.layers[1].tp_costs  # h.1 is h.0's twin (same_as)
+    solved = runner.invoke(app, ["solve", str(out), "--cluster", "cpu4", "--tp", "2", "--pp", "2", "--dp", "1"])
+    assert solved.exit_code == 0, solved.output
+    assert "tp 2 costs measured for 5 of 5 layers (with sequence parallelism)" in solved.output
+
+
+MARKER = "PLANNER_TEST_RUN"
+
+
+def _ours(marker: str, what: str) -> list[str]:
+    """Running processes whose environment carries ``marker`` and whose command line has ``what``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if f"{MARKER}={marker}".encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if what in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fault", "code", "message"), [
+    ("raise@1", 5, "error: measuring at tp 2, rank 1 failed: RuntimeError: injected failure (PLANNER_FAULT)"),
+    ("hang@1", 130, "error: interrupted by SIGINT (Ctrl-C): stopped the tp measurement"),
+])
+def test_a_failing_or_interrupted_tp_measurement_leaves_no_process(tmp_path, fault, code, message):
+    import time
+    import uuid
+
+    from tests.test_lifecycle import wait_for
+
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, OMP_NUM_THREADS="1", PLANNER_FAULT=fault, **{MARKER: marker})
+    repo = Path(__file__).resolve().parents[1]
+    with open(tmp_path / "out.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "planner", "profile", *TINY_GPT, "--tp", "2", "-o",
+                                 str(tmp_path / "p.json")], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if fault.startswith("hang"):
+            wait_for(lambda: len(_ours(marker, "-u -m planner.profile.tp_worker")) == 2, 240,
+                     "both tp workers starting")  # torchrun starts them with -u; its own command has none
+            time.sleep(3)  # past their start: rank 0 waits on rank 1's first collective
+            proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=240)
+    finally:
+        proc.kill()
+        for line in _ours(marker, ""):
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+    text = (tmp_path / "out.txt").read_text()
+    assert proc.returncode == code, text
+    assert message in text and "Traceback" not in text, text
+    assert not (tmp_path / "p.json").exists()
+    wait_for(lambda: not _ours(marker, "planner"), 10, "every process of the measurement ending")
