@@ -169,6 +169,10 @@ def profile(
     except PlannerError as e:
         _fail(e)
     out.print(report.profile_table(prof))
+    for t in sorted(set(opts.tp)):
+        sp = "with" if opts.sequence_parallel else "without"
+        out.print(f"tp {t}: every layer measured split over {t} processes ({sp} sequence parallelism), in "
+                  "layers[].tp_costs")
     out.print(f"profile written to {output}")
 
 

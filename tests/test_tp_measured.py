@@ -176,6 +176,7 @@ def test_profile_tp_2_measures_every_layer_and_solve_uses_it(tmp_path):
     out = tmp_path / "p.json"
     result = runner.invoke(app, ["profile", *TINY_GPT, "--tp", "2", "-o", str(out)])
     assert result.exit_code == 0, result.output
+    assert "tp 2: every layer measured split over 2 processes (with sequence parallelism)" in result.output
     prof = load_profile(out)
     names = [layer.name for layer in prof.layers]
     assert names == ["transformer.emb", "transformer.h.0", "transformer.h.1", "transformer.ln_f", "lm_head"]
@@ -227,7 +228,8 @@ def test_a_failing_or_interrupted_tp_measurement_leaves_no_process(tmp_path, fau
     from tests.test_lifecycle import wait_for
 
     marker = uuid.uuid4().hex
-    env = dict(os.environ, OMP_NUM_THREADS="1", PLANNER_FAULT=fault, **{MARKER: marker})
+    # the measurement's run folder, kept when it fails, goes under tmp_path
+    env = dict(os.environ, OMP_NUM_THREADS="1", PLANNER_FAULT=fault, TMPDIR=str(tmp_path), **{MARKER: marker})
     repo = Path(__file__).resolve().parents[1]
     with open(tmp_path / "out.txt", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "planner", "profile", *TINY_GPT, "--tp", "2", "-o",
@@ -247,4 +249,5 @@ def test_a_failing_or_interrupted_tp_measurement_leaves_no_process(tmp_path, fau
     assert proc.returncode == code, text
     assert message in text and "Traceback" not in text, text
     assert not (tmp_path / "p.json").exists()
+    assert [p.name for p in tmp_path.glob("planner-tp-*/tp2/launcher.log")] == ["launcher.log"]  # named in the error
     wait_for(lambda: not _ours(marker, "planner"), 10, "every process of the measurement ending")

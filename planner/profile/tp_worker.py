@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.all_gather_object(everyone, mine)
         if rank == 0:
             _write(run_dir / "result.json", json.dumps(_slowest(everyone)))
+        dist.barrier()  # no rank tears its group down while another still uses it
         return 0
     except BaseException as e:
         _write(run_dir / f"rank{rank}.error", f"{type(e).__name__}: {error_text(e)}")
