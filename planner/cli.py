@@ -145,6 +145,12 @@ def profile(
     estimate: str | None = typer.Option(None, "--estimate", metavar="DEVICE",
                                            help="run nothing: price each layer's FLOPs and bytes at this "
                                            "device's datasheet peaks (h100, h200, a100, a100-80gb, rtx4090)"),
+    tp: str | None = typer.Option(None, "--tp", metavar="DEGREES",
+                                  help="also measure each layer split over this many processes by the model's "
+                                  "tp_plan, e.g. 2 or 2,4 (gloo on the CPU, NCCL on GPUs)"),
+    sequence_parallel: bool = typer.Option(True, "--sequence-parallel/--no-sequence-parallel",
+                                           help="with --tp, measure with sequence parallelism (as planner "
+                                           "solve assumes by default)"),
 ) -> None:
     """Measure a model layer by layer into a profile (needs torch).
 
@@ -163,13 +169,18 @@ def profile(
         spec = build_spec(model, args) if no_meta else build_meta_spec(model, args)
         opts = Options(device=device, dtype=dtype, mbs=tuple(sizes), depth=depth, repeats=repeats,
                        warmup=warmup, threads=threads, dedupe=not no_dedupe,
-                       memory_bytes=int(memory * 1024**3) if memory is not None else None, estimate=estimate)
+                       memory_bytes=int(memory * 1024**3) if memory is not None else None, estimate=estimate,
+                       tp=tuple(_int_list(tp, "--tp")) if tp else (), sequence_parallel=sequence_parallel)
         with report.progress(err) as bar:
             prof = profile_model(spec, model, args, opts, progress=bar)
         dump(prof, output)
     except PlannerError as e:
         _fail(e)
     out.print(report.profile_table(prof))
+    for t in sorted(set(opts.tp)):
+        sp = "with" if opts.sequence_parallel else "without"
+        out.print(f"tp {t}: every layer measured split over {t} processes ({sp} sequence parallelism), in "
+                  "layers[].tp_costs")
     out.print(f"profile written to {output}")
 
 

@@ -17,7 +17,18 @@ from typing import Literal
 import numpy as np
 
 from planner.errors import InputError
-from planner.formats import DTYPE_BYTES, Collectives, LayerCost, Link, Profile, StageCost, Training
+from planner.formats import (
+    DTYPE_BYTES,
+    Collectives,
+    Layer,
+    LayerCost,
+    Link,
+    Profile,
+    StageCost,
+    TpCosts,
+    TpLayerCost,
+    Training,
+)
 from planner.graph import LayerGraph
 
 Recompute = Literal["none", "full", "selective"]
@@ -101,6 +112,33 @@ def replicated_act_bytes(act: np.ndarray, in_bytes: np.ndarray, allreduces: np.n
     block = 4 * in_bytes + 2 * in_bytes / DTYPE_BYTES[dtype]
     rep: np.ndarray = np.minimum(np.where(allreduces >= 2, block, np.where(allreduces >= 1, in_bytes, act)), act)
     return rep
+
+
+def measured_tp_cost(layer: Layer, tp: int, sequence_parallel: bool, mbs: str) -> tuple[TpCosts, TpLayerCost] | None:
+    """The layer's costs measured at degree ``tp`` with this sequence parallelism and micro-batch
+    size, or None where the profile has none (the cost model then derives them)."""
+    costs = layer.tp_costs.get(str(tp))
+    if costs is None or costs.sequence_parallel != sequence_parallel or mbs not in costs.by_mbs:
+        return None
+    return costs, costs.by_mbs[mbs]
+
+
+def tp_costs_note(profile: Profile, tp: int, sequence_parallel: bool, mbs: int) -> str | None:
+    """What ``planner solve`` says of a plan's tensor-parallel costs: how many layers were measured
+    at its tp (and how the profile's measurements differ where none match); None at tp 1."""
+    if tp <= 1:
+        return None
+    key, n = str(mbs), len(profile.layers)
+    hits = sum(measured_tp_cost(layer, tp, sequence_parallel, key) is not None for layer in profile.layers)
+    sp = "with" if sequence_parallel else "without"
+    if hits:
+        rest = "" if hits == n else f"; the other {n - hits} modelled"
+        return f"tp {tp} costs measured for {hits} of {n} layers ({sp} sequence parallelism){rest}"
+    held = sorted({(int(k), c.sequence_parallel) for layer in profile.layers for k, c in layer.tp_costs.items()})
+    have = ", ".join(f"tp {k} {'with' if s else 'without'} sequence parallelism" for k, s in held)
+    where = f"the profile measured {have}, not tp {tp} {sp} it at micro-batch {mbs}" if held else \
+        f"planner profile --tp {tp} measures them"
+    return f"tp {tp} costs modelled (matrix products divided, ring all-reduces added), not measured: {where}"
 
 
 @dataclass(frozen=True)
@@ -294,6 +332,7 @@ class CostTable:
         self._tied = [(sorted(self.graph.index[n] for n in g.layers), float(g.param_bytes)) for g in profile.tied]
         self.tensor_scale = 1.0  # the share of an inter-layer tensor one device holds
         self.tp_comm = np.zeros(self.n)  # per layer: the tensor-parallel collectives in fwd, bwd and bwd_input
+        self.tp_measured = np.zeros(self.n, dtype=bool)  # per layer: costs measured at tp (Layer.tp_costs)
         if tp > 1:
             if tp_link is None:
                 raise InputError(f"tp {tp} needs the link its devices all-reduce over")
@@ -335,7 +374,6 @@ class CostTable:
         self.opt_share = div
         self.wgrad = self.wgrad * div
         self.peak = self.peak * div
-        self._tied = [(members, nbytes * div[members[0]]) for members, nbytes in self._tied]
         if self.sequence_parallel:
             self.act = self.act / tp
             self.tensor_scale = 1 / tp
@@ -344,6 +382,33 @@ class CostTable:
         else:
             rep = replicated_act_bytes(self.act, self.in_bytes, reduces, self.profile.dtype)
             self.act = rep + (self.act - rep) / tp
+        self._use_measured(tp)
+        self._tied = [(members, nbytes * self.opt_share[members[0]]) for members, nbytes in self._tied]
+
+    def _use_measured(self, tp: int) -> None:
+        """Where the profile holds a layer measured at this tp, with this sequence parallelism and at
+        this micro-batch size (``planner profile --tp``), its measured times (collectives included,
+        scaled by the calibration as the tp-1 times are) and its per-device parameter and saved
+        bytes where measured replace the derived ones. The collectives' record keeps the model's
+        estimate, capped at the measured time it lies inside."""
+        key = str(self.mbs)
+        self.tp_measured = np.zeros(self.n, dtype=bool)
+        for i, layer in enumerate(self.profile.layers):
+            found = measured_tp_cost(layer, tp, self.sequence_parallel, key)
+            if found is None:
+                continue
+            costs, c = found
+            bi, bw = _split(c)
+            self.fwd[i], self.bwd[i] = c.fwd_s * self.scale, c.bwd_s * self.scale
+            self.bwd_input[i], self.bwd_weight[i] = bi * self.scale, bw * self.scale
+            self.tp_comm[i] = min(self.tp_comm[i], self.fwd[i], self.bwd_input[i])
+            if costs.param_bytes is not None:
+                whole = self.profile.layers[i].param_bytes
+                self.opt_share[i] = costs.param_bytes / whole if whole else 1.0
+                self.params[i] = costs.param_bytes
+            if c.act_bytes is not None:
+                self.act[i] = c.act_bytes
+            self.tp_measured[i] = True
 
     # ----------------------------------------------------------------------- prefix sums
 
@@ -583,7 +648,7 @@ def _collectives(fwd_s: float, bwd_input_s: float, bwd_weight_s: float) -> Colle
     return Collectives.model_construct(fwd_s=fwd_s, bwd_input_s=bwd_input_s, bwd_weight_s=bwd_weight_s)
 
 
-def _split(c: LayerCost) -> tuple[float, float]:
+def _split(c: LayerCost | TpLayerCost) -> tuple[float, float]:
     """Input- and weight-gradient seconds: as measured, else the whole backward halved (the two
     matrix products of a linear layer's backward)."""
     if c.bwd_input_s is None or c.bwd_weight_s is None:

@@ -104,6 +104,30 @@ class LayerCost(_Frozen):
     bwd_spread: float = Field(default=0.0, ge=0, le=1e6)
 
 
+class TpLayerCost(_Frozen):
+    """One layer at one micro-batch size split over tp devices by the model's tp_plan, as one
+    device measured it (the slowest of the tp ranks): times include the layer's collectives."""
+
+    fwd_s: Seconds
+    bwd_s: Seconds = Field(description="whole backward: input and weight gradients")
+    bwd_input_s: Seconds | None = None
+    bwd_weight_s: Seconds | None = None
+    act_bytes: Bytes | None = Field(default=None, description="bytes one device saves for backward; None: "
+                                    "not measured (the cost model divides the tp-1 bytes)")
+    fwd_spread: float = Field(default=0.0, ge=0, le=1e6)
+    bwd_spread: float = Field(default=0.0, ge=0, le=1e6)
+
+
+class TpCosts(_Frozen):
+    """A layer measured at one tensor-parallel degree (``planner profile --tp``)."""
+
+    sequence_parallel: bool = Field(description="measured with sequence parallelism (the layer's inputs and "
+                                    "outputs the local part of the sequence)")
+    param_bytes: Bytes | None = Field(default=None, description="one device's share of the layer's "
+                                      "parameters; None: not measured")
+    by_mbs: dict[str, TpLayerCost] = Field(min_length=1)
+
+
 class Layer(_Frozen):
     name: str = Field(description="module path, e.g. 'transformer.h.3'; 'block@2' for the second call of a "
                                   "module called several times")
@@ -115,6 +139,19 @@ class Layer(_Frozen):
     optimizer_peak_bytes: dict[OptimizerName, Bytes] = Field(
         default_factory=dict, description="per optimizer: the bytes one step over this layer's parameters "
         "alone allocates above its state and frees again (its temporaries); absent: not measured")
+    tp_costs: dict[str, TpCosts] = Field(
+        default_factory=dict, description="per tensor-parallel degree above 1 (a key such as '2'): the "
+        "layer measured split over that many devices; absent: the cost model derives it from by_mbs")
+
+    @model_validator(mode="after")
+    def _tp_keys(self) -> Layer:
+        for key, costs in self.tp_costs.items():
+            if not re.fullmatch(r"[1-9][0-9]{0,3}", key) or key == "1":
+                raise ValueError(f"tp_costs key {key!r} is not a tensor-parallel degree above 1")
+            extra = sorted(set(costs.by_mbs) - set(self.by_mbs))
+            if extra:
+                raise ValueError(f"tp_costs[{key!r}] has micro-batch sizes {extra} that by_mbs lacks")
+        return self
 
 
 class Edge(_Frozen):

@@ -74,6 +74,9 @@ class Options:
     dedupe: bool = True  # identical layers measured once
     memory_bytes: int | None = None  # what the profiler may use; None: what the device has free
     estimate: str | None = None  # a device kind (h100): FLOPs and bytes priced at its peaks, nothing run
+    tp: tuple[int, ...] = ()  # tensor-parallel degrees to measure each layer at too (Layer.tp_costs)
+    sequence_parallel: bool = True  # how the tp degrees are measured
+    tp_timeout_s: float = 3600.0  # each degree's run of workers
 
 
 def resolve_device(name: str) -> torch.device:
@@ -216,6 +219,21 @@ def _check_options(opts: Options) -> None:
         raise InputError(f"--threads {opts.threads}: give at least 1")
     if opts.repeats < 1 or opts.warmup < 0:
         raise InputError("--repeats needs at least 1 and --warmup at least 0")
+    if any(t < 2 for t in opts.tp):
+        raise InputError(f"--tp {','.join(map(str, opts.tp))}: give degrees of 2 or more (tp 1 is the profile itself)")
+    if opts.tp and opts.estimate is not None:
+        raise InputError("--tp measures the layers split over processes; --estimate runs nothing: choose one")
+
+
+def _check_tp(spec: ModelSpec, opts: Options, device: torch.device) -> None:
+    """A model measured at tp > 1 needs its tp_plan, and a GPU a rank."""
+    if not opts.tp:
+        return
+    if spec.tp_plan is None:
+        raise InputError(f"--tp {max(opts.tp)}: the model gives no tp_plan (ModelSpec.tp_plan: module path -> "
+                         "colwise, rowwise, ...) to split it by: add one, or profile without --tp")
+    if device.type == "cuda" and max(opts.tp) > torch.cuda.device_count():
+        raise InputError(f"--tp {max(opts.tp)} needs a GPU a rank; {torch.cuda.device_count()} visible")
 
 
 def cpu_threads(opts: Options, device: torch.device) -> int | None:
@@ -236,6 +254,7 @@ def profile_model(spec: ModelSpec, factory: str, args: dict, opts: Options,
     whole, and put back as it was afterwards."""
     device = resolve_device(opts.device)
     _check_options(opts)
+    _check_tp(spec, opts, device)
     model = spec.model
     if not isinstance(model, nn.Module):
         raise ModelError(f"the factory's model is a {type(model).__name__}, not a torch.nn.Module")
@@ -250,14 +269,30 @@ def profile_model(spec: ModelSpec, factory: str, args: dict, opts: Options,
             return _assemble(spec, factory, args, opts, _estimate(spec, opts, dtype, progress))
         workspace = _workspace(device, dtype)
         if is_meta(model):
-            return _assemble(spec, factory, args, opts, _measure(spec, opts, device, dtype, workspace, progress))
-        with user_code(f"moving the model to {device} in {opts.dtype}"):
-            keep_ties(model, lambda m: m.to(device=device, dtype=dtype))
-        with _Restore(model):
-            model.train()
-            return _assemble(spec, factory, args, opts, _measure(spec, opts, device, dtype, workspace, progress))
+            prof = _assemble(spec, factory, args, opts, _measure(spec, opts, device, dtype, workspace, progress))
+        else:
+            with user_code(f"moving the model to {device} in {opts.dtype}"):
+                keep_ties(model, lambda m: m.to(device=device, dtype=dtype))
+            with _Restore(model):
+                model.train()
+                prof = _assemble(spec, factory, args, opts, _measure(spec, opts, device, dtype, workspace, progress))
     finally:
         torch.set_num_threads(before)
+    return _measure_tp(prof, opts, device, meta=is_meta(model), progress=progress) if opts.tp else prof
+
+
+def _measure_tp(prof: Profile, opts: Options, device: torch.device, *, meta: bool,
+                progress: Callable[[str, int, int], None] | None) -> Profile:
+    """Each distinct layer measured again split over each of ``opts.tp`` processes."""
+    from planner.profile.tp import TpJob, measure_tp
+
+    job = TpJob(factory=prof.model.factory, args=dict(prof.model.args), depth=opts.depth, dtype=opts.dtype,
+                device=device.type, no_meta=not meta, mbs=tuple(prof.mbs_sizes), seed=opts.seed,
+                repeats=opts.repeats, warmup=opts.warmup, threads=cpu_threads(opts, device),
+                sequence_parallel=opts.sequence_parallel, names=tuple(layer.name for layer in prof.layers),
+                measure=tuple(layer.name for layer in prof.layers if layer.same_as is None),
+                timeout_s=opts.tp_timeout_s, progress_path="")
+    return measure_tp(prof, job, sorted(set(opts.tp)), progress)
 
 
 def _estimate(spec: ModelSpec, opts: Options, dtype: torch.dtype,

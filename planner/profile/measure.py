@@ -21,7 +21,8 @@ def tensors(value) -> list[torch.Tensor]:
 
 
 def storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    inner = _storage_tensors([t])  # a DTensor's storage is its local shard's
+    return inner[0].untyped_storage().data_ptr() if inner else 0
 
 
 def nbytes(t: torch.Tensor) -> int:

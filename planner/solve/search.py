@@ -19,7 +19,7 @@ import numpy as np
 
 from planner.autosched import NAME as AUTO
 from planner.autosched import SEEDS, any_order_bound, build_auto, rows
-from planner.cost import CostTable, Segment
+from planner.cost import CostTable, Segment, tp_costs_note
 from planner.errors import InfeasibleError, InputError
 from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices, tp_link
 from planner.formats import Cluster, Profile
@@ -450,6 +450,9 @@ def solve(profile: Profile, cluster: Cluster, settings: Settings,
         result = replace(result, proven=False, proven_for_fixed_cuts=result.proven, notes=[pinned, *result.notes])
     name, best = result.best.config.schedule, result.best.config
     result.notes.extend(_not_executed(profile, settings, best))
+    tp_note = tp_costs_note(profile, best.tp, best.sp, best.mbs)
+    if tp_note is not None:
+        result.notes.append(tp_note)
     if not SCHEDULES[name].executable:
         result.notes.append(f"{name} is modelled only: PyTorch's pipeline engine cannot run it, so "
                             "planner execute refuses this plan")
