@@ -170,7 +170,7 @@ def profile(
         opts = Options(device=device, dtype=dtype, mbs=tuple(sizes), depth=depth, repeats=repeats,
                        warmup=warmup, threads=threads, dedupe=not no_dedupe,
                        memory_bytes=int(memory * 1024**3) if memory is not None else None, estimate=estimate,
-                       tp=tuple(_int_list(tp, "--tp")) if tp else (), sequence_parallel=sequence_parallel)
+                       tp=tuple(_int_list(tp, "--tp", most=1024)) if tp else (), sequence_parallel=sequence_parallel)
         with report.progress(err) as bar:
             prof = profile_model(spec, model, args, opts, progress=bar)
         dump(prof, output)

@@ -78,7 +78,7 @@ def with_tp_costs(profile: Profile, tp: int, sequence_parallel: bool, measured: 
 
 def measure_tp(profile: Profile, job: TpJob, degrees: list[int], progress: Progress | None = None) -> Profile:
     """``profile`` with each degree's measured costs added (one run of workers per degree)."""
-    from planner.execute.launch import signals_as_errors
+    from planner.signals import signals_as_errors
 
     run_dir = Path(tempfile.mkdtemp(prefix="planner-tp-"))
     with signals_as_errors():
