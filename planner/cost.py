@@ -497,6 +497,54 @@ class CostTable:
         recomputed inside backward."""
         return _range_max(self.act + self.peak)
 
+    @cached_property
+    def shared_held(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n+1, n+1) twice: the bytes of the tied groups that have two or more members in [i, j)
+        (a contiguous run holds two members when it holds two consecutive ones), and the latest
+        such member (-1: none)."""
+        n = self.n
+        held, last = np.zeros((n + 1, n + 1)), np.full((n + 1, n + 1), -1)
+        starts, stops = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+        for members, nbytes in self._tied:
+            inside = np.zeros((n + 1, n + 1), dtype=bool)
+            for a, c in zip(members, members[1:], strict=False):
+                inside |= (starts <= a) & (stops > c)
+                last = np.where((starts <= a) & (stops > c), np.maximum(last, c), last)
+            held += np.where(inside, nbytes, 0.0)
+        return held, last
+
+    @cached_property
+    def shared_grad(self) -> np.ndarray:
+        """(n+1, n+1): what the gradient sums of weights that several layers of [i, j) use add to
+        the stage's transient, its layers' activations all kept (none recomputed).
+
+        The engine sums a leaf's gradient contributions in the input buffer of its accumulator
+        before adding them into ``.grad`` (torch/csrc/autograd/input_buffer.cpp,
+        ``InputBuffer::add``, out of place): from the first contribution (the backward of the
+        weight's last use L in the stage) to the last (its first use) a buffer of the weight's
+        size is held, beside the transient each layer's own backward measured. By then the
+        backward of the layers from L to the stage's end has freed their saved tensors, which the
+        simulator still counts (a micro-batch holds its activations until its backward ends), so
+        only the buffer beyond them is extra: max(0, buffer - ACT[L, j)). With several tied
+        groups the buffers start at different layers: their sum, without that credit."""
+        held, last = self.shared_held
+        if len(self._tied) != 1:
+            return held
+        credit = self.ACT[None, :] - self.ACT[np.maximum(last, 0)]
+        return np.where(last >= 0, np.maximum(held - credit, 0.0), 0.0)
+
+    def shared_grad_bytes(self, seg: Segment) -> float:
+        """``shared_grad`` of the stage: a recomputed layer keeps no saved tensors to free (its
+        inputs only), so the credit is the saved bytes of the layers from L on that are not
+        recomputed."""
+        i, j = seg.start, seg.stop
+        held, last = self.shared_held
+        if seg.recompute == "none" or held[i, j] == 0 or len(self._tied) != 1:
+            return float(self.shared_grad[i, j] if seg.recompute == "none" else held[i, j])
+        L = int(last[i, j])
+        kept = [k for k in range(L, j) if k not in set(seg.recomputed())]
+        return float(max(held[i, j] - sum(self.act[k] for k in kept), 0.0))
+
     def tied_dedup(self, i: int, j: int) -> float:
         """Parameter bytes counted twice because tied layers share a stage."""
         total = 0.0
@@ -563,7 +611,9 @@ class CostTable:
             base = self.recompute_peak_max[i, j]
         elif seg.recompute == "selective" and seg.recompute_layers:
             base = max(base, max(self.act[k] + self.peak[k] for k in seg.recompute_layers))
-        return float(max(base + self.cut[i], gather) + self.workspace)
+        # plus the sums of reused weights' gradients and the input gradient being sent back, or,
+        # if more, ZeRO 3's gather buffer; then the runtime's workspace
+        return float(max(base + self.shared_grad_bytes(seg) + self.cut[i], gather) + self.workspace)
 
     def buffer_bytes(self, seg: Segment, m: int) -> float:
         """Receive buffers the engine allocates per micro-batch for activations (from the previous

@@ -4,6 +4,7 @@ by hand, and whole plans run on two gloo processes whose measured per-rank peak 
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from planner.model import build_spec
 from planner.profile import Options as ProfileOptions
 from planner.profile import profile_model
 from planner.profile.chain import optimizer_peaks
+from planner.profile.layer import Subject, _backward_peak
 from planner.profile.measure import LiveTensors
 from planner.schedules import build
 from planner.simulate import optimizer_peak, peak_memory
@@ -63,6 +65,80 @@ def test_the_optimizers_step_is_the_peak_when_its_temporaries_outweigh_what_is_i
     assert peak_memory(build("gpipe", 1, 2), [small]) == [100 + 2 * 10 + 5]
 
 
+# ------------------------------------------------------------------ the backward's temporaries
+
+
+def test_a_layers_backward_is_weighed_with_its_weight_gradient_already_there():
+    # Linear(8 -> 16, no bias) on (4, 8), its weight's gradient present (zeros, as from the second
+    # micro-batch on): the new weight gradient (16 x 8) is a temporary until added into .grad;
+    # the input gradient (4 x 8) is made; the output gradient (4 x 16) is given
+    layer = torch.nn.Linear(8, 16, bias=False)
+    subject = Subject("lin", (torch.randn(4, 8),), seed=0, module=layer)
+    xs = subject.leaves()
+    out = subject.forward(xs)
+    assert _backward_peak(subject, out, torch.device("cpu"), subject.fixed) == (16 * 8 + 4 * 8 + 4 * 16) * 4
+    assert layer.weight.grad is None
+
+
+def _shared(act: int, recompute: str = "none"):
+    # four layers, the middle two use one weight of 1000 bytes (ALBERT's shared block called twice)
+    prof = chain_profile([1e-3] * 4, act_bytes=act, param_bytes=1000, tied=[((1, 2), 1000)])
+    return CostTable(prof, 1), lambda i, j: Segment(i, j, recompute)
+
+
+def test_a_weight_used_twice_in_a_stage_holds_its_gradients_sum_less_what_the_later_use_freed():
+    # the sum is held from the backward of the later use (layer 2) to the earlier one (layer 1); by
+    # then the backward of layers 2 and 3 freed their saved bytes: 1000 - 2 x 300 = 400 extra
+    table, seg = _shared(act=300)
+    assert table.shared_grad_bytes(seg(0, 4)) == 1000 - 2 * 300
+    assert table.shared_grad_bytes(seg(0, 3)) == 1000 - 300  # layer 3 elsewhere: only layer 2 freed
+    assert table.shared_grad_bytes(seg(0, 2)) == 0 and table.shared_grad_bytes(seg(2, 4)) == 0  # one use each
+    assert _shared(act=600)[0].shared_grad_bytes(seg(0, 4)) == 0  # the freed activations cover it
+    full, fseg = _shared(act=300, recompute="full")
+    assert full.shared_grad_bytes(fseg(0, 4)) == 1000  # recomputed layers keep no saved bytes to free
+    base = table.peak_max[0, 4] + table.cut[0] + table.workspace
+    assert table.transient_bytes(seg(0, 4)) == base + 400
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_the_dp_bound_holds_the_same_shared_gradient_term_as_the_simulator(recompute):
+    from planner.evaluate import Config
+    from planner.solve.bounds import FULL, NONE
+    from tests.conftest import setup
+
+    prof = chain_profile([1e-3] * 4, act_bytes=300, param_bytes=1000, tied=[((1, 2), 1000)])
+    b, run = setup(prof, "h100x4", Config(pp=1, dp=1, mbs=1, m=2, schedule="1f1b"))
+    bound = b.memory(0, np.array([0]), np.array([4]), FULL if recompute == "full" else NONE)[0]
+    _, _, ev = run([Segment(0, 4, recompute)])
+    assert bound == ev.peak_memory_bytes[0]
+    assert b.t.shared_grad_bytes(Segment(0, 4, recompute)) == (1000 if recompute == "full" else 400)
+
+
+def test_dp_and_ilp_agree_where_the_shared_gradient_decides_the_split():
+    # the time-balanced split [0, 3) | [3, 4) puts both uses of the shared weight on stage 0; a
+    # capacity between its memory with and without the held sum makes the search split elsewhere
+    from planner.evaluate import Config
+    from planner.solve.bounds import NONE
+    from planner.solve.exact import lb_partition
+    from planner.solve.ilp import ilp_partition
+    from tests.conftest import setup
+
+    GiB = 2**30
+    prof = chain_profile([1.0, 0.5, 0.5, 2.0], act_bytes=GiB // 8, param_bytes=GiB, tied=[((1, 2), GiB)])
+    cfg = Config(pp=2, dp=1, mbs=1, m=4, schedule="1f1b")
+    b, _ = setup(prof, "h100x4", cfg, policy="none", memory_bytes=64 * GiB)
+    assert lb_partition(b)[1] is not None and [st[0] for st in lb_partition(b)[1]] == [0, 3]
+    need = b.memory(0, np.array([0]), np.array([3]), NONE)[0]
+    shared = b.t.shared_grad[0, 3]
+    assert shared == GiB - GiB // 8  # layer 2's saved bytes freed before the sum is made
+    room = 64 * GiB - b.cap[0]  # what the cluster keeps of a device's memory
+    b, _ = setup(prof, "h100x4", cfg, policy="none", memory_bytes=int(need - shared / 2 + room))
+    lb, stages = lb_partition(b)
+    assert stages is not None and [st[0] for st in stages] != [0, 3]
+    sol = ilp_partition(b, "none")
+    assert sol.status == "Optimal" and sol.objective == pytest.approx(lb, rel=1e-6)
+
+
 # ------------------------------------------------------------------ what the run counts
 
 
@@ -74,6 +150,16 @@ def test_a_region_left_uncounted_adds_nothing_to_the_live_peak():
     assert live.peak == 400 and kept.numel() == 100
 
 
+def test_a_tensor_made_uncounted_and_kept_is_counted_once_adopted():
+    # every rank makes the whole batch, and keeps only its part: the rest is never counted
+    with LiveTensors() as live:
+        with live.uncounted():
+            inputs, target = torch.zeros(1000), torch.zeros(10)
+        live.adopt([target])
+        del inputs
+    assert live.peak == 40 and live.total == 40 and target.numel() == 10
+
+
 # --------------------------------------------------------- whole plans on two processes
 
 
@@ -82,6 +168,12 @@ def test_a_region_left_uncounted_adds_nothing_to_the_live_peak():
 CASES = {
     "autoencoder": ("tests/zoo.py:autoencoder", {}, 2, 2),  # the decoder reuses the encoder's weight transposed
     "resnet18-batchnorm": ("tests/zoo.py:resnet18", {"width": 8, "image": 64}, 3, 1),
+    # layer4.1, the pooling and fc on the last rank: the batch's images are made there and dropped
+    "resnet18-layer4-last": ("tests/zoo.py:resnet18", {"width": 8, "image": 64}, 9, 2),
+    # each rank calls the shared block twice: the sum of its weight gradients is held between calls
+    "albert": ("tests/zoo.py:albert", {}, 3, 2),
+    # the embedding and the head tied across the two ranks
+    "gpt-tied": ("tests/zoo.py:tied_checked", {}, 2, 2),
 }
 
 

@@ -59,7 +59,7 @@ from planner.formats import Plan
 from planner.model import ModelSpec
 from planner.plan import plan_schedule
 from planner.profile import DTYPES, make_batch
-from planner.profile.measure import LiveTensors, Timer
+from planner.profile.measure import LiveTensors, Timer, tensors
 from planner.split import LayeredModel
 
 __all__ = ["RETURN_NOTHING", "error_text", "main"]
@@ -291,7 +291,7 @@ def _reference_step(r: _Rank, tracker: LiveTensors | None) -> _Checks:
     """Step 0, Dropout modules off, its loss and gradients compared with the single-process
     reference (run already) before the optimizer steps; no check without a reference. The
     comparison's temporaries are not training memory: ``tracker`` does not count them."""
-    batch = r.on_device(r.batch(0))
+    batch = _held_batch(r, 0, tracker)
     dist.barrier()
     with checked_step(r.modules):
         losses = r.backward(batch)
@@ -327,8 +327,20 @@ def _replica_loss(r: _Rank, losses: list) -> float:
     return float(loss)
 
 
-def _timed_step(r: _Rank, timer: Timer, step: int) -> float:
-    batch = r.on_device(r.batch(step))
+def _held_batch(r: _Rank, step: int, tracker: LiveTensors | None) -> Batch:
+    """The step's batch as this rank holds it. Every rank makes the whole batch (the factory makes
+    inputs and target together), but a rank keeps only its part (``_Rank.on_device``), as a data
+    loader feeding only the ranks that read it would: the rest is made uncounted, and what is kept
+    is counted from here on."""
+    with tracker.uncounted() if tracker is not None else nullcontext():
+        batch = r.on_device(r.batch(step))
+    if tracker is not None:
+        tracker.adopt(tensors(batch))
+    return batch
+
+
+def _timed_step(r: _Rank, timer: Timer, step: int, tracker: LiveTensors | None = None) -> float:
+    batch = _held_batch(r, step, tracker)
     dist.barrier()
     seconds, _ = timer(partial(r.train_step, batch))
     return seconds
@@ -356,7 +368,7 @@ def _memory_steps(r: _Rank, timer: Timer, done: Callable[[int], None]) -> tuple[
         _inject(r.rank)
         if r.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(r.device)
-        _timed_step(r, timer, 1)
+        _timed_step(r, timer, 1, tracker)
     done(1)
     if tracker is None:
         return checks, None

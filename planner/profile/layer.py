@@ -119,6 +119,12 @@ class Subject:
         for p in self.params:
             p.grad = None
 
+    def zero_grads(self) -> set[int]:
+        """Every parameter given a zero gradient; their storages (for a probe to ignore)."""
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        return {storage_key(p.grad) for p in self.params if p.grad is not None}
+
 
 def measure(subject: Subject, in_keys: list[Key], out_keys: list[Key], produced_by: int,
             device: torch.device, warmup: int, repeats: int) -> LayerResult:
@@ -224,19 +230,25 @@ def _outputs(out, out_keys: list[Key], produced_by: int) -> tuple[dict[int, Key]
 
 
 def _backward_peak(subject: Subject, out, device: torch.device, ignore: set[int]) -> int:
-    """Transient bytes of the backward: the probe's peak less the parameter gradients it leaves,
-    plus the output gradients it is given."""
+    """Transient bytes of the backward, plus the output gradients it is given. It runs with the
+    parameters' gradients already there (zeros, made outside the probe), as from the second
+    micro-batch of a step on (and in every micro-batch after the first step: the executor zeroes
+    them in place): each new weight gradient is then a temporary of the weight's size until
+    autograd adds it into ``.grad`` (torch/csrc/autograd/functions/accumulate_grad.h,
+    ``accumulateGrad``: ``variable_grad += new_grad``). Where the gradients start as None the new
+    one is kept as ``.grad`` instead, which the stage's static bytes already count; measured that
+    way, a peak early in the backward would also be less the gradients made only after it."""
     outs = _differentiable(out)
     grads = subject.out_grads(outs)
     subject.clear()
     if not outs:
         return 0
     grad_bytes = sum(g.numel() * g.element_size() for g in grads)
-    with MemoryProbe(device, ignore | {storage_key(g) for g in grads}) as probe:
+    present = subject.zero_grads()
+    with MemoryProbe(device, ignore | present | {storage_key(g) for g in grads}) as probe:
         subject.backward(outs, grads)
-    param_grads = sum(nbytes(p.grad) for p in subject.params if p.grad is not None)
     subject.clear()
-    return probe.peak - param_grads + grad_bytes
+    return probe.peak + grad_bytes
 
 
 def _wgrad_bytes(subject: Subject, device: torch.device, ignore: set[int]) -> int:

@@ -146,18 +146,26 @@ class LiveTensors(TorchDispatchMode):
         finally:
             self.counting = True
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.counting:
-            return out
+    def adopt(self, found: list[torch.Tensor]) -> None:
+        """Count these tensors from now on, wherever they were made (kept from an uncounted region)."""
         self.sweep()
-        for t in _storage_tensors(tensors(out)):
+        self._add(found)
+
+    def _add(self, found: list[torch.Tensor]) -> None:
+        for t in _storage_tensors(found):
             s = t.untyped_storage()
             key = s._cdata
             if key not in self.live and s.data_ptr() and s.data_ptr() not in self.ignore and s.nbytes():
                 self.live[key] = (StorageWeakRef(s), s.nbytes())
                 self.total += s.nbytes()
         self.peak = max(self.peak, self.total)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.counting:
+            return out
+        self.sweep()
+        self._add(tensors(out))
         return out
 
 

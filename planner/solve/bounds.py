@@ -118,6 +118,8 @@ class StageBounds:
         else:
             held = t.ACT[j] - t.ACT[i] + t.held_extra[i, j]
             transient = t.peak_max[i, j]
+        # CostTable.shared_grad_bytes: a fully recomputed stage frees no saved tensors for it
+        transient = transient + (t.shared_held[0][i, j] if choice == FULL else t.shared_grad[i, j])
         sent = t.cut[j] if self.remote_next[s] else np.zeros(i.shape)
         sizes = np.stack([held, t.WGRAD[j] - t.WGRAD[i], t.cut[i], sent])
         step = self.m * t.cut[i] + t.optimizer_transient_matrix(self.optimizer)[i, j] * self.dps[s].optimizer_share()

@@ -295,9 +295,33 @@ class _Model:
             self.prob += tr >= float(t.peak[i]) / GIB * self.x[i, s]
             if self.mode != "none":
                 self.prob += tr >= float(t.act[i] + t.peak[i]) / GIB * self.u[i, s]
-        if self.b.dps[s].regathers:
-            self.prob += tr >= (params - self.cut_in[s]) * (1 / GIB)
-        return GIB * tr + self.cut_in[s] + t.workspace
+        shared = self._shared_grad(s)
+        if self.b.dps[s].regathers:  # max(layer + shared sums + gradient sent, gather buffer)
+            self.prob += tr >= (params - shared - self.cut_in[s]) * (1 / GIB)
+        return GIB * tr + shared + self.cut_in[s] + t.workspace
+
+    def _shared_grad(self, s: int) -> Expr:
+        """The gradient sums of weights reused inside stage s (``CostTable.shared_grad``): a tied
+        group's bytes once two consecutive members a < c are both in s (w_g >= x_a + x_c - 1),
+        less, with one group, the saved bytes of the stage's layers from c on that are not
+        recomputed (for the group's last pair in s that is the cost model's credit; an earlier
+        pair's is larger, so its row is looser)."""
+        t = self.b.t
+        groups = t._tied
+        total = pulp.LpVariable(f"shared_{s}", lowBound=0)
+        if len(groups) == 1:
+            members, nbytes = groups[0]
+            for a, c in pairwise(members):
+                kept = pulp.lpSum(float(t.act[k]) * (self.x[k, s] - self.u[k, s]) for k in range(c, self.n))
+                self.prob += total >= nbytes * (self.x[a, s] + self.x[c, s] - 1) - kept
+            return total
+        out: Expr = 0
+        for g, (members, nbytes) in enumerate(groups):
+            w = pulp.LpVariable(f"shared_{g}_{s}", lowBound=0, upBound=1)
+            for a, c in pairwise(members):
+                self.prob += w >= self.x[a, s] + self.x[c, s] - 1
+            out = out + nbytes * w
+        return total + out
 
     def _static(self, s: int, params: Expr) -> Expr:
         """Weights, gradients, optimizer state, stashed versions, receive buffers and the batch."""
