@@ -135,7 +135,8 @@ def profile(
     depth: int | None = typer.Option(None, "--depth", help="cut at this module depth instead of the natural blocks"),
     repeats: int = typer.Option(10, "--repeats", min=1, help="timed repetitions per measurement"),
     warmup: int = typer.Option(3, "--warmup", min=0, help="untimed repetitions first"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (match how you will run)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default 1 on a CPU, as each "
+                                       "planner execute worker runs)"),
     no_dedupe: bool = typer.Option(False, "--no-dedupe", help="measure every layer, identical ones too"),
     no_meta: bool = typer.Option(False, "--no-meta", help="build the model in memory, not on the meta device "
                                  "(for a factory that computes with its weights while building)"),
@@ -384,7 +385,7 @@ def check(
 
 @app.command()
 def export(
-    plan_file: Path = typer.Argument(..., metavar="PLAN"),
+    plan_file: Path = typer.Argument(..., metavar="PLAN", help="plan JSON"),
     fmt: str = typer.Option(..., "--format", "-f", help="megatron, deepspeed, torchtitan or torch"),
     output: Path | None = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
 ) -> None:
