@@ -244,8 +244,9 @@ def profile_table(prof: Profile) -> Table:
     heaviest = max(range(len(rows)), key=lambda i: rows[i][2].fwd_s + rows[i][2].bwd_s)
     threads = prof.measurement.threads if prof.measurement else None
     where = f"{prof.device.name}, {threads} CPU thread{'s' if threads != 1 else ''}" if threads else prof.device.name
-    table = Table(title=f"{prof.model.name} on {where} ({prof.dtype}), micro-batch {size}",
-                  title_justify="left")
+    estimated = prof.measurement.estimated if prof.measurement else None
+    table = Table(title=f"{prof.model.name} on {where} ({prof.dtype}), micro-batch {size}"
+                  + (", estimated" if estimated else ""), title_justify="left")
     for col in ("layer", "params", "fwd", "bwd", "saved act.", "output"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for i, (name, pbytes, c) in enumerate(rows):
@@ -263,6 +264,8 @@ def profile_table(prof: Profile) -> Table:
                          "the calibration corrects for it")
     if prof.tied:
         notes.append("tied: " + "; ".join(" = ".join(g.layers) for g in prof.tied))
+    if estimated:
+        notes.append(f"costs estimated, not measured: {estimated.removeprefix('estimate: ')}")
     table.caption = "\n".join(notes)
     table.caption_justify = "left"
     return table

@@ -172,6 +172,8 @@ def darker(colour: str, keep: float = 0.55) -> str:
 
 
 def _ms(seconds: float) -> str:
+    if seconds == 0:
+        return "0"  # the axis origin, in whatever unit the other ticks use
     if seconds >= 1:
         return f"{seconds:.2f} s"
     if seconds >= 1e-3:

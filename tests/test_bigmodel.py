@@ -315,3 +315,18 @@ def test_solve_and_simulate_say_the_costs_are_estimated(tmp_path):
     assert simulated.exit_code == 0 and "costs are estimated" in " ".join(simulated.output.split())
     measured = runner.invoke(app, ["simulate", "plans/gpt.cpu2-pp2.json"])
     assert measured.exit_code == 0 and "estimated" not in measured.output
+
+
+def test_an_estimated_profiles_table_says_it_is_estimated():
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from planner.formats import load_profile
+    from planner.report import profile_table
+
+    console = Console(width=200, record=True)
+    profile = Path(__file__).parents[1] / "profiles" / "llama2-70b.h100-estimate.json"
+    console.print(profile_table(load_profile(profile)))
+    text = console.export_text()
+    assert "micro-batch 2, estimated" in text and "costs estimated, not measured: roofline" in text
