@@ -180,18 +180,19 @@ def _dp_links(plan: Plan) -> str:
 
 
 def zero_note(plan: Plan) -> str:
+    """ZeRO 3's collective inside compute (``DataParallel.per_microbatch``)."""
     par = plan.parallel
-    also = ("; ZeRO-3 also all-gathers the stage's weights before each forward and each input gradient"
-            if par.zero == 3 else "")
-    return (f"ZeRO comm, inside compute: each micro-batch's weight gradient reduce-scatters the stage's "
-            f"gradients over dp {par.dp} ({_dp_links(plan)}), half a ring all-reduce{also}")
+    return (f"ZeRO comm, inside compute: ZeRO-3 all-gathers the stage's weights again after every forward "
+            f"over dp {par.dp} ({_dp_links(plan)}), half a ring all-reduce, as the pipeline engine runs FSDP")
 
 
 def dp_step_note(plan: Plan) -> str:
     """The data-parallel collective once a step, after the last backward (not in compute/step)."""
     par = plan.parallel
     what = {0: "all-reduces its gradients", 1: "reduce-scatters its gradients and all-gathers the updated "
-            "shards (ZeRO-1)", 2: "all-gathers its updated weights (ZeRO-2)"}[par.zero]
+            "shards (ZeRO-1)", 2: "reduce-scatters its gradients once and all-gathers its weights at the next "
+            "step's start (ZeRO-2)", 3: "reduce-scatters its gradients once and all-gathers its weights at the "
+            "next step's start (ZeRO-3)"}[par.zero]
     most = max(st.cost.allreduce_s for st in plan.stages)
     return (f"dp step, after compute (the timeline's purple tail): each rank {what} over dp {par.dp} "
             f"({_dp_links(plan)}), up to {fmt_time(most)} a stage, then steps its optimizer")

@@ -61,14 +61,16 @@ def test_recording_the_collectives_changes_no_priced_number():
         assert c.bwd_weight_s == a.bwd_weight_s
 
 
-def test_zero_3_records_its_gathers_and_its_reduce_scatter():
-    # half a ring all-reduce over dp 2 of the stage's 2 x 64 / 2 MiB shard-sized weights at tp 2:
-    # 0.5 * (64 MiB / 450e9 + 20 us), before forward, before input gradient, after weight gradient
+def test_zero_3_records_the_gather_after_every_forward():
+    # as the pipeline engine runs FSDP: ZeRO 3 gathers the stage's weights again after every
+    # forward, half a ring all-reduce over dp 2 of its 2 x 64 / 2 MiB shard-sized weights at tp 2:
+    # 0.5 * (64 MiB / 450e9 + 20 us); the one reduce-scatter per step is not per micro-batch, and
+    # ZeRO 2 gathers only at the step's start
     half = 0.5 * (64 * MiB / 450e9 + 20e-6)
     c = _plan(zero=3).stages[0].cost.zero_comm
-    assert (c.fwd_s, c.bwd_input_s, c.bwd_weight_s) == pytest.approx((half, half, half))
+    assert (c.fwd_s, c.bwd_input_s, c.bwd_weight_s) == pytest.approx((half, 0, 0))
     c = _plan(zero=2).stages[0].cost.zero_comm
-    assert (c.fwd_s, c.bwd_input_s, c.bwd_weight_s) == pytest.approx((0, 0, half))
+    assert (c.fwd_s, c.bwd_input_s, c.bwd_weight_s) == (0, 0, 0)
 
 
 def test_the_committed_tp_plan_carries_the_collectives_its_profile_prices():
@@ -111,8 +113,8 @@ def test_simulate_shows_zero_comm_at_zero_3(tmp_path):
     out = _simulate(tmp_path, _plan(zero=3))
     assert "ZeRO comm" in out
     half = 0.5 * (64 * MiB / 450e9 + 20e-6)
-    assert fmt_time(4 * 3 * half) in out
-    assert "ZeRO-3 also all-gathers the stage's weights" in " ".join(out.split())
+    assert fmt_time(4 * half) in out  # one gather after each of the 4 forwards
+    assert "ZeRO-3 all-gathers the stage's weights again after every forward" in " ".join(out.split())
 
 
 def test_simulate_json_gives_the_device_grid_and_the_comm_seconds(tmp_path):
@@ -146,10 +148,11 @@ def test_the_timeline_tails_each_box_with_its_collectives():
     scale = (1200 - 80 - 20) / sim.step_time_s  # the picture's span in pixels over the step
     tp = [b for b in lay.boxes if ": tensor-parallel collectives" in b.tip]
     zero = [b for b in lay.boxes if ": ZeRO collectives" in b.tip]
-    assert len(tp) == len(zero) == 2 * 4 * 2  # every F and B of 2 stages x 4 micro-batches
+    assert len(tp) == 2 * 4 * 2  # every F and B of 2 stages x 4 micro-batches
+    assert len(zero) == 2 * 4  # ZeRO 3's gather after every F
     assert all(b.w == pytest.approx(3 * RING_MIB * scale) for b in tp)  # forward and backward alike
     half = costs[0].zero_comm.fwd_s
-    assert {round(b.w, 6) for b in zero} == {round(half * scale, 6), round(2 * half * scale, 6)}  # F; B = I + W
+    assert {round(b.w, 6) for b in zero} == {round(half * scale, 6)}
     for b in tp:  # inside its action's box, ending where the ZeRO tail begins
         box = next(x for x in lay.boxes if "micro-batch" in x.tip and x.y == b.y and x.x <= b.x < x.x + x.w)
         assert b.x + b.w <= box.x + box.w + 1e-9
