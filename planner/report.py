@@ -126,7 +126,7 @@ def collective_notes(plan: Plan) -> list[str]:
         notes.append(tp_note(plan) if recorded["TP comm"] else _unrecorded("TP comm"))
     if "ZeRO comm" in recorded:
         notes.append(zero_note(plan) if recorded["ZeRO comm"] else _unrecorded("ZeRO comm"))
-    if plan.parallel.dp > 1 and plan.parallel.zero < 3:
+    if plan.parallel.dp > 1:
         notes.append(dp_step_note(plan))
     return notes
 
