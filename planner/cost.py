@@ -632,11 +632,20 @@ class CostTable:
 
     def stage_cost(self, seg: Segment, m: int, training: Training, *, speed: float = 1.0,
                    allreduce_s: float = 0.0, weight_versions: int = 1,
-                   data_parallel: DataParallel | None = None) -> StageCost:
+                   data_parallel: DataParallel | None = None, split_backward: bool = False) -> StageCost:
         """``allreduce_s``: what the stage adds to its data-parallel step (tied weights);
-        ``data_parallel`` adds the replicas' ZeRO sharding and collectives."""
+        ``data_parallel`` adds the replicas' ZeRO sharding and collectives; ``split_backward``: the
+        schedule runs I and W as separate actions."""
         dp = data_parallel or DataParallel()
         f, bi, bw, b = self.times(seg, speed)
+        if split_backward and seg.recomputed():
+            # torch's checkpoint would recompute in I and again in every W pass, so a stage that
+            # recomputes runs its backward whole in I (planner.execute.runtime.recomputes) and its W
+            # does nothing. Priced as the two parts' sum, which the solver's bounds assume (and which
+            # is usually above one whole backward: a time over- rather than under-estimate). Memory
+            # is left as the split prices it: activations held to W, weight-gradient inputs from I
+            # to W; both are freed at I, so that over-estimates as well.
+            bi, bw = bi + bw, 0.0
         params = self.param_bytes(seg)
         gather_f, gather_i, scatter_w = dp.per_microbatch(params)
         static = params * dp.state_factor(training, self.profile.dtype)

@@ -169,7 +169,8 @@ def evaluate(table: CostTable, cluster: Cluster, config: Config, segments: list[
         cost = table.stage_cost(
             seg, config.m, config.training, speed=rank.speed,
             allreduce_s=tied_extra[s], data_parallel=rank.data_parallel(cluster, config.zero),
-            weight_versions=weight_versions(config.schedule, config.pp, place[s]))
+            weight_versions=weight_versions(config.schedule, config.pp, place[s]),
+            split_backward=schedule.split_backward)
         costs.append(cost.model_copy(update={"overhead_s": rank.overhead_s}) if rank.overhead_s else cost)
     cuts = [cut_link(cluster, ranks[place[s]].devices[0], ranks[place[s + 1]].devices[0],
                      table.cut[segments[s].stop], same_rank=place[s] == place[s + 1])

@@ -110,7 +110,7 @@ def _buffers(built, mine, cut_values, m, n, device) -> dict:
 
 
 def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S, device, timings) -> None:
-    from planner.execute.runtime import WeightWork, backward_input, backward_weight
+    from planner.execute.runtime import WeightWork, backward_input, backward_weight, recomputes
 
     saved: dict[tuple[int, int], tuple] = {}
     groups: dict[tuple[int, int], WeightWork] = {}
@@ -156,6 +156,9 @@ def _run_actions(actions, modules, buffers, first_inputs, target, loss_fn, m, S,
         if a.kind == "B":
             timed((s, "B"), torch.autograd.backward, outs, grads)
             saved.pop((s, k))
+        elif recomputes(mod):  # I runs the whole backward, W nothing (as the engine's stages do)
+            timed((s, "I"), torch.autograd.backward, outs, grads)
+            groups[(s, k)] = WeightWork([])
         else:
             params = [p for p in mod.parameters() if p.requires_grad]
             ins = [x for x in xs if torch.is_tensor(x) and x.requires_grad]

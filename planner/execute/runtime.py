@@ -240,10 +240,27 @@ def backward_weight(work: WeightWork) -> None:
         work.grads.clear()
 
 
+def recomputes(module: nn.Module) -> bool:
+    """Whether the stage recomputes layers in its backward. torch's checkpoint recomputes a layer
+    in every backward pass that reaches it: split into I and one W pass per weight group, the
+    layer would be recomputed in I and again in each W pass, and what I recomputed but did not
+    consume would stay alive until W. Such a stage's backward runs whole in I instead and its W
+    does nothing (``CostTable.stage_cost`` prices it so)."""
+    from planner.execute.stages import Checkpointed
+
+    return any(isinstance(m, Checkpointed) for m in module.modules())
+
+
 class _Stage(PipelineStage):
     """A pipeline stage whose split backward is planner's (above); full backwards are the engine's."""
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+        if backward_type == "input" and recomputes(self.submod):  # the whole backward, as 1F1B runs it
+            whole = dict(bwd_kwargs)
+            if whole["output_grads"] is None:  # the loss, which the engine wrapped in a tuple for I
+                whole["stage_output"] = whole["stage_output"][0]
+            grads, _ = super().backward_maybe_with_nosync("full", whole, last_backward)
+            return grads, WeightWork([])
         if backward_type == "input":
             return backward_input(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"],
                                   bwd_kwargs["input_values"], self.submod.parameters())
