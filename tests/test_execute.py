@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from planner.clusters import from_spec
-from planner.errors import CheckFailed, ExecutionError, InputError
+from planner.errors import CheckFailed, ExecutionError
 from planner.execute import Options, execute, raise_on_failure
 from planner.execute.single import run_single
 from planner.formats import dump, load_plan
@@ -335,12 +335,6 @@ def test_an_in_process_run_the_device_cannot_hold_is_refused_before_building(mon
         ex._refuse_what_cannot_fit(plan, "single", torch.device("cpu"))
     monkeypatch.setattr(ex, "_free_bytes", lambda device: weights)
     ex._refuse_what_cannot_fit(plan, "single", torch.device("cpu"))  # fits: nothing raised
-
-
-def test_what_is_not_executed_is_refused_in_one_line_before_anything_starts():
-    # pp 16 x dp 4 x tp 2 with ZeRO 1: tensor parallelism runs, ZeRO 1 over its parameters does not
-    with pytest.raises(InputError, match=r"tp > 1 with ZeRO stage 1 over dp > 1 is not executed .*--zero 0, 2 or 3"):
-        execute(Path("plans/gpt3-175b.16xh100x8.json"), Options())
 
 
 def test_a_launch_that_starts_nothing_leaves_no_run_folder(tiny_profile, tmp_path, monkeypatch):

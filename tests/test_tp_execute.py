@@ -154,6 +154,44 @@ def test_pp2_dp2_zero_matches_the_reference_and_the_predicted_memory(tiny_profil
 
 
 @pytest.mark.slow
+def test_dp2_tp2_zero_1_matches_the_reference(tiny_profile, tmp_path):
+    # ZeRO 1 over tensor-parallel parameters: planner's ShardedOptimizer, not ZeroRedundancyOptimizer
+    ver = run(plan_for(tiny_profile, tmp_path, pp=1, dp=2, tp=2, zero=1), tmp_path)
+    assert ver.mode == "distributed"
+    assert all(ok for _, ok, _ in ver.checks), ver.checks
+    assert sorted(_memory_errors(ver)) == ["rank 0 tp 0 peak memory", "rank 0 tp 1 peak memory"]
+
+
+def _sharded_step(rank: int, store_path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from planner.execute.train import ShardedOptimizer
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    params = [torch.nn.Parameter(torch.full((n,), float(n))) for n in (10, 6, 3)]
+    for p in params:
+        p.grad = torch.ones_like(p)  # the averaged gradients: the same on both replicas
+    opt = ShardedOptimizer(params, torch.optim.SGD, {"lr": 0.5}, dist.group.WORLD)
+    owned = sum(p.numel() for p in opt.inner.param_groups[0]["params"])
+    opt.step()
+    torch.save({"params": [p.detach() for p in params], "owned": owned}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_the_sharded_optimizer_steps_its_share_and_broadcasts_the_rest(tmp_path):
+    # two replicas: the 10-element tensor to one, the 6 and the 3 to the other (largest first, to
+    # the emptier); after the step both hold every tensor as n - 0.5
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "result")
+    mp.spawn(_sharded_step, args=(str(tmp_path / "store"), out), nprocs=2, join=True)
+    results = [torch.load(f"{out}.{r}") for r in (0, 1)]
+    assert sorted(r["owned"] for r in results) == [9, 10]
+    for r in results:
+        assert [p.tolist() for p in r["params"]] == [[n - 0.5] * n for n in (10, 6, 3)]
+
+
+@pytest.mark.slow
 def test_a_wrong_gradient_on_one_tp_rank_fails_the_check(tiny_profile, tmp_path, monkeypatch):
     monkeypatch.setenv("PLANNER_FAULT", "grad@3")  # pipeline rank 1, tp rank 1
     ver = run(plan_for(tiny_profile, tmp_path, tp=2), tmp_path)

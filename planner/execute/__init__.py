@@ -169,9 +169,6 @@ def unexecuted(plan: Plan) -> str | None:
         return (f"ZeRO stage {par.zero} runs with schedules whose backward is one action (gpipe, 1f1b, "
                 f"interleaved-1f1b); {plan.schedule.name} splits it, which FSDP's gradient reduction does not "
                 "follow: solve with --schedule 1f1b, or --zero 1")
-    if par.tp > 1 and par.zero == 1 and par.dp > 1:
-        return ("tp > 1 with ZeRO stage 1 over dp > 1 is not executed (ZeroRedundancyOptimizer does not take "
-                "tensor-parallel parameters): solve with --zero 0, 2 or 3")
     return None
 
 

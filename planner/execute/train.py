@@ -11,7 +11,7 @@ from planner.formats import Plan
 
 
 def optimizer_for(plan: Plan, params: list[nn.Parameter], dp_group=None,
-                  shard_of: int | None = None) -> torch.optim.Optimizer:
+                  shard_of: int | None = None) -> torch.optim.Optimizer | ShardedOptimizer:
     """The plan's optimizer over these parameters. With ZeRO stage 1 and several replicas, its state
     is sharded over the replicas: in a distributed run by torch's ZeroRedundancyOptimizer over the
     replica group ``dp_group`` (each replica steps its shard, then broadcasts it); a rank replayed
@@ -28,6 +28,8 @@ def optimizer_for(plan: Plan, params: list[nn.Parameter], dp_group=None,
     if plan.parallel.zero >= 2 and dp_group is not None:
         return kind(params, **options)  # FSDP's sharded parameters: each replica steps its shard
     if plan.parallel.zero >= 1 and dp > 1:
+        if dp_group is not None and any(_is_dtensor(p) for p in params):
+            return ShardedOptimizer(params, kind, options, dp_group)
         if dp_group is not None:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -43,6 +45,49 @@ def torch_optimizer(name: str) -> tuple[type[torch.optim.Optimizer], dict]:
     if name == "adam":
         return torch.optim.Adam, {"lr": 1e-4}
     return torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9 if name == "sgd-momentum" else 0.0}
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+class ShardedOptimizer:
+    """ZeRO stage 1 over tensor-parallel (DTensor) parameters, which torch's
+    ZeroRedundancyOptimizer does not take: each replica holds the optimizer state of its share of
+    whole tensors (``zero_shard``, the same partition on every replica), steps it on the averaged
+    gradients, then every tensor's owner broadcasts its updated local shard to the other replicas
+    (ZeRO section 5.1: P_os, whose all-gather of the updated parameters this is)."""
+
+    def __init__(self, params: list[nn.Parameter], kind: type[torch.optim.Optimizer], options: dict,
+                 group) -> None:
+        import torch.distributed as dist
+
+        self.params, self.group = params, group
+        shards = zero_shard(params, dist.get_world_size(group))
+        self.owners = [(p, dist.get_global_rank(group, k)) for k, shard in enumerate(shards) for p in shard]
+        mine = shards[dist.get_rank(group)]
+        self.inner = kind(mine or [nn.Parameter(torch.zeros(1))], **options)
+
+    def step(self) -> None:
+        import torch.distributed as dist
+
+        from planner.execute.parallel import local
+
+        self.inner.step()
+        with torch.no_grad():
+            for p, owner in self.owners:
+                dist.broadcast(local(p), src=owner, group=self.group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.zero_()
 
 
 def zero_shard(params: list[nn.Parameter], dp: int) -> list[list[nn.Parameter]]:

@@ -46,7 +46,7 @@ from planner.execute.parallel import local, make_mesh, shard_stage, tensor_paral
 from planner.execute.reports import Failure, Measured, WorkerReport, coordinates, error_text
 from planner.execute.runtime import engine_actions, make_runtime
 from planner.execute.stages import build_model, build_stages, canonical_params, tied_groups
-from planner.execute.train import batch_seed, optimizer_for, stage_parameters
+from planner.execute.train import ShardedOptimizer, batch_seed, optimizer_for, stage_parameters
 from planner.execute.verify import (
     Reference,
     checked_step,
@@ -145,7 +145,7 @@ class _Rank:
     named: dict[str, torch.nn.Parameter]  # this rank's parameters under the model's names
     tied: list[tuple[list[torch.nn.Parameter], Any]]  # (shared weights held here, their group)
     dp_group: Any
-    opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer | ShardedOptimizer
     reduced: bool  # FSDP (ZeRO 2, 3) averages the gradients over the replicas inside the step
     reference: Reference | None
     first: bool  # holds the first stage: feeds the inputs

@@ -435,9 +435,6 @@ def _not_executed(profile: Profile, settings: Settings, best: Config) -> list[st
     if best.zero >= 2 and best.dp > 1 and SCHEDULES[best.schedule].split_backward:
         notes.append(f"ZeRO stage {best.zero} with {best.schedule}: planned, not executed: FSDP runs with "
                      "schedules whose backward is one action (--schedule 1f1b, gpipe, interleaved-1f1b)")
-    if best.tp > 1 and best.zero == 1 and best.dp > 1:
-        notes.append("tp > 1 with ZeRO stage 1: planned, not executed (ZeroRedundancyOptimizer does not take "
-                     "tensor-parallel parameters): solve with --zero 2 or 3")
     return notes
 
 
