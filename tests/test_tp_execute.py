@@ -175,6 +175,7 @@ def _sharded_step(rank: int, store_path: str, out: str) -> None:
     owned = sum(p.numel() for p in opt.inner.param_groups[0]["params"])
     opt.step()
     torch.save({"params": [p.detach() for p in params], "owned": owned}, f"{out}.{rank}")
+    dist.barrier()  # neither leaves while the other's broadcast is in flight (gloo aborts at teardown)
     dist.destroy_process_group()
 
 
