@@ -7,7 +7,7 @@ torchrun stops every worker once one fails. On top of that:
   SIGTERM or SIGHUP stops the launcher's group and every worker (each worker records its pid
   in the run folder: torchrun starts each in a session of its own);
 * every worker watches its launcher and this process, and exits when either is gone
-  (``worker._watch_parents``), so even a SIGKILL of planner or of torchrun leaves nothing;
+  (``worker.watch_parents``), so even a SIGKILL of planner or of torchrun leaves nothing;
 * each worker's report (or its absence) says which rank failed, on which stage, and why.
 """
 

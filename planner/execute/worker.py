@@ -79,13 +79,13 @@ class OutOfMemory(RuntimeError):
     pass
 
 
-def _write(path: Path, text: str) -> None:
+def write(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several workers may write one report
     tmp.write_text(text)
     tmp.replace(path)
 
 
-def _watch_parents(interval_s: float = 0.5) -> None:
+def watch_parents(interval_s: float = 0.5) -> None:
     """Exit when the launcher (the parent) or the planner process that started the run is gone:
     a killed launcher must not leave its workers waiting on their peers for minutes."""
     launcher = os.getppid()
@@ -100,7 +100,19 @@ def _watch_parents(interval_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="planner-watchdog", daemon=True).start()
 
 
-def _inject(rank: int) -> None:
+@contextmanager
+def process_group(device: torch.device, rank: int, world: int, timeout_s: float) -> Iterator[None]:
+    """The workers' default group (NCCL on GPUs, gloo on CPUs), torn down however the body ends."""
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def inject(rank: int) -> None:
     fault = os.environ.get(FAULT, "")
     if "@" not in fault:
         return
@@ -365,7 +377,7 @@ def _memory_steps(r: _Rank, timer: Timer, done: Callable[[int], None]) -> tuple[
     with _live_tensors(r) as tracker:
         checks = _reference_step(r, tracker)
         done(0)
-        _inject(r.rank)
+        inject(r.rank)
         if r.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(r.device)
         _timed_step(r, timer, 1, tracker)
@@ -435,7 +447,7 @@ def _share(report: WorkerReport, run_dir: Path, world: int, local_rank: int) -> 
     for text in everyone:
         other = WorkerReport.from_json(text)
         if other.rank != report.rank:
-            _write(run_dir / f"rank{other.rank}.json", text)
+            write(run_dir / f"rank{other.rank}.json", text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     run_dir = Path(args.run_dir)
     out = run_dir / f"rank{rank}.json"
-    _watch_parents()
-    _write(run_dir / f"rank{rank}.pid", str(os.getpid()))
+    watch_parents()
+    write(run_dir / f"rank{rank}.pid", str(os.getpid()))
     plan = load_runnable(Path(args.plan))
     pp_rank, dp_rank, tp_rank = coordinates(rank, plan.parallel.dp, plan.parallel.tp)
     device = _device(plan, local_rank)
@@ -453,22 +465,18 @@ def main(argv: list[str] | None = None) -> int:
                           stages=[st.index for st in plan.stages if st.rank == pp_rank])
 
     def done(step: int) -> None:
-        _write(run_dir / f"rank{rank}.step", str(step + 1))
+        write(run_dir / f"rank{rank}.step", str(step + 1))
 
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=args.timeout))
-        state = _build(plan, rank, device, args.verify)
-        report = report.model_copy(update={"measured": _run(state, args.steps, args.warmup, done)})
-        _write(out, report.to_json())
-        _share(report, run_dir, world, local_rank)
+        with process_group(device, rank, world, args.timeout):
+            state = _build(plan, rank, device, args.verify)
+            report = report.model_copy(update={"measured": _run(state, args.steps, args.warmup, done)})
+            write(out, report.to_json())
+            _share(report, run_dir, world, local_rank)
         return 0
-    except BaseException as e:  # report why, then fail so torchrun stops the others
-        _write(out, report.model_copy(update={"failure": _failure(e, device)}).to_json())
+    except BaseException as e:  # report why (a failed rendezvous too), then fail so torchrun stops the others
+        write(out, report.model_copy(update={"failure": _failure(e, device)}).to_json())
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from planner.errors import InputError
 from planner.execute.parallel import SEQ, local, tensor_parallel
-from planner.execute.worker import _inject, _watch_parents, _write, error_text
+from planner.execute.worker import error_text, inject, process_group, watch_parents, write
 from planner.model import ModelSpec, build_spec
 from planner.profile import DTYPES, build_meta_spec, make_batch
 from planner.profile.collect import crossing_keys
@@ -102,7 +101,7 @@ def _measure(job: TpJob, device: torch.device, mesh: DeviceMesh) -> dict[str, An
     for i, name in enumerate(source.lm.names):
         if name in job.measure:
             if mesh.get_rank() == 0:
-                _write(Path(job.progress_path), json.dumps([len(out), name]))
+                write(Path(job.progress_path), json.dumps([len(out), name]))
             out[name] = _measure_layer(job, source, spec, mesh, flows, batches, i)
     return out
 
@@ -137,28 +136,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     run_dir = Path(args.run_dir)
-    _watch_parents()
-    _write(run_dir / f"rank{rank}.pid", str(os.getpid()))
+    watch_parents()
+    write(run_dir / f"rank{rank}.pid", str(os.getpid()))
     job = TpJob.read(Path(args.job))
     try:
         device = _device(job, int(os.environ.get("LOCAL_RANK", rank)))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=job.timeout_s))
-        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("tp",))
-        _inject(rank)  # testing aid: PLANNER_FAULT, as planner execute's workers read it
-        mine = _measure(job, device, mesh)
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, mine)
-        if rank == 0:
-            _write(run_dir / "result.json", json.dumps(_slowest(everyone)))
-        dist.barrier()  # no rank tears its group down while another still uses it
+        with process_group(device, rank, world, job.timeout_s):
+            mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("tp",))
+            inject(rank)  # testing aid: PLANNER_FAULT, as planner execute's workers read it
+            mine = _measure(job, device, mesh)
+            everyone: list[Any] = [None] * world
+            dist.all_gather_object(everyone, mine)
+            if rank == 0:
+                write(run_dir / "result.json", json.dumps(_slowest(everyone)))
+            dist.barrier()  # no rank tears its group down while another still uses it
         return 0
     except BaseException as e:
-        _write(run_dir / f"rank{rank}.error", f"{type(e).__name__}: {error_text(e)}")
+        write(run_dir / f"rank{rank}.error", f"{type(e).__name__}: {error_text(e)}")
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
