@@ -451,11 +451,16 @@ def _check_run_dir(path: Path) -> None:
 
 def _fraction(text: str, flag: str) -> float:
     from planner.errors import InputError
+    from planner.units import foreign_digits
 
+    number = text.strip().rstrip("%")
     try:
-        value = float(text.strip().rstrip("%")) / (100 if text.strip().endswith("%") else 1)
+        if not number.isascii() or "_" in number:  # float() takes '１０' and '1_0' too
+            raise ValueError(number)
+        value = float(number) / (100 if text.strip().endswith("%") else 1)
     except ValueError:
-        raise InputError(f"{flag} {text!r}: write a percentage like 10% or a fraction like 0.1") from None
+        digits = " with the digits 0-9" if foreign_digits(text) else ""
+        raise InputError(f"{flag} {text!r}: write a percentage like 10% or a fraction like 0.1{digits}") from None
     if not math.isfinite(value):
         raise InputError(f"{flag} {text!r}: not a finite number; write a percentage like 10% or a fraction like 0.1")
     if value < 0:
@@ -465,13 +470,16 @@ def _fraction(text: str, flag: str) -> float:
 
 def _cuts(text: str, names: list[str]) -> tuple[int, ...]:
     from planner.errors import InputError
+    from planner.units import foreign_digits
 
     out = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
-        if item.isdigit():
+        if item.isascii() and item.isdigit():  # isdigit() alone takes '５' and '²'
             k = int(item)
         elif item in names:
             k = names.index(item)
+        elif foreign_digits(item):
+            raise InputError(f"--fix-cuts: {item!r}: write layer indices with the digits 0-9")
         else:
             raise InputError(f"--fix-cuts: {item!r} is neither a layer index nor a layer name")
         if not 0 < k < len(names):
@@ -485,11 +493,13 @@ def _cuts(text: str, names: list[str]) -> tuple[int, ...]:
 
 def _int_list(text: str, flag: str, most: int) -> list[int]:
     from planner.errors import InputError
+    from planner.units import ascii_whole, foreign_digits
 
-    try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise InputError(f"{flag} {text!r}: write whole numbers separated by commas") from None
+    parsed = [ascii_whole(x) for x in text.replace(" ", "").split(",") if x]
+    values = [v for v in parsed if v is not None]
+    if len(values) < len(parsed):
+        digits = " with the digits 0-9" if foreign_digits(text) else ""
+        raise InputError(f"{flag} {text!r}: write whole numbers{digits} separated by commas")
     if not values or any(v < 1 for v in values):
         raise InputError(f"{flag} {text!r}: give at least one positive number")
     if max(values) > most:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from planner.errors import InputError
 from planner.formats import Cluster, DeviceSpec, Link, NodeSpec, load_cluster_file
+from planner.units import foreign_digits
 
 GiB = 1024**3
 MiB = 1024**2
@@ -140,12 +141,14 @@ def describe_link(link: Link) -> str:
     return text + (f" (+{link.cpu_s * 1e6:g} us CPU)" if link.cpu_s else "")
 
 
-_TERM = re.compile(r"^(?:(\d+)x)?([a-z0-9][a-z0-9-]*?)x?(\d+)$")
+_TERM = re.compile(r"(?:([0-9]+)x)?([a-z0-9][a-z0-9-]*?)x?([0-9]+)")  # [0-9]: \d takes any script's digits
 
 
 def _term(text: str) -> tuple[int, DeviceKind, int]:
     """'2xh100x8' -> (2 nodes, H100, 8 per node); 'cpu2' -> (1, CPU, 2)."""
-    m = _TERM.match(text)
+    if foreign_digits(text):
+        raise InputError(f"cluster {text!r}: write the counts with the digits 0-9")
+    m = _TERM.fullmatch(text)
     if not m or m.group(2) not in KINDS:
         known = ", ".join(sorted(set(KINDS)))
         raise InputError(f"unknown cluster {text!r}: write [NODESx]DEVICExCOUNT with DEVICE one of "

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import EXTRAS, InfeasibleError, MissingExtraError, ModelError, PlannerError
+from planner.units import foreign_digits
 
 
 @dataclass
@@ -131,8 +132,18 @@ def parse_args(pairs: list[str]) -> dict[str, Any]:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+            if foreign_digits(raw) and _is_number(raw):  # float() reads '２', JSON and factories do not
+                raise ModelError(f"--arg {pair!r}: write numbers with the digits 0-9") from None
         out[key] = value if isinstance(value, (int, float, str, bool)) or value is None else raw
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _import_file(path: Path):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def fmt_bytes(n: float) -> str:
     n = float(n)
@@ -36,4 +38,15 @@ def layer_span(layers: list[str]) -> str:
     return f"{layers[0]} .. {'.'.join(last[same:])} ({len(layers)})"
 
 
-__all__ = ["fmt_bytes", "fmt_time", "layer_span"]
+def ascii_whole(text: str) -> int | None:
+    """``text`` as a whole number if it is written with the digits 0-9 (an optional sign first),
+    else None. ``int()`` alone also takes other scripts' digits ('２', '٣'), underscores and spaces."""
+    return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else None
+
+
+def foreign_digits(text: str) -> bool:
+    """Whether ``text`` holds a digit other than 0-9 (a full-width '２', an Arabic-Indic '٣', a '²')."""
+    return any(ch.isdigit() and not ch.isascii() for ch in text)
+
+
+__all__ = ["ascii_whole", "fmt_bytes", "fmt_time", "foreign_digits", "layer_span"]

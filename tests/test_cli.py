@@ -422,6 +422,35 @@ def test_a_profile_of_no_time_is_bad_input(tmp_path):
     refused(["solve", str(path), "--cluster", "h100x8", "--objective", "memory"], "every layer takes 0 s")
 
 
+@pytest.mark.parametrize("args,message", [
+    # int() and float() read other scripts' digits: these ran as 2xh100x8, cut at layer 5, 10%, ...
+    (["solve", GPT_PROFILE, "--cluster", "\uff12xh100x8"], "cluster '\uff12xh100x8': write the counts with the digits"),
+    (["solve", GPT_PROFILE, "--cluster", "cpu\u0662"], "write the counts with the digits 0-9"),
+    (["solve", GPT_PROFILE, "--cluster", "cpu2", "--fix-cuts", "\uff15"], "write layer indices with the digits 0-9"),
+    # '²' passed str.isdigit() and then failed int(): an internal error
+    (["solve", GPT_PROFILE, "--cluster", "cpu2", "--fix-cuts", "\u00b2"], "write layer indices with the digits 0-9"),
+    (["check", GPT_PLAN, "--tolerance", "\uff11\uff10%"], "or a fraction like 0.1 with the digits 0-9"),
+    (["check", GPT_PLAN, "--tolerance", "1_0%"], "--tolerance '1_0%': write a percentage"),
+    (["profile", f"{GPT_MODEL}:build", "-o", "p.json", "--mbs", "1,\u0662"], "write whole numbers with the digits 0-9"),
+    (["profile", f"{GPT_MODEL}:build", "-o", "p.json", "--mbs", "1_0"], "--mbs '1_0': write whole numbers separated"),
+    (["profile", f"{GPT_MODEL}:build", "-o", "p.json", "--tp", "\uff12"], "--tp '\uff12': write whole numbers with"),
+    (["profile", f"{GPT_MODEL}:build", "-o", "p.json", "--arg", "n_layer=\u0663", "--estimate", "h100"],
+     "--arg 'n_layer=\u0663': write numbers with the digits 0-9"),
+], ids=["cluster nodes", "cluster count", "fix-cuts", "fix-cuts superscript", "tolerance", "tolerance underscore",
+        "mbs", "mbs underscore", "tp", "arg"])
+def test_numbers_take_only_the_digits_0_to_9(tmp_path, args, message):
+    refused([str(tmp_path / a) if a == "p.json" else a for a in args], message)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_a_layer_index_still_pins_a_cut(tmp_path):
+    out = tmp_path / "plan.json"
+    r = runner.invoke(app, ["solve", GPT_PROFILE, "--cluster", "cpu2", "--fix-cuts", "7", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["stages"][1]["layers"][0] == json.loads(Path(GPT_PROFILE).read_text())[
+        "layers"][7]["name"]
+
+
 # ---------------------------------------------------------------- stopped from outside
 
 LONG_SOLVE = ["solve", str(REPO / "profiles" / "llama2-70b.h100-estimate.json"), "--cluster", "8xh100x8",
