@@ -26,7 +26,9 @@ MAX_MBS = 999_999  # --mbs: the largest micro-batch size a profile may hold (for
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Exact pipeline-parallel planning for PyTorch models: profile, solve, "
                        "simulate, execute, check.")
-_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "120"))
+_COLUMNS = os.environ.get("COLUMNS", "")  # a width the terminal sets; anything but a positive number is ignored
+_WIDTH = None if sys.stdout.isatty() else int(_COLUMNS) if _COLUMNS.isascii() and _COLUMNS.isdigit() \
+    and int(_COLUMNS) > 0 else 120
 out = Console(highlight=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False)
 

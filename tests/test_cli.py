@@ -451,6 +451,15 @@ def test_a_layer_index_still_pins_a_cut(tmp_path):
         "layers"][7]["name"]
 
 
+@pytest.mark.parametrize("columns", ["abc", "0", "-5", "\uff18\uff10"])
+def test_a_terminal_width_that_is_no_width_is_ignored(columns):
+    # COLUMNS=abc was a ValueError traceback on importing the command line; COLUMNS=0 printed nothing
+    done = subprocess.run([sys.executable, "-m", "planner", "schedules"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": columns})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "1f1b" in done.stdout and max(len(line) for line in done.stdout.splitlines()) == 120
+
+
 # ---------------------------------------------------------------- stopped from outside
 
 LONG_SOLVE = ["solve", str(REPO / "profiles" / "llama2-70b.h100-estimate.json"), "--cluster", "8xh100x8",
