@@ -460,6 +460,22 @@ def test_a_terminal_width_that_is_no_width_is_ignored(columns):
     assert "1f1b" in done.stdout and max(len(line) for line in done.stdout.splitlines()) == 120
 
 
+def test_threads_and_processes_past_the_cores_are_refused_before_anything_starts(tmp_path):
+    from planner.host import cores
+
+    n = cores() + 1
+    # --threads 100000: execute's workers failed (exit 5), profile segfaulted; --jobs forks that many
+    refused(["execute", GPT_PLAN, "--threads", str(n)], f"--threads {n}: this machine lets planner use {n - 1} CPU")
+    refused(["execute", GPT_PLAN, "--threads", "100000"], f"give at most {n - 1} threads per process")
+    out = str(tmp_path / "p.json")
+    refused(["profile", f"{GPT_MODEL}:build", "-o", out, "--threads", str(n)], f"give at most {n - 1} threads")
+    refused(["profile", f"{GPT_MODEL}:build", "-o", out, "--device", "cpu", "--tp", str(n)],
+            f"--tp {n}: this machine lets planner use {n - 1} CPU")
+    refused(["solve", GPT_PROFILE, "--cluster", "cpu2", "--jobs", str(n), "-o", out],
+            f"give at most {n - 1} worker processes")
+    assert not (tmp_path / "p.json").exists()
+
+
 # ---------------------------------------------------------------- stopped from outside
 
 LONG_SOLVE = ["solve", str(REPO / "profiles" / "llama2-70b.h100-estimate.json"), "--cluster", "8xh100x8",

@@ -25,6 +25,7 @@ from typing import Literal, get_args
 from planner.errors import ExecutionError, InputError, Interrupted, PlannerError
 from planner.execute.reports import Measured, WorkerReport, error_text, world_size
 from planner.formats import Plan, load_plan
+from planner.host import check_per_core
 
 __all__ = ["Mode", "Options", "Verification", "execute"]
 
@@ -142,8 +143,7 @@ def check_options(opts: Options) -> None:
                          "(each node would pick a different one)")
     if opts.nnodes > 1 and opts.mode not in ("auto", "distributed"):
         raise InputError(f"--nnodes {opts.nnodes} runs distributed; --mode {opts.mode} runs in this process only")
-    if opts.threads is not None and opts.threads < 1:
-        raise InputError("--threads must be at least 1")
+    check_per_core(opts.threads, "--threads", "threads per process")
     if not opts.timeout_s > 0:
         raise InputError("--timeout must be positive")
 

@@ -44,6 +44,7 @@ from planner.formats import (
     TiedGroup,
     WholeCost,
 )
+from planner.host import check_per_core
 from planner.model import ModelSpec, user_code
 from planner.profile.chain import WholeTimes, time_optimizer
 from planner.profile.collect import Measurements, Run, Steps, measure_model
@@ -215,8 +216,7 @@ def _check_options(opts: Options) -> None:
         raise InputError(f"--dtype {opts.dtype!r}: choose float32, bfloat16 or float16")
     if not opts.mbs or any(b < 1 for b in opts.mbs):
         raise InputError("--mbs needs positive micro-batch sizes")
-    if opts.threads is not None and opts.threads < 1:
-        raise InputError(f"--threads {opts.threads}: give at least 1")
+    check_per_core(opts.threads, "--threads", "threads")
     if opts.repeats < 1 or opts.warmup < 0:
         raise InputError("--repeats needs at least 1 and --warmup at least 0")
     if any(t < 2 for t in opts.tp):
@@ -234,6 +234,8 @@ def _check_tp(spec: ModelSpec, opts: Options, device: torch.device) -> None:
                          "colwise, rowwise, ...) to split it by: add one, or profile without --tp")
     if device.type == "cuda" and max(opts.tp) > torch.cuda.device_count():
         raise InputError(f"--tp {max(opts.tp)} needs a GPU a rank; {torch.cuda.device_count()} visible")
+    if device.type == "cpu":  # a process a rank: more than the cores share them, and time that sharing
+        check_per_core(max(opts.tp), "--tp", "processes (one a rank on a CPU)")
 
 
 def cpu_threads(opts: Options, device: torch.device) -> int | None:

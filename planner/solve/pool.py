@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
-import os
 import signal
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -13,6 +12,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from planner.evaluate import Config
+from planner.host import cores
 from planner.signals import signals_as_errors
 from planner.solve.exact import InnerResult
 
@@ -99,8 +99,3 @@ class Inline:
         return future
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

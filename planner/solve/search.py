@@ -24,6 +24,7 @@ from planner.errors import InfeasibleError, InputError
 from planner.evaluate import Config, Evaluation, RankDevice, evaluate, rank_devices, tp_link
 from planner.formats import Cluster, Profile
 from planner.graph import LayerGraph
+from planner.host import check_per_core
 from planner.schedules import SCHEDULES, build
 from planner.solve import baselines as bl
 from planner.solve import quick
@@ -440,6 +441,7 @@ def _not_executed(profile: Profile, settings: Settings, best: Config) -> list[st
 
 def solve(profile: Profile, cluster: Cluster, settings: Settings,
           progress: Callable[[str, int, int], None] | None = None) -> SolveResult:
+    check_per_core(settings.jobs, "--jobs", "worker processes")  # this machine's, so not in Settings
     result = Search(profile, cluster, settings, progress).run()
     if settings.fix_cuts is not None:
         pinned = ("the partition is yours (--fix-cuts), priced as given, not searched: nothing is claimed "
