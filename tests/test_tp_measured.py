@@ -251,3 +251,18 @@ def test_a_failing_or_interrupted_tp_measurement_leaves_no_process(tmp_path, fau
     assert not (tmp_path / "p.json").exists()
     assert [p.name for p in tmp_path.glob("planner-tp-*/tp2/launcher.log")] == ["launcher.log"]  # named in the error
     wait_for(lambda: not _ours(marker, "planner"), 10, "every process of the measurement ending")
+
+
+@pytest.mark.slow
+def test_a_tp_measurement_refused_by_the_model_keeps_no_run_folder(tmp_path):
+    # 3 heads do not split over 2 ranks: the rank's own error is the whole message, and its run folder
+    # (job, pids, the same error in the log) was kept in the temporary folder with nothing more in it
+    args = [a.replace("n_head=2", "n_head=3").replace("d_model=32", "d_model=48") for a in TINY_GPT]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "planner", "profile", *args, "--tp", "2", "-o",
+                           str(tmp_path / "p.json")], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: measuring at tp 2, rank ") and done.stderr.count("\n") == 1, done.stderr
+    assert "log:" not in done.stderr and not (tmp_path / "p.json").exists()
+    assert not list(tmp_path.glob("planner-tp-*")), list(tmp_path.rglob("*"))

@@ -5,7 +5,8 @@ The measurement runs in tp worker processes (``planner.profile.tp_worker``) star
 torchrun's launcher, as ``planner execute`` starts its workers: gloo on the CPU, NCCL on GPUs (one
 a rank). The launcher runs in a session of its own under a deadline; a failure, a hang, Ctrl-C,
 SIGTERM or SIGHUP stops it and every worker (``execute.launch.stop``), and each worker exits by
-itself when the launcher or this process is gone.
+itself when the launcher or this process is gone. The run folder (job, logs) is removed unless a
+worker crashed, hung or was stopped: then the message names the log kept there.
 """
 
 from __future__ import annotations
@@ -81,10 +82,19 @@ def measure_tp(profile: Profile, job: TpJob, degrees: list[int], progress: Progr
     from planner.signals import signals_as_errors
 
     run_dir = Path(tempfile.mkdtemp(prefix="planner-tp-"))
-    with signals_as_errors():
-        for tp in degrees:
-            profile = with_tp_costs(profile, tp, job.sequence_parallel, _run(job, tp, run_dir, progress))
-    shutil.rmtree(run_dir, ignore_errors=True)  # kept where an error left: its message names the log
+    try:
+        with signals_as_errors():
+            for tp in degrees:
+                profile = with_tp_costs(profile, tp, job.sequence_parallel, _run(job, tp, run_dir, progress))
+                shutil.rmtree(run_dir / f"tp{tp}", ignore_errors=True)  # measured: nothing there to look at
+    except InputError:  # a rank's own error, whole in its message: the folder holds nothing more
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    except BaseException:  # a crash, a hang, a signal: kept for the post-mortem, the message names its log
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
+    shutil.rmtree(run_dir, ignore_errors=True)
     return profile
 
 
