@@ -28,11 +28,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import io
 import json
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +108,24 @@ def user_code(what: str) -> Iterator[None]:
             raise InfeasibleError(f"{what} ran out of memory ({describe(e)}): lower --mbs, cut the model finer "
                                   "with --depth, or run where more memory is free") from None
         raise ModelError(f"{what} raised {describe(e)}") from None
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """What libraries print while planner traces a model is dropped: torch.export prints the
+    partial graph of a forward it refuses (hundreds of lines a try), transformers logs warnings on
+    the way. planner says the outcome in one line; ``PLANNER_DEBUG=1`` lets the rest through."""
+    if os.environ.get("PLANNER_DEBUG"):
+        yield
+        return
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)  # every logger, whatever stream its handler holds
+    try:
+        with redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(before)
 
 
 def _out_of_memory(e: BaseException) -> bool:

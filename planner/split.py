@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from planner.errors import InputError, ModelError, PlannerError
-from planner.model import ModelSpec, build_spec, describe, user_code
+from planner.model import ModelSpec, build_spec, describe, quiet, user_code
 from planner.units import fmt_bytes
 
 INPUT = -1
@@ -394,11 +394,12 @@ def layered(model: nn.Module, inputs: tuple, layers: list[str] | None = None,
             raise ModelError("ModelSpec(layers=[]) names no layers: list module paths, or leave layers "
                              "out to trace the model")
         return SequentialModel(model, layers, inputs)
-    if trace != "fx":
-        from planner.split_export import traced_or_exported
+    with quiet():  # torch.export prints the partial graph of a forward it refuses
+        if trace != "fx":
+            from planner.split_export import traced_or_exported
 
-        return traced_or_exported(model, inputs, depth, trace)
-    return traced_by_fx(model, inputs, depth)
+            return traced_or_exported(model, inputs, depth, trace)
+        return traced_by_fx(model, inputs, depth)
 
 
 def traced_by_fx(model: nn.Module, inputs: tuple, depth: int | None) -> TracedModel:

@@ -174,6 +174,33 @@ def test_route_failures_name_the_route_and_the_way_out():
         layered(model, (x,), trace="jit")
 
 
+def test_a_refused_export_prints_nothing_but_planners_one_line(capsys, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+        def forward(self, x):
+            return self.layers[1](self.layers[0](x) if x.sum() > 0 else x)
+
+    with pytest.raises(ModelError, match=r"does not export with torch\.export"):
+        layered(DataDependent(), (torch.randn(2, 4),), trace="export")
+    assert capsys.readouterr().err == ""  # torch.export printed the partial graph of the forward
+    # Longformer pads its inputs on the way (transformers logs it), then fails to export: 1,518 lines
+    # of both came before planner's one line
+    args = [f"{k}={v}" for k, v in {**SMALL, "model_type": "longformer"}.items()]
+    done = subprocess.run([sys.executable, "-m", "planner", "profile", FACTORY, "-o", str(tmp_path / "p.json"),
+                           *(x for a in args for x in ("--arg", a))], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and done.stdout == "", (done.returncode, done.stdout)
+    assert done.stderr.startswith("error: the model's forward does not export") and done.stderr.count("\n") == 1, \
+        done.stderr[:2000]
+
+
 def test_factory_sizes_and_tasks():
     from models.hf import build
 
