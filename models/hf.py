@@ -213,6 +213,25 @@ def _model(transformers, model_type: str, task: str, config, seed: int):
         raise ValueError(f"model_type={model_type!r} task={task!r}: {str(e).strip().splitlines()[0]}") from None
 
 
+def _check_cuttable(model: nn.Module, model_type: str, task: str) -> None:
+    """A classifier that finds each sample's end-of-sequence token by a mask of the token values
+    (BART's family and T5's: ``eos_mask``) is refused: torch.export fixes the count of such tokens
+    at the example batch's, so no other batch runs through the exported layers."""
+    if task != "classification":
+        return
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return
+    if "eos_mask" in source:
+        others = [t for t in tasks_of(model_type) if t != task]
+        instead = f"--arg task={others[0]} (this type's other task), or " if others else ""
+        raise ValueError(f"model_type={model_type!r} task={task!r} is not supported: {type(model).__name__} picks "
+                         "each sample's end-of-sequence token by a mask of the token values, which torch.export "
+                         f"fixes at the example batch's count: use {instead}a classifier of another family "
+                         "(bert, roberta, gpt2, llama)")
+
+
 def _position_offset(model: nn.Module, config) -> int:
     """How many rows the position table needs beyond ``seq``. RoBERTa's family (XLM-RoBERTa,
     CamemBERT, Longformer, ...) numbers the positions of a sequence from padding_idx + 1 (padding
@@ -256,6 +275,7 @@ def build(model_type: str = "gpt2", task: str | None = None, n_layer: int = 4, d
         fields["pad_token_id"] = vocab - 1  # a decoder's classifier finds the last token by the padding id
     config = _config(model_type, fields)
     model = _model(transformers, model_type, task, config, seed)
+    _check_cuttable(model, model_type, task)
     offset = 0 if "max_position_embeddings" in overrides else _position_offset(model, config)
     if offset:
         config = _config(model_type, {**fields, "max_position_embeddings": seq + offset})

@@ -238,6 +238,23 @@ def test_the_default_task_is_the_first_transformers_has_a_model_of_the_type_for(
         build(model_type="wav2vec2", **SMALL)
 
 
+def test_a_classifier_picking_tokens_by_their_values_is_refused_with_what_to_use(tmp_path):
+    from typer.testing import CliRunner
+
+    from models.hf import build
+    from planner.cli import app
+
+    # was: "layer classification_head: its forward (unique_consecutive) raised NotImplementedError: ..."
+    for model_type in ("bart", "mbart"):
+        with pytest.raises(ValueError, match=rf"model_type='{model_type}' task='classification' is not supported: "
+                                             r"\w+ForSequenceClassification picks each sample's end-of-sequence "
+                                             r"token .* use --arg task=seq2seq"):
+            build(model_type=model_type, task="classification", **SMALL)
+    r = CliRunner().invoke(app, ["profile", FACTORY, "--arg", "model_type=bart", "--arg", "task=classification",
+                                 "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "is not supported" in r.stderr, r.output
+
+
 def test_positions_numbered_after_the_padding_id_get_room_in_the_table(tmp_path):
     from models.hf import build
 
