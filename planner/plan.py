@@ -9,9 +9,10 @@ import hashlib
 from itertools import pairwise
 
 from planner import __version__
-from planner.errors import InputError, MissingExtraError
+from planner.errors import CheckFailed, InputError, MissingExtraError
 from planner.evaluate import Evaluation, cut_link
 from planner.formats import (
+    DTYPE_BYTES,
     BaselineResult,
     Cluster,
     Microbatch,
@@ -79,13 +80,29 @@ def check_fingerprint(plan: Plan, fingerprint: str, source: str) -> list[str]:
     return []
 
 
+REBUILD_SLACK = 8  # a factory may build a part twice, tie or replace weights: each registration counts
+
+
 def rebuilt_fingerprint(plan: Plan) -> str:
-    """Build the plan's model on the meta device (no memory, no weights) and fingerprint it."""
+    """Build the plan's model on the meta device (no memory, no weights) and fingerprint it. The
+    build stops once it registers ``REBUILD_SLACK`` times the parameters the plan's stages hold:
+    such a model is not the plan's (arguments edited to 10**6 layers took hours to build)."""
     try:
-        from planner.split import build_on_meta, fingerprint
+        from planner.split import TooManyParameters, build_on_meta, fingerprint
     except ImportError as e:
         raise MissingExtraError(e.name or "torch", "building the plan's model") from None
-    return fingerprint(build_on_meta(plan.model.factory, dict(plan.model.args)).model)
+    held = sum(st.cost.param_bytes for st in plan.stages) * plan.parallel.tp // DTYPE_BYTES[plan.dtype]
+    try:
+        spec = build_on_meta(plan.model.factory, dict(plan.model.args), REBUILD_SLACK * held + 2**20)
+    except TooManyParameters as e:
+        raise CheckFailed(f"the plan is stale: {plan.model.factory} with the plan's arguments "
+                          f"({_args(plan.model.args)}) builds a model of more than {e.most:,} parameters, and the "
+                          f"plan's stages hold {held:,}; profile and solve again") from None
+    return fingerprint(spec.model)
+
+
+def _args(args: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in args.items()) or "none"
 
 
 def plan_cuts(plan: Plan) -> list[CutLink]:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import operator
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -464,14 +465,48 @@ def _writes(layer: int, versions: dict[FlowTensor, int], env: dict[fx.Node, obje
     return out
 
 
-def build_on_meta(factory: str, args: dict) -> ModelSpec:
-    """Build a model on the meta device (shapes, no memory). A factory that computes with its
-    weights while building cannot: it is built for real and moved there, tied weights kept tied."""
+class TooManyParameters(PlannerError):
+    """A model registered more parameters while being built than it was allowed."""
+
+    def __init__(self, most: int):
+        super().__init__(f"the model registered more than {most:,} parameters while being built")
+        self.most = most
+
+
+@contextmanager
+def _parameters_at_most(most: int | None) -> Iterator[None]:
+    """Stop a model's construction once the parameters it registers exceed ``most`` elements (a
+    tied or replaced parameter counts each time): a model of 10**6 layers takes hours and GiBs to
+    build even on the meta device."""
+    if most is None:
+        yield
+        return
+    seen = [0]
+
+    def count(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        seen[0] += param.numel() if param is not None else 0
+        if seen[0] > most:
+            raise TooManyParameters(most)
+
+    handle = nn.modules.module.register_module_parameter_registration_hook(count)
     try:
-        with torch.device("meta"):
+        yield
+    finally:
+        handle.remove()
+
+
+def build_on_meta(factory: str, args: dict, most_parameters: int | None = None) -> ModelSpec:
+    """Build a model on the meta device (shapes, no memory). A factory that computes with its
+    weights while building cannot: it is built for real and moved there, tied weights kept tied.
+    ``most_parameters``: stop with ``TooManyParameters`` past that many (see ``_parameters_at_most``)."""
+    try:
+        with torch.device("meta"), _parameters_at_most(most_parameters):
             return build_spec(factory, args)
+    except TooManyParameters:
+        raise
     except PlannerError:
-        spec = build_spec(factory, args)
+        with _parameters_at_most(most_parameters):
+            spec = build_spec(factory, args)
         keep_ties(spec.model, lambda m: m.to("meta"))
         return spec
 

@@ -117,6 +117,36 @@ def test_a_stale_plan_is_refused_before_anything_starts(tiny_profile, tmp_path):
         execute(path, Options(mode="single"))
 
 
+def test_a_plan_whose_arguments_make_a_huge_model_is_refused_before_it_is_built(tiny_profile, tmp_path, monkeypatch):
+    import time
+
+    from typer.testing import CliRunner
+
+    import planner.model
+    from planner.cli import app
+    from planner.split import TooManyParameters, build_on_meta
+
+    path = plan_for(tiny_profile, tmp_path, "1f1b")
+    data = json.loads(path.read_text())
+    data["model"]["args"]["n_layer"] = 10**6  # was built on the meta device first: hours and GiBs
+    path.write_text(json.dumps(data))
+    start = time.monotonic()
+    for args in (["execute", str(path)], ["check", "--rebuild", str(path)]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 1, r.output
+        assert "the plan is stale: " in r.output and "(n_layer=1000000, " in r.output, r.output
+        assert "builds a model of more than " in r.output and "parameters, and the plan's stages hold " in r.output
+    assert time.monotonic() - start < 60
+    # the meta build is not followed by one in memory (the way for a factory that computes with its weights)
+    built: list[str] = []
+    real = planner.model.build_spec
+    monkeypatch.setattr("planner.split.build_spec", lambda *a: built.append("build") or real(*a))
+    with pytest.raises(TooManyParameters, match="more than 1,000 parameters"):
+        build_on_meta("models/gpt.py:build", TINY, most_parameters=1000)
+    assert built == ["build"]
+    assert build_on_meta("models/gpt.py:build", TINY, most_parameters=10**6).model is not None
+
+
 def test_replay_measures_each_rank(tiny_profile, tmp_path):
     path = plan_for(tiny_profile, tmp_path, "1f1b")
     ver = execute(path, Options(mode="replay"))
