@@ -198,16 +198,37 @@ class DataParallel:
         again (``reshard_after_forward``)."""
         return self.fsdp and self.zero >= 3
 
+    @property
+    def whole_tensors(self) -> bool:
+        """Stage 1 over several replicas: each replica steps whole parameter tensors (below)."""
+        return self.zero == 1 and self.dp > 1
+
     def state_factor(self, training: Training, dtype: str) -> float:
-        """Bytes of weights, gradients and optimizer state per parameter byte on one device: stage 1
-        divides the optimizer state over dp (ZeRO section 5, table 1); stages 2 and 3 hold, during
-        the step, the gathered weights and the whole gradients beside their shards (class doc)."""
+        """Bytes of weights, gradients and optimizer state per parameter byte on one device, with the
+        optimizer state divided evenly: stage 1 divides it over dp (ZeRO section 5, table 1), which
+        whole tensors do only up to ``uneven_state_bytes``; stages 2 and 3 hold, during the step,
+        the gathered weights and the whole gradients beside their shards (class doc)."""
         w, g, o = state_bytes(training, dtype)
         if self.fsdp:
             total = (w + g) * (1 + 1 / self.dp) + o / self.dp
         else:
             total = w + g + o / (self.dp if self.zero >= 1 and self.dp > 1 else 1)
         return total / DTYPE_BYTES[dtype]
+
+    def uneven_state_bytes(self, largest_bytes: float, training: Training, dtype: str) -> float:
+        """The optimizer-state bytes the fullest replica holds at stage 1 beyond an even share.
+
+        torch's ZeroRedundancyOptimizer (torch/distributed/optim/zero_redundancy_optimizer.py,
+        ``_partition_parameters``) and planner's ``ShardedOptimizer`` (the same rule over each
+        device's local shards) give each replica whole tensors: largest first, each to the replica
+        holding the fewest elements so far. Whatever the order, the replica that ends fullest got its
+        last tensor x while it was the emptiest, so it then held at most (total - x)/dp and ends at
+        most total/dp + (1 - 1/dp) x (Graham, "Bounds for certain multiprocessing anomalies", 1966):
+        with x the stage's largest tensor, ``(1 - 1/dp) * largest`` parameter bytes above the even
+        share. A rank's stages are partitioned together, under the sum of their bounds."""
+        if not self.whole_tensors:
+            return 0.0
+        return (1 - 1 / self.dp) * largest_bytes * state_bytes(training, dtype)[2] / DTYPE_BYTES[dtype]
 
     def step_coeffs(self) -> tuple[float, float]:
         """The collectives of a step outside its actions, as (seconds per gradient byte, fixed
@@ -244,9 +265,16 @@ class DataParallel:
         output after the last backward, the gathered weights being freed first."""
         return param_bytes if self.regathers else 0.0
 
-    def optimizer_share(self) -> float:
-        """The share of the optimizer step a device runs: its shard from stage 1 on."""
-        return 1 / self.dp if self.zero >= 1 and self.dp > 1 else 1.0
+    def optimizer_share(self, param_bytes: float = 0.0, largest_bytes: float = 0.0) -> float:
+        """The share of the stage's optimizer step (its state's bytes and its time) the fullest device
+        runs: its shard from stage 1 on; at stage 1, of whole tensors, at most 1/dp + (1 - 1/dp) *
+        largest / params of them (``uneven_state_bytes``). Without the sizes, 1/dp: the least it is
+        (the solver's lower bounds)."""
+        if not (self.zero >= 1 and self.dp > 1):
+            return 1.0
+        if not self.whole_tensors or param_bytes <= 0:
+            return 1 / self.dp
+        return min(1.0, 1 / self.dp + (1 - 1 / self.dp) * largest_bytes / param_bytes)
 
 
 def p2p_time(nbytes: float, link: Link) -> float:
@@ -320,6 +348,9 @@ class CostTable:
         self.peak = np.array([c.peak_bytes for c in costs], dtype=float)
         self.wgrad = np.array([c.wgrad_bytes for c in costs], dtype=float)
         self.params = np.array([layer.param_bytes for layer in profile.layers], dtype=float)
+        # per layer, its largest parameter tensor (ZeRO 1's unit); a profile without it: the layer's bytes
+        self.largest = np.array([layer.param_bytes if layer.largest_param_bytes is None else layer.largest_param_bytes
+                                 for layer in profile.layers], dtype=float)
         self.opt_share = np.ones(self.n)  # the share of a layer's optimizer temporaries one device has
         self._opt_peaks: dict[str, np.ndarray] = {}
         self._opt_matrix: dict[str, np.ndarray] = {}
@@ -337,6 +368,7 @@ class CostTable:
             if tp_link is None:
                 raise InputError(f"tp {tp} needs the link its devices all-reduce over")
             self._shard(tp, tp_link)
+            self.largest = self.largest * self.opt_share  # one device's part of it, as of the layer
         if profile.loss is not None:  # the loss runs on the last stage, after its last layer
             loss = profile.loss.by_mbs[key]
             self.fwd[-1] += loss.fwd_s * t
@@ -485,6 +517,11 @@ class CostTable:
                 diff[p + 1, p + 1] -= b
                 diff[p + 1, j_hi + 1] += b
         return np.cumsum(np.cumsum(diff, axis=0), axis=1)[: n + 1, : n + 1]
+
+    @cached_property
+    def largest_max(self) -> np.ndarray:
+        """(n+1, n+1): the largest parameter tensor of [i, j) (one device's part at tp > 1)."""
+        return _range_max(self.largest)
 
     @cached_property
     def peak_max(self) -> np.ndarray:
@@ -647,8 +684,10 @@ class CostTable:
             # to W; both are freed at I, so that over-estimates as well.
             bi, bw = bi + bw, 0.0
         params = self.param_bytes(seg)
+        largest = float(self.largest_max[seg.start, seg.stop])
         gather_f, gather_i, scatter_w = dp.per_microbatch(params)
         static = params * dp.state_factor(training, self.profile.dtype)
+        static += dp.uneven_state_bytes(largest, training, self.profile.dtype)
         static += (weight_versions - 1) * params  # stashed weight versions (PipeDream)
         static += self.buffer_bytes(seg, m)
         return StageCost.model_construct(  # the solver builds thousands: skip re-validation
@@ -661,14 +700,22 @@ class CostTable:
             static_bytes=int(round(static)),
             transient_bytes=int(round(self.transient_bytes(seg, dp.gather_buffer(params)))),
             optimizer_transient_bytes=int(round(self.optimizer_transient_bytes(seg, training.optimizer)
-                                                * dp.optimizer_share())),
+                                                * self._transient_share(dp, params, largest))),
             param_bytes=int(round(params)),
             batch_bytes=int(round(self.batch_bytes(seg, m))),
-            optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share() / speed,
+            optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share(params, largest) / speed,
             allreduce_s=allreduce_s + dp.step_s(params),
             tp_comm=_collectives(*self.tp_comm_times(seg, speed), 0.0),
             zero_comm=_collectives(gather_f, gather_i, scatter_w),
         )
+
+    def _transient_share(self, dp: DataParallel, params: float, largest: float) -> float:
+        """The share of the stage's optimizer temporaries the fullest device allocates: stepping all
+        its parameters at once (a GPU), its share of them; one at a time (a CPU), those of its
+        largest tensor, which at stage 1 a replica steps whole (``optimizer_transient_bytes``)."""
+        if dp.whole_tensors and self.profile.device.type != "cuda":
+            return 1.0
+        return dp.optimizer_share(params, largest)
 
     def optimizer_transient_bytes(self, seg: Segment, optimizer: str) -> float:
         """The temporaries of the optimizer's step over the stage's parameters, from each layer's

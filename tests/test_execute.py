@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as hst
 
 from planner.clusters import from_spec
 from planner.errors import CheckFailed, ExecutionError
@@ -310,6 +313,20 @@ def test_zero_shards_follow_the_largest_first_rule():
     # 5 -> replica 0; 3 -> 1; 3 -> 1 (3 < 5); 2 -> 0 (5 < 6); 1 -> 1 (6 < 7)
     sizes = [sum(p.numel() for p in shard) for shard in zero_shard(params, 2)]
     assert sizes == [7, 7]
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(hst.lists(hst.integers(1, 1000), min_size=1, max_size=12), hst.integers(1, 5))
+def test_the_fullest_zero_shard_is_within_the_cost_models_bound(sizes, dp):
+    # planner.cost.DataParallel.uneven_state_bytes: the fullest replica holds at most
+    # total / dp + (1 - 1/dp) * largest elements of whole tensors
+    from torch import nn
+
+    from planner.execute.train import zero_shard
+
+    shards = zero_shard([nn.Parameter(torch.zeros(n)) for n in sizes], dp)
+    fullest = max(sum(p.numel() for p in shard) for shard in shards)
+    assert fullest <= sum(sizes) / dp + (1 - 1 / dp) * max(sizes) + 1e-9
 
 
 @pytest.mark.slow
