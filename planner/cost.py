@@ -354,6 +354,7 @@ class CostTable:
         self.opt_share = np.ones(self.n)  # the share of a layer's optimizer temporaries one device has
         self._opt_peaks: dict[str, np.ndarray] = {}
         self._opt_matrix: dict[str, np.ndarray] = {}
+        self._at_speed: dict[tuple[str, float], np.ndarray] = {}
         self.cut = np.array(self.graph.cut_bytes_per_sample(), dtype=float) * mbs  # (n + 1,)
         self.in_bytes = np.array(self.graph.input_bytes_per_sample(), dtype=float) * mbs
         # the whole model's optimizer step, shared by parameter byte of the whole (unsharded) model
@@ -606,26 +607,40 @@ class CostTable:
         return float(self.PARAMS[seg.stop] - self.PARAMS[seg.start] - self.tied_dedup(seg.start, seg.stop))
 
     def times(self, seg: Segment, speed: float = 1.0) -> tuple[float, float, float, float]:
-        """(fwd, bwd_input, bwd_weight, bwd) seconds per micro-batch: bwd is the whole backward,
-        bwd_input and bwd_weight its split parts. Recomputation repeats the forward of the
-        recomputed layers before their backward (Chen et al., 2016)."""
+        """(fwd, bwd_input, bwd_weight, bwd) seconds per micro-batch on a device of relative
+        ``speed``: bwd is the whole backward, bwd_input and bwd_weight its split parts.
+        Recomputation repeats the forward of the recomputed layers before their backward (Chen et
+        al., 2016). The compute is divided by the speed, the tensor-parallel collectives inside
+        (``tp_comm_times``) are not: they run at the link's."""
         i, j = seg.start, seg.stop
         again = sum(self.fwd[layer] for layer in seg.recomputed())
-        f = self.F[j] - self.F[i]
-        bi = self.BI[j] - self.BI[i] + again
-        bw = self.BW[j] - self.BW[i]
-        b = self.B[j] - self.B[i] + again
-        return float(f) / speed, float(bi) / speed, float(bw) / speed, float(b) / speed
+        comm_f, comm_b = self.tp_comm_times(seg)
+        f = (self.F[j] - self.F[i] - comm_f) / speed + comm_f
+        bi = (self.BI[j] - self.BI[i] + again - comm_b) / speed + comm_b
+        bw = (self.BW[j] - self.BW[i]) / speed
+        b = (self.B[j] - self.B[i] + again - comm_b) / speed + comm_b
+        return float(f), float(bi), float(bw), float(b)
 
-    def tp_comm_times(self, seg: Segment, speed: float = 1.0) -> tuple[float, float]:
+    def tp_comm_times(self, seg: Segment) -> tuple[float, float]:
         """(forward, backward) seconds per micro-batch of the tensor-parallel collectives inside
         ``times``: each layer's all-reduces run once in its forward and once in its input gradient
         (so in the whole backward too, not in the weight gradient), and a recomputed layer's
-        forward repeats its own."""
+        forward repeats its own. The link's seconds, whatever the device's speed."""
         i, j = seg.start, seg.stop
         comm = float(self.TPC[j] - self.TPC[i])
         again = sum(float(self.tp_comm[layer]) for layer in seg.recomputed())
-        return comm / speed, (comm + again) / speed
+        return comm, comm + again
+
+    def prefix_at(self, name: str, speed: float) -> np.ndarray:
+        """The prefix sum ``name`` (F, B, BI, BW or BMIN) on a device of relative ``speed``, as
+        ``times`` prices it: compute divided by the speed, the tensor-parallel collectives in F, B,
+        BI and BMIN (one per layer in each: ``_shard``) at the link's seconds. What the solver's
+        bounds read for a stage's window [i, j): ``P[j] - P[i]``."""
+        key = (name, speed)
+        if key not in self._at_speed:
+            comm = 0.0 if name == "BW" else self.TPC
+            self._at_speed[key] = (getattr(self, name) - comm) / speed + comm
+        return self._at_speed[key]
 
     def held_bytes(self, seg: Segment) -> float:
         """Bytes held per micro-batch in flight (from its forward until its backward frees it)."""
@@ -705,7 +720,7 @@ class CostTable:
             batch_bytes=int(round(self.batch_bytes(seg, m))),
             optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share(params, largest) / speed,
             allreduce_s=allreduce_s + dp.step_s(params),
-            tp_comm=_collectives(*self.tp_comm_times(seg, speed), 0.0),
+            tp_comm=_collectives(*self.tp_comm_times(seg), 0.0),
             zero_comm=_collectives(gather_f, gather_i, scatter_w),
         )
 
