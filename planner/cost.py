@@ -258,8 +258,14 @@ class DataParallel:
 
     def gather_buffer(self, param_bytes: float) -> float:
         """Bytes beside the in-step state while stage 3 gathers with micro-batches in flight: the
-        all-gather's flat output (``_fsdp_collectives.foreach_all_gather``), freed once copied into
-        the weights (``foreach_all_gather_copy_out``). Stage 2 gathers only at the step's start,
+        all-gather's flat output (``_fsdp_collectives.foreach_all_gather``; the input is its own
+        chunk of it), dropped once copied into the weights (``foreach_all_gather_copy_out``), but
+        freed only when the collective's work releases it too: gloo's worker thread marks the work
+        done, which wakes the waiting rank, and drops its reference after
+        (``ProcessGroupGloo::runLoop``), so on a busy machine the buffer was seen alive in the
+        backward that followed the gather (NCCL's work likewise keeps its tensors until its watchdog
+        sees it complete). Priced beside the action's own transient, not instead of it
+        (``CostTable.transient_bytes``). Stage 2 gathers only at the step's start,
         before any gradient exists: its flat buffer takes the place of the whole gradients (as
         large as the weights) in the state counted, and so do the reduce-scatter's input and
         output after the last backward, the gathered weights being freed first."""
@@ -655,17 +661,17 @@ class CostTable:
 
     def transient_bytes(self, seg: Segment, gather: float = 0.0) -> float:
         """The largest one-layer workspace, the input gradient being sent back, and the runtime's
-        workspace; or, if more, ZeRO 3's all-gather buffer (``DataParallel.gather_buffer``) before
-        an action: no layer computes then, and nothing is sent."""
+        workspace; with ZeRO 3, plus the all-gather buffer of the gather before the action, which
+        may still be alive while it computes (``DataParallel.gather_buffer``)."""
         i, j = seg.start, seg.stop
         base = self.peak_max[i, j]
         if seg.recompute == "full":
             base = self.recompute_peak_max[i, j]
         elif seg.recompute == "selective" and seg.recompute_layers:
             base = max(base, max(self.act[k] + self.peak[k] for k in seg.recompute_layers))
-        # plus the sums of reused weights' gradients and the input gradient being sent back, or,
-        # if more, ZeRO 3's gather buffer; then the runtime's workspace
-        return float(max(base + self.shared_grad_bytes(seg) + self.cut[i], gather) + self.workspace)
+        # plus the sums of reused weights' gradients, the input gradient being sent back, ZeRO 3's
+        # gather buffer and the runtime's workspace
+        return float(base + self.shared_grad_bytes(seg) + self.cut[i] + gather + self.workspace)
 
     def buffer_bytes(self, seg: Segment, m: int) -> float:
         """Receive buffers the engine allocates per micro-batch for activations (from the previous

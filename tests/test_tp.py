@@ -447,3 +447,16 @@ def test_tensor_parallel_collectives_do_not_speed_up_with_the_device():
     assert (cost.fwd_s, cost.tp_comm.fwd_s) == pytest.approx((10e-3, 8e-3))
     # the solver's windows read the same: F at speed 2 over [0, 2)
     assert t.prefix_at("F", 2.0)[2] - t.prefix_at("F", 2.0)[0] == pytest.approx(f2)
+
+
+def test_zero_3_prices_its_gather_buffer_beside_the_next_actions_workspace():
+    # 6 GiB of weights over dp 4, a layer whose backward needs 1 GiB of workspace: the flat
+    # all-gather output (6 GiB) may still be held by the collective's work while that layer runs
+    # (DataParallel.gather_buffer), so the stage's transient is 1 + 6 GiB, not max(1, 6)
+    prof = chain_profile([1e-3] * 2, param_bytes=[4 * GiB, 2 * GiB], act_bytes=[MiB, MiB])
+    costs = {k: c.model_copy(update={"peak_bytes": GiB}) for k, c in prof.layers[0].by_mbs.items()}
+    prof = prof.model_copy(update={"layers": [prof.layers[0].model_copy(update={"by_mbs": costs}), prof.layers[1]]})
+    t = CostTable(prof, 1)
+    dp = rank_devices(from_spec("h100x4"), 1, 4)[0].data_parallel(from_spec("h100x4"), 3)
+    cost = t.stage_cost(Segment(0, 2), 4, Training(), data_parallel=dp)
+    assert cost.transient_bytes == GiB + 6 * GiB + t.cut[0] + t.workspace

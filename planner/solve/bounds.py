@@ -124,9 +124,9 @@ class StageBounds:
         sent = t.cut[j] if self.remote_next[s] else np.zeros(i.shape)
         sizes = np.stack([held, t.WGRAD[j] - t.WGRAD[i], t.cut[i], sent])
         step = self.m * t.cut[i] + t.optimizer_transient_matrix(self.optimizer)[i, j] * self.dps[s].optimizer_share()
-        # CostTable.transient_bytes: the layer's workspace and the gradient sent, or ZeRO 3's gather
+        # CostTable.transient_bytes: the layer's workspace, the gradient sent and ZeRO 3's gather
         gather = params if self.dps[s].regathers else np.zeros(i.shape)
-        transient = np.maximum(transient + t.cut[i], gather) + t.workspace
+        transient = transient + t.cut[i] + gather + t.workspace
         return static + batch + transient, sizes, step - transient
 
     def memory(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:

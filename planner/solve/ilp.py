@@ -297,8 +297,8 @@ class _Model:
 
     def _transient(self, s: int, params: Expr) -> Expr:
         """The largest one-layer workspace of stage s (a recomputed layer's activations included),
-        the input gradient it sends back and the runtime's workspace; at least ZeRO 3's gather
-        buffer, the stage's weights (``CostTable.transient_bytes``)."""
+        the input gradient it sends back and the runtime's workspace, and ZeRO 3's gather buffer,
+        the stage's weights (``CostTable.transient_bytes``)."""
         t = self.b.t
         tr = pulp.LpVariable(f"transient_gib_{s}", lowBound=0)
         for i in range(self.n):
@@ -306,9 +306,8 @@ class _Model:
             if self.mode != "none":
                 self.prob += tr >= float(t.act[i] + t.peak[i]) / GIB * self.u[i, s]
         shared = self._shared_grad(s)
-        if self.b.dps[s].regathers:  # max(layer + shared sums + gradient sent, gather buffer)
-            self.prob += tr >= (params - shared - self.cut_in[s]) * (1 / GIB)
-        return GIB * tr + shared + self.cut_in[s] + t.workspace
+        gather = params if self.b.dps[s].regathers else 0
+        return GIB * tr + shared + self.cut_in[s] + gather + t.workspace
 
     def _shared_grad(self, s: int) -> Expr:
         """The gradient sums of weights reused inside stage s (``CostTable.shared_grad``): a tied
