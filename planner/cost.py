@@ -721,7 +721,7 @@ class CostTable:
             static_bytes=int(round(static)),
             transient_bytes=int(round(self.transient_bytes(seg, dp.gather_buffer(params)))),
             optimizer_transient_bytes=int(round(self.optimizer_transient_bytes(seg, training.optimizer)
-                                                * self._transient_share(dp, params, largest))),
+                                                * float(self.transient_share(dp, params, largest)))),
             param_bytes=int(round(params)),
             batch_bytes=int(round(self.batch_bytes(seg, m))),
             optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share(params, largest) / speed,
@@ -730,13 +730,17 @@ class CostTable:
             zero_comm=_collectives(gather_f, gather_i, scatter_w),
         )
 
-    def _transient_share(self, dp: DataParallel, params: float, largest: float) -> float:
+    def transient_share(self, dp: DataParallel, params: float | np.ndarray,
+                        largest: float | np.ndarray) -> float | np.ndarray:
         """The share of the stage's optimizer temporaries the fullest device allocates: stepping all
-        its parameters at once (a GPU), its share of them; one at a time (a CPU), those of its
-        largest tensor, which at stage 1 a replica steps whole (``optimizer_transient_bytes``)."""
-        if dp.whole_tensors and self.profile.device.type != "cuda":
+        its parameters at once (a GPU), its share of them (``DataParallel.optimizer_share``); one at
+        a time (a CPU), those of its largest tensor, which at stage 1 a replica steps whole
+        (``optimizer_transient_bytes``)."""
+        if not dp.whole_tensors:
+            return dp.optimizer_share()
+        if self.profile.device.type != "cuda":
             return 1.0
-        return dp.optimizer_share(params, largest)
+        return np.minimum(1.0, 1 / dp.dp + (1 - 1 / dp.dp) * largest / np.maximum(params, 1.0))
 
     def optimizer_transient_bytes(self, seg: Segment, optimizer: str) -> float:
         """The temporaries of the optimizer's step over the stage's parameters, from each layer's

@@ -255,6 +255,23 @@ def test_the_exact_solver_with_tp_and_zero_matches_brute_force(d):
 
 
 @given(SHARDED)
+@settings(max_examples=60, deadline=None)
+def test_stage_memory_of_the_bounds_is_the_simulated_peak_with_one_stage_per_rank(d):
+    # StageBounds.memory is exact for one stage per rank (ZeRO 1's fullest replica included),
+    # which the fit checks and the memory objective rely on
+    inst = _instance(d)
+    if inst is None or d["schedule"][1] != 1:
+        return
+    b, run, *_ = inst
+    for starts in all_partitions(b.n, b.S):
+        _, _, ev = run(segments_from_bounds(starts, b.n))
+        ends = [*starts[1:], b.n]
+        for s, (i, j) in enumerate(zip(starts, ends, strict=True)):
+            need = float(b.memory(s, np.array([i]), np.array([j]), 0)[0])
+            assert need == pytest.approx(ev.peak_memory_bytes[s], abs=8), (s, i, j)
+
+
+@given(SHARDED)
 @settings(max_examples=40, deadline=None)
 def test_the_memory_aware_bound_with_tp_and_two_device_speeds_never_exceeds_a_plan_that_fits(d):
     from planner.solve.fluid import fluid_bound
