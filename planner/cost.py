@@ -198,16 +198,37 @@ class DataParallel:
         again (``reshard_after_forward``)."""
         return self.fsdp and self.zero >= 3
 
+    @property
+    def whole_tensors(self) -> bool:
+        """Stage 1 over several replicas: each replica steps whole parameter tensors (below)."""
+        return self.zero == 1 and self.dp > 1
+
     def state_factor(self, training: Training, dtype: str) -> float:
-        """Bytes of weights, gradients and optimizer state per parameter byte on one device: stage 1
-        divides the optimizer state over dp (ZeRO section 5, table 1); stages 2 and 3 hold, during
-        the step, the gathered weights and the whole gradients beside their shards (class doc)."""
+        """Bytes of weights, gradients and optimizer state per parameter byte on one device, with the
+        optimizer state divided evenly: stage 1 divides it over dp (ZeRO section 5, table 1), which
+        whole tensors do only up to ``uneven_state_bytes``; stages 2 and 3 hold, during the step,
+        the gathered weights and the whole gradients beside their shards (class doc)."""
         w, g, o = state_bytes(training, dtype)
         if self.fsdp:
             total = (w + g) * (1 + 1 / self.dp) + o / self.dp
         else:
             total = w + g + o / (self.dp if self.zero >= 1 and self.dp > 1 else 1)
         return total / DTYPE_BYTES[dtype]
+
+    def uneven_state_bytes(self, largest_bytes: float, training: Training, dtype: str) -> float:
+        """The optimizer-state bytes the fullest replica holds at stage 1 beyond an even share.
+
+        torch's ZeroRedundancyOptimizer (torch/distributed/optim/zero_redundancy_optimizer.py,
+        ``_partition_parameters``) and planner's ``ShardedOptimizer`` (the same rule over each
+        device's local shards) give each replica whole tensors: largest first, each to the replica
+        holding the fewest elements so far. Whatever the order, the replica that ends fullest got its
+        last tensor x while it was the emptiest, so it then held at most (total - x)/dp and ends at
+        most total/dp + (1 - 1/dp) x (Graham, "Bounds for certain multiprocessing anomalies", 1966):
+        with x the stage's largest tensor, ``(1 - 1/dp) * largest`` parameter bytes above the even
+        share. A rank's stages are partitioned together, under the sum of their bounds."""
+        if not self.whole_tensors:
+            return 0.0
+        return (1 - 1 / self.dp) * largest_bytes * state_bytes(training, dtype)[2] / DTYPE_BYTES[dtype]
 
     def step_coeffs(self) -> tuple[float, float]:
         """The collectives of a step outside its actions, as (seconds per gradient byte, fixed
@@ -237,16 +258,29 @@ class DataParallel:
 
     def gather_buffer(self, param_bytes: float) -> float:
         """Bytes beside the in-step state while stage 3 gathers with micro-batches in flight: the
-        all-gather's flat output (``_fsdp_collectives.foreach_all_gather``), freed once copied into
-        the weights (``foreach_all_gather_copy_out``). Stage 2 gathers only at the step's start,
+        all-gather's flat output (``_fsdp_collectives.foreach_all_gather``; the input is its own
+        chunk of it), dropped once copied into the weights (``foreach_all_gather_copy_out``), but
+        freed only when the collective's work releases it too: gloo's worker thread marks the work
+        done, which wakes the waiting rank, and drops its reference after
+        (``ProcessGroupGloo::runLoop``), so on a busy machine the buffer was seen alive in the
+        backward that followed the gather (NCCL's work likewise keeps its tensors until its watchdog
+        sees it complete). Priced beside the action's own transient, not instead of it
+        (``CostTable.transient_bytes``). Stage 2 gathers only at the step's start,
         before any gradient exists: its flat buffer takes the place of the whole gradients (as
         large as the weights) in the state counted, and so do the reduce-scatter's input and
         output after the last backward, the gathered weights being freed first."""
         return param_bytes if self.regathers else 0.0
 
-    def optimizer_share(self) -> float:
-        """The share of the optimizer step a device runs: its shard from stage 1 on."""
-        return 1 / self.dp if self.zero >= 1 and self.dp > 1 else 1.0
+    def optimizer_share(self, param_bytes: float = 0.0, largest_bytes: float = 0.0) -> float:
+        """The share of the stage's optimizer step (its state's bytes and its time) the fullest device
+        runs: its shard from stage 1 on; at stage 1, of whole tensors, at most 1/dp + (1 - 1/dp) *
+        largest / params of them (``uneven_state_bytes``). Without the sizes, 1/dp: the least it is
+        (the solver's lower bounds)."""
+        if not (self.zero >= 1 and self.dp > 1):
+            return 1.0
+        if not self.whole_tensors or param_bytes <= 0:
+            return 1 / self.dp
+        return min(1.0, 1 / self.dp + (1 - 1 / self.dp) * largest_bytes / param_bytes)
 
 
 def p2p_time(nbytes: float, link: Link) -> float:
@@ -320,9 +354,13 @@ class CostTable:
         self.peak = np.array([c.peak_bytes for c in costs], dtype=float)
         self.wgrad = np.array([c.wgrad_bytes for c in costs], dtype=float)
         self.params = np.array([layer.param_bytes for layer in profile.layers], dtype=float)
+        # per layer, its largest parameter tensor (ZeRO 1's unit); a profile without it: the layer's bytes
+        self.largest = np.array([layer.param_bytes if layer.largest_param_bytes is None else layer.largest_param_bytes
+                                 for layer in profile.layers], dtype=float)
         self.opt_share = np.ones(self.n)  # the share of a layer's optimizer temporaries one device has
         self._opt_peaks: dict[str, np.ndarray] = {}
         self._opt_matrix: dict[str, np.ndarray] = {}
+        self._at_speed: dict[tuple[str, float], np.ndarray] = {}
         self.cut = np.array(self.graph.cut_bytes_per_sample(), dtype=float) * mbs  # (n + 1,)
         self.in_bytes = np.array(self.graph.input_bytes_per_sample(), dtype=float) * mbs
         # the whole model's optimizer step, shared by parameter byte of the whole (unsharded) model
@@ -337,6 +375,7 @@ class CostTable:
             if tp_link is None:
                 raise InputError(f"tp {tp} needs the link its devices all-reduce over")
             self._shard(tp, tp_link)
+            self.largest = self.largest * self.opt_share  # one device's part of it, as of the layer
         if profile.loss is not None:  # the loss runs on the last stage, after its last layer
             loss = profile.loss.by_mbs[key]
             self.fwd[-1] += loss.fwd_s * t
@@ -487,6 +526,11 @@ class CostTable:
         return np.cumsum(np.cumsum(diff, axis=0), axis=1)[: n + 1, : n + 1]
 
     @cached_property
+    def largest_max(self) -> np.ndarray:
+        """(n+1, n+1): the largest parameter tensor of [i, j) (one device's part at tp > 1)."""
+        return _range_max(self.largest)
+
+    @cached_property
     def peak_max(self) -> np.ndarray:
         """(n+1, n+1): max over layers of [i, j) of transient bytes (none / selective base)."""
         return _range_max(self.peak)
@@ -569,26 +613,40 @@ class CostTable:
         return float(self.PARAMS[seg.stop] - self.PARAMS[seg.start] - self.tied_dedup(seg.start, seg.stop))
 
     def times(self, seg: Segment, speed: float = 1.0) -> tuple[float, float, float, float]:
-        """(fwd, bwd_input, bwd_weight, bwd) seconds per micro-batch: bwd is the whole backward,
-        bwd_input and bwd_weight its split parts. Recomputation repeats the forward of the
-        recomputed layers before their backward (Chen et al., 2016)."""
+        """(fwd, bwd_input, bwd_weight, bwd) seconds per micro-batch on a device of relative
+        ``speed``: bwd is the whole backward, bwd_input and bwd_weight its split parts.
+        Recomputation repeats the forward of the recomputed layers before their backward (Chen et
+        al., 2016). The compute is divided by the speed, the tensor-parallel collectives inside
+        (``tp_comm_times``) are not: they run at the link's."""
         i, j = seg.start, seg.stop
         again = sum(self.fwd[layer] for layer in seg.recomputed())
-        f = self.F[j] - self.F[i]
-        bi = self.BI[j] - self.BI[i] + again
-        bw = self.BW[j] - self.BW[i]
-        b = self.B[j] - self.B[i] + again
-        return float(f) / speed, float(bi) / speed, float(bw) / speed, float(b) / speed
+        comm_f, comm_b = self.tp_comm_times(seg)
+        f = (self.F[j] - self.F[i] - comm_f) / speed + comm_f
+        bi = (self.BI[j] - self.BI[i] + again - comm_b) / speed + comm_b
+        bw = (self.BW[j] - self.BW[i]) / speed
+        b = (self.B[j] - self.B[i] + again - comm_b) / speed + comm_b
+        return float(f), float(bi), float(bw), float(b)
 
-    def tp_comm_times(self, seg: Segment, speed: float = 1.0) -> tuple[float, float]:
+    def tp_comm_times(self, seg: Segment) -> tuple[float, float]:
         """(forward, backward) seconds per micro-batch of the tensor-parallel collectives inside
         ``times``: each layer's all-reduces run once in its forward and once in its input gradient
         (so in the whole backward too, not in the weight gradient), and a recomputed layer's
-        forward repeats its own."""
+        forward repeats its own. The link's seconds, whatever the device's speed."""
         i, j = seg.start, seg.stop
         comm = float(self.TPC[j] - self.TPC[i])
         again = sum(float(self.tp_comm[layer]) for layer in seg.recomputed())
-        return comm / speed, (comm + again) / speed
+        return comm, comm + again
+
+    def prefix_at(self, name: str, speed: float) -> np.ndarray:
+        """The prefix sum ``name`` (F, B, BI, BW or BMIN) on a device of relative ``speed``, as
+        ``times`` prices it: compute divided by the speed, the tensor-parallel collectives in F, B,
+        BI and BMIN (one per layer in each: ``_shard``) at the link's seconds. What the solver's
+        bounds read for a stage's window [i, j): ``P[j] - P[i]``."""
+        key = (name, speed)
+        if key not in self._at_speed:
+            comm = 0.0 if name == "BW" else self.TPC
+            self._at_speed[key] = (getattr(self, name) - comm) / speed + comm
+        return self._at_speed[key]
 
     def held_bytes(self, seg: Segment) -> float:
         """Bytes held per micro-batch in flight (from its forward until its backward frees it)."""
@@ -603,17 +661,17 @@ class CostTable:
 
     def transient_bytes(self, seg: Segment, gather: float = 0.0) -> float:
         """The largest one-layer workspace, the input gradient being sent back, and the runtime's
-        workspace; or, if more, ZeRO 3's all-gather buffer (``DataParallel.gather_buffer``) before
-        an action: no layer computes then, and nothing is sent."""
+        workspace; with ZeRO 3, plus the all-gather buffer of the gather before the action, which
+        may still be alive while it computes (``DataParallel.gather_buffer``)."""
         i, j = seg.start, seg.stop
         base = self.peak_max[i, j]
         if seg.recompute == "full":
             base = self.recompute_peak_max[i, j]
         elif seg.recompute == "selective" and seg.recompute_layers:
             base = max(base, max(self.act[k] + self.peak[k] for k in seg.recompute_layers))
-        # plus the sums of reused weights' gradients and the input gradient being sent back, or,
-        # if more, ZeRO 3's gather buffer; then the runtime's workspace
-        return float(max(base + self.shared_grad_bytes(seg) + self.cut[i], gather) + self.workspace)
+        # plus the sums of reused weights' gradients, the input gradient being sent back, ZeRO 3's
+        # gather buffer and the runtime's workspace
+        return float(base + self.shared_grad_bytes(seg) + self.cut[i] + gather + self.workspace)
 
     def buffer_bytes(self, seg: Segment, m: int) -> float:
         """Receive buffers the engine allocates per micro-batch for activations (from the previous
@@ -647,8 +705,10 @@ class CostTable:
             # to W; both are freed at I, so that over-estimates as well.
             bi, bw = bi + bw, 0.0
         params = self.param_bytes(seg)
+        largest = float(self.largest_max[seg.start, seg.stop])
         gather_f, gather_i, scatter_w = dp.per_microbatch(params)
         static = params * dp.state_factor(training, self.profile.dtype)
+        static += dp.uneven_state_bytes(largest, training, self.profile.dtype)
         static += (weight_versions - 1) * params  # stashed weight versions (PipeDream)
         static += self.buffer_bytes(seg, m)
         return StageCost.model_construct(  # the solver builds thousands: skip re-validation
@@ -661,14 +721,26 @@ class CostTable:
             static_bytes=int(round(static)),
             transient_bytes=int(round(self.transient_bytes(seg, dp.gather_buffer(params)))),
             optimizer_transient_bytes=int(round(self.optimizer_transient_bytes(seg, training.optimizer)
-                                                * dp.optimizer_share())),
+                                                * float(self.transient_share(dp, params, largest)))),
             param_bytes=int(round(params)),
             batch_bytes=int(round(self.batch_bytes(seg, m))),
-            optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share() / speed,
+            optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share(params, largest) / speed,
             allreduce_s=allreduce_s + dp.step_s(params),
-            tp_comm=_collectives(*self.tp_comm_times(seg, speed), 0.0),
+            tp_comm=_collectives(*self.tp_comm_times(seg), 0.0),
             zero_comm=_collectives(gather_f, gather_i, scatter_w),
         )
+
+    def transient_share(self, dp: DataParallel, params: float | np.ndarray,
+                        largest: float | np.ndarray) -> float | np.ndarray:
+        """The share of the stage's optimizer temporaries the fullest device allocates: stepping all
+        its parameters at once (a GPU), its share of them (``DataParallel.optimizer_share``); one at
+        a time (a CPU), those of its largest tensor, which at stage 1 a replica steps whole
+        (``optimizer_transient_bytes``)."""
+        if not dp.whole_tensors:
+            return dp.optimizer_share()
+        if self.profile.device.type != "cuda":
+            return 1.0
+        return np.minimum(1.0, 1 / dp.dp + (1 - 1 / dp.dp) * largest / np.maximum(params, 1.0))
 
     def optimizer_transient_bytes(self, seg: Segment, optimizer: str) -> float:
         """The temporaries of the optimizer's step over the stage's parameters, from each layer's

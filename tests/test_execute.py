@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as hst
 
 from planner.clusters import from_spec
 from planner.errors import CheckFailed, ExecutionError
@@ -331,6 +334,46 @@ def test_run_folder_is_removed_after_a_timing_miss_and_kept_after_a_failed_check
     assert any("a check failed" in n for n in failed.notes)
 
 
+def _reports(pp, dp, tp, peak):
+    from planner.execute.reports import Measured, WorkerReport, coordinates
+
+    out = []
+    for rank in range(pp * dp * tp):
+        p, d, t = coordinates(rank, dp, tp)
+        m = Measured(step_times_s=[1.0], max_rss_bytes=2**20, cpu_live_peak_bytes=peak(p, d, t))
+        out.append(WorkerReport(rank=rank, pp_rank=p, dp_rank=d, tp_rank=t, stages=[p], measured=m))
+    return out
+
+
+def _memory_rows(pp, dp, tp, peak):
+    from planner.execute import Verification, _record_memory
+
+    plan = load_plan("plans/gpt.cpu2-pp2.json")  # its two stages predict the rank's peak: 100 and 200
+    stages = [st.model_copy(update={"predicted": st.predicted.model_copy(update={"peak_memory_bytes": 100 * (k + 1)})})
+              for k, st in enumerate(plan.stages)]
+    plan = plan.model_copy(update={"stages": stages, "parallel": plan.parallel.model_copy(update={"dp": dp, "tp": tp})})
+    ver = Verification(mode="distributed", device="cpu")
+    _record_memory(ver, plan, _reports(pp, dp, tp, peak))
+    return ver.rows
+
+
+def test_every_rank_reports_its_peak_against_its_stages_prediction():
+    # pp 2 x dp 2 x tp 2, 8 workers: one row each, the replicas of a stage under one prediction
+    rows = _memory_rows(2, 2, 2, lambda p, d, t: 100 * (p + 1) + 10 * d + t)
+    assert [(r.what, r.predicted, r.measured) for r in rows[:4]] == [
+        ("rank 0 dp 0 tp 0 peak memory", 100, 100), ("rank 0 dp 0 tp 1 peak memory", 100, 101),
+        ("rank 0 dp 1 tp 0 peak memory", 100, 110), ("rank 0 dp 1 tp 1 peak memory", 100, 111)]
+    assert len(rows) == 8 and rows[-1].what == "rank 1 dp 1 tp 1 peak memory" and rows[-1].measured == 211
+
+
+def test_a_large_world_reports_the_fullest_replica_of_each_stage_and_tp_rank():
+    # pp 2 x dp 16: 32 workers, over MEMORY_ROWS: per pipeline rank the fullest replica (dp 5, +5%),
+    # the note naming the emptiest (dp 0, -5%)
+    rows = _memory_rows(2, 16, 1, lambda p, d, t: 100 * (p + 1) * (105 if d == 5 else 95 if d == 0 else 100) // 100)
+    assert [(r.what, r.measured) for r in rows] == [("rank 0 dp 5 peak memory", 105), ("rank 1 dp 5 peak memory", 210)]
+    assert rows[0].note.startswith("the fullest of 16 replicas (the emptiest, dp 0: -5.0%)")
+
+
 def test_zero_shards_follow_the_largest_first_rule():
     from torch import nn
 
@@ -340,6 +383,20 @@ def test_zero_shards_follow_the_largest_first_rule():
     # 5 -> replica 0; 3 -> 1; 3 -> 1 (3 < 5); 2 -> 0 (5 < 6); 1 -> 1 (6 < 7)
     sizes = [sum(p.numel() for p in shard) for shard in zero_shard(params, 2)]
     assert sizes == [7, 7]
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(hst.lists(hst.integers(1, 1000), min_size=1, max_size=12), hst.integers(1, 5))
+def test_the_fullest_zero_shard_is_within_the_cost_models_bound(sizes, dp):
+    # planner.cost.DataParallel.uneven_state_bytes: the fullest replica holds at most
+    # total / dp + (1 - 1/dp) * largest elements of whole tensors
+    from torch import nn
+
+    from planner.execute.train import zero_shard
+
+    shards = zero_shard([nn.Parameter(torch.zeros(n)) for n in sizes], dp)
+    fullest = max(sum(p.numel() for p in shard) for shard in shards)
+    assert fullest <= sum(sizes) / dp + (1 - 1 / dp) * max(sizes) + 1e-9
 
 
 @pytest.mark.slow

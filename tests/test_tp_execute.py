@@ -152,11 +152,13 @@ def test_pp2_dp2_zero_matches_the_reference_and_the_predicted_memory(tiny_profil
     # the gathered weights and whole gradients the engine holds through the step are predicted
     # (planner.cost.DataParallel): no rank above its prediction by more than 2%
     errors = _memory_errors(ver)
-    # ZeRO 3's measured peak on the last stage varies run to run on this split (between -12% and
-    # +4% of the prediction seen: when FSDP frees a gathered storage against the next gather is
-    # timing-dependent); that under-prediction is open, so ZeRO 3 is held at 5%, ZeRO 2 at 2%
-    most = 0.02 if zero == 2 else 0.05
-    assert len(errors) == 2 and all(e <= most for e in errors.values()), errors  # one row per pipeline rank
+    # ZeRO 3's last stage measured up to +4% here on a busy machine when its gather buffer outlived
+    # the copy-out into the backward's compute (gloo's worker thread still held it): priced beside
+    # the workspace since (DataParallel.gather_buffer), so both stages are held at 2%
+    most = 0.02
+    # one row per rank: pipeline rank and replica
+    assert sorted(errors) == [f"rank {r} dp {d} peak memory" for r in (0, 1) for d in (0, 1)]
+    assert all(e <= most for e in errors.values()), errors
 
 
 @pytest.mark.slow
@@ -165,7 +167,11 @@ def test_dp2_tp2_zero_1_matches_the_reference(tiny_profile, tmp_path):
     ver = run(plan_for(tiny_profile, tmp_path, pp=1, dp=2, tp=2, zero=1), tmp_path)
     assert ver.mode == "distributed"
     assert all(ok for _, ok, _ in ver.checks), ver.checks
-    assert sorted(_memory_errors(ver)) == ["rank 0 tp 0 peak memory", "rank 0 tp 1 peak memory"]
+    # every rank against the bound on its fullest replica (whole tensors: uneven shares), within
+    # the 10% the tensor-parallel runs above are held to
+    errors = _memory_errors(ver)
+    assert sorted(errors) == [f"rank 0 dp {d} tp {t} peak memory" for d in (0, 1) for t in (0, 1)]
+    assert all(abs(e) <= 0.10 for e in errors.values()), errors
 
 
 def _sharded_step(rank: int, store_path: str, out: str) -> None:

@@ -376,7 +376,7 @@ def _distributed(plan: Plan, plan_path: Path, opts: Options, ver: Verification, 
                          "run (the workers exchange their reports at the end)")
     measured = [r.measured for r in result.reports if r.measured is not None]
     _record_times(ver, plan, measured)
-    _record_memory(ver, plan, [r for r in result.reports if r.measured is not None and r.dp_rank == 0])
+    _record_memory(ver, plan, [r for r in result.reports if r.measured is not None])
     if opts.verify:
         _record_distributed_checks(ver, plan, measured)
     _record_run_dir(ver, kept=opts.run_dir is not None)
@@ -393,20 +393,61 @@ def _record_times(ver: Verification, plan: Plan, measured: list[Measured]) -> No
                         plan.microbatch.global_batch / median, "1/s", checked=False))
 
 
-def _record_memory(ver: Verification, plan: Plan, first_replica: list[WorkerReport]) -> None:
-    """Each pipeline rank's peak (replicas hold the same), for each of its tp ranks."""
+# Up to this many workers, one memory row each; beyond, one per (pipeline rank, tp rank): its fullest replica.
+MEMORY_ROWS = 16
+
+
+def _record_memory(ver: Verification, plan: Plan, reports: list[WorkerReport]) -> None:
+    """Every rank's peak against its stage's prediction, named by its (pipeline rank, replica,
+    tp rank). The replicas of a stage share one prediction, a bound on the fullest of them (ZeRO
+    1 gives each whole tensors, so their optimizer state differs: ``planner.cost.DataParallel``).
+    Up to ``MEMORY_ROWS`` workers each has its row; beyond, each (pipeline rank, tp rank) shows its
+    fullest replica's, and its note the emptiest one's error."""
     predicted = _predicted_peaks(plan)
-    for r in first_replica:
-        m, pred = r.measured, predicted[r.pp_rank]
-        assert m is not None
-        what = f"rank {r.pp_rank}" + (f" tp {r.tp_rank}" if plan.parallel.tp > 1 else "")
-        if m.peak_allocated_bytes is not None:
-            ver.rows.append(Row(f"{what} peak memory", pred, m.peak_allocated_bytes, "bytes",
-                                f"CUDA allocated; reserved {m.peak_reserved_bytes}"))
-        elif m.cpu_live_peak_bytes is not None:
-            ver.rows.append(Row(f"{what} peak memory", pred, m.cpu_live_peak_bytes, "bytes",
-                                "CPU: live tensor bytes counted by planner during two steps (process RSS "
-                                f"{m.max_rss_bytes / 2**20:.0f} MiB includes Python and torch)", checked=False))
+    peaks = sorted(((r, peak) for r in reports if (peak := _peak_bytes(r)) is not None), key=lambda rp: rp[0].rank)
+    shown: list[tuple[WorkerReport, int, str]] = [(r, peak, "") for r, peak in peaks]
+    if len(reports) > MEMORY_ROWS:
+        groups: dict[tuple[int, int], list[tuple[WorkerReport, int]]] = {}
+        for r, peak in peaks:
+            groups.setdefault((r.pp_rank, r.tp_rank), []).append((r, peak))
+        shown = [_fullest(replicas, predicted[key[0]]) for key, replicas in sorted(groups.items())]
+    for r, peak, prefix in shown:
+        assert r.measured is not None
+        ver.rows.append(Row(f"{_rank_name(plan, r)} peak memory", predicted[r.pp_rank], peak, "bytes",
+                            prefix + _memory_note(r), checked=r.measured.peak_allocated_bytes is not None))
+
+
+def _fullest(replicas: list[tuple[WorkerReport, int]], predicted: int) -> tuple[WorkerReport, int, str]:
+    """The fullest of a stage's replicas (of one tp rank), its note naming the emptiest."""
+    r, peak = max(replicas, key=lambda rp: rp[1])
+    low, least = min(replicas, key=lambda rp: rp[1])
+    if len(replicas) == 1 or not predicted:
+        return r, peak, ""
+    return r, peak, (f"the fullest of {len(replicas)} replicas (the emptiest, dp {low.dp_rank}: "
+                     f"{(least - predicted) / predicted:+.1%}); ")
+
+
+def _rank_name(plan: Plan, r: WorkerReport) -> str:
+    """``rank P`` (the pipeline rank), with ``dp D`` and ``tp T`` where the plan has them."""
+    return (f"rank {r.pp_rank}" + (f" dp {r.dp_rank}" if plan.parallel.dp > 1 else "")
+            + (f" tp {r.tp_rank}" if plan.parallel.tp > 1 else ""))
+
+
+def _peak_bytes(r: WorkerReport) -> int | None:
+    """CUDA's peak allocated bytes, or on a CPU planner's count of live tensor bytes."""
+    m = r.measured
+    if m is None:
+        return None
+    return m.peak_allocated_bytes if m.peak_allocated_bytes is not None else m.cpu_live_peak_bytes
+
+
+def _memory_note(r: WorkerReport) -> str:
+    m = r.measured
+    assert m is not None
+    if m.peak_allocated_bytes is not None:
+        return f"CUDA allocated; reserved {m.peak_reserved_bytes}"
+    return ("CPU: live tensor bytes counted by planner during two steps (process RSS "
+            f"{m.max_rss_bytes / 2**20:.0f} MiB includes Python and torch)")
 
 
 def _record_distributed_checks(ver: Verification, plan: Plan, measured: list[Measured]) -> None:

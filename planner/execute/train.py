@@ -3,6 +3,8 @@ parameters under the model's names (the checks against a reference are in ``veri
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -56,16 +58,22 @@ def _is_dtensor(p: torch.Tensor) -> bool:
 class ShardedOptimizer:
     """ZeRO stage 1 over tensor-parallel (DTensor) parameters, which torch's
     ZeroRedundancyOptimizer does not take: each replica holds the optimizer state of its share of
-    whole tensors (``zero_shard``, the same partition on every replica), steps it on the averaged
-    gradients, then every tensor's owner broadcasts its updated local shard to the other replicas
-    (ZeRO section 5.1: P_os, whose all-gather of the updated parameters this is)."""
+    whole tensors, steps it on the averaged gradients, then every tensor's owner broadcasts its
+    updated local shard to the other replicas (ZeRO section 5.1: P_os, whose all-gather of the
+    updated parameters this is). The share is ``zero_shard`` of the local shards' sizes, the bytes
+    this device holds, so that the cost model's bound on the fullest replica holds in them
+    (``planner.cost.DataParallel.uneven_state_bytes``); the replicas of one tp rank hold shards of
+    the same sizes, so they agree on it (another tp rank's group may partition otherwise: each
+    steps only its own shards)."""
 
     def __init__(self, params: list[nn.Parameter], kind: type[torch.optim.Optimizer], options: dict,
                  group) -> None:
         import torch.distributed as dist
 
+        from planner.execute.parallel import local
+
         self.params, self.group = params, group
-        shards = zero_shard(params, dist.get_world_size(group))
+        shards = zero_shard(params, dist.get_world_size(group), size=lambda p: local(p).numel())
         self.owners = [(p, dist.get_global_rank(group, k)) for k, shard in enumerate(shards) for p in shard]
         mine = shards[dist.get_rank(group)]
         self.inner = kind(mine or [nn.Parameter(torch.zeros(1))], **options)
@@ -90,16 +98,18 @@ class ShardedOptimizer:
                 p.grad.zero_()
 
 
-def zero_shard(params: list[nn.Parameter], dp: int) -> list[list[nn.Parameter]]:
-    """Parameters per replica as ZeroRedundancyOptimizer partitions them: largest first, each to
-    the replica holding the fewest elements so far (whole tensors, so shards are close to, not
-    exactly, 1/dp of the state)."""
+def zero_shard(params: list[nn.Parameter], dp: int,
+               size: Callable[[nn.Parameter], int] = torch.Tensor.numel) -> list[list[nn.Parameter]]:
+    """Parameters per replica as ZeroRedundancyOptimizer partitions them
+    (torch/distributed/optim/zero_redundancy_optimizer.py, ``_partition_parameters``): largest
+    ``size`` first, each to the replica holding the fewest elements so far (whole tensors, so
+    shards are close to, not exactly, 1/dp of the state)."""
     shards: list[list[nn.Parameter]] = [[] for _ in range(dp)]
     sizes = [0] * dp
-    for p in sorted(params, key=lambda p: p.numel(), reverse=True):
+    for p in sorted(params, key=size, reverse=True):
         k = sizes.index(min(sizes))
         shards[k].append(p)
-        sizes[k] += p.numel()
+        sizes[k] += size(p)
     return shards
 
 

@@ -19,7 +19,8 @@ holds exactly those layers, whatever the other stages hold:
   Either may end the step.
 
 Prefix terms use the fastest rank's speed and the smallest link latency, so the bound holds
-whatever the other stages hold. ``tests/test_solve.py`` checks the bound against the simulator
+whatever the other stages hold. A speed divides the compute only, not the tensor-parallel
+collectives inside it (``CostTable.prefix_at``). ``tests/test_solve.py`` checks the bound against the simulator
 on random partitions. The bound is what the dynamic program minimises; the simulator then
 settles which partition is fastest (``planner.solve.exact``).
 """
@@ -109,7 +110,9 @@ class StageBounds:
         what the optimizer step holds beyond the fixed bytes: ``simulate.optimizer_peak``)."""
         t = self.t
         params = self.params(i, j)
-        static = params * self.bpp + (self.versions[s] - 1) * params
+        dp, largest = self.dps[s], t.largest_max[i, j]  # ZeRO 1's fullest replica (CostTable.stage_cost)
+        static = params * self.bpp + dp.uneven_state_bytes(largest, self.cfg.training, t.profile.dtype)
+        static = static + (self.versions[s] - 1) * params
         static = static + self.m * (t.cut[i] + t.cut[j])  # receive buffers, per micro-batch
         batch = np.where(i == 0, self.m * t.input_batch, 0.0) + np.where(j == self.n, self.m * t.target_batch, 0.0)
         if choice == FULL:
@@ -122,10 +125,11 @@ class StageBounds:
         transient = transient + (t.shared_held[0][i, j] if choice == FULL else t.shared_grad[i, j])
         sent = t.cut[j] if self.remote_next[s] else np.zeros(i.shape)
         sizes = np.stack([held, t.WGRAD[j] - t.WGRAD[i], t.cut[i], sent])
-        step = self.m * t.cut[i] + t.optimizer_transient_matrix(self.optimizer)[i, j] * self.dps[s].optimizer_share()
-        # CostTable.transient_bytes: the layer's workspace and the gradient sent, or ZeRO 3's gather
+        opt = t.optimizer_transient_matrix(self.optimizer)[i, j] * t.transient_share(dp, params, largest)
+        step = self.m * t.cut[i] + opt
+        # CostTable.transient_bytes: the layer's workspace, the gradient sent and ZeRO 3's gather
         gather = params if self.dps[s].regathers else np.zeros(i.shape)
-        transient = np.maximum(transient + t.cut[i], gather) + t.workspace
+        transient = transient + t.cut[i] + gather + t.workspace
         return static + batch + transient, sizes, step - transient
 
     def memory(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
@@ -159,17 +163,22 @@ class StageBounds:
     def work(self, s: int, i: Starts, j: Starts, choice: int) -> np.ndarray:
         """Seconds stage s computes in a step: every micro-batch's forward and backward, with the
         gather ZeRO 3 runs after every forward."""
-        t = self.t
-        f = (t.F[j] - t.F[i]) / self.speed[s]
+        at = self._at(s)
+        f = at("F", j) - at("F", i)
         ef, ei, ew = self._zero_extra(s, i, j)
         if self.split:  # input and weight gradients as separate actions
-            b = (t.BI[j] - t.BI[i] + t.BW[j] - t.BW[i]) / self.speed[s]
+            b = at("BI", j) - at("BI", i) + at("BW", j) - at("BW", i)
         else:
-            b = (t.B[j] - t.B[i]) / self.speed[s]
+            b = at("B", j) - at("B", i)
         if choice == FULL:
             b = b + f
         seconds: np.ndarray = self.m * (f + ef + b + ei + ew)
         return seconds
+
+    def _at(self, s: int | None) -> Callable[[str, Starts], np.ndarray]:
+        """Prefix sums on stage s's rank (None: the fastest rank), indexed."""
+        speed = self.vmax if s is None else self.speed[s]
+        return lambda name, k: self.t.prefix_at(name, speed)[k]
 
     def _zero_extra(self, s: int, i: Starts, j: Starts) -> tuple[np.ndarray | float, ...]:
         """Per micro-batch, the seconds ZeRO adds to stage s's forward, input and weight gradients
@@ -182,18 +191,18 @@ class StageBounds:
 
     def head(self, s: int, i: Starts) -> np.ndarray:
         """Earliest start of stage s: the first micro-batch crosses every earlier layer."""
-        start: np.ndarray = self.t.F[i] / self.vmax + self.hops[s] * self.lat
+        start: np.ndarray = self._at(None)("F", i) + self.hops[s] * self.lat
         return start
 
     def tail(self, s: int, i: Starts) -> np.ndarray | float:
         """After stage s's last backward, earlier layers still run it (unless W may come last)."""
-        return 0.0 if self.split else self.t.B[i] / self.vmax + self.hops[s] * self.lat
+        return 0.0 if self.split else self._at(None)("B", i) + self.hops[s] * self.lat
 
     def bound(self, s: int, i: np.ndarray, j: np.ndarray, choice: int) -> np.ndarray:
-        t, n = self.t, self.n
+        n, at, fastest = self.n, self._at(s), self._at(None)
         work = self.work(s, i, j, choice)
         ef, _, ew = self._zero_extra(s, i, j)
-        f = (t.F[j] - t.F[i]) / self.speed[s] + ef  # one forward action, ZeRO-3's gather included
+        f = at("F", j) - at("F", i) + ef  # one forward action, ZeRO-3's gather included
         if self.schedule.stream:  # steady state: no fill or drain
             steady: np.ndarray = work + self._after(s, i, j)
             return steady
@@ -203,12 +212,13 @@ class StageBounds:
         if self.split:
             # that I's gradient still crosses every earlier layer's input gradient, while stage s
             # runs only those weight gradients
-            tail = t.BI[i] / self.vmax + self.hops[s] * self.lat
-            own_after = self.w_after[s] * ((t.BW[j] - t.BW[i]) / self.speed[s] + ew)
+            tail = fastest("BI", i) + self.hops[s] * self.lat
+            own_after = self.w_after[s] * (at("BW", j) - at("BW", i) + ew)
         gap = 0.0
         if self.one_chunk:
-            back = t.BI if self.split else t.B
-            rest = (t.F[n] - t.F[j] + back[n] - back[j]) / self.vmax + 2 * (self.S - 1 - s) * self.lat
+            back = "BI" if self.split else "B"
+            rest = (fastest("F", n) - fastest("F", j) + fastest(back, n) - fastest(back, j)
+                    + 2 * (self.S - 1 - s) * self.lat)
             if self.flush_all:
                 gap = rest
             else:

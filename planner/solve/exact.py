@@ -116,11 +116,12 @@ def _longest(b: StageBounds, s: int, ub: float) -> int:
     n = b.n
     if not np.isfinite(ub):
         return n
-    t = b.t
+    # on stage s's rank: compute at its speed, tensor-parallel collectives at the link's
+    fb = b.t.prefix_at("F", b.speed[s]) + b.t.prefix_at("BMIN", b.speed[s])
     lo, hi = 1, n
     while lo < hi:  # the lightest window of length d gets heavier as d grows
         mid = (lo + hi + 1) // 2
-        work = (t.F[mid:] - t.F[:-mid] + t.BMIN[mid:] - t.BMIN[:-mid]) * b.m / b.speed[s]
+        work = (fb[mid:] - fb[:-mid]) * b.m
         if work.min() <= ub:
             lo = mid
         else:
@@ -189,7 +190,9 @@ class _RankRoom:
         self.later_ranks = [sorted(set(place[s + 1:])) for s in range(b.S)]
         self.busy = [0.0] * pp  # seconds of work assigned to each rank so far
         self.edge = [0.0] * pp  # head + tail of each rank's first stage
-        self.total = b.t.F[-1] + b.t.BMIN[-1]
+        # the compute of the layers from each position on, at speed 1: a rank of speed v runs
+        # it in 1/v of that or more (its tensor-parallel collectives, not sped up, only add)
+        self.compute = b.t.F + b.t.BMIN - 2 * b.t.TPC
 
     def assign(self, s: int, i: int, j: int, c: int) -> float:
         """Give stage s layers [i, j) with choice c; the seconds of work added to its rank."""
@@ -212,7 +215,7 @@ class _RankRoom:
         b, r = self.b, self.b.schedule.stage_rank[s]
         if self.edge[r] + self.busy[r] >= tau:
             return True
-        left = (self.total - b.t.F[j] - b.t.BMIN[j]) * b.m
+        left = (self.compute[-1] - self.compute[j]) * b.m
         room = sum((tau - self.edge[q] - self.busy[q]) * self.rank_speed[q] for q in self.later_ranks[s])
         return bool(left > room * (1 + 1e-9))
 

@@ -4,7 +4,8 @@ For every partition and recomputation choice, each rank r
 
 * computes every micro-batch's forward and backward of its layers (the forward twice where it
   recomputes), then all-reduces its gradients and steps its optimizer, so the step is at least
-  ``m * work_r / speed_r + allreduce_r + optimizer_r`` (the simulator's step rule);
+  ``m * work_r / speed_r + m * collectives_r + allreduce_r + optimizer_r`` (the simulator's step
+  rule; the tensor-parallel collectives inside the work run at the link's speed, not the device's);
 * holds, at each of its states, its weights, gradients and optimizer state, plus per own stage
   the activations of as many micro-batches as that state counts (``simulate.memory_states``):
   ``peak_r >= params_r * bytes_per_param + sum_s count_s * held_s``, within its usable memory.
@@ -44,7 +45,7 @@ def _solve(b: StageBounds, classes: tuple[np.ndarray, ...], time_limit: float) -
     import pulp  # only when a search needs it: planner starts faster without
 
     t, sched = b.t, b.schedule
-    f, bmin, act, prod, params, count = classes
+    f, bmin, act, prod, params, comm, count = classes
     options = b.policy.options()
     prob = pulp.LpProblem("fluid", pulp.LpMinimize)
     step = pulp.LpVariable("step", lowBound=0)
@@ -59,7 +60,8 @@ def _solve(b: StageBounds, classes: tuple[np.ndarray, ...], time_limit: float) -
         per_byte = b.ar[mine[0]][0] + b.opt_per_byte / speed  # all-reduce and optimizer
         overheads = 2 * b.m * len(mine) * b.ranks[r].overhead_s  # an F and a backward each
         prob += step >= overheads + pulp.lpSum(
-            y[k, s, c] * float(b.m * (f[k] * (2 if c == FULL else 1) + bmin[k]) / speed + params[k] * per_byte)
+            y[k, s, c] * float(b.m * ((f[k] * (2 if c == FULL else 1) + bmin[k]) / speed
+                                      + comm[k] * (3 if c == FULL else 2)) + params[k] * per_byte)
             for k in range(len(count)) for s in mine for c in options)
         room = float(b.cap[mine[0]] - t.workspace) / GiB  # memory rows in GiB: better scaled
         for held_counts in _fullest_states(states, len(mine)):
@@ -81,18 +83,19 @@ def _spread_within(b: StageBounds, classes: tuple[np.ndarray, ...], floor: float
     is allowed), checked against the program's own rows (each rank's step and its fullest
     states' memory). The program minimises over its feasible points, so its optimum is then no
     higher than ``floor``. (The memory rows keep a margin of 1e-9 for the solver's rounding.)"""
-    f, bmin, act, prod, params, count = classes
+    f, bmin, act, prod, params, comm, count = classes
     sched = b.schedule
     choice = b.policy.options()[0]
     share = count / sched.n_stages  # of each class, on every stage
     compute = f * (2 if choice == FULL else 1) + bmin
+    collectives = comm * (3 if choice == FULL else 2)
     held = prod if choice == FULL else act
     for r, states in enumerate(memory_states(sched)):
         mine = sched.stages_of(r)
         speed = b.speed[mine[0]]
         per_byte = b.ar[mine[0]][0] + b.opt_per_byte / speed
         overheads = 2 * b.m * len(mine) * b.ranks[r].overhead_s
-        if overheads + len(mine) * float(share @ (b.m * compute / speed + params * per_byte)) > floor:
+        if overheads + len(mine) * float(share @ (b.m * (compute / speed + collectives) + params * per_byte)) > floor:
             return False
         room = float(b.cap[mine[0]] - b.t.workspace) / GiB
         for counts in _fullest_states(states, len(mine)):
@@ -103,14 +106,15 @@ def _spread_within(b: StageBounds, classes: tuple[np.ndarray, ...], floor: float
 
 
 def _classes(b: StageBounds) -> tuple[np.ndarray, ...]:
-    """Per class of similar layers: the smallest forward, backward (the cheaper of whole and
-    split), saved and produced bytes and parameter bytes among its members, and its size."""
+    """Per class of similar layers: the smallest forward and backward (the cheaper of whole and
+    split) compute, saved and produced bytes, parameter bytes and tensor-parallel collectives (one
+    in each forward and backward: ``CostTable._shard``) among its members, and its size."""
     t = b.t
     params = t.params.copy()
     for members, nbytes in t._tied:  # a tied weight counts once, wherever its copies sit
         params[members[1:]] -= nbytes
-    cost = np.stack([t.fwd, np.minimum(t.bwd, t.bwd_input + t.bwd_weight), t.act,
-                     np.diff(t.PRODUCED), np.maximum(params, 0.0)], axis=1)
+    cost = np.stack([t.fwd - t.tp_comm, np.minimum(t.bwd, t.bwd_input + t.bwd_weight) - t.tp_comm, t.act,
+                     np.diff(t.PRODUCED), np.maximum(params, 0.0), t.tp_comm], axis=1)
     keys = np.where(cost > 0, np.floor(np.log(np.maximum(cost, 1e-300)) / math.log(BIN)), -10**6)
     _, label = np.unique(keys, axis=0, return_inverse=True)
     label = label.ravel()

@@ -154,17 +154,26 @@ class _Model:
 
     # ---------------------------------------------------------------- time (bounds.py, term by term)
 
+    def _at(self, per_layer: np.ndarray, speed: float) -> np.ndarray:
+        """Per layer, its seconds on a rank of that speed: the compute divided, the tensor-parallel
+        collectives in every pass but the weight gradient's not (``CostTable.times``)."""
+        t = self.b.t
+        comm = 0.0 if per_layer is t.bwd_weight else t.tp_comm
+        out: np.ndarray = (per_layer - comm) / speed + comm
+        return out
+
     def _prefix_time(self, per_layer: np.ndarray, s: int) -> Expr:
         """Seconds the layers before stage s take on the fastest rank, plus the links crossed."""
         b = self.b
-        return pulp.lpSum(float(per_layer[i] / b.vmax) * self._upto(i, s - 1) for i in range(self.n)) \
+        per_layer = self._at(per_layer, b.vmax)
+        return pulp.lpSum(float(per_layer[i]) * self._upto(i, s - 1) for i in range(self.n)) \
             + int(b.hops[s]) * b.lat
 
     def _own(self, per_layer: np.ndarray, s: int, which: dict[tuple[int, int], Expr] | None = None) -> Expr:
         """Seconds stage s spends on the layers it holds (or on those ``which`` marks)."""
         which = self.x if which is None else which
-        speed = self.b.speed[s]
-        return pulp.lpSum(float(per_layer[i] / speed) * which[i, s] for i in range(self.n))
+        per_layer = self._at(per_layer, self.b.speed[s])
+        return pulp.lpSum(float(per_layer[i]) * which[i, s] for i in range(self.n))
 
     def _backward(self) -> np.ndarray:
         t = self.b.t
@@ -207,7 +216,8 @@ class _Model:
         come back, less the k - 1 forwards run meanwhile; and again after the last forward."""
         b, t = self.b, self.b.t
         back = t.bwd_input if b.split else self._backward()
-        rest = pulp.lpSum(float((t.fwd[i] + back[i]) / b.vmax) * (1 - self._upto(i, s)) for i in range(self.n)) \
+        both = self._at(t.fwd, b.vmax) + self._at(back, b.vmax)
+        rest = pulp.lpSum(float(both[i]) * (1 - self._upto(i, s)) for i in range(self.n)) \
             + 2 * (self.S - 1 - s) * b.lat
         if b.flush_all:
             return rest
@@ -287,8 +297,8 @@ class _Model:
 
     def _transient(self, s: int, params: Expr) -> Expr:
         """The largest one-layer workspace of stage s (a recomputed layer's activations included),
-        the input gradient it sends back and the runtime's workspace; at least ZeRO 3's gather
-        buffer, the stage's weights (``CostTable.transient_bytes``)."""
+        the input gradient it sends back and the runtime's workspace, and ZeRO 3's gather buffer,
+        the stage's weights (``CostTable.transient_bytes``)."""
         t = self.b.t
         tr = pulp.LpVariable(f"transient_gib_{s}", lowBound=0)
         for i in range(self.n):
@@ -296,9 +306,8 @@ class _Model:
             if self.mode != "none":
                 self.prob += tr >= float(t.act[i] + t.peak[i]) / GIB * self.u[i, s]
         shared = self._shared_grad(s)
-        if self.b.dps[s].regathers:  # max(layer + shared sums + gradient sent, gather buffer)
-            self.prob += tr >= (params - shared - self.cut_in[s]) * (1 / GIB)
-        return GIB * tr + shared + self.cut_in[s] + t.workspace
+        gather = params if self.b.dps[s].regathers else 0
+        return GIB * tr + shared + self.cut_in[s] + gather + t.workspace
 
     def _shared_grad(self, s: int) -> Expr:
         """The gradient sums of weights reused inside stage s (``CostTable.shared_grad``): a tied

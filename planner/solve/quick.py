@@ -30,7 +30,7 @@ def may_fit(table: CostTable, ranks: list[RankDevice], cfg: Config) -> bool:
 class Totals:
     """What the quick bound reads of one (micro-batch size, tp, pp, dp, ZeRO stage)."""
 
-    work_sum: float  # forward and cheapest backward of every layer, at speed 1
+    work_s: float  # forward and cheapest backward of every layer on the fastest rank
     vmax: float  # the fastest rank's speed
     heaviest_s: float  # the heaviest layer's forward and backward on the fastest rank
     chain_s: float  # every layer's forward and input gradient, on the fastest rank
@@ -43,14 +43,17 @@ class Totals:
 
 def totals(t: CostTable, ranks: list[RankDevice], cluster: Cluster, zero: int) -> Totals:
     vmax = max(r.speed for r in ranks)
+    # compute at the fastest rank's speed, the tensor-parallel collectives inside at the link's
+    # (CostTable.times): per layer, one in the forward and one in either backward
+    comm = t.tp_comm
     unique = t.PARAMS[-1] - t.tied_dedup(0, t.n)
     dps = [r.data_parallel(cluster, zero) for r in ranks]
     coeffs = [dp.step_coeffs() for dp in dps]
     per_byte, fixed = min(a for a, _ in coeffs), min(c for _, c in coeffs)
     return Totals(
-        work_sum=t.F[-1] + t.BMIN[-1], vmax=vmax,
-        heaviest_s=float((t.fwd + np.minimum(t.bwd, t.bwd_input + t.bwd_weight)).max()) / vmax,
-        chain_s=float(t.F[-1] + np.minimum(t.bwd, t.bwd_input).sum()) / vmax,
+        work_s=float(t.prefix_at("F", vmax)[-1] + t.prefix_at("BMIN", vmax)[-1]), vmax=vmax,
+        heaviest_s=float(((t.fwd + np.minimum(t.bwd, t.bwd_input + t.bwd_weight) - 2 * comm) / vmax + 2 * comm).max()),
+        chain_s=float(((t.fwd + np.minimum(t.bwd, t.bwd_input) - 2 * comm) / vmax + 2 * comm).sum()),
         allreduce_s=per_byte * unique + fixed if unique > 0 else 0.0,
         per_microbatch=min(dp.per_microbatch_per_byte() for dp in dps), unique_bytes=unique,
         optimizer_s=t.optimizer_per_byte * unique * dps[0].optimizer_share() / vmax,
@@ -61,7 +64,7 @@ def quick_bound(tot: Totals, cfg: Config) -> float:
     """A step time no partition of cfg beats, from totals alone: all work spread evenly
     over the ranks; for one-stage-per-rank schedules with whole backwards, also the least
     max_s(prefix_s + m * work_s) over any split, W / (1 - (1 - 1/m)^pp) (stages equalised)."""
-    work = float(tot.work_sum) / tot.vmax
+    work = tot.work_s
     if cfg.schedule.startswith("pipedream"):
         return cfg.m * work / cfg.pp
     # the stage holding the heaviest layer runs it m times; one micro-batch crosses every layer
@@ -80,4 +83,4 @@ def busiest_rank(tot: Totals, cfg: Config) -> float:
     # ZeRO 2 and 3: every micro-batch's reduce-scatter (and gathers) of the weights, latency aside
     allreduce = tot.allreduce_s + cfg.m * tot.per_microbatch * tot.unique_bytes
     overheads = 2 * cfg.m * cfg.v * tot.overhead_s  # an F and a backward each
-    return float((cfg.m * tot.work_sum / tot.vmax + allreduce + tot.optimizer_s) / cfg.pp + overheads)
+    return float((cfg.m * tot.work_s + allreduce + tot.optimizer_s) / cfg.pp + overheads)

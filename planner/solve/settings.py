@@ -145,13 +145,16 @@ def tensor_degrees(cluster: Cluster, settings: Settings, profile: Profile | None
 
 
 def zero_stages(dp: int, settings: Settings) -> list[int]:
-    """The ZeRO stage as pinned, else 1 over several replicas and 0 over one. Stage 1 dominates:
-    stage 0 moves the same bytes and holds more (ZeRO section 7.2.1); stages 2 and 3, as the
+    """The ZeRO stage as pinned, else 1 over several replicas and 0 over one. Stage 1 dominates
+    stage 0, which moves the same bytes and holds more (ZeRO section 7.2.1). Stages 2 and 3, as the
     pipeline engine runs them (``planner.cost.DataParallel``), take stage 1's time or more (3
-    gathers after every forward) and every memory term of theirs is at least stage 1's (the
-    gathered weights and whole gradients beside their shards), and the simulated step and peak
-    only grow with each term, so no partition or schedule is better with them. Pinned, they are
-    priced as any other."""
+    gathers after every forward) and hold the gathered weights and whole gradients beside their
+    shards, (w + g) / dp more per parameter, so they are not searched. That is dominance only while
+    stage 1's whole-tensor shares stay closer to even than that: its fullest replica is priced
+    (1 - 1/dp) * o * largest above an even share (``DataParallel.uneven_state_bytes``), and its
+    optimizer step at the same share, so a stage whose largest tensor is over (w + g) / (o (dp - 1))
+    of it could hold less, and step a little faster, at stage 2: pin ``--zero 2`` to price it.
+    Pinned, stages are priced as any other."""
     if settings.zero is not None:
         return [settings.zero]
     return [1] if dp > 1 else [0]
