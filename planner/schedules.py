@@ -78,27 +78,31 @@ class Schedule:
 
     @cached_property
     def _global_order(self) -> tuple[Action, ...]:
-        done: set[tuple[Kind, int, int]] = set()
-        last = self.n_stages - 1
+        S, m = self.n_stages, self.microbatches
+        # done[(slot * S + stage) * m + mb]: that action is in the order (slots F, B, I, W = 0..3)
+        done = [False] * (4 * S * m)
+        b_base, i_base = S * m, 2 * S * m
 
         def ready(a: Action) -> bool:
-            s, k = a.stage, a.mb
-            if a.kind == Kind.FORWARD:
-                return s == 0 or (Kind.FORWARD, s - 1, k) in done
-            if a.kind == Kind.BACKWARD_WEIGHT:
-                return (Kind.BACKWARD_INPUT, s, k) in done
-            return (Kind.FORWARD, s, k) in done and (s == last or (Kind.FULL_BACKWARD, s + 1, k) in done
-                                                      or (Kind.BACKWARD_INPUT, s + 1, k) in done)
+            k, s, mb = a
+            if k is Kind.FORWARD:
+                return s == 0 or done[(s - 1) * m + mb]
+            if k is Kind.BACKWARD_WEIGHT:
+                return done[i_base + s * m + mb]
+            return done[s * m + mb] and (s == S - 1 or done[b_base + (s + 1) * m + mb]
+                                         or done[i_base + (s + 1) * m + mb])
 
         order: list[Action] = []
         pos, total = [0] * self.pp, sum(map(len, self.ranks))
         while len(order) < total:
             before = len(order)
             for r, acts in enumerate(self.ranks):
-                while pos[r] < len(acts) and ready(acts[pos[r]]):
-                    done.add(acts[pos[r]])
-                    order.append(acts[pos[r]])
-                    pos[r] += 1
+                at, end = pos[r], len(acts)
+                while at < end and ready(a := acts[at]):
+                    done[(_SLOT[a.kind] * S + a.stage) * m + a.mb] = True
+                    order.append(a)
+                    at += 1
+                pos[r] = at
             if len(order) == before:
                 stuck = {r: str(acts[pos[r]]) for r, acts in enumerate(self.ranks) if pos[r] < len(acts)}
                 raise ScheduleError(f"schedule deadlocks: ranks wait forever at {stuck}")
