@@ -365,10 +365,16 @@ def _interleaved(pp: int, v: int, m: int, split: bool) -> list[list[Action]]:
     (pp - r - 1) * 2 + (v - 1) * pp forwards, then alternates forward and backward. Its step on
     uniform stages is m(tF + tB) + (pp - 1)(tF + tB) / v, tF and tB a rank's whole share."""
     total = v * m
+    slots = [_interleaved_slot(pp, v, 0, n, False) for n in range(total)]  # rank 0's; others shift the stage
+    back = [_interleaved_slot(pp, v, 0, n, True) for n in range(total)]
     out = []
     for r in range(pp):
-        fwd = [Action(Kind.FORWARD, *_interleaved_slot(pp, v, r, n, False)) for n in range(total)]
-        bwd = [_backward(*_interleaved_slot(pp, v, r, n, True), split) for n in range(total)]
+        fwd = [Action(Kind.FORWARD, s + r, k) for s, k in slots]
+        bwd: list[tuple[Action, ...]]
+        if split:
+            bwd = [(Action(Kind.BACKWARD_INPUT, s + r, k), Action(Kind.BACKWARD_WEIGHT, s + r, k)) for s, k in back]
+        else:
+            bwd = [(Action(Kind.FULL_BACKWARD, s + r, k),) for s, k in back]
         warm = min((pp - r - 1) * 2 + (v - 1) * pp, total)
         acts = fwd[:warm]
         for n in range(total - warm):
