@@ -703,14 +703,16 @@ def inflight_peaks(schedule: Schedule) -> list[int]:
     """For each stage, the most micro-batches whose activations it holds at once, counting the
     one being computed. It depends only on the order of actions, not on their durations."""
     peak = [0] * schedule.n_stages
+    forward, frees = Kind.FORWARD, (Kind.FULL_BACKWARD, Kind.BACKWARD_WEIGHT)
     for actions in schedule.ranks:
         held = [0] * schedule.n_stages
-        for a in actions:
-            if a.kind == Kind.FORWARD:
-                held[a.stage] += 1
-                peak[a.stage] = max(peak[a.stage], held[a.stage])
-            elif a.kind == Kind.FULL_BACKWARD or a.kind == Kind.BACKWARD_WEIGHT:
-                held[a.stage] -= 1
+        for kind, s, _ in actions:
+            if kind is forward:
+                held[s] += 1
+                if held[s] > peak[s]:
+                    peak[s] = held[s]
+            elif kind in frees:
+                held[s] -= 1
     return peak
 
 
