@@ -80,34 +80,39 @@ class _ListScheduler:
         self.lists: list[list[Action]] = [[] for _ in range(S)]
         self.last_input = [False] * S  # whether the rank's last F or I was an I
 
-    def _input(self, s: int) -> tuple[float, Action] | None:
+    # A rank's candidate next action is (start, kind, micro-batch), its stage the rank's own:
+    # the Action itself is made only for the one committed (the scheduler weighs three options
+    # per rank each time a neighbour moves, tens of thousands of times per run).
+
+    def _input(self, s: int) -> tuple[float, Kind, int] | None:
         k = self.next_i[s]
         if k >= self.m or (own := self.f_end[s][k]) is None:
             return None
         if s == self.S - 1:
-            return max(self.clock[s], own), Action(Kind.BACKWARD_INPUT, s, k)
+            return max(self.clock[s], own), Kind.BACKWARD_INPUT, k
         grad = self.i_end[s + 1][k]
         if grad is None:
             return None
-        return max(self.clock[s], own, grad + self.delay[s]), Action(Kind.BACKWARD_INPUT, s, k)
+        return max(self.clock[s], own, grad + self.delay[s]), Kind.BACKWARD_INPUT, k
 
-    def _forward(self, s: int) -> tuple[float, Action] | None:
+    def _forward(self, s: int) -> tuple[float, Kind, int] | None:
         k = self.next_f[s]
         if k >= self.m or self.held[s] >= self.p.caps[s]:
             return None
         if s == 0:
-            return self.clock[s], Action(Kind.FORWARD, s, k)
+            return self.clock[s], Kind.FORWARD, k
         act = self.f_end[s - 1][k]
         if act is None:
             return None
-        return max(self.clock[s], act + self.delay[s - 1]), Action(Kind.FORWARD, s, k)
+        return max(self.clock[s], act + self.delay[s - 1]), Kind.FORWARD, k
 
-    def best(self, s: int) -> tuple[float, Action] | None:
-        """Rank s's next action and its start, or None while it has nothing it could start."""
+    def best(self, s: int) -> tuple[float, Kind, int] | None:
+        """Rank s's next action (start, kind, micro-batch), or None while it has nothing it
+        could start."""
         clock, p = self.clock[s], self.p
         i, f = self._input(s), self._forward(s)
         blocked = self.next_f[s] < self.m and self.held[s] >= p.caps[s]
-        w = (clock, Action(Kind.BACKWARD_WEIGHT, s, self.pending_w[s][0])) if self.pending_w[s] else None
+        w = (clock, Kind.BACKWARD_WEIGHT, self.pending_w[s][0]) if self.pending_w[s] else None
         if w and blocked and (i is None or i[0] > clock):
             return w  # the memory limit: free a micro-batch before the next forward
         if self.next_f[s] < p.warm[s]:
@@ -122,36 +127,36 @@ class _ListScheduler:
                 pick = None  # wait for the one due
             else:
                 pick = other
-        if w and (pick is None or pick[0] - clock >= p.alpha * self.dur[s][Kind.BACKWARD_WEIGHT.slot]):
+        if w and (pick is None or pick[0] - clock >= p.alpha * self.dur[s][_W]):
             return w
         return pick
 
-    def commit(self, s: int, start: float, a: Action) -> None:
-        end = start + self.dur[s][a.kind.slot]
+    def commit(self, s: int, start: float, kind: Kind, mb: int) -> None:
+        end = start + self.dur[s][_SLOT_OF[kind]]
         self.clock[s] = end
-        self.lists[s].append(a)
-        if a.kind == Kind.FORWARD:
-            self.f_end[s][a.mb] = end
+        self.lists[s].append(Action(kind, s, mb))
+        if kind is Kind.FORWARD:
+            self.f_end[s][mb] = end
             self.next_f[s] += 1
             self.held[s] += 1
-        elif a.kind == Kind.BACKWARD_INPUT:
-            self.i_end[s][a.mb] = end
+        elif kind is Kind.BACKWARD_INPUT:
+            self.i_end[s][mb] = end
             self.next_i[s] += 1
-            self.pending_w[s].append(a.mb)
-        if a.kind != Kind.BACKWARD_WEIGHT:
-            self.last_input[s] = a.kind == Kind.BACKWARD_INPUT
+            self.pending_w[s].append(mb)
+        if kind is not Kind.BACKWARD_WEIGHT:
+            self.last_input[s] = kind is Kind.BACKWARD_INPUT
         else:
             self.pending_w[s].popleft()
             self.held[s] -= 1
 
     def run(self) -> list[list[Action]]:
-        heap: list[tuple[float, int, int, Action]] = []  # start, rank, version, action
+        heap: list[tuple[float, int, int, Kind, int]] = []  # start, rank, version, kind, micro-batch
         version = [0] * self.S
 
         def push(s: int) -> None:
             version[s] += 1
             if (b := self.best(s)) is not None:
-                heapq.heappush(heap, (b[0], s, version[s], b[1]))
+                heapq.heappush(heap, (b[0], s, version[s], b[1], b[2]))
 
         for s in range(self.S):
             push(s)
@@ -160,12 +165,16 @@ class _ListScheduler:
                 heapq.heappop(heap)
             if not heap:
                 raise ScheduleError(f"zb-auto's list scheduler deadlocked (caps {list(self.p.caps)})")
-            start, s, _, a = heapq.heappop(heap)
-            self.commit(s, start, a)
+            start, s, _, kind, mb = heapq.heappop(heap)
+            self.commit(s, start, kind, mb)
             for q in (s - 1, s, s + 1):
                 if 0 <= q < self.S:
                     push(q)
         return self.lists
+
+
+_SLOT_OF = {k: k.slot for k in Kind}
+_W = Kind.BACKWARD_WEIGHT.slot
 
 
 def list_schedule(costs: Sequence[StageCost], cuts: Sequence[CutLink] | None, m: int, policy: Policy) -> Schedule:

@@ -78,27 +78,31 @@ class Schedule:
 
     @cached_property
     def _global_order(self) -> tuple[Action, ...]:
-        done: set[tuple[Kind, int, int]] = set()
-        last = self.n_stages - 1
+        S, m = self.n_stages, self.microbatches
+        # done[(slot * S + stage) * m + mb]: that action is in the order (slots F, B, I, W = 0..3)
+        done = [False] * (4 * S * m)
+        b_base, i_base = S * m, 2 * S * m
 
         def ready(a: Action) -> bool:
-            s, k = a.stage, a.mb
-            if a.kind == Kind.FORWARD:
-                return s == 0 or (Kind.FORWARD, s - 1, k) in done
-            if a.kind == Kind.BACKWARD_WEIGHT:
-                return (Kind.BACKWARD_INPUT, s, k) in done
-            return (Kind.FORWARD, s, k) in done and (s == last or (Kind.FULL_BACKWARD, s + 1, k) in done
-                                                      or (Kind.BACKWARD_INPUT, s + 1, k) in done)
+            k, s, mb = a
+            if k is Kind.FORWARD:
+                return s == 0 or done[(s - 1) * m + mb]
+            if k is Kind.BACKWARD_WEIGHT:
+                return done[i_base + s * m + mb]
+            return done[s * m + mb] and (s == S - 1 or done[b_base + (s + 1) * m + mb]
+                                         or done[i_base + (s + 1) * m + mb])
 
         order: list[Action] = []
         pos, total = [0] * self.pp, sum(map(len, self.ranks))
         while len(order) < total:
             before = len(order)
             for r, acts in enumerate(self.ranks):
-                while pos[r] < len(acts) and ready(acts[pos[r]]):
-                    done.add(acts[pos[r]])
-                    order.append(acts[pos[r]])
-                    pos[r] += 1
+                at, end = pos[r], len(acts)
+                while at < end and ready(a := acts[at]):
+                    done[(_SLOT[a.kind] * S + a.stage) * m + a.mb] = True
+                    order.append(a)
+                    at += 1
+                pos[r] = at
             if len(order) == before:
                 stuck = {r: str(acts[pos[r]]) for r, acts in enumerate(self.ranks) if pos[r] < len(acts)}
                 raise ScheduleError(f"schedule deadlocks: ranks wait forever at {stuck}")
@@ -361,10 +365,16 @@ def _interleaved(pp: int, v: int, m: int, split: bool) -> list[list[Action]]:
     (pp - r - 1) * 2 + (v - 1) * pp forwards, then alternates forward and backward. Its step on
     uniform stages is m(tF + tB) + (pp - 1)(tF + tB) / v, tF and tB a rank's whole share."""
     total = v * m
+    slots = [_interleaved_slot(pp, v, 0, n, False) for n in range(total)]  # rank 0's; others shift the stage
+    back = [_interleaved_slot(pp, v, 0, n, True) for n in range(total)]
     out = []
     for r in range(pp):
-        fwd = [Action(Kind.FORWARD, *_interleaved_slot(pp, v, r, n, False)) for n in range(total)]
-        bwd = [_backward(*_interleaved_slot(pp, v, r, n, True), split) for n in range(total)]
+        fwd = [Action(Kind.FORWARD, s + r, k) for s, k in slots]
+        bwd: list[tuple[Action, ...]]
+        if split:
+            bwd = [(Action(Kind.BACKWARD_INPUT, s + r, k), Action(Kind.BACKWARD_WEIGHT, s + r, k)) for s, k in back]
+        else:
+            bwd = [(Action(Kind.FULL_BACKWARD, s + r, k),) for s, k in back]
         warm = min((pp - r - 1) * 2 + (v - 1) * pp, total)
         acts = fwd[:warm]
         for n in range(total - warm):
@@ -693,14 +703,16 @@ def inflight_peaks(schedule: Schedule) -> list[int]:
     """For each stage, the most micro-batches whose activations it holds at once, counting the
     one being computed. It depends only on the order of actions, not on their durations."""
     peak = [0] * schedule.n_stages
+    forward, frees = Kind.FORWARD, (Kind.FULL_BACKWARD, Kind.BACKWARD_WEIGHT)
     for actions in schedule.ranks:
         held = [0] * schedule.n_stages
-        for a in actions:
-            if a.kind == Kind.FORWARD:
-                held[a.stage] += 1
-                peak[a.stage] = max(peak[a.stage], held[a.stage])
-            elif a.kind == Kind.FULL_BACKWARD or a.kind == Kind.BACKWARD_WEIGHT:
-                held[a.stage] -= 1
+        for kind, s, _ in actions:
+            if kind is forward:
+                held[s] += 1
+                if held[s] > peak[s]:
+                    peak[s] = held[s]
+            elif kind in frees:
+                held[s] -= 1
     return peak
 
 

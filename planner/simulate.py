@@ -91,6 +91,10 @@ class Compiled:
 
 @lru_cache(maxsize=512)
 def compile_schedule(schedule: Schedule) -> Compiled:
+    """The DAG of ``schedule``, one node per action in its global order, each action followed by
+    the transfer that sends its output to another rank (if any). Built once per schedule (it is
+    independent of durations); written as one loop over plain lists, the hottest structural
+    step of a search."""
     S, m = schedule.n_stages, schedule.microbatches
     place = schedule.stage_rank
     action: list[Action | None] = []
@@ -100,65 +104,70 @@ def compile_schedule(schedule: Schedule) -> Compiled:
     cut: list[int] = []
     receiver: list[int] = []
     kind: list[str] = []
+    slot: list[int] = []
     receives: list[int] = []
-    # node_of[(kind * S + stage) * m + mb]: the node of that action; -1 until it is placed.
-    # arrive_act / arrive_grad[stage * m + mb]: the transfer delivering to that stage.
+    # node_of[(slot * S + stage) * m + mb]: the node of that action (slots F, B, I, W = 0..3);
+    # -1 until it is placed. arrive_act / arrive_grad[stage * m + mb]: the transfer delivering
+    # to that stage.
     node_of = [-1] * (4 * S * m)
     arrive_act, arrive_grad = [-1] * (S * m), [-1] * (S * m)
     last_on_rank = [-1] * schedule.pp
     last_on_link: dict[tuple[int, int], int] = {}
+    b_base, i_base = S * m, 2 * S * m
 
-    def node(k: Kind, s: int, mb: int) -> int:
-        return node_of[(k.slot * S + s) * m + mb]
-
-    def data(a: Action) -> int:
-        """The node whose end (plus latency, for a transfer) makes a's input ready, placed
-        before a in the global order; -1: none. A backward's own forward precedes it on its rank."""
-        s, k = a.stage, a.mb
-        if a.kind == Kind.FORWARD:
-            if s == 0:
-                return -1
-            return node(Kind.FORWARD, s - 1, k) if place[s - 1] == place[s] else arrive_act[s * m + k]
-        if a.kind == Kind.BACKWARD_WEIGHT:
-            return node(Kind.BACKWARD_INPUT, s, k)
-        if s == S - 1:
-            return node(Kind.FORWARD, s, k)
-        if place[s + 1] == place[s]:
-            n = node(Kind.FULL_BACKWARD, s + 1, k)
-            return n if n >= 0 else node(Kind.BACKWARD_INPUT, s + 1, k)
-        return arrive_grad[s * m + k]
-
-    def add(a: Action | None, r: int, p: int, d: int, c: int, rcv: int, k: str) -> int:
-        action.append(a)
+    def transfer(r: int, dst: int, n: int, c: int, k: str) -> int:
+        t = len(action)
+        action.append(None)
         rank.append(r)
-        prev.append(p)
-        dep.append(d)
+        prev.append(last_on_link.get((r, dst), -1))
+        dep.append(n)
         cut.append(c)
-        receiver.append(rcv)
+        receiver.append(dst)
         kind.append(k)
+        slot.append(4 * S + c)
         receives.append(-1)
-        return len(action) - 1
+        last_on_link[(r, dst)] = t
+        return t
 
     for a in schedule.global_order():
-        r, s = place[a.stage], a.stage
-        d = data(a)
-        n = add(a, r, last_on_rank[r], d, -1, -1, a.kind)
+        k, s, mb = a
+        sl = _SLOT_OF[k]
+        r = place[s]
+        # the node whose end (plus latency, for a transfer) makes a's input ready, placed before
+        # a in the global order; -1: none. A backward's own forward precedes it on its rank.
+        if sl == 0:  # F: the previous stage's forward
+            d = -1 if s == 0 else node_of[(s - 1) * m + mb] if place[s - 1] == r else arrive_act[s * m + mb]
+        elif sl == 3:  # W: its own input gradient
+            d = node_of[i_base + s * m + mb]
+        elif s == S - 1:  # B or I on the last stage: its own forward
+            d = node_of[s * m + mb]
+        elif place[s + 1] == r:  # the next stage's backward, on this rank
+            d = node_of[b_base + (s + 1) * m + mb]
+            if d < 0:
+                d = node_of[i_base + (s + 1) * m + mb]
+        else:
+            d = arrive_grad[s * m + mb]
+        n = len(action)
+        action.append(a)
+        rank.append(r)
+        prev.append(last_on_rank[r])
+        dep.append(d)
+        cut.append(-1)
+        receiver.append(-1)
+        kind.append(k)
+        slot.append(4 * s + sl)
+        receives.append(cut[d] if d >= 0 and action[d] is None else -1)
         last_on_rank[r] = n
-        receives[n] = cut[d] if d >= 0 and action[d] is None else -1
-        node_of[(a.kind.slot * S + s) * m + a.mb] = n
-        if a.kind == Kind.FORWARD and s < S - 1 and place[s + 1] != r:
-            dst = place[s + 1]
-            t = add(None, r, last_on_link.get((r, dst), -1), n, s, dst, "act")
-            last_on_link[(r, dst)] = t
-            arrive_act[(s + 1) * m + a.mb] = t
-        elif a.kind in (Kind.FULL_BACKWARD, Kind.BACKWARD_INPUT) and s > 0 and place[s - 1] != r:
-            dst = place[s - 1]
-            t = add(None, r, last_on_link.get((r, dst), -1), n, s - 1, dst, "grad")
-            last_on_link[(r, dst)] = t
-            arrive_grad[(s - 1) * m + a.mb] = t
-    slot = [4 * a.stage + a.kind.slot if a is not None else 4 * S + c
-            for a, c in zip(action, cut, strict=True)]
+        node_of[(sl * S + s) * m + mb] = n
+        if sl == 0:
+            if s < S - 1 and place[s + 1] != r:
+                arrive_act[(s + 1) * m + mb] = transfer(r, place[s + 1], n, s, "act")
+        elif sl != 3 and s > 0 and place[s - 1] != r:
+            arrive_grad[(s - 1) * m + mb] = transfer(r, place[s - 1], n, s - 1, "grad")
     return Compiled(action, rank, prev, dep, cut, receiver, kind, slot, last_on_rank, receives)
+
+
+_SLOT_OF = {k: k.slot for k in Kind}
 
 
 def action_seconds(x: StageCost) -> tuple[float, float, float, float]:
@@ -223,8 +232,9 @@ def memory_states(schedule: Schedule) -> list[np.ndarray]:
 def _rank_states(actions: Sequence[Action], stages: list[int]) -> np.ndarray:
     where = {s: k for k, s in enumerate(stages)}
     n, v = len(actions), len(stages)
-    kind = np.fromiter((a.kind.slot for a in actions), dtype=np.int8, count=n)
-    own = np.fromiter((where[a.stage] for a in actions), dtype=np.int64, count=n)
+    slot_of = _SLOT_OF
+    kind = np.fromiter([slot_of[a[0]] for a in actions], dtype=np.int8, count=n)
+    own = np.fromiter([where[a[1]] for a in actions], dtype=np.int64, count=n)
     rows = np.arange(n)
 
     def count(mask: np.ndarray, inclusive: bool) -> np.ndarray:

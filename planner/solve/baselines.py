@@ -143,13 +143,17 @@ def block_partition(weights: Sequence[float] | np.ndarray, stages: int) -> Parti
     x = [(v - low) / span if span else 0.0 for v in w]
     ends = [(k + 1) * (n // stages) for k in range(stages - 1)] + [n]
 
-    def sizes() -> list[tuple[float, int]]:
-        return [(sum(x[(ends[k - 1] if k else 0): ends[k]]), k) for k in range(stages)]
+    def block(k: int) -> float:
+        return sum(x[(ends[k - 1] if k else 0): ends[k]])
 
+    # each block's scaled weight; a move changes only the two blocks it is between, so only
+    # those are summed again (with the same slices, so the sums are the ones a full pass gives)
+    sums = [block(k) for k in range(stages)]
+    order = range(stages)
     for _ in range(4 * n * n * stages + 16):  # the paper bounds the moves; this only guards
-        heaviest_size, heaviest = max(sizes())
+        heaviest_size, heaviest = max(zip(sums, order, strict=True))
         while True:
-            lightest_size, lightest = min(sizes())
+            lightest_size, lightest = min(zip(sums, order, strict=True))
             if heaviest_size <= lightest_size + 1:
                 starts = [0, *ends[:-1]]
                 return starts if all(b > a for a, b in zip(starts, ends, strict=True)) else None
@@ -159,6 +163,7 @@ def block_partition(weights: Sequence[float] | np.ndarray, stages: int) -> Parti
             else:  # its right neighbour gives its first layer
                 giver = lightest + 1
                 ends[lightest] += 1
+            sums[giver], sums[lightest] = block(giver), block(lightest)
             if giver == heaviest:
                 break
     return None
