@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 
 from planner.errors import InputError
 
-__all__ = ["TP_ORDER", "is_exported_stage", "model_order", "tensor_parallel_graph"]
+__all__ = ["TP_ORDER", "is_exported_stage", "model_order", "tensor_parallel_graph", "transposed"]
 
 TP_ORDER = "_planner_tp_order"  # attribute of a parameter laid out piecewise: its global order along its dim
 STYLES = ("colwise", "rowwise", "colwise_gather")
@@ -132,7 +132,7 @@ def split_pieces(t, size, dim=0):
 # ----------------------------------------------------------------------------- placements
 
 
-def _transposed(module: nn.Module) -> bool:
+def transposed(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2): a Linear whose weight is stored (in, out)."""
     return type(module).__name__ == "Conv1D"
 
@@ -142,8 +142,8 @@ def _placement(style: str, module: nn.Module, name: str) -> Placement:
     if isinstance(module, nn.Embedding):
         return Shard(0) if style == "rowwise" else Shard(1)
     if style == "rowwise":
-        return Replicate() if name == "bias" else Shard(0 if _transposed(module) else 1)
-    return Shard(0) if name == "bias" else Shard(1 if _transposed(module) else 0)
+        return Replicate() if name == "bias" else Shard(0 if transposed(module) else 1)
+    return Shard(0) if name == "bias" else Shard(1 if transposed(module) else 0)
 
 
 def _local_part(p: torch.Tensor, place: Placement, mesh: DeviceMesh, pieces: int, path: str) -> torch.Tensor:
@@ -339,7 +339,7 @@ def _distribute(stage: nn.Module, model: nn.Module, layers: list[_Layer], mesh: 
             path = f"{prefix}.{name}" if prefix else name
             module_path = path.rpartition(".")[0]
             style = styles.get(path)
-            place = _placement(style, owner.get(id(p), mod), name) if style else Replicate()
+            place = _placement(style, owner.get(id(p)) or _by_path(model, module_path), name) if style else Replicate()
             if id(p) in placed and placed[id(p)][0] != place:
                 raise InputError(f"tp_plan: {path} is one weight with {placed[id(p)][1]}, split otherwise there: "
                                  "give tied modules styles that split it alike")
@@ -366,6 +366,17 @@ def _grad_as_placed(p: torch.Tensor) -> None:
     grad = p.grad
     if isinstance(grad, DTensor) and isinstance(p, DTensor) and grad.placements != p.placements:
         p.grad = grad.redistribute(p.device_mesh, p.placements)
+
+
+def _by_path(model: nn.Module, path: str) -> nn.Module:
+    """The model's module at a stage's path (the last stage's sit under ``inner.``), for a stage
+    whose parameters are copies (``planner profile --tp`` makes each layer real apart)."""
+    for candidate in (path, path.removeprefix("inner.")):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return nn.Module()
 
 
 def _dtensor_parameter(p: nn.Parameter, place: Placement, mesh: DeviceMesh, pieces: int, path: str) -> nn.Parameter:

@@ -30,10 +30,10 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from planner.errors import InputError
-from planner.execute.graph_tp import is_exported_stage, tensor_parallel_graph
+from planner.execute.graph_tp import is_exported_stage, tensor_parallel_graph, transposed
 from planner.formats import Plan
 
-__all__ = ["full", "local", "make_mesh", "shard_stage", "tensor_parallel"]
+__all__ = ["check_tp", "full", "local", "make_mesh", "shard_stage", "tensor_parallel"]
 
 SEQ = 1  # the sequence dimension of (batch, seq, hidden) activations
 
@@ -91,10 +91,28 @@ def _check_divisible(path: str, module: nn.Module, style: str, tp: int) -> None:
     weight = getattr(module, "weight", None)
     if style not in dims or not isinstance(weight, torch.Tensor):
         return
-    size = weight.shape[dims[style]]
+    dim = 1 - dims[style] if transposed(module) else dims[style]
+    size = weight.shape[dim]
     if size % tp:
-        raise InputError(f"tp_plan: {path} ({style}) splits {size} {'rows' if dims[style] == 0 else 'columns'}, "
+        raise InputError(f"tp_plan: {path} ({style}) splits {size} {'rows' if dim == 0 else 'columns'}, "
                          f"not a multiple of tp {tp}: solve with a tp that divides it")
+
+
+def check_tp(model: nn.Module, tp_plan: dict[str, str], tp: int) -> None:
+    """Before any worker starts (``model`` may be on the meta device): every dimension the plan
+    splits divides by tp, and a colwise module of an attention (a parent with an integer
+    ``head_dim``, as Hugging Face's and planner's attentions have) splits whole heads."""
+    for path, style in module_styles(model, tp_plan).items():
+        module = model.get_submodule(path)
+        _check_divisible(path, module, style, tp)
+        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+        head_dim, weight = getattr(parent, "head_dim", None), getattr(module, "weight", None)
+        if style != "colwise" or not isinstance(head_dim, int) or not isinstance(weight, torch.Tensor):
+            continue
+        heads = weight.shape[1 if transposed(module) else 0] // head_dim
+        if heads % tp:
+            raise InputError(f"tp {tp} does not divide the {heads} heads of {path} (head_dim {head_dim}): "
+                             "solve with a tp that divides the model's heads (and key-value heads)")
 
 
 def tensor_parallel(module: nn.Module, tp_plan: dict[str, str] | None, mesh: DeviceMesh, sp: bool,
