@@ -112,6 +112,17 @@ def test_solve_keeps_tp_at_1_for_a_model_without_a_tp_plan(tiny_profile):
     assert any(n.startswith("tp 1 only: the model gives no tp_plan") for n in result.notes)
 
 
+def test_solve_plans_no_sequence_parallelism_for_a_tp_plan_that_runs_none(tiny_profile):
+    # the bundled GPT's plan marks its norms 'sequence'; models/hf.py's plans mark none
+    assert tiny_profile.model.sequence_parallel is True
+    settings = Settings(global_batch=8, pp=2, tp=2, time_limit_s=5)
+    assert solve(tiny_profile, from_spec("cpu4"), settings).best.config.sp
+    model = tiny_profile.model.model_copy(update={"sequence_parallel": False})
+    result = solve(tiny_profile.model_copy(update={"model": model}), from_spec("cpu4"), settings)
+    assert result.best.config.tp == 2 and not result.best.config.sp
+    assert "sequence parallelism off: the model's tp_plan runs none (it marks no norm 'sequence')" in result.notes
+
+
 def test_replay_of_a_tensor_parallel_plan_is_refused(tiny_profile, tmp_path):
     path = plan_for(tiny_profile, tmp_path, tp=2)
     with pytest.raises(InputError, match="--mode replay runs one rank alone"):

@@ -406,7 +406,7 @@ def tensor_parallel_graph(stage: nn.Module, model: nn.Module, tp_plan: dict[str,
     """Split an exported stage over the tp mesh by the model's plan; how many parameters were split."""
     if sp:
         raise InputError("the plan has sequence parallelism, which a model cut from its exported graph does not "
-                         "run: solve with --no-sequence-parallel")
+                         "run: plan and measure it with --no-sequence-parallel")
     layers = [_Layer(prefix, gm, tp_plan, mesh.size()) for prefix, gm in stage.named_modules()
               if isinstance(gm, fx.GraphModule)]
     done = _distribute(stage, model, layers, mesh)
