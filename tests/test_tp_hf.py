@@ -49,7 +49,9 @@ def test_a_piecewise_layout_holds_each_ranks_share_of_every_piece():
 def test_a_tp_that_splits_a_head_is_refused_before_workers_start():
     spec = build_spec(FACTORY, {**TINY, "model_type": "llama"})
     check_tp(spec.model, spec.tp_plan, 4)
-    with pytest.raises(InputError, match=r"tp 8 does not divide the 4 heads of model.layers.0.self_attn.q_proj"):
+    inside = ("tp 8 splits model.layers.0.self_attn.q_proj inside a head: its 64 outputs are 4 heads' worth of "
+              "head_dim 16")
+    with pytest.raises(InputError, match=inside):
         check_tp(spec.model, spec.tp_plan, 8)
     spec = build_spec(FACTORY, {**TINY, "model_type": "gpt2"})
     with pytest.raises(InputError, match=r"transformer.wte \(rowwise\) splits 128 rows, not a multiple of tp 3"):

@@ -109,10 +109,11 @@ def check_tp(model: nn.Module, tp_plan: dict[str, str], tp: int) -> None:
         head_dim, weight = getattr(parent, "head_dim", None), getattr(module, "weight", None)
         if style != "colwise" or not isinstance(head_dim, int) or not isinstance(weight, torch.Tensor):
             continue
-        heads = weight.shape[1 if transposed(module) else 0] // head_dim
-        if heads % tp:
-            raise InputError(f"tp {tp} does not divide the {heads} heads of {path} (head_dim {head_dim}): "
-                             "solve with a tp that divides the model's heads (and key-value heads)")
+        features = weight.shape[1 if transposed(module) else 0]
+        if (features // head_dim) % tp:
+            raise InputError(f"tp {tp} splits {path} inside a head: its {features} outputs are "
+                             f"{features // head_dim} heads' worth of head_dim {head_dim}, not a multiple of tp "
+                             f"{tp}: solve with a tp that divides the model's heads (and key-value heads)")
 
 
 def tensor_parallel(module: nn.Module, tp_plan: dict[str, str] | None, mesh: DeviceMesh, sp: bool,
