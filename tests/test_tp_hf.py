@@ -113,10 +113,11 @@ def profiled(request):
 
 
 def _run(profile, tmp_path, pp: int, tp: int):
-    settings = Settings(global_batch=8, pp=pp, dp=1, tp=tp, sequence_parallel=False, schedules=("1f1b",),
-                        time_limit_s=5)
+    # solve's defaults otherwise: sequence parallelism asked for, and left out since the tp_plan runs none
+    settings = Settings(global_batch=8, pp=pp, dp=1, tp=tp, schedules=("1f1b",), time_limit_s=5)
     cluster = from_spec("cpu4")
     plan = make_plan(profile, cluster, solve(profile, cluster, settings), settings)
+    assert (plan.parallel.tp, plan.parallel.sequence_parallel) == (tp, False)
     path = tmp_path / "plan.json"
     dump(plan, path)
     return execute(path, Options(steps=1, warmup=1, run_dir=str(tmp_path / "run"), tolerance=30.0, timeout_s=300))
@@ -128,7 +129,7 @@ def _memory_errors(ver):
 
 @pytest.mark.slow
 def test_pp2_tp2_matches_the_reference_and_the_predicted_memory(profiled, tmp_path):
-    assert profiled.model.tensor_parallel is True  # so solve searches tp for it
+    assert (profiled.model.tensor_parallel, profiled.model.sequence_parallel) == (True, False)  # tp searched
     ver = _run(profiled, tmp_path, pp=2, tp=2)
     assert ver.mode == "distributed"
     assert all(ok for _, ok, _ in ver.checks), ver.checks
