@@ -28,6 +28,7 @@ A stage takes and returns plain tensors, replicated, as the pipeline engine send
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any
 
 import torch
@@ -49,8 +50,9 @@ _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops
 
 
 def is_exported_stage(module: nn.Module) -> bool:
-    """A stage built from an exported graph: its layers are graph modules holding ATen operations."""
-    return any(isinstance(m, fx.GraphModule) and any(n.op == "get_attr" for n in m.graph.nodes)
+    """A stage built from an exported graph: its layers are graph modules of ATen operations
+    (``torch.ops.aten...``), where a traced stage's graph calls modules and torch functions."""
+    return any(isinstance(m, fx.GraphModule) and any(isinstance(n.target, torch._ops.OpOverload) for n in m.graph.nodes)
                for m in module.modules())
 
 
@@ -181,6 +183,12 @@ def model_order(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the graph
 
 
+def model_path(path: str) -> str:
+    """A stage's path as the model's: without the ``inner`` of planner's wrappers (the last stage's
+    output, a recomputed layer), as ``stage_parameters`` names parameters."""
+    return re.sub(r"(^|\.)inner\.", r"\1", path)
+
+
 def _style_of(path: str, tp_plan: dict[str, str]) -> str | None:
     keys = [k for k in tp_plan if path == k or path.endswith("." + k)]
     if not keys:
@@ -250,8 +258,8 @@ class _Layer:
 
     def __init__(self, prefix: str, gm: fx.GraphModule, tp_plan: dict[str, str], tp: int):
         self.prefix, self.gm, self.g, self.tp = prefix, gm, gm.graph, tp
-        self.styles: dict[str, str] = {}  # parameter's stage path -> style
-        self.pieces: dict[str, int] = {}  # parameter's stage path -> pieces of a piecewise layout
+        self.styles: dict[str, str] = {}  # parameter's path (the model's) -> style
+        self.pieces: dict[str, int] = {}  # parameter's path (the model's) -> pieces of a piecewise layout
         self.gates: dict[fx.Node, fx.Node] = {}
         for n in list(self.g.nodes):
             if n.op == "call_function" and n.target in _CHECKS and not n.users:
@@ -266,11 +274,11 @@ class _Layer:
 
     def _weight(self, n: fx.Node, tp_plan: dict[str, str]) -> None:
         path = f"{self.prefix}.{n.target}" if self.prefix else str(n.target)
-        module_path, _, leaf = path.rpartition(".")
+        module_path, _, leaf = model_path(path).rpartition(".")
         style = _style_of(module_path, tp_plan)
         if style is None:
             return
-        self.styles[path] = style
+        self.styles[model_path(path)] = style
         if leaf != "weight":
             return
         for u in list(n.users):
@@ -337,15 +345,15 @@ def _distribute(stage: nn.Module, model: nn.Module, layers: list[_Layer], mesh: 
             if p is None:
                 continue
             path = f"{prefix}.{name}" if prefix else name
-            module_path = path.rpartition(".")[0]
-            style = styles.get(path)
+            module_path = model_path(path).rpartition(".")[0]
+            style = styles.get(model_path(path))
             place = _placement(style, owner.get(id(p)) or _by_path(model, module_path), name) if style else Replicate()
             if id(p) in placed and placed[id(p)][0] != place:
                 raise InputError(f"tp_plan: {path} is one weight with {placed[id(p)][1]}, split otherwise there: "
                                  "give tied modules styles that split it alike")
             placed.setdefault(id(p), (place, path))
             if id(p) not in done:
-                done[id(p)] = _dtensor_parameter(p, place, mesh, pieces.get(path, 1), module_path)
+                done[id(p)] = _dtensor_parameter(p, place, mesh, pieces.get(model_path(path), 1), module_path)
             mod._parameters[name] = done[id(p)]
         for name, b in list(mod._buffers.items()):
             if b is not None and not isinstance(b, DTensor):
@@ -360,30 +368,33 @@ def _distribute(stage: nn.Module, model: nn.Module, layers: list[_Layer], mesh: 
     return done
 
 
-def _grad_as_placed(p: torch.Tensor) -> None:
-    """A gradient placed as its parameter: an embedding's gradient comes back whole on every rank
-    (DTensor's embedding backward), and is kept as the rank's rows."""
-    grad = p.grad
-    if isinstance(grad, DTensor) and isinstance(p, DTensor) and grad.placements != p.placements:
-        p.grad = grad.redistribute(p.device_mesh, p.placements)
+def _placed_as(p: DTensor) -> Any:
+    """A hook placing each gradient of ``p`` as ``p`` before it is accumulated: an embedding's
+    gradient comes back whole on every rank (DTensor's embedding backward), and only the rank's
+    rows are kept."""
+    mesh, placements = p.device_mesh, p.placements
+
+    def hook(grad):
+        if isinstance(grad, DTensor) and grad.placements != placements:
+            return grad.redistribute(mesh, placements)
+        return grad
+    return hook
 
 
 def _by_path(model: nn.Module, path: str) -> nn.Module:
-    """The model's module at a stage's path (the last stage's sit under ``inner.``), for a stage
-    whose parameters are copies (``planner profile --tp`` makes each layer real apart)."""
-    for candidate in (path, path.removeprefix("inner.")):
-        try:
-            return model.get_submodule(candidate)
-        except AttributeError:
-            continue
-    return nn.Module()
+    """The model's module at its path, for a stage whose parameters are copies (``planner profile
+    --tp`` makes each layer real apart)."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return nn.Module()
 
 
 def _dtensor_parameter(p: nn.Parameter, place: Placement, mesh: DeviceMesh, pieces: int, path: str) -> nn.Parameter:
     local = _local_part(p, place, mesh, pieces, path)
     out = nn.Parameter(DTensor.from_local(local, mesh, [place], run_check=False), requires_grad=p.requires_grad)
     if out.requires_grad:
-        out.register_post_accumulate_grad_hook(_grad_as_placed)
+        out.register_hook(_placed_as(out))  # type: ignore[arg-type]
     if pieces > 1 and isinstance(place, Shard):
         setattr(out, TP_ORDER, (place.dim, _order(p.shape[place.dim], pieces, mesh.size())))
     return out
