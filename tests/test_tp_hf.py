@@ -157,3 +157,17 @@ def test_recomputed_stages_match_the_reference(profiled, tmp_path):
         pytest.skip("GPT-2 has the tied weight")
     ver = _run(profiled, tmp_path, pp=2, tp=2, recompute="full")
     assert all(ok for _, ok, _ in ver.checks), ver.checks
+
+
+@pytest.mark.slow
+def test_profile_tp_measures_the_layers_split_as_execute_splits_them():
+    # Llama's block at d_model 64: its weight matrices halve, its two norms (64 + 64 float32) stay whole
+    args = {**TINY, "model_type": "llama"}
+    opts = ProfileOptions(mbs=(1,), repeats=1, warmup=1, threads=1, tp=(2,))  # sequence parallelism asked for
+    prof = profile_model(build_spec(FACTORY, args), FACTORY, args, opts)
+    block = next(layer for layer in prof.layers if layer.name == "model.layers.0")
+    costs = block.tp_costs["2"]
+    assert not costs.sequence_parallel  # left out: the tp_plan runs none
+    assert costs.param_bytes == (block.param_bytes - 2 * 64 * 4) // 2 + 2 * 64 * 4
+    head = next(layer for layer in prof.layers if layer.name == "lm_head")
+    assert head.tp_costs["2"].param_bytes == head.param_bytes // 2
