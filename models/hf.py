@@ -8,7 +8,8 @@ stages as tensors.
 Needs transformers (``pip install -e '.[hf]'``). Small by default so that it profiles on a CPU in
 seconds; ``n_layer``, ``d_model``, ``n_head``, ``vocab`` and ``seq`` set the configuration's
 standard sizes (the feed-forward width, key-value heads and head size follow unless given), and
-any other configuration field passes as is:
+any other configuration field passes as is. GPT-2 and Llama as causal language models carry a
+``tp_plan`` (``TP_PLANS``), so ``planner execute`` runs them with tp > 1; the others run with tp 1:
 
     planner profile models/hf.py:build --arg model_type=llama --arg n_layer=16 \\
         --arg d_model=2048 --arg n_head=32 --arg num_key_value_heads=8 --arg vocab=32000 --arg seq=2048
@@ -44,6 +45,19 @@ _DERIVED = {"intermediate_size": lambda n, d, h: 4 * d, "d_ff": lambda n, d, h: 
             "encoder_ffn_dim": lambda n, d, h: 4 * d, "decoder_ffn_dim": lambda n, d, h: 4 * d,
             # GPT-Neo's attention kind of each layer: global and local in turn
             "attention_types": lambda n, d, h: [[["global", "local"], n // 2]] + ([[["global"], 1]] if n % 2 else [])}
+
+
+# Tensor parallelism (Megatron-LM, Shoeybi et al., 2019, section 3) by module path: attention and
+# MLP a column- then a row-parallel product, the token (and GPT-2's position) embedding by rows, the
+# head by the vocabulary, its logits gathered for the loss. GPT-2's Conv1D is a Linear stored
+# (in, out), and its fused c_attn is split into q, k and v on each rank (planner.execute.graph_tp).
+TP_PLANS = {
+    "gpt2": {"transformer.wte": "rowwise", "transformer.wpe": "rowwise", "attn.c_attn": "colwise",
+             "attn.c_proj": "rowwise", "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise", "lm_head": "colwise_gather"},
+    "llama": {"model.embed_tokens": "rowwise", "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise",
+              "self_attn.v_proj": "colwise", "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise",
+              "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise", "lm_head": "colwise_gather"},
+}
 
 
 def _logits(out) -> torch.Tensor:
@@ -286,4 +300,6 @@ def build(model_type: str = "gpt2", task: str | None = None, n_layer: int = 4, d
     def batch(size, gen):
         inputs, target = make(size, gen, vocab, seq, config)
         return inputs[:n], target
-    return ModelSpec(model=model, batch=batch, loss=token_loss, name=f"hf-{model_type}", trace="export")
+    tp_plan = TP_PLANS.get(model_type) if task == "causal-lm" else None
+    return ModelSpec(model=model, batch=batch, loss=token_loss, name=f"hf-{model_type}", trace="export",
+                     tp_plan=tp_plan)

@@ -181,7 +181,8 @@ def profile(
         _fail(e)
     out.print(report.profile_table(prof))
     for t in sorted(set(opts.tp)):
-        sp = "with" if opts.sequence_parallel else "without"
+        measured = prof.layers[0].tp_costs.get(str(t))  # as measured: without where the tp_plan runs none
+        sp = "with" if (measured.sequence_parallel if measured else opts.sequence_parallel) else "without"
         out.print(f"tp {t}: every layer measured split over {t} processes ({sp} sequence parallelism), in "
                   "layers[].tp_costs")
     out.print(f"profile written to {output}")

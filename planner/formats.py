@@ -78,6 +78,9 @@ class ModelRef(_Frozen):
     tensor_parallel: bool | None = Field(default=None, description="whether the factory gives a tp_plan, which "
                                          "planner execute needs to split the model over tp > 1 ranks (None: "
                                          "not recorded)")
+    sequence_parallel: bool | None = Field(default=None, description="whether its tp_plan runs sequence "
+                                           "parallelism (marks norms 'sequence'); solve plans without it for "
+                                           "a model that does not (None: not recorded)")
 
 
 class DeviceInfo(_Frozen):

@@ -71,6 +71,12 @@ TP_STYLES = {
 }
 
 
+def runs_sequence_parallel(tp_plan: dict[str, str] | None) -> bool:
+    """A tp_plan runs sequence parallelism where it marks the norms that run on the local part of the
+    sequence (a model cut through torch.export has none: ``planner.execute.graph_tp``)."""
+    return tp_plan is not None and "sequence" in tp_plan.values()
+
+
 def check_tp_plan(ref: str, tp_plan: Any) -> None:
     """A tp_plan maps module paths to known styles."""
     if tp_plan is None:

@@ -103,6 +103,26 @@ def test_a_model_without_a_tp_plan_is_refused_before_workers_start(tiny_profile,
         execute(path, Options(mode="distributed"))
 
 
+@pytest.mark.parametrize("change, sp, message", [
+    ("spec.tp_plan = {k: v for k, v in spec.tp_plan.items() if v != 'sequence'}", True,
+     "the plan has sequence parallelism, and .*tp_plan runs none .*solve with --no-sequence-parallel"),
+    # c_attn's 96 outputs (q, k and v of 32) as 3 heads' worth of 32
+    ("spec.model.transformer.h[0].attn.head_dim = 32", False,
+     "tp 2 splits transformer.h.0.attn.c_attn inside a head: its 96 outputs are 3 heads' worth of head_dim 32"),
+])
+def test_a_plan_the_tp_plan_cannot_run_is_refused_before_workers_start(tiny_profile, tmp_path, change, sp, message):
+    root = str(Path.cwd())
+    (tmp_path / "changed.py").write_text(
+        f"import sys\nsys.path.insert(0, {root!r})\nfrom models.gpt import build as gpt\n\n"
+        f"def build(**kw):\n    spec = gpt(**kw)\n    {change}\n    return spec\n")
+    path = plan_for(tiny_profile, tmp_path, tp=2, sp=sp)
+    data = json.loads(path.read_text())
+    data["model"]["factory"] = str(tmp_path / "changed.py") + ":build"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=message):
+        execute(path, Options(mode="distributed"))
+
+
 def test_solve_keeps_tp_at_1_for_a_model_without_a_tp_plan(tiny_profile):
     model = tiny_profile.model.model_copy(update={"tensor_parallel": False})
     profile = tiny_profile.model_copy(update={"model": model})
@@ -110,6 +130,17 @@ def test_solve_keeps_tp_at_1_for_a_model_without_a_tp_plan(tiny_profile):
     result = solve(profile, from_spec("cpu4"), settings)
     assert result.best.config.tp == 1
     assert any(n.startswith("tp 1 only: the model gives no tp_plan") for n in result.notes)
+
+
+def test_solve_plans_no_sequence_parallelism_for_a_tp_plan_that_runs_none(tiny_profile):
+    # the bundled GPT's plan marks its norms 'sequence'; models/hf.py's plans mark none
+    assert tiny_profile.model.sequence_parallel is True
+    settings = Settings(global_batch=8, pp=2, tp=2, time_limit_s=5)
+    assert solve(tiny_profile, from_spec("cpu4"), settings).best.config.sp
+    model = tiny_profile.model.model_copy(update={"sequence_parallel": False})
+    result = solve(tiny_profile.model_copy(update={"model": model}), from_spec("cpu4"), settings)
+    assert result.best.config.tp == 2 and not result.best.config.sp
+    assert "sequence parallelism off: the model's tp_plan runs none (it marks no norm 'sequence')" in result.notes
 
 
 def test_replay_of_a_tensor_parallel_plan_is_refused(tiny_profile, tmp_path):

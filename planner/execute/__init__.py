@@ -229,13 +229,22 @@ def _execute(plan_path: Path, opts: Options, progress) -> Verification:
 
 
 def _refuse_without_tp_plan(plan: Plan) -> None:
-    """A plan with tp > 1 needs the model's tp_plan (built on the meta device: nothing allocated)."""
+    """A plan with tp > 1 needs the model's tp_plan, and a tp that divides what it splits (built on
+    the meta device: nothing allocated)."""
+    from planner.model import runs_sequence_parallel
     from planner.split import build_on_meta
 
     spec = build_on_meta(plan.model.factory, dict(plan.model.args))
     if spec.tp_plan is None:
         raise InputError(f"the plan has tp {plan.parallel.tp}, and {plan.model.factory} gives no tp_plan "
                          "(ModelSpec.tp_plan: module path -> colwise, rowwise, ...): add one, or solve with --tp 1")
+    if plan.parallel.sequence_parallel and not runs_sequence_parallel(spec.tp_plan):
+        raise InputError(f"the plan has sequence parallelism, and {plan.model.factory}'s tp_plan runs none (it "
+                         "marks no norm 'sequence'): solve with --no-sequence-parallel (or profile it again: "
+                         "solve then plans without)")
+    from planner.execute.parallel import check_tp
+
+    check_tp(spec.model, spec.tp_plan, plan.parallel.tp)
 
 
 def _refuse_what_cannot_fit(plan: Plan, mode: str, device) -> None:

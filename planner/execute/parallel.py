@@ -3,7 +3,8 @@
 The workers form one DeviceMesh over (pp, dp, tp), global rank ``(pp_rank * dp + dp_rank) * tp +
 tp_rank``: stages exchange tensors within a pp group (one per (dp, tp) coordinate), replicas
 reduce gradients within a dp group, and a stage's tp ranks split its modules by the model's
-``tp_plan`` (``torch.distributed.tensor.parallel.parallelize_module``). Inputs and outputs of a
+``tp_plan`` (``torch.distributed.tensor.parallel.parallelize_module``; a stage cut from an exported
+graph, which has no modules to split, places its parameters by the plan: ``graph_tp``). Inputs and outputs of a
 stage stay plain tensors: replicated, or with sequence parallelism the local part of the
 sequence, so the pipeline engine sends what it always sends. ZeRO 2 and 3 wrap each stage in
 FSDP2's ``fully_shard`` over the dp group (the engine unshards a stage before its first action of
@@ -29,9 +30,10 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from planner.errors import InputError
+from planner.execute.graph_tp import is_exported_stage, tensor_parallel_graph, transposed
 from planner.formats import Plan
 
-__all__ = ["full", "local", "make_mesh", "shard_stage", "tensor_parallel"]
+__all__ = ["check_tp", "full", "local", "make_mesh", "shard_stage", "tensor_parallel"]
 
 SEQ = 1  # the sequence dimension of (batch, seq, hidden) activations
 
@@ -89,17 +91,40 @@ def _check_divisible(path: str, module: nn.Module, style: str, tp: int) -> None:
     weight = getattr(module, "weight", None)
     if style not in dims or not isinstance(weight, torch.Tensor):
         return
-    size = weight.shape[dims[style]]
+    dim = 1 - dims[style] if transposed(module) else dims[style]
+    size = weight.shape[dim]
     if size % tp:
-        raise InputError(f"tp_plan: {path} ({style}) splits {size} {'rows' if dims[style] == 0 else 'columns'}, "
+        raise InputError(f"tp_plan: {path} ({style}) splits {size} {'rows' if dim == 0 else 'columns'}, "
                          f"not a multiple of tp {tp}: solve with a tp that divides it")
 
 
-def tensor_parallel(module: nn.Module, tp_plan: dict[str, str] | None, mesh: DeviceMesh, sp: bool) -> int:
-    """Split ``module`` (one stage) over the tp mesh by the model's plan; how many modules were split."""
+def check_tp(model: nn.Module, tp_plan: dict[str, str], tp: int) -> None:
+    """Before any worker starts (``model`` may be on the meta device): every dimension the plan
+    splits divides by tp, and a colwise module of an attention (a parent with an integer
+    ``head_dim``, as Hugging Face's and planner's attentions have) splits whole heads."""
+    for path, style in module_styles(model, tp_plan).items():
+        module = model.get_submodule(path)
+        _check_divisible(path, module, style, tp)
+        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+        head_dim, weight = getattr(parent, "head_dim", None), getattr(module, "weight", None)
+        if style != "colwise" or not isinstance(head_dim, int) or not isinstance(weight, torch.Tensor):
+            continue
+        features = weight.shape[1 if transposed(module) else 0]
+        if (features // head_dim) % tp:
+            raise InputError(f"tp {tp} splits {path} inside a head: its {features} outputs are "
+                             f"{features // head_dim} heads' worth of head_dim {head_dim}, not a multiple of tp "
+                             f"{tp}: solve with a tp that divides the model's heads (and key-value heads)")
+
+
+def tensor_parallel(module: nn.Module, tp_plan: dict[str, str] | None, mesh: DeviceMesh, sp: bool,
+                    model: nn.Module | None = None) -> int:
+    """Split ``module`` (one stage of ``model``) over the tp mesh by the model's plan; how many modules
+    (a stage cut from an exported graph: parameters, ``planner.execute.graph_tp``) were split."""
     if tp_plan is None:
         raise InputError("the model has no tp_plan (ModelSpec.tp_plan): it runs with tp 1; give the factory "
                          "one, or solve with --tp 1")
+    if is_exported_stage(module):
+        return tensor_parallel_graph(module, module if model is None else model, tp_plan, mesh, sp)
     tp = mesh.size()
     styles: dict[str, ParallelStyle] = {}
     for path, style in module_styles(module, tp_plan).items():

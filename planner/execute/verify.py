@@ -276,7 +276,7 @@ def compare_grads(named: dict[str, nn.Parameter], ref: Reference, u: float) -> G
         if want is None or p.grad is None or not want.numel():
             continue
         compared += 1
-        grad = _whole(p.grad.detach())
+        grad = _whole(p, p.grad.detach())
         diff = float((grad.to(want.device, torch.float64) - want.double()).abs().max())
         scale = float(want.abs().max())
         tau = tolerance(ref.noise.get(name, 0.0), scale, largest, ref.m, u, ref.u_ref)
@@ -293,12 +293,15 @@ def compare_grads(named: dict[str, nn.Parameter], ref: Reference, u: float) -> G
     return out
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A gradient as the reference has it: a DTensor's (tensor parallelism, FSDP) gathered from its
-    ranks, every rank of its mesh gathering the same parameters in the same order."""
+def _whole(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Parameter ``p``'s gradient as the reference has it: a DTensor's (tensor parallelism, FSDP)
+    gathered from its ranks, every rank of its mesh gathering the same parameters in the same
+    order, in the model's own order (``graph_tp.model_order``)."""
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    from planner.execute.graph_tp import model_order
+
+    return model_order(p, t.full_tensor()) if isinstance(t, DTensor) else t
 
 
 def inject_grad_fault(named: dict[str, nn.Parameter], rank: int) -> str | None:

@@ -60,7 +60,6 @@ from planner.model import ModelSpec
 from planner.plan import plan_schedule
 from planner.profile import DTYPES, make_batch
 from planner.profile.measure import LiveTensors, Timer, tensors
-from planner.split import LayeredModel
 
 __all__ = ["RETURN_NOTHING", "error_text", "main"]
 
@@ -222,16 +221,17 @@ def reference_batch(plan: Plan, spec: ModelSpec, batch: Batch, reduced: bool) ->
     return inputs, cat([p[1] for p in parts])
 
 
-def _tied(plan: Plan, lm: LayeredModel, model: torch.nn.Module, named: dict[str, torch.nn.Parameter],
-          rank: int) -> list:
-    """For each weight shared by stages on several ranks: the copies held here and the group of
-    the ranks (in this replica and tp rank) that hold them. Every process creates every group."""
+def _tied(plan: Plan, ties: list[tuple[list[int], list[str]]], model: torch.nn.Module,
+          named: dict[str, torch.nn.Parameter], rank: int) -> list:
+    """For each weight shared by stages on several ranks (``ties``: found before the stages are
+    split, while every layer holds the model's own parameters): the copies held here and the group
+    of the ranks (in this replica and tp rank) that hold them. Every process creates every group."""
     dp, tp = plan.parallel.dp, plan.parallel.tp
     pp_rank, dp_rank, tp_rank = coordinates(rank, dp, tp)
     by_name = canonical_params(model)
     own = {id(p) for p in named.values()}
     out = []
-    for stages, names in tied_groups(plan, lm, model):
+    for stages, names in ties:
         ranks = sorted({plan.stages[s].rank for s in stages})
         if len(ranks) < 2:
             continue
@@ -258,9 +258,10 @@ def _build(plan: Plan, rank: int, device: torch.device, verify: bool) -> _Rank:
     reference = Reference.of(spec.model, spec.layers, m * (par.dp if reduced else 1), plan.dtype) if verify else None
     one = tuple(x[:size] if torch.is_tensor(x) else x for x in batch[0])
     built = build_stages(plan, spec, one, stages=mine)
+    ties = tied_groups(plan, built.lm, spec.model)
     modules = {s: _parallel(plan, module.to(device), spec, mesh) for s, module in zip(mine, built.modules, strict=True)}
     named = stage_parameters(modules, spec.model)
-    tied = _tied(plan, built.lm, spec.model, named, rank)
+    tied = _tied(plan, ties, spec.model, named, rank)
     schedule = plan_schedule(plan)
     runtime = make_runtime(modules, len(plan.stages), device, engine_actions(schedule), m, built.loss,
                            group=mesh.get_group("pp"))
@@ -277,7 +278,7 @@ def _parallel(plan: Plan, module: torch.nn.Module, spec: ModelSpec, mesh) -> tor
     with ZeRO 2 or 3."""
     par = plan.parallel
     if par.tp > 1:
-        tensor_parallel(module, spec.tp_plan, mesh["tp"], par.sequence_parallel)
+        tensor_parallel(module, spec.tp_plan, mesh["tp"], par.sequence_parallel, spec.model)
     if par.zero >= 2 and par.dp > 1:
         shard_stage(module, mesh["dp"], par.zero)
     return module

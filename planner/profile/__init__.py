@@ -45,7 +45,7 @@ from planner.formats import (
     WholeCost,
 )
 from planner.host import check_per_core
-from planner.model import ModelSpec, user_code
+from planner.model import ModelSpec, runs_sequence_parallel, user_code
 from planner.profile.chain import WholeTimes, time_optimizer
 from planner.profile.collect import Measurements, Run, Steps, measure_model
 from planner.profile.estimate import estimate_model
@@ -291,7 +291,8 @@ def _measure_tp(prof: Profile, opts: Options, device: torch.device, *, meta: boo
     job = TpJob(factory=prof.model.factory, args=dict(prof.model.args), depth=opts.depth, dtype=opts.dtype,
                 device=device.type, no_meta=not meta, mbs=tuple(prof.mbs_sizes), seed=opts.seed,
                 repeats=opts.repeats, warmup=opts.warmup, threads=cpu_threads(opts, device),
-                sequence_parallel=opts.sequence_parallel, names=tuple(layer.name for layer in prof.layers),
+                sequence_parallel=opts.sequence_parallel and prof.model.sequence_parallel is not False,
+                names=tuple(layer.name for layer in prof.layers),
                 measure=tuple(layer.name for layer in prof.layers if layer.same_as is None),
                 timeout_s=opts.tp_timeout_s, progress_path="")
     return measure_tp(prof, job, sorted(set(opts.tp)), progress)
@@ -434,7 +435,8 @@ def _assemble(spec: ModelSpec, factory: str, args: dict, opts: Options, m: Measu
     dtype = cast(Dtype, opts.dtype)  # one of DTYPES: _check_options refused any other
     return Profile(
         model=ModelRef(name=spec.name or "model", factory=factory, args=args, depth=opts.depth,
-                       fingerprint=fingerprint(spec.model), tensor_parallel=spec.tp_plan is not None),
+                       fingerprint=fingerprint(spec.model), tensor_parallel=spec.tp_plan is not None,
+                       sequence_parallel=runs_sequence_parallel(spec.tp_plan)),
         device=m.device, dtype=dtype, layers=layers, edges=_edges(m),
         loss=LossCost(by_mbs={str(b): _cost(m.loss[b], 0) for b in m.sizes}),
         tied=tied, batch=m.batch, whole=_whole(m),

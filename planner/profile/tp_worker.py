@@ -73,7 +73,7 @@ def _measure_layer(job: TpJob, source: OnMeta, spec: ModelSpec, mesh: DeviceMesh
     producers = [t.producer for t in lm.crossing(i)]
     by: dict[str, Any] = {}
     with source.module(i, i + 1) as module:
-        tensor_parallel(module, spec.tp_plan, mesh, job.sequence_parallel)
+        tensor_parallel(module, spec.tp_plan, mesh, job.sequence_parallel, spec.model)
         for b in job.mbs:
             gen = torch.Generator().manual_seed(job.seed + i)
             inputs = _local_inputs(source.inputs_of(flows[b], i, batches[b][0], gen), producers, mesh,

@@ -433,6 +433,8 @@ def _not_executed(profile: Profile, settings: Settings, best: Config) -> list[st
     if best.tp > 1 and no_plan:
         notes.append(f"tp {best.tp}: planned, not executed: the model gives no tp_plan (export this plan, or "
                      "give the factory one)")
+    if best.tp > 1 and settings.sequence_parallel and profile.model.sequence_parallel is False:
+        notes.append("sequence parallelism off: the model's tp_plan runs none (it marks no norm 'sequence')")
     if best.zero >= 2 and best.dp > 1 and SCHEDULES[best.schedule].split_backward:
         notes.append(f"ZeRO stage {best.zero} with {best.schedule}: planned, not executed: FSDP runs with "
                      "schedules whose backward is one action (--schedule 1f1b, gpipe, interleaved-1f1b)")

@@ -144,6 +144,12 @@ def tensor_degrees(cluster: Cluster, settings: Settings, profile: Profile | None
     return [t for t in range(1, per_node + 1) if per_node % t == 0]
 
 
+def sequence_parallel(profile: Profile, settings: Settings) -> bool:
+    """Sequence parallelism as asked, unless the profile says the model's tp_plan does not run it
+    (planner execute could not)."""
+    return settings.sequence_parallel and profile.model.sequence_parallel is not False
+
+
 def zero_stages(dp: int, settings: Settings) -> list[int]:
     """The ZeRO stage as pinned, else 1 over several replicas and 0 over one. Stage 1 dominates
     stage 0, which moves the same bytes and holds more (ZeRO section 7.2.1). Stages 2 and 3, as the
@@ -233,7 +239,7 @@ def _schedules_for(profile: Profile, settings: Settings, pp: int, dp: int, tp: i
                 except ScheduleError:
                     continue
                 yield Config(pp=pp, dp=dp, mbs=mbs, m=m, schedule=name, v=v, training=settings.training,
-                             tp=tp, zero=zero, sp=settings.sequence_parallel and tp > 1)
+                             tp=tp, zero=zero, sp=sequence_parallel(profile, settings) and tp > 1)
 
 
 def search_space(profile: Profile, cluster: Cluster, settings: Settings) -> list[Config]:
