@@ -145,6 +145,16 @@ def embedding_layers(shardable: np.ndarray, blocks: tuple[int, int] | None) -> n
     return out
 
 
+def output_layers(shardable: np.ndarray, blocks: tuple[int, int] | None) -> np.ndarray:
+    """Per layer, whether it is a vocabulary-parallel output layer: a sharded layer after the
+    model's repeated blocks (its logits split by the vocabulary and gathered for the loss). Without
+    blocks none is known."""
+    out = np.zeros(len(shardable), dtype=bool)
+    if blocks is not None:
+        out[blocks[1]:] = shardable[blocks[1]:] > 0
+    return out
+
+
 def measured_tp_cost(layer: Layer, tp: int, sequence_parallel: bool, mbs: str) -> tuple[TpCosts, TpLayerCost] | None:
     """The layer's costs measured at degree ``tp`` with this sequence parallelism and micro-batch
     size, or None where the profile has none (the cost model then derives them)."""
@@ -403,6 +413,7 @@ class CostTable:
         self.tp_comm = np.zeros(self.n)  # per layer: the tensor-parallel collectives in fwd, bwd and bwd_input
         self.tp_measured = np.zeros(self.n, dtype=bool)  # per layer: costs measured at tp (Layer.tp_costs)
         self.grad_extra = np.zeros(self.n)  # per layer: gradient bytes held beyond its share (_shard)
+        self.gather_flat = np.zeros(self.n)  # per layer: an all-gather's flat buffer beside its transient (_shard)
         if tp > 1:
             if tp_link is None:
                 raise InputError(f"tp {tp} needs the link its devices all-reduce over")
@@ -415,6 +426,7 @@ class CostTable:
             self.bwd_input[-1] += loss.bwd_s * t  # the loss has no weights
             self.act[-1] += loss.act_bytes
             self.peak[-1] = max(self.peak[-1], loss.peak_bytes)
+        self.peak = self.peak + self.gather_flat  # the output layer's beside the loss's too
 
         self.workspace = profile.device.workspace_bytes
         self.input_batch = profile.batch.input_bytes_per_sample * mbs
@@ -433,7 +445,12 @@ class CostTable:
         its gradient whole (``grad_extra``): DTensor's ``embedding_dense_backward`` has no
         row-split strategy (torch/distributed/tensor/_ops/_embedding_ops.py), so the gradient is
         computed whole (``Replicate``) and kept so as ``.grad``, 1 MiB beside a 0.5 MiB shard in
-        the bundled GPT at tp 2."""
+        the bundled GPT at tp 2. Beside a layer's transient, the flat output buffer of one of its
+        all-gathers, which the collective's work may hold past the copy out of it as ZeRO 3's
+        gather (``DataParallel.gather_buffer``): a block's gathered input with sequence
+        parallelism, the output layer's gathered logits (``gather_flat``). On planner's executor
+        one run in three held the output layer's 4 MiB so through the loss (rank 1 +4.4 MiB), and
+        one a block's 256 KiB on rank 0."""
         frac = tp_shardable(self.profile)
         whole = self.params.copy()
         reduces = tp_allreduces(self.profile, frac)
@@ -457,6 +474,9 @@ class CostTable:
         # _ops/_embedding_ops.py), so its transient is the tp-1 one plus its largest table
         emb = embedding_layers(frac, blocks)
         self.peak = np.where(emb, self.peak + self.largest, self.peak * div)
+        out_whole = np.array([layer.by_mbs[str(self.mbs)].out_bytes for layer in self.profile.layers], dtype=float)
+        self.gather_flat = np.where(output_layers(frac, blocks), out_whole,
+                                    np.where((reduces >= 2) & self.sequence_parallel, self.in_bytes, 0.0))
         rep = replicated_act_bytes(self.act, self.in_bytes, reduces, self.profile.dtype, self.sequence_parallel, emb)
         inside = np.minimum(rep, self.act)  # a gathered input beyond the layer's own saved bytes adds to them
         self.act = rep + (self.act - inside) / tp

@@ -83,7 +83,8 @@ def test_activations_at_tp_with_and_without_sequence_parallelism():
 def test_an_embeddings_backward_holds_its_whole_table_gradient_at_tp():
     # a 64 MiB embedding (its largest table 48 MiB) before two blocks, each layer's backward
     # workspace 8 MiB at tp 1: a block's halves at tp 2, the embedding's keeps its own 8 MiB (its
-    # output's gradient arrives whole) plus its largest table's gradient made whole (48 MiB)
+    # output's gradient arrives whole) plus its largest table's gradient made whole (48 MiB); with
+    # sequence parallelism a block's also holds the flat buffer of its input's all-gather (1 KiB)
     prof = chain_profile([1e-3] * 3, param_bytes=64 * MiB, names=["emb", "h.0", "h.1"])
     layers = [layer.model_copy(update={
         "largest_param_bytes": 48 * MiB,
@@ -92,8 +93,23 @@ def test_an_embeddings_backward_holds_its_whole_table_gradient_at_tp():
     prof = prof.model_copy(update={"layers": layers})
     for sp in (False, True):
         t = CostTable(prof, 1, tp=2, tp_link=FAST, sequence_parallel=sp)
-        assert list(t.peak) == pytest.approx([56 * MiB, 4 * MiB, 4 * MiB])
+        assert list(t.peak) == pytest.approx([56 * MiB] + [4 * MiB + (1024 if sp else 0)] * 2)
+        assert list(t.grad_extra) == [32 * MiB, 0, 0]  # the embedding's gradient, whole beside its shard
     assert list(CostTable(prof, 1).peak) == pytest.approx([8 * MiB] * 3)
+
+
+def test_the_output_layers_gathered_logits_buffer_is_priced_beside_its_transient():
+    # two blocks and a head whose logits are 8 MiB a sample: at tp 2 the logits are all-gathered
+    # for the loss, and the collective's flat 8 MiB buffer may outlive the copy out of it (as
+    # ZeRO 3's gather), so it is priced beside the head's (and the loss's) transient
+    prof = chain_profile([1e-3] * 3, param_bytes=64 * MiB, out_bytes_per_sample=[MiB, MiB, 8 * MiB],
+                         names=["h.0", "h.1", "head"])
+    one = CostTable(prof, 1)
+    for sp in (False, True):
+        t = CostTable(prof, 1, tp=2, tp_link=FAST, sequence_parallel=sp)
+        assert t.gather_flat[2] == 8 * MiB
+        assert t.peak[2] == pytest.approx(one.peak[2] / 2 + 8 * MiB)
+    assert not one.gather_flat.any()
 
 
 def test_zero_stages_as_the_pipeline_engine_holds_them():
