@@ -103,15 +103,56 @@ def tp_allreduces(profile: Profile, shardable: np.ndarray) -> np.ndarray:
     return out
 
 
-def replicated_act_bytes(act: np.ndarray, in_bytes: np.ndarray, allreduces: np.ndarray, dtype: str) -> np.ndarray:
-    """The saved bytes tensor parallelism without sequence parallelism does not divide: in a block
-    the inputs of its two norms, of the QKV and of the first MLP matmul (four hidden-state tensors)
-    and its two dropout masks (one byte an element), 10sbh of 34sbh in 16-bit (Korthikanti et
-    al., 2022, section 4.1, equation 2); in another sharded layer its input; a replicated layer
-    keeps all of it."""
-    block = 4 * in_bytes + 2 * in_bytes / DTYPE_BYTES[dtype]
+def replicated_act_bytes(act: np.ndarray, in_bytes: np.ndarray, allreduces: np.ndarray, dtype: str,
+                         sequence_parallel: bool = False, embedding: np.ndarray | None = None) -> np.ndarray:
+    """The saved bytes tensor parallelism does not divide, of whole (unsplit) inputs ``in_bytes``.
+    A layer's saved bytes (``act``) exclude its input, which crosses from the layer before and is
+    held as that layer's output (``held_extra``).
+
+    Without sequence parallelism: in a block the inputs of its second norm, of the QKV and of the
+    first MLP matmul (three hidden-state tensors) and its two dropout masks (one byte an element):
+    Korthikanti et al. (2022, section 4.1, equation 2) count 10sbh of 34sbh in 16-bit, the fourth
+    tensor being the first norm's input, the block's own; in another sharded layer its input (where
+    it saves it); a replicated layer keeps all of it.
+
+    With sequence parallelism the norms and dropouts run on the local part of the sequence, but
+    the inputs of the QKV and of the first MLP matmul are all-gathered, and torch's
+    ``ColwiseParallel`` saves the gathered (``Replicate``) input for its weight gradient: two
+    whole hidden-state tensors in a block, and in another sharded layer, bar an embedding (whose
+    input is its token ids), its gathered input beside the local part it received (the output
+    layer's). Megatron-LM saves the local part and gathers it again in backward (Korthikanti et
+    al., 2022, section 4.2.2); DTensor does not (``PrepareModuleInput`` makes the gathered tensor
+    the linear's input). Measured on planner's executor: 2 x 256 KiB a block and micro-batch of
+    the bundled GPT at micro-batch 4, tp 2."""
+    if sequence_parallel:
+        gathered = np.where(allreduces == 1, in_bytes, 0.0)
+        if embedding is not None:
+            gathered = np.where(embedding, 0.0, gathered)
+        out: np.ndarray = np.minimum(np.where(allreduces >= 2, 2 * in_bytes, 0.0), act) + gathered
+        return out
+    block = 3 * in_bytes + 2 * in_bytes / DTYPE_BYTES[dtype]
     rep: np.ndarray = np.minimum(np.where(allreduces >= 2, block, np.where(allreduces >= 1, in_bytes, act)), act)
     return rep
+
+
+def embedding_layers(shardable: np.ndarray, blocks: tuple[int, int] | None) -> np.ndarray:
+    """Per layer, whether it is a vocabulary-parallel embedding: a sharded layer before the
+    model's repeated blocks (Megatron-LM splits the embedding table by rows; Shoeybi et al., 2019,
+    section 3). Without blocks none is known."""
+    out = np.zeros(len(shardable), dtype=bool)
+    if blocks is not None:
+        out[:blocks[0]] = shardable[:blocks[0]] > 0
+    return out
+
+
+def output_layers(shardable: np.ndarray, blocks: tuple[int, int] | None) -> np.ndarray:
+    """Per layer, whether it is a vocabulary-parallel output layer: a sharded layer after the
+    model's repeated blocks (its logits split by the vocabulary and gathered for the loss). Without
+    blocks none is known."""
+    out = np.zeros(len(shardable), dtype=bool)
+    if blocks is not None:
+        out[blocks[1]:] = shardable[blocks[1]:] > 0
+    return out
 
 
 def measured_tp_cost(layer: Layer, tp: int, sequence_parallel: bool, mbs: str) -> tuple[TpCosts, TpLayerCost] | None:
@@ -371,6 +412,8 @@ class CostTable:
         self.tensor_scale = 1.0  # the share of an inter-layer tensor one device holds
         self.tp_comm = np.zeros(self.n)  # per layer: the tensor-parallel collectives in fwd, bwd and bwd_input
         self.tp_measured = np.zeros(self.n, dtype=bool)  # per layer: costs measured at tp (Layer.tp_costs)
+        self.grad_extra = np.zeros(self.n)  # per layer: gradient bytes held beyond its share (_shard)
+        self.gather_flat = np.zeros(self.n)  # per layer: an all-gather's flat buffer beside its transient (_shard)
         if tp > 1:
             if tp_link is None:
                 raise InputError(f"tp {tp} needs the link its devices all-reduce over")
@@ -383,6 +426,7 @@ class CostTable:
             self.bwd_input[-1] += loss.bwd_s * t  # the loss has no weights
             self.act[-1] += loss.act_bytes
             self.peak[-1] = max(self.peak[-1], loss.peak_bytes)
+        self.peak = self.peak + self.gather_flat  # the output layer's beside the loss's too
 
         self.workspace = profile.device.workspace_bytes
         self.input_batch = profile.batch.input_bytes_per_sample * mbs
@@ -394,9 +438,21 @@ class CostTable:
         Communication: each all-reduce of the block's activation size, 2(tp-1)/tp * bytes /
         bandwidth on the link between the tp devices, serial with the compute. Memory: a sharded
         layer's weights (so its gradients and optimizer state) and saved activations divided by tp,
-        bar the replicated activations without sequence parallelism (with it, every activation and
-        inter-layer tensor is split along the sequence: Korthikanti et al., 2022, section 4.2)."""
+        bar the replicated activations (``replicated_act_bytes``; with sequence parallelism every
+        other activation and inter-layer tensor is split along the sequence: Korthikanti et al.,
+        2022, section 4.2); a sharded layer's transient divided as well, bar an embedding's
+        (``embedding_layers``), whose backward makes its tables' gradients whole, and which holds
+        its gradient whole (``grad_extra``): DTensor's ``embedding_dense_backward`` has no
+        row-split strategy (torch/distributed/tensor/_ops/_embedding_ops.py), so the gradient is
+        computed whole (``Replicate``) and kept so as ``.grad``, 1 MiB beside a 0.5 MiB shard in
+        the bundled GPT at tp 2. Beside a layer's transient, the flat output buffer of one of its
+        all-gathers, which the collective's work may hold past the copy out of it as ZeRO 3's
+        gather (``DataParallel.gather_buffer``): a block's gathered input with sequence
+        parallelism, the output layer's gathered logits (``gather_flat``). On planner's executor
+        one run in three held the output layer's 4 MiB so through the loss (rank 1 +4.4 MiB), and
+        one a block's 256 KiB on rank 0."""
         frac = tp_shardable(self.profile)
+        whole = self.params.copy()
         reduces = tp_allreduces(self.profile, frac)
         blocks = block_range([layer.name for layer in self.profile.layers])
         hidden = np.full(self.n, float(np.median(self.in_bytes[blocks[0]:blocks[1]]))) if blocks else self.in_bytes
@@ -412,16 +468,26 @@ class CostTable:
         self.params = self.params * div
         self.opt_share = div
         self.wgrad = self.wgrad * div
-        self.peak = self.peak * div
+        # a row-split embedding's backward: the gradient of its output arrives whole (gathered with
+        # sequence parallelism) and each table's gradient is made whole before its rows are kept
+        # (DTensor's embedding_dense_backward has no row-split strategy: torch/distributed/tensor/
+        # _ops/_embedding_ops.py), so its transient is the tp-1 one plus its largest table
+        emb = embedding_layers(frac, blocks)
+        self.peak = np.where(emb, self.peak + self.largest, self.peak * div)
+        out_whole = np.array([layer.by_mbs[str(self.mbs)].out_bytes for layer in self.profile.layers], dtype=float)
+        self.gather_flat = np.where(output_layers(frac, blocks), out_whole,
+                                    np.where((reduces >= 2) & self.sequence_parallel, self.in_bytes, 0.0))
+        rep = replicated_act_bytes(self.act, self.in_bytes, reduces, self.profile.dtype, self.sequence_parallel, emb)
+        inside = np.minimum(rep, self.act)  # a gathered input beyond the layer's own saved bytes adds to them
+        self.act = rep + (self.act - inside) / tp
         if self.sequence_parallel:
-            self.act = self.act / tp
             self.tensor_scale = 1 / tp
             self.cut = self.cut / tp
             self.in_bytes = self.in_bytes / tp
-        else:
-            rep = replicated_act_bytes(self.act, self.in_bytes, reduces, self.profile.dtype)
-            self.act = rep + (self.act - rep) / tp
         self._use_measured(tp)
+        # an embedding's gradient stays whole: its backward makes each table's gradient whole
+        # (Replicate) and torch's AccumulateGrad keeps it as it comes, not as the weight's row split
+        self.grad_extra = np.where(emb, np.maximum(whole - self.params, 0.0), 0.0)
         self._tied = [(members, nbytes * self.opt_share[members[0]]) for members, nbytes in self._tied]
 
     def _use_measured(self, tp: int) -> None:
@@ -492,6 +558,10 @@ class CostTable:
     @cached_property
     def PARAMS(self) -> np.ndarray:
         return self._prefix(self.params)
+
+    @cached_property
+    def GRAD_EXTRA(self) -> np.ndarray:
+        return self._prefix(self.grad_extra)
 
     @cached_property
     def PRODUCED(self) -> np.ndarray:
@@ -710,6 +780,7 @@ class CostTable:
         static = params * dp.state_factor(training, self.profile.dtype)
         static += dp.uneven_state_bytes(largest, training, self.profile.dtype)
         static += (weight_versions - 1) * params  # stashed weight versions (PipeDream)
+        static += float(self.GRAD_EXTRA[seg.stop] - self.GRAD_EXTRA[seg.start])  # whole gradients at tp
         static += self.buffer_bytes(seg, m)
         return StageCost.model_construct(  # the solver builds thousands: skip re-validation
             fwd_s=f + gather_f, bwd_input_s=bi + gather_i, bwd_weight_s=bw + scatter_w,

@@ -66,15 +66,50 @@ def test_a_block_all_reduces_its_activation_twice_each_way():
 
 
 def test_activations_at_tp_with_and_without_sequence_parallelism():
-    # a block saving 34 MiB with 1 MiB (float32) inputs: without sequence parallelism four inputs
-    # (4 MiB) and two one-byte masks (2 x 0.25 MiB) stay whole, the rest is halved:
-    # 4.5 + 29.5 / 2 = 19.25 MiB; with it everything is halved, the inter-layer tensors too
+    # a block saving 34 MiB with 1 MiB (float32) inputs: without sequence parallelism three inputs
+    # (3 MiB: the block's own, the first norm's, crosses from the layer before) and two one-byte
+    # masks (2 x 0.25 MiB) stay whole, the rest is halved: 3.5 + 30.5 / 2 = 18.75 MiB; with it
+    # the all-gathered inputs of the QKV and the first MLP matmul, which torch's ColwiseParallel
+    # saves whole, stay whole (2 MiB) and the rest is halved: 2 + 32 / 2 = 18 MiB; the
+    # inter-layer tensors are halved
     prof = chain_profile([1e-3] * 3, param_bytes=64 * MiB, act_bytes=34 * MiB, out_bytes_per_sample=MiB)
     plain = CostTable(prof, 1, tp=2, tp_link=FAST)
     sp = CostTable(prof, 1, tp=2, tp_link=FAST, sequence_parallel=True)
-    assert plain.act[1] == pytest.approx(19.25 * MiB)
-    assert sp.act[1] == pytest.approx(17 * MiB)
+    assert plain.act[1] == pytest.approx(18.75 * MiB)
+    assert sp.act[1] == pytest.approx(18 * MiB)
     assert sp.cut[1] == plain.cut[1] / 2 == MiB / 2
+
+
+def test_an_embeddings_backward_holds_its_whole_table_gradient_at_tp():
+    # a 64 MiB embedding (its largest table 48 MiB) before two blocks, each layer's backward
+    # workspace 8 MiB at tp 1: a block's halves at tp 2, the embedding's keeps its own 8 MiB (its
+    # output's gradient arrives whole) plus its largest table's gradient made whole (48 MiB); with
+    # sequence parallelism a block's also holds the flat buffer of its input's all-gather (1 KiB)
+    prof = chain_profile([1e-3] * 3, param_bytes=64 * MiB, names=["emb", "h.0", "h.1"])
+    layers = [layer.model_copy(update={
+        "largest_param_bytes": 48 * MiB,
+        "by_mbs": {k: c.model_copy(update={"peak_bytes": 8 * MiB}) for k, c in layer.by_mbs.items()}})
+        for layer in prof.layers]
+    prof = prof.model_copy(update={"layers": layers})
+    for sp in (False, True):
+        t = CostTable(prof, 1, tp=2, tp_link=FAST, sequence_parallel=sp)
+        assert list(t.peak) == pytest.approx([56 * MiB] + [4 * MiB + (1024 if sp else 0)] * 2)
+        assert list(t.grad_extra) == [32 * MiB, 0, 0]  # the embedding's gradient, whole beside its shard
+    assert list(CostTable(prof, 1).peak) == pytest.approx([8 * MiB] * 3)
+
+
+def test_the_output_layers_gathered_logits_buffer_is_priced_beside_its_transient():
+    # two blocks and a head whose logits are 8 MiB a sample: at tp 2 the logits are all-gathered
+    # for the loss, and the collective's flat 8 MiB buffer may outlive the copy out of it (as
+    # ZeRO 3's gather), so it is priced beside the head's (and the loss's) transient
+    prof = chain_profile([1e-3] * 3, param_bytes=64 * MiB, out_bytes_per_sample=[MiB, MiB, 8 * MiB],
+                         names=["h.0", "h.1", "head"])
+    one = CostTable(prof, 1)
+    for sp in (False, True):
+        t = CostTable(prof, 1, tp=2, tp_link=FAST, sequence_parallel=sp)
+        assert t.gather_flat[2] == 8 * MiB
+        assert t.peak[2] == pytest.approx(one.peak[2] / 2 + 8 * MiB)
+    assert not one.gather_flat.any()
 
 
 def test_zero_stages_as_the_pipeline_engine_holds_them():
@@ -170,7 +205,8 @@ def _instance(d):
                          act_bytes=[int(x) for x in rng.integers(1, 6, n) * 2**28],
                          param_bytes=[int(x) for x in rng.integers(1, 6, n) * 2**28],
                          out_bytes_per_sample=2**24, tied=[([0, n - 1], 2**26)] if d["tied"] else [],
-                         bwd_input_fraction=float(rng.uniform(0.3, 0.7)))
+                         bwd_input_fraction=float(rng.uniform(0.3, 0.7)),
+                         names=["emb", *(f"h.{i}" for i in range(n - 1))])  # an embedding before blocks
     name, v = d["schedule"]
     pp = 2 if v == 2 else d["pp"]
     m = max(pp, d["m"] - d["m"] % pp) if name == "interleaved-1f1b" else d["m"]

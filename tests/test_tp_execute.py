@@ -163,14 +163,18 @@ def test_pp2_tp2_matches_the_reference_and_the_predicted_memory(tiny_profile, tm
     assert all(ok for _, ok, _ in ver.checks), ver.checks
     errors = _memory_errors(ver)
     assert sorted(errors) == [f"rank {r} tp {t} peak memory" for r in (0, 1) for t in (0, 1)]
-    assert all(abs(e) <= 0.10 for e in errors.values()), errors
+    # never under the prediction (planner.cost.CostTable._shard: the whole tensors DTensor holds
+    # priced), and within 10% of it; measured -2.2% and -8.0% per pipeline rank
+    assert all(-0.10 <= e <= 0.0 for e in errors.values()), errors
 
 
 @pytest.mark.slow
 def test_pp2_tp2_with_sequence_parallelism_matches_the_reference(tiny_profile, tmp_path):
     ver = run(plan_for(tiny_profile, tmp_path, tp=2, sp=True), tmp_path)
     assert all(ok for _, ok, _ in ver.checks), ver.checks
-    assert all(abs(e) <= 0.10 for e in _memory_errors(ver).values()), _memory_errors(ver)
+    # the all-gathered inputs the column-parallel linears save whole are priced: never under the
+    # prediction, within 10% (measured -1.6% and -6.6%)
+    assert all(-0.10 <= e <= 0.0 for e in _memory_errors(ver).values()), _memory_errors(ver)
 
 
 @pytest.mark.slow
@@ -198,11 +202,11 @@ def test_dp2_tp2_zero_1_matches_the_reference(tiny_profile, tmp_path):
     ver = run(plan_for(tiny_profile, tmp_path, pp=1, dp=2, tp=2, zero=1), tmp_path)
     assert ver.mode == "distributed"
     assert all(ok for _, ok, _ in ver.checks), ver.checks
-    # every rank against the bound on its fullest replica (whole tensors: uneven shares), within
-    # the 10% the tensor-parallel runs above are held to
+    # every rank against the bound on its fullest replica (whole tensors: uneven shares), never
+    # under it and within the 10% the tensor-parallel runs above are held to (measured -5.3%)
     errors = _memory_errors(ver)
     assert sorted(errors) == [f"rank 0 dp {d} tp {t} peak memory" for d in (0, 1) for t in (0, 1)]
-    assert all(abs(e) <= 0.10 for e in errors.values()), errors
+    assert all(-0.10 <= e <= 0.0 for e in errors.values()), errors
 
 
 def _sharded_step(rank: int, store_path: str, out: str) -> None:

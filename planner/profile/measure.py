@@ -26,7 +26,9 @@ def storage_key(t: torch.Tensor) -> int:
 
 
 def nbytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
+    """Bytes of the storage behind ``t``: a DTensor's are its local shard's (the wrapper's own
+    ``untyped_storage()`` reports the whole tensor's size, which no device holds)."""
+    return sum(x.untyped_storage().nbytes() for x in _storage_tensors([t]))
 
 
 # ------------------------------------------------------------------------------------ timing

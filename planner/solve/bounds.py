@@ -113,6 +113,7 @@ class StageBounds:
         dp, largest = self.dps[s], t.largest_max[i, j]  # ZeRO 1's fullest replica (CostTable.stage_cost)
         static = params * self.bpp + dp.uneven_state_bytes(largest, self.cfg.training, t.profile.dtype)
         static = static + (self.versions[s] - 1) * params
+        static = static + t.GRAD_EXTRA[j] - t.GRAD_EXTRA[i]  # CostTable.grad_extra
         static = static + self.m * (t.cut[i] + t.cut[j])  # receive buffers, per micro-batch
         batch = np.where(i == 0, self.m * t.input_batch, 0.0) + np.where(j == self.n, self.m * t.target_batch, 0.0)
         if choice == FULL:

@@ -333,9 +333,11 @@ class _Model:
         return total + out
 
     def _static(self, s: int, params: Expr) -> Expr:
-        """Weights, gradients, optimizer state, stashed versions, receive buffers and the batch."""
+        """Weights, gradients (whole ones at tp: CostTable.grad_extra), optimizer state, stashed
+        versions, receive buffers and the batch."""
         b, t = self.b, self.b.t
         out = params * (b.bpp + b.versions[s] - 1) + b.m * (self.cut_in[s] + self.cut_out[s])
+        out = out + pulp.lpSum(float(t.grad_extra[i]) * self.x[i, s] for i in range(self.n) if t.grad_extra[i])
         batch = (b.m * t.input_batch if s == 0 else 0) + (b.m * t.target_batch if s == self.S - 1 else 0)
         return out + batch
 
