@@ -472,3 +472,25 @@ def test_zero_3_prices_its_gather_buffer_beside_the_next_actions_workspace():
     dp = rank_devices(from_spec("h100x4"), 1, 4)[0].data_parallel(from_spec("h100x4"), 3)
     cost = t.stage_cost(Segment(0, 2), 4, Training(), data_parallel=dp)
     assert cost.transient_bytes == GiB + 6 * GiB + t.cut[0] + t.workspace
+
+
+@given(st.lists(st.integers(1, 16) | st.integers(1, 10**6), min_size=2, max_size=5), st.integers(2, 8),
+       st.sampled_from(["cpu", "cuda"]),
+       st.sampled_from(["adam", "sgd-momentum"]), st.integers(0, 10**6))
+@settings(max_examples=60, deadline=None)
+def test_zero_1_is_never_slower_nor_fuller_than_zero_2_or_3(elements, dp, device, optimizer, opt_peak):
+    # planner.solve.settings.zero_stages: the free search tries stage 1 only, which holds for any
+    # stage sizes (the fullest replica's padding included) and either way the optimizer steps
+    prof = chain_profile([1e-3] * len(elements), param_bytes=[4 * n for n in elements], act_bytes=[MiB] * len(elements))
+    layers = [layer.model_copy(update={"optimizer_peak_bytes": {optimizer: opt_peak}}) for layer in prof.layers]
+    prof = prof.model_copy(update={"layers": layers,
+                                   "device": prof.device.model_copy(update={"type": device})})
+    t = CostTable(prof, 1)
+    cluster = from_spec(f"h100x{2 * dp}")
+    segs = segments_from_bounds([0, len(elements) // 2], len(elements))
+    ev = {z: evaluate(t, cluster, Config(pp=2, dp=dp, mbs=1, m=4, schedule="1f1b", zero=z,
+                                         training=Training(optimizer=optimizer)), segs)
+          for z in (1, 2, 3)}
+    assert ev[1].step_time_s <= ev[2].step_time_s <= ev[3].step_time_s
+    for one, two, three in zip(*(ev[z].peak_memory_bytes for z in (1, 2, 3)), strict=True):  # per rank
+        assert one <= two <= three
