@@ -81,7 +81,7 @@ class ShardedOptimizer:
     A step reduces each piece's gradient to the replica owning it (``dist.reduce``, in place in the
     gradient), which averages it, steps its leaves, and broadcasts each updated piece into the
     other replicas' weights (in place): the reduce-scatter and all-gather of the flat ranges, piece
-    by piece, with no flat buffer beside the gradients or weights (DeepSpeed ZeRO's
+    by piece (issued together, then awaited), with no flat buffer beside the gradients or weights (DeepSpeed ZeRO's
     ``average_tensor`` reduces a bucket's partition pieces to their owners so). Each replica
     receives the (dp - 1) ranges it does not own once each way, the bytes of a reduce-scatter and
     an all-gather (``planner.cost.DataParallel.step_coeffs``).
@@ -112,22 +112,20 @@ class ShardedOptimizer:
 
         with torch.no_grad():
             grads = [None if p.grad is None else _flat(local(p.grad)) for p in self.params]
-            for (i, a, b), owner, owned in self.layout:
-                g = grads[i]
-                if g is None:
-                    continue
-                if self.group is not None:  # the summed gradient, on its owner only
-                    dist.reduce(g[a:b], dst=owner, group=self.group)
+            present = [(piece, owner, owned) for piece, owner, owned in self.layout if grads[piece[0]] is not None]
+            if self.group is not None:  # the summed gradients, each on its owner only; issued together
+                _wait([dist.reduce(grads[i][a:b], dst=owner, group=self.group, async_op=True)  # type: ignore[index]
+                       for (i, a, b), owner, _ in present])
+            for (i, a, b), _, owned in present:
                 if owned:
-                    g[a:b].div_(self.dp)
+                    grads[i][a:b].div_(self.dp)  # type: ignore[index]
             for i, a, b, leaf in self.leaves:
                 g = grads[i]
                 leaf.grad = None if g is None else g[a:b]
             self.inner.step()
             if self.group is not None:
-                for (i, a, b), owner, _ in self.layout:
-                    if grads[i] is not None:
-                        dist.broadcast(_flat(local(self.params[i]).detach())[a:b], src=owner, group=self.group)
+                _wait([dist.broadcast(_flat(local(self.params[i]).detach())[a:b], src=owner, group=self.group,
+                                      async_op=True) for (i, a, b), owner, _ in present])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for *_, leaf in self.leaves:
@@ -139,6 +137,11 @@ class ShardedOptimizer:
                 p.grad = None
             else:
                 p.grad.zero_()
+
+
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
 
 
 def _cuts(lo: int, hi: int, width: int) -> list[tuple[int, int]]:
