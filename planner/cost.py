@@ -230,7 +230,9 @@ class DataParallel:
     def step_coeffs(self) -> tuple[float, float]:
         """The collectives of a step outside its actions, as (seconds per gradient byte, fixed
         seconds), one all-reduce's volume at every stage: stage 0 all-reduces; stage 1
-        reduce-scatters and all-gathers the updated shards (ZeRO section 7.2.1); stages 2 and 3
+        reduce-scatters and all-gathers the updated shards (ZeRO section 7.2.1; the executor reduces
+        each range's pieces to its owner and broadcasts them back, the same bytes in more calls:
+        ``planner.execute.train.ShardedOptimizer``); stages 2 and 3
         reduce-scatter once after the last backward (the engine's REDUCE_GRAD) and all-gather at
         the next step's UNSHARD, before its first forward: between two steps that is where stage
         1's all-gather is, so it is priced here too."""
