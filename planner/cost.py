@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -239,16 +239,11 @@ class DataParallel:
         again (``reshard_after_forward``)."""
         return self.fsdp and self.zero >= 3
 
-    @property
-    def whole_tensors(self) -> bool:
-        """Stage 1 over several replicas: each replica steps whole parameter tensors (below)."""
-        return self.zero == 1 and self.dp > 1
-
     def state_factor(self, training: Training, dtype: str) -> float:
-        """Bytes of weights, gradients and optimizer state per parameter byte on one device, with the
-        optimizer state divided evenly: stage 1 divides it over dp (ZeRO section 5, table 1), which
-        whole tensors do only up to ``uneven_state_bytes``; stages 2 and 3 hold, during the step,
-        the gathered weights and the whole gradients beside their shards (class doc)."""
+        """Bytes of weights, gradients and optimizer state per parameter byte on one device, the
+        optimizer state divided evenly, up to ``padding_bytes``: stage 1 divides it over dp (ZeRO
+        section 5, table 1); stages 2 and 3 hold, during the step, the gathered weights and the
+        whole gradients beside their shards (class doc)."""
         w, g, o = state_bytes(training, dtype)
         if self.fsdp:
             total = (w + g) * (1 + 1 / self.dp) + o / self.dp
@@ -256,25 +251,29 @@ class DataParallel:
             total = w + g + o / (self.dp if self.zero >= 1 and self.dp > 1 else 1)
         return total / DTYPE_BYTES[dtype]
 
-    def uneven_state_bytes(self, largest_bytes: float, training: Training, dtype: str) -> float:
-        """The optimizer-state bytes the fullest replica holds at stage 1 beyond an even share.
+    def padding_bytes(self, param_bytes: Any, training: Training, dtype: str) -> Any:
+        """The optimizer-state bytes the fullest replica holds beyond an even share of a stage's
+        ``param_bytes`` (a float or an array of them), from stage 1 on: a whole number of elements.
 
-        torch's ZeroRedundancyOptimizer (torch/distributed/optim/zero_redundancy_optimizer.py,
-        ``_partition_parameters``) and planner's ``ShardedOptimizer`` (the same rule over each
-        device's local shards) give each replica whole tensors: largest first, each to the replica
-        holding the fewest elements so far. Whatever the order, the replica that ends fullest got its
-        last tensor x while it was the emptiest, so it then held at most (total - x)/dp and ends at
-        most total/dp + (1 - 1/dp) x (Graham, "Bounds for certain multiprocessing anomalies", 1966):
-        with x the stage's largest tensor, ``(1 - 1/dp) * largest`` parameter bytes above the even
-        share. A rank's stages are partitioned together, under the sum of their bounds."""
-        if not self.whole_tensors:
-            return 0.0
-        return (1 - 1 / self.dp) * largest_bytes * state_bytes(training, dtype)[2] / DTYPE_BYTES[dtype]
+        At stage 1 the executor lays a rank's N parameter elements end to end and cuts them into dp
+        ranges of ceil(N/dp) (``planner.execute.train.flat_ranges``, as Megatron-LM's distributed
+        optimizer and DeepSpeed ZeRO 1 partition a flat buffer), so the fullest holds
+        ceil(N/dp) - N/dp < 1 element's state more than N/dp; a rank of several stages holds no more
+        than the sum of theirs (ceil(a + b) <= ceil(a) + ceil(b)). At stages 2 and 3 FSDP2 cuts
+        every tensor's rows into dp chunks of ceil(rows/dp) (``fully_shard``'s dim-0 sharding): the
+        first replica holds a whole number of elements, at least N/dp, so at least ceil(N/dp): the
+        same term, which stage 2's own padding only adds to."""
+        if not (self.zero >= 1 and self.dp > 1):
+            return 0.0 * param_bytes
+        n = param_bytes / DTYPE_BYTES[dtype]
+        return (np.ceil(n / self.dp) - n / self.dp) * state_bytes(training, dtype)[2]
 
     def step_coeffs(self) -> tuple[float, float]:
         """The collectives of a step outside its actions, as (seconds per gradient byte, fixed
         seconds), one all-reduce's volume at every stage: stage 0 all-reduces; stage 1
-        reduce-scatters and all-gathers the updated shards (ZeRO section 7.2.1); stages 2 and 3
+        reduce-scatters and all-gathers the updated shards (ZeRO section 7.2.1; the executor reduces
+        each range's pieces to its owner and broadcasts them back, the same bytes in more calls:
+        ``planner.execute.train.ShardedOptimizer``); stages 2 and 3
         reduce-scatter once after the last backward (the engine's REDUCE_GRAD) and all-gather at
         the next step's UNSHARD, before its first forward: between two steps that is where stage
         1's all-gather is, so it is priced here too."""
@@ -312,16 +311,14 @@ class DataParallel:
         output after the last backward, the gathered weights being freed first."""
         return param_bytes if self.regathers else 0.0
 
-    def optimizer_share(self, param_bytes: float = 0.0, largest_bytes: float = 0.0) -> float:
-        """The share of the stage's optimizer step (its state's bytes and its time) the fullest device
-        runs: its shard from stage 1 on; at stage 1, of whole tensors, at most 1/dp + (1 - 1/dp) *
-        largest / params of them (``uneven_state_bytes``). Without the sizes, 1/dp: the least it is
-        (the solver's lower bounds)."""
-        if not (self.zero >= 1 and self.dp > 1):
-            return 1.0
-        if not self.whole_tensors or param_bytes <= 0:
-            return 1 / self.dp
-        return min(1.0, 1 / self.dp + (1 - 1 / self.dp) * largest_bytes / param_bytes)
+    def optimizer_share(self) -> float:
+        """The share of the optimizer step a device runs, its time and its temporaries: its shard
+        from stage 1 on. At stage 1 no tensor a replica steps is more than ceil(n/dp) of a tensor of
+        n elements (``planner.execute.train.ShardedOptimizer``), as FSDP's shards at stages 2 and 3,
+        so an optimizer stepping one tensor at a time (a CPU) makes 1/dp of a whole tensor's
+        temporaries too (``CostTable.optimizer_transient_bytes``); the rounding, a fraction of an
+        element per tensor, is not priced, at any stage."""
+        return 1 / self.dp if self.zero >= 1 and self.dp > 1 else 1.0
 
 
 def p2p_time(nbytes: float, link: Link) -> float:
@@ -395,9 +392,6 @@ class CostTable:
         self.peak = np.array([c.peak_bytes for c in costs], dtype=float)
         self.wgrad = np.array([c.wgrad_bytes for c in costs], dtype=float)
         self.params = np.array([layer.param_bytes for layer in profile.layers], dtype=float)
-        # per layer, its largest parameter tensor (ZeRO 1's unit); a profile without it: the layer's bytes
-        self.largest = np.array([layer.param_bytes if layer.largest_param_bytes is None else layer.largest_param_bytes
-                                 for layer in profile.layers], dtype=float)
         self.opt_share = np.ones(self.n)  # the share of a layer's optimizer temporaries one device has
         self._opt_peaks: dict[str, np.ndarray] = {}
         self._opt_matrix: dict[str, np.ndarray] = {}
@@ -418,7 +412,6 @@ class CostTable:
             if tp_link is None:
                 raise InputError(f"tp {tp} needs the link its devices all-reduce over")
             self._shard(tp, tp_link)
-            self.largest = self.largest * self.opt_share  # one device's part of it, as of the layer
         if profile.loss is not None:  # the loss runs on the last stage, after its last layer
             loss = profile.loss.by_mbs[key]
             self.fwd[-1] += loss.fwd_s * t
@@ -596,11 +589,6 @@ class CostTable:
         return np.cumsum(np.cumsum(diff, axis=0), axis=1)[: n + 1, : n + 1]
 
     @cached_property
-    def largest_max(self) -> np.ndarray:
-        """(n+1, n+1): the largest parameter tensor of [i, j) (one device's part at tp > 1)."""
-        return _range_max(self.largest)
-
-    @cached_property
     def peak_max(self) -> np.ndarray:
         """(n+1, n+1): max over layers of [i, j) of transient bytes (none / selective base)."""
         return _range_max(self.peak)
@@ -775,10 +763,9 @@ class CostTable:
             # to W; both are freed at I, so that over-estimates as well.
             bi, bw = bi + bw, 0.0
         params = self.param_bytes(seg)
-        largest = float(self.largest_max[seg.start, seg.stop])
         gather_f, gather_i, scatter_w = dp.per_microbatch(params)
         static = params * dp.state_factor(training, self.profile.dtype)
-        static += dp.uneven_state_bytes(largest, training, self.profile.dtype)
+        static += dp.padding_bytes(params, training, self.profile.dtype)
         static += (weight_versions - 1) * params  # stashed weight versions (PipeDream)
         static += float(self.GRAD_EXTRA[seg.stop] - self.GRAD_EXTRA[seg.start])  # whole gradients at tp
         static += self.buffer_bytes(seg, m)
@@ -792,26 +779,14 @@ class CostTable:
             static_bytes=int(round(static)),
             transient_bytes=int(round(self.transient_bytes(seg, dp.gather_buffer(params)))),
             optimizer_transient_bytes=int(round(self.optimizer_transient_bytes(seg, training.optimizer)
-                                                * float(self.transient_share(dp, params, largest)))),
+                                                * dp.optimizer_share())),
             param_bytes=int(round(params)),
             batch_bytes=int(round(self.batch_bytes(seg, m))),
-            optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share(params, largest) / speed,
+            optimizer_s=self.optimizer_s * params / self.param_total * dp.optimizer_share() / speed,
             allreduce_s=allreduce_s + dp.step_s(params),
             tp_comm=_collectives(*self.tp_comm_times(seg), 0.0),
             zero_comm=_collectives(gather_f, gather_i, scatter_w),
         )
-
-    def transient_share(self, dp: DataParallel, params: float | np.ndarray,
-                        largest: float | np.ndarray) -> float | np.ndarray:
-        """The share of the stage's optimizer temporaries the fullest device allocates: stepping all
-        its parameters at once (a GPU), its share of them (``DataParallel.optimizer_share``); one at
-        a time (a CPU), those of its largest tensor, which at stage 1 a replica steps whole
-        (``optimizer_transient_bytes``)."""
-        if not dp.whole_tensors:
-            return dp.optimizer_share()
-        if self.profile.device.type != "cuda":
-            return 1.0
-        return np.minimum(1.0, 1 / dp.dp + (1 - 1 / dp.dp) * largest / np.maximum(params, 1.0))
 
     def optimizer_transient_bytes(self, seg: Segment, optimizer: str) -> float:
         """The temporaries of the optimizer's step over the stage's parameters, from each layer's

@@ -202,6 +202,8 @@ def _torch_sharding(plan: Plan) -> dict[str, object]:
                          f"(pp {par.pp}, dp {par.dp}, tp {par.tp}), apply parallelize_module with Colwise/"
                          "RowwiseParallel to each stage over the tp axis"
                          + (", and replicate over the dp axis" if not par.zero else
-                            ", and shard the optimizer state over the dp axis (ZeroRedundancyOptimizer, ZeRO 1)"
+                            ", and shard the optimizer state evenly over the dp axis (ZeRO 1: the stage's parameters "
+                            "flattened into dp equal ranges, as Megatron-LM's distributed optimizer does; "
+                            "ZeroRedundancyOptimizer's whole tensors hold more than planned)"
                             if par.zero == 1 else f", and shard over the dp axis (fully_shard, ZeRO {par.zero})"),
     }

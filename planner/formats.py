@@ -135,9 +135,6 @@ class Layer(_Frozen):
     name: str = Field(description="module path, e.g. 'transformer.h.3'; 'block@2' for the second call of a "
                                   "module called several times")
     param_bytes: Bytes
-    largest_param_bytes: Bytes | None = Field(default=None, description="bytes of the layer's largest "
-                                              "parameter tensor (ZeRO 1 gives each replica whole tensors); "
-                                              "None: not recorded, param_bytes bounds it")
     by_mbs: dict[str, LayerCost]
     same_as: str | None = Field(default=None, description="the identical layer (module class, parameter "
                                 "shapes, input shapes and dtypes) whose measured costs this one shares; "
@@ -157,9 +154,6 @@ class Layer(_Frozen):
             extra = sorted(set(costs.by_mbs) - set(self.by_mbs))
             if extra:
                 raise ValueError(f"tp_costs[{key!r}] has micro-batch sizes {extra} that by_mbs lacks")
-        if self.largest_param_bytes is not None and self.largest_param_bytes > self.param_bytes:
-            raise ValueError(f"largest_param_bytes {self.largest_param_bytes:,} exceeds param_bytes "
-                             f"{self.param_bytes:,}: one tensor cannot hold more than the layer")
         return self
 
 

@@ -74,36 +74,31 @@ def test_cluster_presets():
     assert len(from_spec("cpu2").devices) == 2
 
 
-def _zero1_static(largest, dp=2) -> tuple:
+def _zero_static(dp: int, zero: int = 1) -> int:
     from planner.cost import DataParallel
 
     prof = chain_profile([1.0, 1.0], param_bytes=[1000, 400])
-    if largest is not None:
-        layers = [prof.layers[0].model_copy(update={"largest_param_bytes": largest}), *prof.layers[1:]]
-        prof = prof.model_copy(update={"layers": layers})
     t = CostTable(prof, 1)
     seg = Segment(0, 2)
-    cost = t.stage_cost(seg, 1, Training(optimizer="adam"), data_parallel=DataParallel(dp, 1))
-    return cost, cost.static_bytes - t.buffer_bytes(seg, 1)  # weights, gradients, optimizer state
+    cost = t.stage_cost(seg, 1, Training(optimizer="adam"), data_parallel=DataParallel(dp, zero))
+    return cost.static_bytes - t.buffer_bytes(seg, 1)  # weights, gradients, optimizer state
 
 
-def test_zero_1_prices_the_fullest_replica_of_whole_tensors():
-    # float32 Adam: 4 + 4 bytes of weights and gradients, 8 of state per parameter (4 bytes).
-    # Evenly over dp 2: 1400 * (4 + 4 + 8 / 2) / 4 = 4200 bytes. Whole tensors, largest first to the
-    # emptier replica: the fullest ends at most 1400 / 2 + (1 - 1/2) * 600 = 1000 parameter bytes,
-    # so its state is at most 1000 * 8 / 4 = 2000 bytes, not 1400: 600 more
-    assert _zero1_static(largest=600)[1] == 4200 + 600
-    # a profile that did not record its tensors: the layer's 1000 bytes bound its largest, 1000 more
-    assert _zero1_static(largest=None)[1] == 4200 + 1000
-    # one replica (no sharding): no excess
-    assert _zero1_static(largest=600, dp=1)[1] == 1400 * 4
+def test_zero_1_prices_the_fullest_replicas_whole_elements():
+    # float32 Adam: 4 + 4 bytes of weights and gradients, 8 of state per element. 1400 bytes are
+    # 350 elements: over 2 replicas 175 each, (4 + 4) * 350 + 8 * 175 = 4200 bytes
+    assert _zero_static(dp=2) == 4200
+    # over 3, ranges of ceil(350 / 3) = 117 elements (the last 116): 2800 + 8 * 117 = 3736, 8/3
+    # bytes above an even share (planner.execute.train.flat_ranges)
+    assert _zero_static(dp=3) == 2800 + 8 * 117
+    # FSDP's first replica holds at least as many whole elements: stage 2 adds the same, beside
+    # its (w + g) / dp
+    assert _zero_static(dp=3, zero=2) == 2800 + 8 * 117 + round(2800 / 3)
+    assert _zero_static(dp=1) == 1400 * 4  # one replica: no sharding
 
 
-def test_zero_1_optimizer_share_of_the_fullest_replica():
+def test_zero_optimizer_share_is_even_from_stage_1_on():
     from planner.cost import DataParallel
 
-    dp = DataParallel(4, 1)
-    assert dp.optimizer_share() == 0.25  # the least it is: the solver's bounds
-    assert dp.optimizer_share(1000, 100) == pytest.approx(0.25 + 0.75 * 0.1)
-    assert dp.optimizer_share(1000, 1000) == 1.0  # one tensor: one replica steps it all
-    assert DataParallel(4, 2).optimizer_share(1000, 1000) == 0.25  # FSDP shards every tensor
+    assert DataParallel(4, 1).optimizer_share() == DataParallel(4, 2).optimizer_share() == 0.25
+    assert DataParallel(4, 0).optimizer_share() == DataParallel(1, 1).optimizer_share() == 1.0

@@ -374,29 +374,29 @@ def test_a_large_world_reports_the_fullest_replica_of_each_stage_and_tp_rank():
     assert rows[0].note.startswith("the fullest of 16 replicas (the emptiest, dp 0: -5.0%)")
 
 
-def test_zero_shards_follow_the_largest_first_rule():
-    from torch import nn
+def test_zero_1_ranges_cut_the_flat_parameters_evenly():
+    from planner.execute.train import flat_ranges
 
-    from planner.execute.train import zero_shard
-
-    params = [nn.Parameter(torch.zeros(n)) for n in (5, 3, 3, 2, 1)]
-    # 5 -> replica 0; 3 -> 1; 3 -> 1 (3 < 5); 2 -> 0 (5 < 6); 1 -> 1 (6 < 7)
-    sizes = [sum(p.numel() for p in shard) for shard in zero_shard(params, 2)]
-    assert sizes == [7, 7]
+    # 5 + 3 + 3 + 2 + 1 = 14 elements over 2: [0, 7) and [7, 14); the second 3 is cut 2 | 1
+    assert flat_ranges([5, 3, 3, 2, 1], 2) == [[(0, 0, 5), (1, 0, 2)], [(1, 2, 3), (2, 0, 3), (3, 0, 2), (4, 0, 1)]]
+    # 10 over 3: ranges of 4, the last short by the padding (2 elements)
+    assert flat_ranges([10], 3) == [[(0, 0, 4)], [(0, 4, 8)], [(0, 8, 10)]]
 
 
 @hsettings(max_examples=200, deadline=None)
-@given(hst.lists(hst.integers(1, 1000), min_size=1, max_size=12), hst.integers(1, 5))
-def test_the_fullest_zero_shard_is_within_the_cost_models_bound(sizes, dp):
-    # planner.cost.DataParallel.uneven_state_bytes: the fullest replica holds at most
-    # total / dp + (1 - 1/dp) * largest elements of whole tensors
-    from torch import nn
+@given(hst.lists(hst.integers(0, 1000), min_size=1, max_size=12), hst.integers(1, 5))
+def test_zero_1_ranges_cover_every_element_once_and_hold_at_most_the_padded_share(sizes, dp):
+    # planner.cost.DataParallel.state_factor: the fullest replica holds ceil(N / dp) elements
+    from planner.execute.train import flat_ranges
 
-    from planner.execute.train import zero_shard
-
-    shards = zero_shard([nn.Parameter(torch.zeros(n)) for n in sizes], dp)
-    fullest = max(sum(p.numel() for p in shard) for shard in shards)
-    assert fullest <= sum(sizes) / dp + (1 - 1 / dp) * max(sizes) + 1e-9
+    ranges = flat_ranges(sizes, dp)
+    held = [sum(b - a for _, a, b in r) for r in ranges]
+    assert max(held) == -(-sum(sizes) // dp) and sum(held) == sum(sizes)
+    covered = sorted((i, a, b) for r in ranges for i, a, b in r)
+    for i, n in enumerate(sizes):
+        mine = [(a, b) for j, a, b in covered if j == i]
+        assert [x for ab in mine for x in ab][1:-1:2] == [x for ab in mine for x in ab][2::2]  # contiguous
+        assert (mine[0][0], mine[-1][1]) == (0, n) if n else mine == []
 
 
 @pytest.mark.slow

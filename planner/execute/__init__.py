@@ -408,8 +408,8 @@ MEMORY_ROWS = 16
 
 def _record_memory(ver: Verification, plan: Plan, reports: list[WorkerReport]) -> None:
     """Every rank's peak against its stage's prediction, named by its (pipeline rank, replica,
-    tp rank). The replicas of a stage share one prediction, a bound on the fullest of them (ZeRO
-    1 gives each whole tensors, so their optimizer state differs: ``planner.cost.DataParallel``).
+    tp rank). The replicas of a stage share one prediction, a bound on the fullest of them (the
+    last of ZeRO 1's ranges is short by its padding: ``planner.cost.DataParallel.padding_bytes``).
     Up to ``MEMORY_ROWS`` workers each has its row; beyond, each (pipeline rank, tp rank) shows its
     fullest replica's, and its note the emptiest one's error."""
     predicted = _predicted_peaks(plan)

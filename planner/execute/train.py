@@ -3,8 +3,6 @@ parameters under the model's names (the checks against a reference are in ``veri
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -15,10 +13,10 @@ from planner.formats import Plan
 def optimizer_for(plan: Plan, params: list[nn.Parameter], dp_group=None,
                   shard_of: int | None = None) -> torch.optim.Optimizer | ShardedOptimizer:
     """The plan's optimizer over these parameters. With ZeRO stage 1 and several replicas, its state
-    is sharded over the replicas: in a distributed run by torch's ZeroRedundancyOptimizer over the
-    replica group ``dp_group`` (each replica steps its shard, then broadcasts it); a rank replayed
-    alone keeps replica ``shard_of``'s shard, so that its memory is that of the run. With ZeRO 2 and
-    3 the parameters are FSDP's shards already (``parallel.shard_stage``)."""
+    is sharded evenly over the replicas by ``ShardedOptimizer``: in a distributed run over the
+    replica group ``dp_group``; a rank replayed alone keeps replica ``shard_of``'s range, so that
+    its memory is that of the run. With ZeRO 2 and 3 the parameters are FSDP's shards already
+    (``parallel.shard_stage``)."""
     t = plan.training
     if t.precision == "mixed":
         raise InputError("plans with --precision mixed (fp32 master weights) are modelled but not executed; "
@@ -29,66 +27,109 @@ def optimizer_for(plan: Plan, params: list[nn.Parameter], dp_group=None,
     dp = plan.parallel.dp
     if plan.parallel.zero >= 2 and dp_group is not None:
         return kind(params, **options)  # FSDP's sharded parameters: each replica steps its shard
-    if plan.parallel.zero >= 1 and dp > 1:
-        if dp_group is not None and any(_is_dtensor(p) for p in params):
-            return ShardedOptimizer(params, kind, options, dp_group)
-        if dp_group is not None:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-
-            return ZeroRedundancyOptimizer(params, optimizer_class=kind, process_group=dp_group, **options)
-        if shard_of is not None:
-            params = zero_shard(params, dp)[shard_of] or [nn.Parameter(torch.zeros(1))]
+    if plan.parallel.zero == 1 and dp > 1 and (dp_group is not None or shard_of is not None):
+        return ShardedOptimizer(params, kind, options, dp_group, replica=(dp, shard_of or 0))
     return kind(params, **options)
 
 
 def torch_optimizer(name: str) -> tuple[type[torch.optim.Optimizer], dict]:
     """The torch optimizer class and options that train a plan whose ``training.optimizer`` is
-    ``name`` (the profiler weighs the same one's step)."""
+    ``name`` (the profiler weighs the same one's step). Each updates every element from that
+    element's gradient and state alone, so stepping a tensor's pieces apart is stepping it whole
+    (``ShardedOptimizer``); one with per-tensor norms (LAMB, LARS) would not be."""
     if name == "adam":
         return torch.optim.Adam, {"lr": 1e-4}
-    return torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9 if name == "sgd-momentum" else 0.0}
+    if name in ("sgd", "sgd-momentum"):
+        return torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9 if name == "sgd-momentum" else 0.0}
+    raise InputError(f"optimizer {name!r} is not executed: ZeRO 1 steps pieces of tensors, which only "
+                     "per-element optimizers (adam, sgd, sgd-momentum) allow")
 
 
-def _is_dtensor(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
+Piece = tuple[int, int, int]  # (parameter index, first element, end element) of its flattened local tensor
 
-    return isinstance(p, DTensor)
+
+def flat_ranges(sizes: list[int], dp: int) -> list[list[Piece]]:
+    """Per replica, the pieces of its range: the tensors (of ``sizes`` elements) laid end to end in
+    order and cut into dp ranges of ceil(N / dp) elements, the last short by the padding, a tensor
+    cut where a range ends (Megatron-LM's distributed optimizer, megatron/core/optimizer/
+    distrib_optimizer.py, ``_build_model_gbuf_param_range_map``; DeepSpeed ZeRO 1's flat
+    partitions). No replica holds more than ceil(N / dp) elements."""
+    total = sum(sizes)
+    width = -(-total // dp) if total else 0
+    out: list[list[Piece]] = [[] for _ in range(dp)]
+    offset = 0
+    for i, n in enumerate(sizes):
+        a = offset
+        while a < offset + n:
+            k = a // width
+            b = min(offset + n, (k + 1) * width)
+            out[k].append((i, a - offset, b - offset))
+            a = b
+        offset += n
+    return out
 
 
 class ShardedOptimizer:
-    """ZeRO stage 1 over tensor-parallel (DTensor) parameters, which torch's
-    ZeroRedundancyOptimizer does not take: each replica holds the optimizer state of its share of
-    whole tensors, steps it on the averaged gradients, then every tensor's owner broadcasts its
-    updated local shard to the other replicas (ZeRO section 5.1: P_os, whose all-gather of the
-    updated parameters this is). The share is ``zero_shard`` of the local shards' sizes, the bytes
-    this device holds, so that the cost model's bound on the fullest replica holds in them
-    (``planner.cost.DataParallel.uneven_state_bytes``); the replicas of one tp rank hold shards of
-    the same sizes, so they agree on it (another tp rank's group may partition otherwise: each
-    steps only its own shards)."""
+    """ZeRO stage 1 (Rajbhandari et al., SC'20, section 5.1: P_os) with even shares: this device's
+    parameters (each tensor's local shard at tp > 1, so that the replicas of one tp rank cut the
+    same sizes alike) are laid end to end and split into dp equal ranges (``flat_ranges``). Each
+    replica keeps the optimizer state of its range only, on leaf views of the parameters' pieces
+    (no copy of the weights), each piece cut further at every ceil(n / dp) elements of its tensor,
+    so that no leaf is larger than a 1/dp shard of its tensor (FSDP's, ZeRO 2's): an optimizer
+    that steps one tensor at a time (torch's on a CPU) makes no larger temporaries than ZeRO 2's.
+
+    A step reduces each piece's gradient to the replica owning it (``dist.reduce``, in place in the
+    gradient), which averages it, steps its leaves, and broadcasts each updated piece into the
+    other replicas' weights (in place): the reduce-scatter and all-gather of the flat ranges, piece
+    by piece (issued together, then awaited), with no flat buffer beside the gradients or weights (DeepSpeed ZeRO's
+    ``average_tensor`` reduces a bucket's partition pieces to their owners so). Each replica
+    receives the (dp - 1) ranges it does not own once each way, the bytes of a reduce-scatter and
+    an all-gather (``planner.cost.DataParallel.step_coeffs``).
+
+    ``group`` None: the replica ``replica = (dp, k)`` alone (a replayed rank), no collectives."""
 
     def __init__(self, params: list[nn.Parameter], kind: type[torch.optim.Optimizer], options: dict,
-                 group) -> None:
+                 group=None, replica: tuple[int, int] = (1, 0)) -> None:
         import torch.distributed as dist
 
         from planner.execute.parallel import local
 
-        self.params, self.group = params, group
-        shards = zero_shard(params, dist.get_world_size(group), size=lambda p: local(p).numel())
-        self.owners = [(p, dist.get_global_rank(group, k)) for k, shard in enumerate(shards) for p in shard]
-        mine = shards[dist.get_rank(group)]
-        self.inner = kind(mine or [nn.Parameter(torch.zeros(1))], **options)
+        dp, me = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else replica
+        self.params, self.group, self.dp = params, group, dp
+        flats = [_flat(local(p).detach()) for p in params]
+        ranges = flat_ranges([f.numel() for f in flats], dp)
+        owner = (lambda k: dist.get_global_rank(group, k)) if group is not None else (lambda k: k)
+        # every piece of every range, in one order on all replicas: (piece, its owner, owned here)
+        self.layout = [(piece, owner(k), k == me) for k, pieces in enumerate(ranges) for piece in pieces]
+        self.leaves = [(i, a, b, flats[i][a:b]) for i, lo, hi in ranges[me]
+                       for a, b in _cuts(lo, hi, -(-flats[i].numel() // dp))]
+        self.inner = kind([leaf for *_, leaf in self.leaves] or [nn.Parameter(torch.zeros(1))], **options)
 
     def step(self) -> None:
         import torch.distributed as dist
 
         from planner.execute.parallel import local
 
-        self.inner.step()
         with torch.no_grad():
-            for p, owner in self.owners:
-                dist.broadcast(local(p), src=owner, group=self.group)
+            grads = [None if p.grad is None else _flat(local(p.grad)) for p in self.params]
+            present = [(piece, owner, owned) for piece, owner, owned in self.layout if grads[piece[0]] is not None]
+            if self.group is not None:  # the summed gradients, each on its owner only; issued together
+                _wait([dist.reduce(grads[i][a:b], dst=owner, group=self.group, async_op=True)  # type: ignore[index]
+                       for (i, a, b), owner, _ in present])
+            for (i, a, b), _, owned in present:
+                if owned:
+                    grads[i][a:b].div_(self.dp)  # type: ignore[index]
+            for i, a, b, leaf in self.leaves:
+                g = grads[i]
+                leaf.grad = None if g is None else g[a:b]
+            self.inner.step()
+            if self.group is not None:
+                _wait([dist.broadcast(_flat(local(self.params[i]).detach())[a:b], src=owner, group=self.group,
+                                      async_op=True) for (i, a, b), owner, _ in present])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        for *_, leaf in self.leaves:
+            leaf.grad = None  # views of the parameters' gradients
         for p in self.params:
             if p.grad is None:
                 continue
@@ -98,19 +139,23 @@ class ShardedOptimizer:
                 p.grad.zero_()
 
 
-def zero_shard(params: list[nn.Parameter], dp: int,
-               size: Callable[[nn.Parameter], int] = torch.Tensor.numel) -> list[list[nn.Parameter]]:
-    """Parameters per replica as ZeroRedundancyOptimizer partitions them
-    (torch/distributed/optim/zero_redundancy_optimizer.py, ``_partition_parameters``): largest
-    ``size`` first, each to the replica holding the fewest elements so far (whole tensors, so
-    shards are close to, not exactly, 1/dp of the state)."""
-    shards: list[list[nn.Parameter]] = [[] for _ in range(dp)]
-    sizes = [0] * dp
-    for p in sorted(params, key=size, reverse=True):
-        k = sizes.index(min(sizes))
-        shards[k].append(p)
-        sizes[k] += size(p)
-    return shards
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
+def _cuts(lo: int, hi: int, width: int) -> list[tuple[int, int]]:
+    """[lo, hi) cut at every multiple of ``width``."""
+    edges = [lo, *range((lo // width + 1) * width, hi, width), hi]
+    return list(zip(edges[:-1], edges[1:], strict=False))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's elements as one flat view of its storage (not a copy)."""
+    if not t.is_contiguous():
+        raise InputError(f"ZeRO 1 shards flat views of the parameters and their gradients; a tensor of shape "
+                         f"{tuple(t.shape)} is not contiguous")
+    return t.view(-1)
 
 
 def batch_seed(step: int, dp_rank: int, dp: int) -> int:

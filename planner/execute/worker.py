@@ -189,7 +189,8 @@ class _Rank:
 
     def update(self) -> None:
         dp = self.plan.parallel.dp
-        if dp > 1 and not self.reduced:
+        # FSDP averages inside the step, ZeRO 1's optimizer reduces each range to its owner
+        if dp > 1 and not self.reduced and not isinstance(self.opt, ShardedOptimizer):
             _sync(self.params, self.dp_group, average=dp)
         self.opt.step()
         self.opt.zero_grad(set_to_none=False)

@@ -364,8 +364,7 @@ def _layers(m: Measurements) -> tuple[list[Layer], list[TiedGroup]]:
             sizes_of[pid] = n
         by = {str(b): _cost(m.layers[b][i], _out_bytes(m, b, i)) for b in m.sizes}
         rep = m.same_as[i]
-        layers.append(Layer(name=names[i], param_bytes=pbytes, largest_param_bytes=max(ids.values(), default=0),
-                            by_mbs=by,
+        layers.append(Layer(name=names[i], param_bytes=pbytes, by_mbs=by,
                             same_as=names[rep] if rep is not None else None,
                             optimizer_peak_bytes=m.optimizer_peak[i] if i < len(m.optimizer_peak) else {}))
     tied_groups: dict[tuple[int, ...], int] = {}

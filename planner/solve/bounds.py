@@ -110,8 +110,8 @@ class StageBounds:
         what the optimizer step holds beyond the fixed bytes: ``simulate.optimizer_peak``)."""
         t = self.t
         params = self.params(i, j)
-        dp, largest = self.dps[s], t.largest_max[i, j]  # ZeRO 1's fullest replica (CostTable.stage_cost)
-        static = params * self.bpp + dp.uneven_state_bytes(largest, self.cfg.training, t.profile.dtype)
+        dp = self.dps[s]  # the fullest replica's whole elements (CostTable.stage_cost)
+        static = params * self.bpp + dp.padding_bytes(params, self.cfg.training, t.profile.dtype)
         static = static + (self.versions[s] - 1) * params
         static = static + t.GRAD_EXTRA[j] - t.GRAD_EXTRA[i]  # CostTable.grad_extra
         static = static + self.m * (t.cut[i] + t.cut[j])  # receive buffers, per micro-batch
@@ -126,7 +126,7 @@ class StageBounds:
         transient = transient + (t.shared_held[0][i, j] if choice == FULL else t.shared_grad[i, j])
         sent = t.cut[j] if self.remote_next[s] else np.zeros(i.shape)
         sizes = np.stack([held, t.WGRAD[j] - t.WGRAD[i], t.cut[i], sent])
-        opt = t.optimizer_transient_matrix(self.optimizer)[i, j] * t.transient_share(dp, params, largest)
+        opt = t.optimizer_transient_matrix(self.optimizer)[i, j] * dp.optimizer_share()
         step = self.m * t.cut[i] + opt
         # CostTable.transient_bytes: the layer's workspace, the gradient sent and ZeRO 3's gather
         gather = params if self.dps[s].regathers else np.zeros(i.shape)

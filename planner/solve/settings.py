@@ -151,16 +151,22 @@ def sequence_parallel(profile: Profile, settings: Settings) -> bool:
 
 
 def zero_stages(dp: int, settings: Settings) -> list[int]:
-    """The ZeRO stage as pinned, else 1 over several replicas and 0 over one. Stage 1 dominates
-    stage 0, which moves the same bytes and holds more (ZeRO section 7.2.1). Stages 2 and 3, as the
-    pipeline engine runs them (``planner.cost.DataParallel``), take stage 1's time or more (3
-    gathers after every forward) and hold the gathered weights and whole gradients beside their
-    shards, (w + g) / dp more per parameter, so they are not searched. That is dominance only while
-    stage 1's whole-tensor shares stay closer to even than that: its fullest replica is priced
-    (1 - 1/dp) * o * largest above an even share (``DataParallel.uneven_state_bytes``), and its
-    optimizer step at the same share, so a stage whose largest tensor is over (w + g) / (o (dp - 1))
-    of it could hold less, and step a little faster, at stage 2: pin ``--zero 2`` to price it.
-    Pinned, stages are priced as any other."""
+    """The ZeRO stage as pinned, else 1 over several replicas and 0 over one: stage 1 dominates the
+    others under the cost model (``planner.cost.DataParallel``), so no partition, schedule or
+    micro-batch size is better with another. Per stage of N parameter elements, with w, g and o
+    bytes of weights, gradients and optimizer state per element:
+
+    * stage 0 holds (w + g + o) N, stage 1 (w + g + o/dp) N + the padding
+      (ceil(N/dp) - N/dp) o (``DataParallel.padding_bytes``), which is at most (1 - 1/dp) N o for
+      N >= 1 (ceil(N/dp) <= N); both move one all-reduce's bytes a step (``step_coeffs``: stage 1
+      reduce-scatters and all-gathers, ZeRO section 7.2.1) and stage 1 steps 1/dp of the optimizer;
+    * stage 2 holds the same as stage 1 plus (w + g) N / dp (the gathered weights and whole
+      gradients beside their shards, the same padding: ``padding_bytes``), the same temporaries
+      (1/dp of the optimizer's: ``optimizer_share``) and no gather buffer; it moves the same bytes
+      and steps the same share; stage 3 adds a gather buffer and a gather after every forward.
+
+    So every time and memory term of stage 1 is at most stage 0's, 2's and 3's, and the simulated
+    step time and peak only grow with each term. Pinned, a stage is priced as any other."""
     if settings.zero is not None:
         return [settings.zero]
     return [1] if dp > 1 else [0]
