@@ -464,9 +464,10 @@ class CostTable:
         # a row-split embedding's backward: the gradient of its output arrives whole (gathered with
         # sequence parallelism) and each table's gradient is made whole before its rows are kept
         # (DTensor's embedding_dense_backward has no row-split strategy: torch/distributed/tensor/
-        # _ops/_embedding_ops.py), so its transient is the tp-1 one plus its largest table
+        # _ops/_embedding_ops.py), so its transient is the tp-1 one plus its tables' whole bytes
+        # (every table of the layer: its largest is not recorded, so a bound)
         emb = embedding_layers(frac, blocks)
-        self.peak = np.where(emb, self.peak + self.largest, self.peak * div)
+        self.peak = np.where(emb, self.peak + whole, self.peak * div)
         out_whole = np.array([layer.by_mbs[str(self.mbs)].out_bytes for layer in self.profile.layers], dtype=float)
         self.gather_flat = np.where(output_layers(frac, blocks), out_whole,
                                     np.where((reduces >= 2) & self.sequence_parallel, self.in_bytes, 0.0))
