@@ -63,6 +63,13 @@ the CPU share the load left it; alone on the machine before the change, 188 in 1
 configurations have quick bounds (15.7 s and up) below the best plan's 22.4 s, the bounds that
 see the recomputation memory forces and the pipeline's fill cost seconds each at this size (122
 of the best plan's 128 stages recompute).
+
+With ZeRO 1's even shards and the tensor-parallel memory terms in, one run of the whole script at
+load 2-2.6, wall / CPU seconds: 24 layers 0.52 / 0.52; 96 layers all free 1.59 / 1.63 (1.11-1.15 s
+wall in three more runs of that case alone); 96 layers at tp 1 and ZeRO 0 1.49 / 1.56, the same
+plan (6.571 s); 1,000 layers 122.7 / 177.3, stopped at the 120 s limit with 375 of 2,912
+configurations solved, best so far pp=16 dp=16 tp=2 sp ZeRO 1 zb-auto, 231 configurations' bounds
+allowing up to 15.2% more. The 2 s target holds at this load; the 60 s target is not met.
 """
 
 from __future__ import annotations
