@@ -143,6 +143,17 @@ def test_solve_plans_no_sequence_parallelism_for_a_tp_plan_that_runs_none(tiny_p
     assert "sequence parallelism off: the model's tp_plan runs none (it marks no norm 'sequence')" in result.notes
 
 
+def test_solve_notes_a_tp_plan_the_profile_does_not_record_and_no_sequence_note_without_one(tiny_profile):
+    settings = Settings(global_batch=8, pp=2, tp=2, time_limit_s=5)
+    old = tiny_profile.model.model_copy(update={"tensor_parallel": None, "sequence_parallel": None})
+    notes = solve(tiny_profile.model_copy(update={"model": old}), from_spec("cpu4"), settings).notes
+    assert any(n.startswith("tp 2: the profile does not record whether the model gives a tp_plan") for n in notes)
+    none = tiny_profile.model.model_copy(update={"tensor_parallel": False, "sequence_parallel": False})
+    notes = solve(tiny_profile.model_copy(update={"model": none}), from_spec("cpu4"), settings).notes
+    assert any(n.startswith("tp 2: planned, not executed: the model gives no tp_plan") for n in notes)
+    assert not any(n.startswith("sequence parallelism off") for n in notes)  # no tp_plan to run it
+
+
 def test_replay_of_a_tensor_parallel_plan_is_refused(tiny_profile, tmp_path):
     path = plan_for(tiny_profile, tmp_path, tp=2)
     with pytest.raises(InputError, match="--mode replay runs one rank alone"):

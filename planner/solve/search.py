@@ -433,8 +433,12 @@ def _not_executed(profile: Profile, settings: Settings, best: Config) -> list[st
     if best.tp > 1 and no_plan:
         notes.append(f"tp {best.tp}: planned, not executed: the model gives no tp_plan (export this plan, or "
                      "give the factory one)")
-    if best.tp > 1 and settings.sequence_parallel and profile.model.sequence_parallel is False:
+    if best.tp > 1 and settings.sequence_parallel and profile.model.sequence_parallel is False and not no_plan:
         notes.append("sequence parallelism off: the model's tp_plan runs none (it marks no norm 'sequence')")
+    if best.tp > 1 and profile.model.tensor_parallel is None:
+        notes.append(f"tp {best.tp}: the profile does not record whether the model gives a tp_plan, or whether it "
+                     "runs sequence parallelism (profiled before planner recorded them): planner execute may "
+                     "refuse this plan; profile the model again to know")
     if best.zero >= 2 and best.dp > 1 and SCHEDULES[best.schedule].split_backward:
         notes.append(f"ZeRO stage {best.zero} with {best.schedule}: planned, not executed: FSDP runs with "
                      "schedules whose backward is one action (--schedule 1f1b, gpipe, interleaved-1f1b)")
