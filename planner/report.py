@@ -108,12 +108,14 @@ def simulation_table(plan: Plan, sim: SimResult) -> Table:
 
 def _comm_columns(plan: Plan) -> dict[str, tuple[str, bool]]:
     """The collectives' columns the plan has, each as (summary key, whether the plan records them:
-    plans solved before they were recorded carry zeros)."""
+    plans solved before they were recorded carry zeros). ZeRO comm only at ZeRO 3, the one stage
+    with collectives per micro-batch (``DataParallel.per_microbatch``); ZeRO 1 and 2 collect once a
+    step, in the dp step note."""
     par = plan.parallel
     out = {}
     if par.tp > 1:
         out["TP comm"] = ("tp_comm_s", any(st.cost.tp_comm != Collectives() for st in plan.stages))
-    if par.zero >= 2 and par.dp > 1:
+    if par.zero >= 3 and par.dp > 1:
         out["ZeRO comm"] = ("zero_comm_s", any(st.cost.zero_comm != Collectives() for st in plan.stages))
     return out
 
