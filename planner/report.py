@@ -73,9 +73,15 @@ def parallel_text(plan: Plan) -> str:
     return f"pp={par.pp} dp={par.dp} tp={par.tp}{sp} zero={par.zero}"
 
 
+def schedule_text(plan: Plan) -> str:
+    """'zb-h1', or 'zb-h1 (v=2)' with virtual stages: the schedule as simulate and check name it."""
+    v = plan.schedule.virtual_stages
+    return plan.schedule.name + (f" (v={v})" if v > 1 else "")
+
+
 def simulation_table(plan: Plan, sim: SimResult) -> Table:
     summary = simulation_summary(plan, sim)
-    sched = plan.schedule.name + (f" (v={plan.schedule.virtual_stages})" if plan.schedule.virtual_stages > 1 else "")
+    sched = schedule_text(plan)
     title = (f"{plan.model.name}: {sched}, {parallel_text(plan)}, "
              f"{plan.microbatch.count} x {plan.microbatch.size} per replica")
     table = Table(title=title, title_justify="left")
