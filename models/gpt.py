@@ -49,13 +49,14 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert cfg.d_model % cfg.n_head == 0, "d_model must be a multiple of n_head"
         self.n_head = cfg.n_head
+        self.head_dim = cfg.d_model // cfg.n_head  # read by planner's tp check before workers start
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        head_dim = d // self.n_head
+        b, t, _ = x.shape
+        head_dim = self.head_dim
         # c_attn's outputs are grouped by head, (head, q|k|v, head_dim), as Megatron-LM lays out its
         # fused QKV, so that a column-parallel shard holds whole heads; the heads are counted from
         # the output, which holds n_head / tp of them under tensor parallelism

@@ -15,6 +15,7 @@ from planner.errors import CheckFailed, InputError, PlannerError
 from planner.evaluate import Config, Evaluation, evaluate, tp_link
 from planner.formats import Plan, Profile, load_plan
 from planner.plan import check_fingerprint, profile_fingerprint, rebuilt_fingerprint, replay_plan
+from planner.report import schedule_text
 from planner.units import fmt_bytes, fmt_time
 
 
@@ -175,7 +176,7 @@ def summary(plan_path: str) -> str:
     par = plan.parallel
     extra = (f" tp={par.tp}" + (" sp" if par.sequence_parallel else "") if par.tp > 1 else "") \
         + (f" zero={par.zero}" if par.zero else "")
-    return (f"pp={par.pp} dp={par.dp}{extra} {plan.schedule.name}, step "
+    return (f"pp={par.pp} dp={par.dp}{extra} {schedule_text(plan)}, step "
             f"{fmt_time(plan.predicted.step_time_s)}, peak {fmt_bytes(plan.predicted.peak_memory_bytes)}")
 
 

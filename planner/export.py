@@ -164,8 +164,11 @@ def _torchtitan(plan: Plan) -> str:
         "enable_sequence_parallel": par.sequence_parallel,
         "data_parallel_shard_degree": par.dp if par.zero >= 1 else 1,
         "data_parallel_replicate_degree": 1 if par.zero >= 1 else par.dp,
-        **({"note_zero": f"planner priced ZeRO {par.zero}; FSDP2 shards weights, gradients and optimizer state "
-                         "alike (ZeRO 3), so memory is at most, and step time at least, as predicted"}
+        # planner prices ZeRO 3 under the pipeline engine above 1 and 2 (cost.DataParallel: the
+        # weights gathered again after every forward, the gathered copies held beside the state)
+        **({"note_zero": f"planner priced ZeRO {par.zero}; torchtitan shards with FSDP2, which is ZeRO 3 as "
+                         "planner prices it with --zero 3: under the pipeline engine that holds more memory than "
+                         "this plan predicts; re-solve with --zero 3 to see its memory and step time"}
            if par.zero in (1, 2) else {}),
         "pipeline_parallel_degree": par.pp,
         "pipeline_parallel_schedule": schedule,

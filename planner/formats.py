@@ -459,8 +459,9 @@ class StageCost(_Frozen):
     allreduce_s: float = Field(default=0.0, ge=0)
     tp_comm: Collectives = Field(default=Collectives(), description="the tensor-parallel all-reduces (reduce-"
                                  "scatter + all-gather pairs with sequence parallelism) inside the times above")
-    zero_comm: Collectives = Field(default=Collectives(), description="ZeRO-2's gradient reduce-scatter and "
-                                   "ZeRO-3's weight all-gathers over dp inside the times above")
+    zero_comm: Collectives = Field(default=Collectives(), description="ZeRO-3's weight all-gathers over dp "
+                                   "after every forward, inside the times above (ZeRO 1 and 2 collect once "
+                                   "a step: allreduce_s)")
     overhead_s: float = Field(default=0.0, ge=0, description="runtime bookkeeping per action")
 
 

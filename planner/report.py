@@ -73,9 +73,15 @@ def parallel_text(plan: Plan) -> str:
     return f"pp={par.pp} dp={par.dp} tp={par.tp}{sp} zero={par.zero}"
 
 
+def schedule_text(plan: Plan) -> str:
+    """'zb-h1', or 'zb-h1 (v=2)' with virtual stages: the schedule as simulate and check name it."""
+    v = plan.schedule.virtual_stages
+    return plan.schedule.name + (f" (v={v})" if v > 1 else "")
+
+
 def simulation_table(plan: Plan, sim: SimResult) -> Table:
     summary = simulation_summary(plan, sim)
-    sched = plan.schedule.name + (f" (v={plan.schedule.virtual_stages})" if plan.schedule.virtual_stages > 1 else "")
+    sched = schedule_text(plan)
     title = (f"{plan.model.name}: {sched}, {parallel_text(plan)}, "
              f"{plan.microbatch.count} x {plan.microbatch.size} per replica")
     table = Table(title=title, title_justify="left")
@@ -108,12 +114,14 @@ def simulation_table(plan: Plan, sim: SimResult) -> Table:
 
 def _comm_columns(plan: Plan) -> dict[str, tuple[str, bool]]:
     """The collectives' columns the plan has, each as (summary key, whether the plan records them:
-    plans solved before they were recorded carry zeros)."""
+    plans solved before they were recorded carry zeros). ZeRO comm only at ZeRO 3, the one stage
+    with collectives per micro-batch (``DataParallel.per_microbatch``); ZeRO 1 and 2 collect once a
+    step, in the dp step note."""
     par = plan.parallel
     out = {}
     if par.tp > 1:
         out["TP comm"] = ("tp_comm_s", any(st.cost.tp_comm != Collectives() for st in plan.stages))
-    if par.zero >= 2 and par.dp > 1:
+    if par.zero >= 3 and par.dp > 1:
         out["ZeRO comm"] = ("zero_comm_s", any(st.cost.zero_comm != Collectives() for st in plan.stages))
     return out
 

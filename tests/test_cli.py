@@ -128,6 +128,16 @@ def test_check_passes_then_fails_on_memory_and_truncation(tmp_path, plan):
     assert r.exit_code == 2 and "not valid JSON" in r.output
 
 
+def test_check_names_the_schedule_with_its_virtual_stages_as_simulate_does(tmp_path, profile):
+    out = tmp_path / "v2.json"
+    r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", "--global-batch", "32", "--pp", "2",
+                            "--schedule", "zb-h1", "--virtual-stages", "2", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "zb-h1 (v=2)" in runner.invoke(app, ["simulate", str(out)]).output
+    r = runner.invoke(app, ["check", str(out)])
+    assert r.exit_code == 0 and "zb-h1 (v=2), step" in r.output, r.output
+
+
 def test_check_resolve_finds_a_better_plan(tmp_path, profile):
     slow = tmp_path / "slow.json"
     r = runner.invoke(app, ["solve", str(profile), "--cluster", "h100x4", "--global-batch", "32", "--pp", "4",

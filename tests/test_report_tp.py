@@ -117,6 +117,15 @@ def test_simulate_shows_zero_comm_at_zero_3(tmp_path):
     assert "ZeRO-3 all-gathers the stage's weights again after every forward" in " ".join(out.split())
 
 
+def test_simulate_shows_no_zero_comm_column_at_zero_2_which_collects_once_a_step(tmp_path):
+    plan = _plan(zero=2)
+    assert all(st.cost.zero_comm == Collectives() for st in plan.stages)
+    out = _simulate(tmp_path, plan)
+    text = " ".join(out.split())
+    assert "ZeRO comm" not in out and "not recorded" not in text
+    assert "reduce-scatters its gradients once and all-gathers its weights at the next step's start (ZeRO-2)" in text
+
+
 def test_simulate_json_gives_the_device_grid_and_the_comm_seconds(tmp_path):
     data = json.loads(_simulate(tmp_path, _plan(), "--json"))
     assert [st["devices"] for st in data["stages"]] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
@@ -130,6 +139,11 @@ def test_a_plan_written_before_the_collectives_were_recorded_says_so(tmp_path):
         del st["cost"]["tp_comm"], st["cost"]["zero_comm"]
     text = " ".join(_simulate(tmp_path, json.dumps(data)).split())
     assert "TP comm: not recorded in this plan" in text and "re-solve to see them" in text
+    data = json.loads(to_json(_plan(zero=3)))
+    for st in data["stages"]:
+        del st["cost"]["zero_comm"]
+    text = " ".join(_simulate(tmp_path, json.dumps(data)).split())
+    assert "ZeRO comm: not recorded in this plan" in text and "TP comm: not recorded" not in text
 
 
 def test_device_ranges_and_layer_spans_read_short():

@@ -383,6 +383,13 @@ def test_exports_carry_tp_and_zero():
     titan = json.loads(export(plan, "torchtitan"))
     assert (titan["tensor_parallel_degree"], titan["data_parallel_shard_degree"],
             titan["data_parallel_replicate_degree"]) == (2, 2, 1)
+    # FSDP2 is ZeRO 3, which planner prices above ZeRO 1 and 2: the note sends the reader to --zero 3
+    assert "torchtitan shards with FSDP2, which is ZeRO 3" in titan["note_zero"]
+    assert "holds more memory than this plan predicts; re-solve with --zero 3" in titan["note_zero"]
+    peak = {z: _plan(tp=2, zero=z, sp=True).predicted.peak_memory_bytes for z in (1, 2, 3)}
+    assert peak[3] > peak[2] > peak[1]
+    assert "ZeRO 2" in json.loads(export(_plan(tp=2, zero=2, sp=True), "torchtitan"))["note_zero"]
+    assert "note_zero" not in json.loads(export(_plan(tp=2, zero=3, sp=True), "torchtitan"))
     plain = _plan(tp=1, zero=0, sp=False)
     assert "--tensor-model-parallel-size" not in export(plain, "megatron")
     assert "--use-distributed-optimizer" not in export(plain, "megatron")

@@ -11,7 +11,7 @@ from torch import nn
 from planner.clusters import from_spec
 from planner.errors import ExecutionError, InputError, ModelError
 from planner.execute import Options, execute, raise_on_failure, unexecuted
-from planner.execute.parallel import module_styles
+from planner.execute.parallel import check_tp, module_styles
 from planner.execute.reports import coordinates
 from planner.formats import dump, load_plan
 from planner.model import build_spec, check_tp_plan
@@ -83,6 +83,18 @@ def test_the_bundled_gpt_splits_whole_heads():
     assert torch.allclose(head0, y.transpose(1, 2).reshape(1, 4, 4) @ w[:, :4].T + attn.c_proj.bias, atol=1e-6)
 
 
+def test_the_bundled_gpt_refuses_a_tp_that_does_not_divide_its_heads():
+    # 4 heads of 24: c_attn's 288 outputs divide by 3, its 4 heads do not (a worker would fail to
+    # view its 96 outputs as whole heads)
+    spec = build_spec("models/gpt.py:build", {"n_layer": 1, "d_model": 96, "n_head": 4, "vocab": 96, "seq": 30})
+    assert spec.model.transformer.h[0].attn.head_dim == 24
+    with pytest.raises(InputError, match=r"tp 3 splits transformer.h.0.attn.c_attn inside a head: its 288 outputs "
+                                         r"are 3 projections \(fused, as q, k and v\) of the attention's 4 heads "
+                                         "of head_dim 24, and 4 is not a multiple of tp 3"):
+        check_tp(spec.model, spec.tp_plan, 3)
+    check_tp(spec.model, spec.tp_plan, 2)
+
+
 def test_zero_2_with_a_split_backward_is_refused_with_the_schedules_that_run(tiny_profile, tmp_path):
     plan = load_plan(plan_for(tiny_profile, tmp_path, dp=2, zero=2, schedule="zb-h1"))
     assert "ZeRO stage 2 runs with schedules whose backward is one action" in unexecuted(plan)
@@ -106,9 +118,10 @@ def test_a_model_without_a_tp_plan_is_refused_before_workers_start(tiny_profile,
 @pytest.mark.parametrize("change, sp, message", [
     ("spec.tp_plan = {k: v for k, v in spec.tp_plan.items() if v != 'sequence'}", True,
      "the plan has sequence parallelism, and .*tp_plan runs none .*solve with --no-sequence-parallel"),
-    # c_attn's 96 outputs (q, k and v of 32) as 3 heads' worth of 32
-    ("spec.model.transformer.h[0].attn.head_dim = 32", False,
-     "tp 2 splits transformer.h.0.attn.c_attn inside a head: its 96 outputs are 3 heads' worth of head_dim 32"),
+    # the same weights cut into one head of 32: c_attn's 96 outputs are its q, k and v
+    ("spec = gpt(**{**kw, 'n_head': 1})", False,
+     r"tp 2 splits transformer.h.0.attn.c_attn inside a head: its 96 outputs are 3 projections \(fused, as q, k "
+     "and v\\) of the attention's 1 head of head_dim 32, and 1 is not a multiple of tp 2"),
 ])
 def test_a_plan_the_tp_plan_cannot_run_is_refused_before_workers_start(tiny_profile, tmp_path, change, sp, message):
     root = str(Path.cwd())

@@ -56,6 +56,13 @@ def test_a_tp_that_splits_a_head_is_refused_before_workers_start():
     spec = build_spec(FACTORY, {**TINY, "model_type": "gpt2"})
     with pytest.raises(InputError, match=r"transformer.wte \(rowwise\) splits 128 rows, not a multiple of tp 3"):
         check_tp(spec.model, spec.tp_plan, 3)
+    with pytest.raises(InputError, match=r"its 192 outputs are 3 projections \(fused, as q, k and v\) of the "
+                                         "attention's 4 heads of head_dim 16, and 4 is not a multiple of tp 8"):
+        check_tp(spec.model, spec.tp_plan, 8)
+    # GPT-2's fused q|k|v of 4 heads: its 12 heads' worth of outputs divide by 3, the heads do not
+    spec = build_spec(FACTORY, {**TINY, "d_model": 96, "vocab": 96, "seq": 30, "model_type": "gpt2"})
+    with pytest.raises(InputError, match="of the attention's 4 heads of head_dim 24, and 4 is not a multiple of tp 3"):
+        check_tp(spec.model, spec.tp_plan, 3)
 
 
 def _name(op) -> str:

@@ -98,10 +98,24 @@ def _check_divisible(path: str, module: nn.Module, style: str, tp: int) -> None:
                          f"not a multiple of tp {tp}: solve with a tp that divides it")
 
 
+def _heads(attn: nn.Module) -> int | None:
+    """An attention's number of (query) heads, under the names planner's and Hugging Face's
+    attentions give it; None where it has none."""
+    for owner in (attn, getattr(attn, "config", None)):
+        for name in ("n_head", "num_heads", "num_attention_heads"):
+            heads = getattr(owner, name, None)
+            if isinstance(heads, int) and heads > 0:
+                return heads
+    return None
+
+
 def check_tp(model: nn.Module, tp_plan: dict[str, str], tp: int) -> None:
     """Before any worker starts (``model`` may be on the meta device): every dimension the plan
     splits divides by tp, and a colwise module of an attention (a parent with an integer
-    ``head_dim``, as Hugging Face's and planner's attentions have) splits whole heads."""
+    ``head_dim``, as Hugging Face's and planner's attentions have) splits whole heads. A module
+    whose outputs are a whole multiple of the attention's heads (``n_head``, ``num_heads`` or
+    ``config.num_attention_heads``) fuses several projections of them (GPT-2's and planner's
+    ``c_attn``: q, k and v), and each rank holds its share of every one: tp divides the heads."""
     for path, style in module_styles(model, tp_plan).items():
         module = model.get_submodule(path)
         _check_divisible(path, module, style, tp)
@@ -110,9 +124,17 @@ def check_tp(model: nn.Module, tp_plan: dict[str, str], tp: int) -> None:
         if style != "colwise" or not isinstance(head_dim, int) or not isinstance(weight, torch.Tensor):
             continue
         features = weight.shape[1 if transposed(module) else 0]
-        if (features // head_dim) % tp:
+        units, heads = features // head_dim, _heads(parent)
+        fused = units // heads if heads is not None and units > heads and units % heads == 0 else 1
+        if fused > 1 and heads is not None and heads % tp:
+            raise InputError(f"tp {tp} splits {path} inside a head: its {features} outputs are {fused} "
+                             f"projections (fused, as q, k and v) of the attention's {heads} "
+                             f"head{'s' if heads > 1 else ''} of head_dim {head_dim}, and {heads} is not a "
+                             f"multiple of tp {tp}: solve with a tp that divides the model's heads (and "
+                             "key-value heads)")
+        if units % tp:
             raise InputError(f"tp {tp} splits {path} inside a head: its {features} outputs are "
-                             f"{features // head_dim} heads' worth of head_dim {head_dim}, not a multiple of tp "
+                             f"{units} heads' worth of head_dim {head_dim}, not a multiple of tp "
                              f"{tp}: solve with a tp that divides the model's heads (and key-value heads)")
 
 
