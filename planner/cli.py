@@ -468,6 +468,9 @@ def _fraction(text: str, flag: str) -> float:
         raise InputError(f"{flag} {text!r}: not a finite number; write a percentage like 10% or a fraction like 0.1")
     if value < 0:
         raise InputError(f"{flag} must not be negative")
+    if value > 1 and not text.strip().endswith("%"):  # '5' read as a fraction is 500%, likely meant as 5%
+        raise InputError(f"{flag} {text!r} would be {value:.0%}: give a fraction, e.g. 0.1 for 10%, "
+                         f"or a percentage like {number}%")
     return value
 
 
