@@ -18,6 +18,7 @@ any other configuration field passes as is. GPT-2 and Llama as causal language m
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import warnings
 
@@ -191,7 +192,13 @@ def _config_fields(defaults, model_type: str, n_layer: int, d_model: int, n_head
         if isinstance(token, int) and token >= vocab:
             fields[name] = None
     unknown = [k for k in overrides if k not in stored and not hasattr(defaults, k)]
-    if unknown:  # a typo, or a legacy name the configuration still converts: say so, go on
+    known = dict.fromkeys([*inspect.signature(build).parameters, *stored, *getattr(defaults, "attribute_map", {})])
+    for name in unknown:  # close to a name build or the configuration takes: a typo (n_layers for n_layer)
+        close = difflib.get_close_matches(name, [k for k in known if k != "overrides"], n=3, cutoff=0.8)
+        if close:
+            raise ValueError(f"model_type={model_type!r}: {name!r} is neither an argument of build nor a field of "
+                             f"its configuration; did you mean {' or '.join(map(repr, close))}?")
+    if unknown:  # else perhaps a legacy name the configuration still converts: say so, go on
         warnings.warn(f"model_type={model_type!r}: {', '.join(map(repr, unknown))} is not a field of "
                       "its configuration; passed on as is", stacklevel=3)
     aliases = {own: std for std, own in getattr(defaults, "attribute_map", {}).items()}
@@ -279,6 +286,12 @@ def build(model_type: str = "gpt2", task: str | None = None, n_layer: int = 4, d
     try:
         defaults = AutoConfig.for_model(model_type)
     except (ValueError, KeyError) as e:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=5)
+        if close:  # transformers lists all ~800 types
+            raise ValueError(f"model_type={model_type!r} is not a transformers model type; closest: "
+                             f"{', '.join(close)}") from None
         raise ValueError(f"model_type={model_type!r}: {e}") from None
     task = _task(model_type, task)
     if task == "image-classification":

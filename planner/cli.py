@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -468,6 +469,9 @@ def _fraction(text: str, flag: str) -> float:
         raise InputError(f"{flag} {text!r}: not a finite number; write a percentage like 10% or a fraction like 0.1")
     if value < 0:
         raise InputError(f"{flag} must not be negative")
+    if value > 1 and not text.strip().endswith("%"):  # '5' read as a fraction is 500%, likely meant as 5%
+        raise InputError(f"{flag} {text!r} would be {value:.0%}: give a fraction, e.g. 0.1 for 10%, "
+                         f"or a percentage like {number}%")
     return value
 
 
@@ -522,6 +526,15 @@ def _version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="print the version and exit")) -> None:
     """Exact pipeline-parallel planning for PyTorch models: profile, solve, simulate, execute, check."""
+    if not os.environ.get("PLANNER_DEBUG"):  # which line of which file warned is for debugging
+        warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: object = None, line: str | None = None) -> None:
+    """A Python warning (a factory's, a library's) as one ``warning:`` line on stderr."""
+    text = (str(message).strip().splitlines() or [category.__name__])[0]
+    err.print(f"[yellow]warning:[/] {escape(one_line(text))}", soft_wrap=True)
 
 
 def _usage_error() -> type[Exception]:

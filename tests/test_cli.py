@@ -453,6 +453,16 @@ def test_numbers_take_only_the_digits_0_to_9(tmp_path, args, message):
     assert not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.parametrize("command", [["execute", GPT_PLAN], ["check", GPT_PLAN]], ids=["execute", "check"])
+def test_a_tolerance_above_1_is_refused_unless_written_as_a_percentage(command):
+    # '--tolerance 5' read as a fraction was 500%: execute reported "within tolerance (500%)" and exited 0
+    refused(command + ["--tolerance", "5"], "--tolerance '5' would be 500%: give a fraction, e.g. 0.1 for 10%")
+    if command[0] == "check":  # an explicit percentage above 100% is what it says; a fraction up to 1 too
+        for value in ("150%", "1", "0.05"):
+            r = runner.invoke(app, command + ["--tolerance", value])
+            assert r.exit_code == 0, (value, r.output)
+
+
 def test_a_layer_index_still_pins_a_cut(tmp_path):
     out = tmp_path / "plan.json"
     r = runner.invoke(app, ["solve", GPT_PROFILE, "--cluster", "cpu2", "--fix-cuts", "7", "-o", str(out)])

@@ -21,3 +21,17 @@ def test_demo_runs_the_whole_path_and_leaves_its_files(tmp_path):
     assert plan["kind"] == "plan" and plan["parallel"]["pp"] == 2
     assert json.loads((out / "gpt.profile.json").read_text())["kind"] == "profile"
     assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_solve_message_names_what_is_pinned():
+    # the free plan was already pp=2 dp=1 zb-h2, and the message said "pinning pp=2": the schedule was pinned
+    from planner.demo import pinned_message
+    from planner.evaluate import Config
+
+    zb = pinned_message(Config(pp=2, dp=1, mbs=1, m=16, schedule="zb-h2"), 50.2)
+    assert zb.endswith("(50.2 samples/s); pinning the schedule to 1F1B or GPipe to show a classic two-stage pipeline:")
+    assert "pp=2 to" not in zb
+    wide = pinned_message(Config(pp=1, dp=2, mbs=1, m=8, schedule="1f1b"), 40.0)
+    assert "; pinning pp=2 and dp=1 to show" in wide
+    same = pinned_message(Config(pp=2, dp=1, mbs=2, m=8, schedule="gpipe"), 30.0)
+    assert "pinning" not in same and "already a classic two-stage pipeline" in same

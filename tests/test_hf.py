@@ -255,6 +255,33 @@ def test_a_classifier_picking_tokens_by_their_values_is_refused_with_what_to_use
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "is not supported" in r.stderr, r.output
 
 
+def test_a_misspelt_argument_or_model_type_is_refused_with_the_closest_names(tmp_path):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    # --arg n_layers=2 printed a raw UserWarning with file:line, then profiled the default 4 layers
+    runner = CliRunner()
+    r = runner.invoke(app, ["profile", FACTORY, "--arg", "n_layers=2", "--estimate", "h100",
+                            "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert "'n_layers' is neither an argument of build nor a field of its configuration; did you mean " \
+           "'n_layer'?" in r.stderr, r.stderr
+    # --arg model_type=lama listed every type transformers has
+    r = runner.invoke(app, ["profile", FACTORY, "--arg", "model_type=lama", "--estimate", "h100",
+                            "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert "model_type='lama' is not a transformers model type; closest: llama" in r.stderr, r.stderr
+    assert len(r.stderr) < 300 and not (tmp_path / "p.json").exists()
+    # a name close to none is perhaps a legacy one the configuration converts: one warning line, then on
+    r = runner.invoke(app, ["profile", FACTORY, "--arg", "zzqqx=2", "--arg", "n_layer=1", "--estimate", "h100",
+                            "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.startswith("warning: model_type='gpt2': 'zzqqx' is not a field of its configuration; passed on "
+                               "as is\n"), r.stderr
+    assert "UserWarning" not in r.stderr and ".py:" not in r.stderr
+
+
 def test_positions_numbered_after_the_padding_id_get_room_in_the_table(tmp_path):
     from models.hf import build
 

@@ -77,3 +77,18 @@ def test_settings_round_trip_through_a_plans_record():
     # a plan made before tp and ZeRO were searched re-solves at tp 1, ZeRO 0
     old = Settings.from_record(SolverSettings(pp=2, unknown_later_field=1), Training(), 16)  # type: ignore[call-arg]
     assert (old.tp, old.zero, old.global_batch) == (1, 0, 16)
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_a_zero_stage_pinned_over_one_replica_is_noted(zero):
+    # --zero 1 --pp 4 on cpu4 recorded zero=1 at dp=1 without a word; over one replica it shards nothing
+    prof = chain_profile([1e-3] * 8, act_bytes=2**20, param_bytes=2**20)
+    one = solve(prof, from_spec("cpu4"), Settings(global_batch=16, pp=4, zero=zero, schedules=("1f1b",),
+                                                  time_limit_s=5))
+    assert one.best.config.dp == 1 and one.best.config.zero == zero  # kept as pinned: the record reproduces it
+    assert any(n.startswith(f"ZeRO stage {zero} over one replica (dp=1) shards nothing") for n in one.notes)
+    two = solve(prof, from_spec("cpu4"), Settings(global_batch=16, pp=2, dp=2, zero=zero, schedules=("1f1b",),
+                                                  time_limit_s=5))
+    assert not any("over one replica" in n for n in two.notes)
+    free = solve(prof, from_spec("cpu4"), Settings(global_batch=16, pp=4, schedules=("1f1b",), time_limit_s=5))
+    assert free.best.config.zero == 0 and not any("over one replica" in n for n in free.notes)

@@ -455,6 +455,9 @@ def solve(profile: Profile, cluster: Cluster, settings: Settings,
         result = replace(result, proven=False, proven_for_fixed_cuts=result.proven, notes=[pinned, *result.notes])
     name, best = result.best.config.schedule, result.best.config
     result.notes.extend(_not_executed(profile, settings, best))
+    if best.zero >= 1 and best.dp == 1:  # cost.DataParallel and execute shard only over dp > 1
+        result.notes.append(f"ZeRO stage {best.zero} over one replica (dp=1) shards nothing: the plan keeps "
+                            "--zero as given, priced and run as stage 0 (pin --dp above 1 to share state)")
     tp_note = tp_costs_note(profile, best.tp, best.sp, best.mbs)
     if tp_note is not None:
         result.notes.append(tp_note)
