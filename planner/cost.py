@@ -135,24 +135,16 @@ def replicated_act_bytes(act: np.ndarray, in_bytes: np.ndarray, allreduces: np.n
     return rep
 
 
-def embedding_layers(shardable: np.ndarray, blocks: tuple[int, int] | None) -> np.ndarray:
-    """Per layer, whether it is a vocabulary-parallel embedding: a sharded layer before the
-    model's repeated blocks (Megatron-LM splits the embedding table by rows; Shoeybi et al., 2019,
-    section 3). Without blocks none is known."""
-    out = np.zeros(len(shardable), dtype=bool)
+def vocab_layers(shardable: np.ndarray, blocks: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, whether it is a vocabulary-parallel embedding (a sharded layer before the model's
+    repeated blocks: Megatron-LM splits the table by rows; Shoeybi et al., 2019, section 3), and
+    whether it is a vocabulary-parallel output layer (a sharded layer after them: its logits split
+    by the vocabulary and gathered for the loss). Without blocks none is known."""
+    sharded = shardable > 0
+    before, after = np.zeros(len(shardable), dtype=bool), np.zeros(len(shardable), dtype=bool)
     if blocks is not None:
-        out[:blocks[0]] = shardable[:blocks[0]] > 0
-    return out
-
-
-def output_layers(shardable: np.ndarray, blocks: tuple[int, int] | None) -> np.ndarray:
-    """Per layer, whether it is a vocabulary-parallel output layer: a sharded layer after the
-    model's repeated blocks (its logits split by the vocabulary and gathered for the loss). Without
-    blocks none is known."""
-    out = np.zeros(len(shardable), dtype=bool)
-    if blocks is not None:
-        out[blocks[1]:] = shardable[blocks[1]:] > 0
-    return out
+        before[:blocks[0]], after[blocks[1]:] = sharded[:blocks[0]], sharded[blocks[1]:]
+    return before, after
 
 
 def measured_tp_cost(layer: Layer, tp: int, sequence_parallel: bool, mbs: str) -> tuple[TpCosts, TpLayerCost] | None:
@@ -434,7 +426,7 @@ class CostTable:
         bar the replicated activations (``replicated_act_bytes``; with sequence parallelism every
         other activation and inter-layer tensor is split along the sequence: Korthikanti et al.,
         2022, section 4.2); a sharded layer's transient divided as well, bar an embedding's
-        (``embedding_layers``), whose backward makes its tables' gradients whole, and which holds
+        (``vocab_layers``), whose backward makes its tables' gradients whole, and which holds
         its gradient whole (``grad_extra``): DTensor's ``embedding_dense_backward`` has no
         row-split strategy (torch/distributed/tensor/_ops/_embedding_ops.py), so the gradient is
         computed whole (``Replicate``) and kept so as ``.grad``, 1 MiB beside a 0.5 MiB shard in
@@ -466,10 +458,10 @@ class CostTable:
         # (DTensor's embedding_dense_backward has no row-split strategy: torch/distributed/tensor/
         # _ops/_embedding_ops.py), so its transient is the tp-1 one plus its tables' whole bytes
         # (every table of the layer: its largest is not recorded, so a bound)
-        emb = embedding_layers(frac, blocks)
+        emb, out_layer = vocab_layers(frac, blocks)
         self.peak = np.where(emb, self.peak + whole, self.peak * div)
         out_whole = np.array([layer.by_mbs[str(self.mbs)].out_bytes for layer in self.profile.layers], dtype=float)
-        self.gather_flat = np.where(output_layers(frac, blocks), out_whole,
+        self.gather_flat = np.where(out_layer, out_whole,
                                     np.where((reduces >= 2) & self.sequence_parallel, self.in_bytes, 0.0))
         rep = replicated_act_bytes(self.act, self.in_bytes, reduces, self.profile.dtype, self.sequence_parallel, emb)
         inside = np.minimum(rep, self.act)  # a gathered input beyond the layer's own saved bytes adds to them

@@ -77,6 +77,13 @@ def runs_sequence_parallel(tp_plan: dict[str, str] | None) -> bool:
     return tp_plan is not None and "sequence" in tp_plan.values()
 
 
+def plan_style(path: str, tp_plan: dict[str, str]) -> str | None:
+    """The style a tp_plan gives the module at ``path``: a key that is the path itself or its last
+    components; where several match, the longest speaks (None: the plan does not name it)."""
+    keys = [k for k in tp_plan if path == k or path.endswith("." + k)]
+    return tp_plan[max(keys, key=len)] if keys else None
+
+
 def check_tp_plan(ref: str, tp_plan: Any) -> None:
     """A tp_plan maps module paths to known styles."""
     if tp_plan is None:

@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.utils import _pytree as pytree
 
 from planner.errors import InputError
+from planner.model import plan_style
 
 __all__ = ["TP_ORDER", "is_exported_stage", "model_order", "tensor_parallel_graph", "transposed"]
 
@@ -190,10 +191,9 @@ def model_path(path: str) -> str:
 
 
 def _style_of(path: str, tp_plan: dict[str, str]) -> str | None:
-    keys = [k for k in tp_plan if path == k or path.endswith("." + k)]
-    if not keys:
+    style = plan_style(path, tp_plan)
+    if style is None:
         return None
-    style = tp_plan[max(keys, key=len)]
     if style not in STYLES:
         raise InputError(f"tp_plan: {path} is {style!r}, which a model cut from its exported graph does not run "
                          f"(it runs {', '.join(STYLES)}); solve with --no-sequence-parallel")

@@ -32,6 +32,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from planner.errors import InputError
 from planner.execute.graph_tp import is_exported_stage, tensor_parallel_graph, transposed
 from planner.formats import Plan
+from planner.model import plan_style
 
 __all__ = ["check_tp", "full", "local", "make_mesh", "shard_stage", "tensor_parallel"]
 
@@ -57,12 +58,8 @@ def full(t: Any) -> Any:
 def module_styles(module: nn.Module, tp_plan: dict[str, str]) -> dict[str, str]:
     """Each module path of ``module`` named by the plan (the path itself, or its last components)
     -> its style; where several keys match, the longest speaks."""
-    out: dict[str, str] = {}
-    for path, _ in module.named_modules():
-        keys = [k for k in tp_plan if path == k or path.endswith("." + k)]
-        if keys:
-            out[path] = tp_plan[max(keys, key=len)]
-    return out
+    styles = {path: plan_style(path, tp_plan) for path, _ in module.named_modules()}
+    return {path: style for path, style in styles.items() if style is not None}
 
 
 def _style(style: str, module: nn.Module, sp: bool) -> ParallelStyle | None:
