@@ -331,24 +331,47 @@ def test_the_memory_aware_bound_skips_its_program_only_where_it_cannot_raise_the
                          param_bytes=[int(x) for x in rng.integers(1, 8, d["n"]) * 2**25])
     cfg = Config(pp=2, dp=2, mbs=1, m=d["m"], schedule=name, v=v)
     b, _ = setup(prof, "h100x4", cfg, policy=d["policy"], memory_bytes=d["memory"] * GiB)
-    solved = fluid._solve(b, fluid._classes(b), 5.0)  # the program, always solved
+    classes = fluid._classes(b)
+    solved = fluid._solve(b, classes, fluid._rows(b, classes), 5.0)  # the program, always solved
     floor = d["floor"] * (solved if np.isfinite(solved) else 1.0)
     assert fluid.fluid_bound(b, floor) == max(floor, solved) or \
         fluid.fluid_bound(b, floor) == pytest.approx(max(floor, solved), rel=1e-9)
 
 
 def test_the_memory_aware_bound_skips_its_program_where_memory_is_plenty(monkeypatch):
-    # 40 GiB devices, 0.5 GiB of layers: spread evenly the layers fit, so above that spread's
-    # step (the program's optimum, memory not binding) the floor stands and no program is solved
+    # 40 GiB devices, 0.5 GiB of layers: spread evenly the layers fit, so at or above that
+    # spread's step the floor stands and no program is solved; below the program's optimum
+    # (at most the spread's) the program raises the floor
     from planner.solve import fluid
 
     prof = chain_profile([1e-3, 2e-3, 1e-3, 2e-3], act_bytes=2**25, param_bytes=2**25)
     cfg = Config(pp=2, dp=2, mbs=1, m=4, schedule="interleaved-1f1b", v=2)
     b, _ = setup(prof, "h100x4", cfg, memory_bytes=40 * GiB)
-    optimum = fluid._solve(b, fluid._classes(b), 5.0)
-    assert fluid.fluid_bound(b, optimum * 0.9) == optimum  # below it, the program raises the floor
+    classes = fluid._classes(b)
+    rows = fluid._rows(b, classes)
+    optimum = fluid._solve(b, classes, rows, 5.0)
+    spread, feasible = fluid._spread(b, classes, rows)
+    assert feasible and optimum <= spread
+    assert fluid.fluid_bound(b, optimum * 0.9) == optimum
     monkeypatch.setattr(fluid, "_solve", lambda *args: pytest.fail("the program was solved"))
-    assert fluid.fluid_bound(b, optimum * 1.001) == optimum * 1.001
+    assert fluid.fluid_bound(b, spread) == spread
+
+
+def test_the_memory_aware_bound_sees_the_pipeline_fill_and_drain():
+    # four layers of 1 ms forward and 2 ms backward, pp 2 x 2 chunks, 2 micro-batches, memory
+    # plentiful: no stage is empty, so each holds one layer; rank 1 (stages 1 and 3) computes
+    # 2 micro-batches x 2 layers x 3 ms = 12 ms, starts after stage 0's first forward (1 ms and a
+    # 10 us link) and its last backward, of stage 1, still crosses stage 0 (2 ms and the link):
+    # 15.02 ms, where the work alone is 12 ms
+    from planner.evaluate import segments_from_bounds
+    from planner.solve.fluid import fluid_bound
+
+    prof = chain_profile([1e-3] * 4, act_bytes=2**20, param_bytes=2**20)
+    cfg = Config(pp=2, dp=1, mbs=1, m=2, schedule="interleaved-1f1b", v=2)
+    b, run = setup(prof, "h100x2", cfg)
+    assert fluid_bound(b) == pytest.approx(15.02e-3, rel=1e-5)
+    step, fits, _ = run(segments_from_bounds([0, 1, 2, 3], 4))
+    assert fits and step >= fluid_bound(b)
 
 
 def test_torchgpipe_baseline_is_its_block_partition_not_a_min_max_split():

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -70,11 +70,9 @@ class StageBounds:
         self.n = table.n
         self.S = schedule.n_stages
         self.m = config.m
-        order = _order_facts(schedule)
-        self.k = order.k
-        self.states, self.tops, self.probes = order.states, order.tops, order.probes
-        self.remote_next, self.hops, self.w_after = order.remote_next, order.hops, order.w_after
         place = schedule.stage_rank
+        self.remote_next = [s + 1 < self.S and place[s + 1] != place[s] for s in range(self.S)]
+        self.hops = np.concatenate([[0], np.cumsum(self.remote_next[:-1])]).astype(int)  # links before each stage
         self.speed = [ranks[place[s]].speed for s in range(self.S)]
         self.cap = [ranks[place[s]].capacity_bytes * share for s in range(self.S)]
         self.vmax = max(r.speed for r in ranks)
@@ -92,6 +90,36 @@ class StageBounds:
         self.ar = [dp.step_coeffs() for dp in self.dps]
         self.opt_per_byte = table.optimizer_per_byte * self.dps[0].optimizer_share()
         self.optimizer = config.training.optimizer
+        # the most work one stage may take in a step: a restriction, for finding partitions only
+        self.stage_work_cap = np.inf
+
+    # ------------------------------------------------------------------------ the order's facts
+
+    @cached_property
+    def _order(self) -> _OrderFacts:
+        """What the schedule's order fixes (in-flight peaks, memory states): computed on first
+        use, since a configuration the fluid program rules out needs none of it."""
+        return _order_facts(self.schedule)
+
+    @property
+    def k(self) -> list[int]:
+        return self._order.k
+
+    @property
+    def states(self) -> list[np.ndarray]:
+        return self._order.states
+
+    @property
+    def tops(self) -> list[np.ndarray]:
+        return self._order.tops
+
+    @property
+    def probes(self) -> list[np.ndarray]:
+        return self._order.probes
+
+    @property
+    def w_after(self) -> list[int]:
+        return self._order.w_after
 
     # ------------------------------------------------------------------------ pieces
 
@@ -282,20 +310,14 @@ class _OrderFacts:
     states: list[np.ndarray]  # (activations held, I-to-W held, input gradients done, outputs being sent)
     tops: list[np.ndarray]  # every count at its largest
     probes: list[np.ndarray]
-    remote_next: list[bool]  # the next stage is on another rank
-    hops: np.ndarray  # links before each stage
     w_after: list[int]
 
 
 @lru_cache(maxsize=512)
 def _order_facts(schedule: Schedule) -> _OrderFacts:
     states = [np.array(x, dtype=float) for x in stage_states(schedule)]
-    place, n_stages = schedule.stage_rank, schedule.n_stages
-    remote_next = [s + 1 < n_stages and place[s + 1] != place[s] for s in range(n_stages)]
     return _OrderFacts(k=inflight_peaks(schedule), states=states, tops=[x.max(axis=0) for x in states],
-                       probes=[_probes(x) for x in states], remote_next=remote_next,
-                       hops=np.concatenate([[0], np.cumsum(remote_next[:-1])]).astype(int),
-                       w_after=_weight_gradients_after_last_input(schedule))
+                       probes=[_probes(x) for x in states], w_after=_weight_gradients_after_last_input(schedule))
 
 
 def _probes(states: np.ndarray) -> np.ndarray:

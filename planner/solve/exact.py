@@ -103,7 +103,7 @@ def _segments_of(b: StageBounds, s: int, start_ok: np.ndarray, ub: float) -> tup
     if not len(starts):
         return starts, starts
     hi_j = n - (S - 1 - s)
-    longest = _longest(b, s, ub)
+    longest = _longest(b, s, min(ub, b.stage_work_cap))
     d = np.arange(1, longest + 1)
     i = np.repeat(starts, len(d))
     j = i + np.tile(d, len(starts))
@@ -146,36 +146,53 @@ def _reachable(b: StageBounds, tau: float) -> list[np.ndarray]:
 
 def first_solution(b: StageBounds, evaluate: Evaluator, *, ub: float = np.inf,
                    fixed: list[int] | None = None, floor: float = 0.0,
-                   warm: Sequence[list[int] | None] | None = None) -> InnerResult:
+                   warm: Sequence[list[int] | None] | None = None, relaxed: bool = True) -> InnerResult:
     """The DP's partition, simulated; proven optimal when the simulation meets the bound.
     ``floor``: another valid lower bound on the step time, kept if higher. ``warm``: stage
-    starts of partitions to try first (today's splits); the best that fits narrows the DP's
-    search, and the result is never worse than any of them."""
-    incumbent: tuple[float, list[Segment] | None, object] = (np.inf, None, None)
-    count = 0
-    for starts in (warm or []) if fixed is None else []:
-        if starts is None or len(starts) != b.S:
-            continue
-        _, stages = lb_partition(b, fixed=starts)
-        if stages is not None:
-            step, fits, payload = evaluate(_segments(stages))
-            count += 1
-            if fits and step < incumbent[0]:
-                incumbent = (step, _segments(stages), payload)
-    lb, stages = lb_partition(b, min(ub, incumbent[0]), fixed)
-    if stages is None:
-        # nothing beats the incumbent (or ub): the incumbent is optimal, if there is one
-        lb = max(min(ub, incumbent[0]), floor) if np.isfinite(min(ub, incumbent[0])) else lb
-        return InnerResult(lb, incumbent[1], incumbent[0], proven=True, evaluations=count,
-                           payload=incumbent[2])
+    starts of partitions to try as well (today's splits): the result is never worse than any of
+    them that fits. ``relaxed``: ``b``'s bounds are a relaxation (share 1), so where no
+    partition's bound is below a finite ``ub`` nothing is simulated and the result has no
+    partition; otherwise (no ub yet, or a restriction) today's splits are simulated first and the
+    best of them narrows the DP."""
+    prune = relaxed and np.isfinite(ub)
+    if prune:
+        lb, stages = lb_partition(b, ub, fixed)
+        if stages is None:
+            return InnerResult(max(ub, floor), None, np.inf, proven=True)
+    incumbent, count = _today(b, evaluate, warm if fixed is None else None)
+    if not prune:
+        lb, stages = lb_partition(b, min(ub, incumbent[0]), fixed)
+    if stages is None:  # nothing below ub or today's splits under these bounds
+        best = min(ub, incumbent[0])
+        lb = max(best, floor) if np.isfinite(best) else lb
+        return InnerResult(lb, incumbent[1], incumbent[0], proven=True, evaluations=count, payload=incumbent[2])
     lb = max(lb, floor)
-    step, fits, payload = evaluate(_segments(stages))
-    count += 1
-    if fits and step < incumbent[0]:
-        incumbent = (step, _segments(stages), payload)
+    if incumbent[0] > lb * (1 + 1e-9) + EPS:  # the DP's partition may still beat today's splits
+        step, fits, payload = evaluate(_segments(stages))
+        count += 1
+        if fits and step < incumbent[0]:
+            incumbent = (step, _segments(stages), payload)
     tight = incumbent[0] <= lb * (1 + 1e-9) + EPS
     return InnerResult(lb, incumbent[1], incumbent[0], proven=fixed is not None or tight,
                        evaluations=count, payload=incumbent[2])
+
+
+def _today(b: StageBounds, evaluate: Evaluator,
+           warm: Sequence[list[int] | None] | None) -> tuple[tuple[float, list[Segment] | None, object], int]:
+    """The fastest of the given stage starts that fits, simulated, as (step, segments, payload)
+    ((inf, None, None) if none), and the simulations run."""
+    incumbent: tuple[float, list[Segment] | None, object] = (np.inf, None, None)
+    count = 0
+    for starts in warm or []:
+        if starts is None or len(starts) != b.S:
+            continue
+        _, found = lb_partition(b, fixed=starts)
+        if found is not None:
+            step, fits, payload = evaluate(_segments(found))
+            count += 1
+            if fits and step < incumbent[0]:
+                incumbent = (step, _segments(found), payload)
+    return incumbent, count
 
 
 class _RankRoom:

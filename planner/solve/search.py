@@ -10,6 +10,7 @@ processes ``pool``, today's splits ``baselines`` and the failure messages ``infe
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -29,8 +30,8 @@ from planner.schedules import SCHEDULES, build
 from planner.solve import baselines as bl
 from planner.solve import quick
 from planner.solve.bounds import Policy, StageBounds
-from planner.solve.exact import InnerResult, first_solution
-from planner.solve.fluid import fluid_bound
+from planner.solve.exact import EPS, InnerResult, first_solution
+from planner.solve.fluid import Program
 from planner.solve.pool import PARALLEL_ACTIONS
 from planner.solve.result import Candidate, SolveResult
 from planner.solve.settings import (
@@ -77,6 +78,7 @@ class Search:
         self._balanced: dict[tuple[int, int, bool, int], list[int] | None] = {}
         self.policy = Policy("auto" if settings.recompute in ("auto", "selective") else settings.recompute)
         self.skipped_auto: list[Config] = []  # too large for zb-auto's list scheduler
+        self._auto_found: dict[tuple[Config, tuple[Segment, ...]], Candidate] = {}  # auto_candidate's, by seed
 
     # ------------------------------------------------------------------ shared per search
 
@@ -213,23 +215,33 @@ class Search:
         warm = [p for p in [self.time_balanced(cfg)] if p is not None]
         floor = self.quick_bound(cfg)
         b = self.bounds(cfg)
-        if cfg.n_stages > cfg.pp:  # several stages per rank: the rank's memory, as a program
-            floor = fluid_bound(b, floor)
-            if floor >= self.step_ub(cfg, kth):
-                return InnerResult(floor, None, np.inf, proven=True)  # cannot beat the best so far
-        if self.large_multi(cfg):
-            # Several stages per rank on a large instance: the per-stage bound is weaker than
-            # the floor, so the DP only looks for a good partition, each stage within its
-            # share of the rank's memory, over stages no heavier than twice an even share.
-            finder = self.bounds(cfg, share=1 / cfg.v)
-            inner = first_solution(finder, self.evaluator(cfg), ub=min(self.step_ub(cfg, kth), 2 * floor),
-                                   fixed=self.fixed(cfg), floor=floor, warm=warm)
-            inner.lower_bound_s = floor if inner.segments is not None or self.step_ub(cfg, kth) > 2 * floor \
-                else inner.lower_bound_s
-            inner.proven = inner.proven and inner.step_time_s <= floor * (1 + 1e-9)
+        if cfg.n_stages == cfg.pp:
+            return first_solution(b, self.evaluator(cfg), ub=self.step_ub(cfg, kth), fixed=self.fixed(cfg),
+                                  floor=floor, warm=warm)
+        # several stages per rank: the rank's memory and pipeline fill, as a program
+        program = Program(b)
+        ub = self.step_ub(cfg, kth)
+        floor = program.bound(floor, reach=-math.inf if self.large_multi(cfg) else ub)
+        if floor >= ub:
+            return InnerResult(floor, None, np.inf, proven=True)  # cannot beat the best so far
+        if not self.large_multi(cfg):
+            inner = first_solution(b, self.evaluator(cfg), ub=ub, fixed=self.fixed(cfg), floor=floor, warm=warm)
+            if not inner.proven and inner.segments is not None:  # could the program prove it?
+                reach = min(inner.step_time_s / (1 + 1e-9), ub)  # to prove it, or to rule it out
+                inner.lower_bound_s = program.bound(inner.lower_bound_s, reach=reach)
+                inner.proven = inner.step_time_s <= inner.lower_bound_s * (1 + 1e-9) + EPS
             return inner
-        return first_solution(b, self.evaluator(cfg), ub=self.step_ub(cfg, kth),
-                              fixed=self.fixed(cfg), floor=floor, warm=warm)
+        # A large instance: the per-stage bound is weaker than the floor, so the DP only looks for
+        # a good partition, each stage within its share of the rank's memory, over stages no
+        # heavier than twice an even share.
+        finder = self.bounds(cfg, share=1 / cfg.v)
+        t = self.table_for(cfg)
+        finder.stage_work_cap = 2 * cfg.m * float(t.F[-1] + t.BMIN[-1]) / cfg.n_stages / min(finder.speed)
+        inner = first_solution(finder, self.evaluator(cfg), ub=min(ub, 2 * floor), fixed=self.fixed(cfg),
+                               floor=floor, warm=warm, relaxed=False)
+        inner.lower_bound_s = floor if inner.segments is not None or ub > 2 * floor else inner.lower_bound_s
+        inner.proven = inner.proven and inner.step_time_s <= floor * (1 + 1e-9)
+        return inner
 
     def by_ilp(self, cfg: Config, inner: InnerResult, kth: float, deadline: float) -> InnerResult:
         """With --ilp, where the program is small enough: the ILP's rank-level bound and plan."""
@@ -291,12 +303,34 @@ class Search:
         for cfg in [c for c in results if c.schedule not in names]:
             del results[cfg]
 
+    def seed_auto(self, results: dict[Config, Candidate], deadline: float) -> None:
+        """zb-auto, where asked for, on the best plan so far under a published order it starts
+        from, added to ``results``: usually the fastest plan, so the time the rest of the search
+        must beat (``auto`` keeps it, or a better order of the same configuration)."""
+        names = requested(self.settings)
+        seeds = [c for c in results.values() if c.config.schedule in SEEDS and c.config.v == 1]
+        if AUTO not in names or not seeds:
+            return
+        found = self.auto_candidate(min(seeds, key=self.rank_key), names, deadline, results)
+        if found is not None:
+            results[found.config] = found
+
     def auto_candidate(self, cand: Candidate, names: list[str], deadline: float,
                        results: dict[Config, Candidate] | None = None) -> Candidate | None:
         """zb-auto on a candidate's own partition (with --ilp, on small schedules, reordered by
         the ILP within its time limit); None where it adds nothing: no faster than the
         candidate, or one of the asked-for published orders itself, or (given the ``results``
-        so far) outside the top K whatever order it finds."""
+        so far) outside the top K whatever order it finds. Built once per partition."""
+        key = (cand.config, tuple(cand.evaluation.segments))
+        if key not in self._auto_found:
+            found = self._auto_candidate(cand, names, deadline, results)
+            if found is None:
+                return None
+            self._auto_found[key] = found
+        return self._auto_found[key]
+
+    def _auto_candidate(self, cand: Candidate, names: list[str], deadline: float,
+                        results: dict[Config, Candidate] | None) -> Candidate | None:
         ev = cand.evaluation
         runs = min(AUTO_POLICIES, AUTO_ACTIONS // self.actions(ev.config) - len(SEEDS))
         if runs < 1:  # too large to list-schedule in the time one configuration gets

@@ -31,6 +31,7 @@ class Progress:
     undecided: list[Config] = field(default_factory=list)  # left undecided by the bounds, not by time
     too_big: list[Config] = field(default_factory=list)
     solved: int = 0
+    started: int = 0  # configurations taken up in phase 1 (solved, or too large to simulate)
     late: bool = False  # the time limit cut the search short
 
     def kth(self) -> float:
@@ -41,21 +42,28 @@ class Progress:
 
 def first_answers(search: Search, ranked: list[Config], upper: dict[Config, float], deadline: float) -> Progress:
     """Phase 1: the DP's partition, simulated, for every configuration whose bound ``upper``
-    (throughput, ``ranked`` by it) can still beat the best so far."""
+    (throughput, ``ranked`` by it) can still beat the best so far. Configurations with one stage
+    per rank go first: their bounds are tight, so the best of them is a time to beat that the
+    looser bounds of several stages per rank (the fluid program's) can then be held against,
+    before their costlier partitioning runs; zb-auto's order for the best of them first, where it
+    is asked for (``Search.seed_auto``)."""
     found = Progress()
-    todo = list(ranked)
     workers = jobs(search, ranked)
     with executor(search, workers) as pool:
-        running: dict[Future[Any], Config] = {}
-        while todo or running:
-            # one at a time until a first result sets the throughput to beat
-            _submit(search, pool, todo, running, found, upper, deadline, workers if found.results else 1,
-                    len(ranked))
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                _collect(running.pop(future), future, found)
+        for several in (False, True):
+            if several:
+                search.seed_auto(found.results, deadline)
+            todo = [c for c in ranked if (c.n_stages > c.pp) == several]
+            running: dict[Future[Any], Config] = {}
+            while todo or running:
+                # one at a time until a first result sets the throughput to beat
+                _submit(search, pool, todo, running, found, upper, deadline, workers if found.results else 1,
+                        len(ranked))
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    _collect(running.pop(future), future, found)
     return found
 
 
@@ -75,8 +83,9 @@ def _submit(search: Search, pool: Any, todo: list[Config], running: dict[Future[
             todo.clear()
             return
         todo.pop(0)
+        found.started += 1
         if search.progress:
-            search.progress(cfg.describe(), total - len(todo) - 1, total)
+            search.progress(cfg.describe(), found.started - 1, total)
         if search.too_big(cfg):
             found.too_big.append(cfg)
             continue
