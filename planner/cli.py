@@ -22,6 +22,7 @@ from planner.errors import PlannerError, one_line
 
 MAX_GIB = 2**20  # --memory: 1 PiB, the most a file may say a device has (formats.MAX_MEASURED_BYTES)
 MAX_SECONDS = 1e6  # --time-limit, --timeout: 11.6 days (formats.MAX_MEASURED_S)
+MAX_REPEATS = 10_000  # --repeats, --steps, --warmup: more than any measurement needs, never a run without end
 MAX_MBS = 999_999  # --mbs: the largest micro-batch size a profile may hold (formats.Profile's by_mbs keys)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -136,7 +137,7 @@ def profile(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
     depth: int | None = typer.Option(None, "--depth", help="cut at this module depth instead of the natural blocks"),
-    repeats: int = typer.Option(10, "--repeats", min=1, help="timed repetitions per measurement"),
+    repeats: int = typer.Option(10, "--repeats", min=1, max=MAX_REPEATS, help="timed repetitions per measurement"),
     warmup: int = typer.Option(3, "--warmup", min=0, help="untimed repetitions first"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default 1 on a CPU, as each "
                                        "planner execute worker runs)"),
@@ -276,8 +277,8 @@ def solve(
 def execute(
     plan_file: Path = typer.Argument(..., metavar="PLAN", help="plan JSON"),
     mode: str = typer.Option("auto", "--mode", help="auto, distributed, single or replay"),
-    steps: int = typer.Option(5, "--steps", min=1, help="measured steps (median reported)"),
-    warmup: int = typer.Option(2, "--warmup", min=1, help="steps before measuring"),
+    steps: int = typer.Option(5, "--steps", min=1, max=MAX_REPEATS, help="measured steps (median reported)"),
+    warmup: int = typer.Option(2, "--warmup", min=1, max=MAX_REPEATS, help="steps before measuring"),
     tolerance: str = typer.Option("10%", "--tolerance", help="allowed relative error, e.g. 10% or 0.1"),
     report_file: Path | None = typer.Option(None, "--report", help="write the verification as JSON"),
     calibrate: Path | None = typer.Option(None, "--calibrate",

@@ -357,6 +357,9 @@ def refused(args: list[str], message: str, code: int = 2):
     (["profile", f"{GPT_MODEL}:build", "-o", "p.json", "--memory", "1e300"], "'--memory'"),
     (["execute", GPT_PLAN, "--timeout", "inf"], "'--timeout'"),
     (["execute", GPT_PLAN, "--master-addr", ""], "--master-addr is empty"),
+    # counts with no end in sight: a profile measured for ever (it has no timeout)
+    (["profile", f"{GPT_MODEL}:build", "-o", "p.json", "--repeats", "1000000000"], "'--repeats'"),
+    (["execute", GPT_PLAN, "--steps", "1000000000"], "'--steps'"),
     # a micro-batch size a profile cannot hold: the profile was built, then failed validation
     (["profile", f"{GPT_MODEL}:build", "-o", "p.json", "--mbs", "1,1000000", "--estimate", "h100"],
      "--mbs 1000000: at most 999,999"),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from planner.errors import InputError
 from planner.execute.parallel import SEQ, local, tensor_parallel
-from planner.execute.worker import error_text, inject, process_group, watch_parents, write
+from planner.execute.worker import error_text, inject, leave, process_group, watch_parents, write
 from planner.model import ModelSpec, build_spec
 from planner.profile import DTYPES, build_meta_spec, make_batch
 from planner.profile.collect import crossing_keys
@@ -157,4 +156,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -20,6 +20,8 @@ from planner.solve.result import Candidate
 if TYPE_CHECKING:
     from planner.solve.search import Search
 
+LARGE_ACTIONS = 50_000  # scheduled actions from which a configuration waits for the others of its kind
+
 
 @dataclass
 class Progress:
@@ -46,25 +48,34 @@ def first_answers(search: Search, ranked: list[Config], upper: dict[Config, floa
     per rank go first: their bounds are tight, so the best of them is a time to beat that the
     looser bounds of several stages per rank (the fluid program's) can then be held against,
     before their costlier partitioning runs; zb-auto's order for the best of them first, where it
-    is asked for (``Search.seed_auto``)."""
+    is asked for (``Search.seed_auto``). Within each, schedules of over ``LARGE_ACTIONS``
+    actions come last: the costliest to simulate, they then meet a better time to beat, which
+    their DP's bound alone often rules out."""
     found = Progress()
     workers = jobs(search, ranked)
     with executor(search, workers) as pool:
         for several in (False, True):
             if several:
                 search.seed_auto(found.results, deadline)
-            todo = [c for c in ranked if (c.n_stages > c.pp) == several]
-            running: dict[Future[Any], Config] = {}
-            while todo or running:
-                # one at a time until a first result sets the throughput to beat
-                _submit(search, pool, todo, running, found, upper, deadline, workers if found.results else 1,
-                        len(ranked))
-                if not running:
-                    break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    _collect(running.pop(future), future, found)
+            for large in (False, True):
+                todo = [c for c in ranked
+                        if (c.n_stages > c.pp) == several and (search.actions(c) > LARGE_ACTIONS) == large]
+                _walk(search, pool, todo, found, upper, deadline, workers, len(ranked))
     return found
+
+
+def _walk(search: Search, pool: Any, todo: list[Config], found: Progress, upper: dict[Config, float],
+          deadline: float, workers: int, total: int) -> None:
+    """First answers for ``todo`` (sorted by ``upper``), as many running at once as there are
+    workers once a first result sets the throughput to beat."""
+    running: dict[Future[Any], Config] = {}
+    while todo or running:
+        _submit(search, pool, todo, running, found, upper, deadline, workers if found.results else 1, total)
+        if not running:
+            break
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            _collect(running.pop(future), future, found)
 
 
 def _submit(search: Search, pool: Any, todo: list[Config], running: dict[Future[Any], Config], found: Progress,
