@@ -12,6 +12,6 @@ for model in cnn encdec unet; do
     planner solve profiles/$model.h200.json --cluster h200x8 --global-batch 256 -o plans/$model.h200x8.json
 done
 # Models larger than any device, with estimated costs (planner profile --estimate h100; the commands
-# are in profiles/make-estimated.sh). Their searches stop at the time limit and say how far from proven they are.
+# are in profiles/make-estimated.sh). Their searches can stop at the time limit; they say how far from proven they are.
 planner solve profiles/gpt3-175b.h100-estimate.json --cluster 16xh100x8 --precision mixed --global-batch 1536 --time-limit 60 -o plans/gpt3-175b.16xh100x8.json
 planner solve profiles/llama2-70b.h100-estimate.json --cluster 8xh100x8 --precision mixed --global-batch 256 --time-limit 60 -o plans/llama2-70b.8xh100x8.json
