@@ -59,9 +59,12 @@ class Policy:
 
 class StageBounds:
     def __init__(self, table: CostTable, cluster: Cluster, config: Config, schedule: Schedule,
-                 ranks: list[RankDevice], policy: Policy = Policy(), share: float = 1.0):
+                 ranks: list[RankDevice], policy: Policy = Policy(), share: float = 1.0,
+                 stage_work_cap: float = np.inf):
         """``share``: the fraction of its rank's memory a stage may use. 1 is a relaxation (a
-        rank with several stages needs them all to fit at once); 1 / chunks a restriction."""
+        rank with several stages needs them all to fit at once); 1 / chunks a restriction.
+        ``stage_work_cap``: the most seconds of work one stage may take in a step, a restriction
+        too (inf: none); both are for finding partitions only, not for bounds."""
         self.t = table
         self.cfg = config
         self.schedule = schedule
@@ -90,8 +93,7 @@ class StageBounds:
         self.ar = [dp.step_coeffs() for dp in self.dps]
         self.opt_per_byte = table.optimizer_per_byte * self.dps[0].optimizer_share()
         self.optimizer = config.training.optimizer
-        # the most work one stage may take in a step: a restriction, for finding partitions only
-        self.stage_work_cap = np.inf
+        self.stage_work_cap = stage_work_cap
 
     # ------------------------------------------------------------------------ the order's facts
 

@@ -167,14 +167,18 @@ def first_solution(b: StageBounds, evaluate: Evaluator, *, ub: float = np.inf,
         lb = max(best, floor) if np.isfinite(best) else lb
         return InnerResult(lb, incumbent[1], incumbent[0], proven=True, evaluations=count, payload=incumbent[2])
     lb = max(lb, floor)
-    if incumbent[0] > lb * (1 + 1e-9) + EPS:  # the DP's partition may still beat today's splits
+    if not meets(incumbent[0], lb):  # the DP's partition may still beat today's splits
         step, fits, payload = evaluate(_segments(stages))
         count += 1
         if fits and step < incumbent[0]:
             incumbent = (step, _segments(stages), payload)
-    tight = incumbent[0] <= lb * (1 + 1e-9) + EPS
-    return InnerResult(lb, incumbent[1], incumbent[0], proven=fixed is not None or tight,
+    return InnerResult(lb, incumbent[1], incumbent[0], proven=fixed is not None or meets(incumbent[0], lb),
                        evaluations=count, payload=incumbent[2])
+
+
+def meets(step: float, bound: float) -> bool:
+    """A simulated step time at its lower bound (to rounding): proven optimal."""
+    return step <= bound * (1 + 1e-9) + EPS
 
 
 def _today(b: StageBounds, evaluate: Evaluator,

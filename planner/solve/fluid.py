@@ -61,12 +61,6 @@ class _Classes:
     wgrad: np.ndarray  # weight-gradient inputs held from I to W
     count: np.ndarray
 
-    @property
-    def bmin(self) -> np.ndarray:
-        """The cheaper backward, whole or split (a bound under any schedule)."""
-        least: np.ndarray = np.minimum(self.b, self.bi + self.bw)
-        return least
-
 
 @dataclass(frozen=True)
 class _Row:
@@ -117,12 +111,17 @@ def _options(b: StageBounds) -> tuple[int, ...]:
     return b.policy.options()
 
 
+def _recomputes(b: StageBounds) -> np.ndarray:
+    """Per recomputation choice the policy allows, 1.0 where it recomputes the stage."""
+    return np.array([c == FULL for c in _options(b)], dtype=float)
+
+
 def _durations(b: StageBounds, cls: _Classes, speed: float) -> dict[Kind, np.ndarray]:
     """Seconds of one F, B, I and W action per layer of each class and choice on a device of
     ``speed`` (``CostTable.times``, ``stage_cost``): a recomputed layer's forward runs again in
     its backward, collectives included; a split schedule runs a recomputing stage's whole
     backward in I and leaves its W empty. Each (classes, choices)."""
-    rec = np.array([c == FULL for c in _options(b)], dtype=float)[None, :]
+    rec = _recomputes(b)[None, :]
     f, bw, comm = cls.f[:, None], cls.bw[:, None], cls.comm[:, None]
     split = 1.0 if b.split else 0.0
     return {Kind.FORWARD: f / speed + comm + 0 * rec,
@@ -145,8 +144,7 @@ def _chains(b: StageBounds, cls: _Classes) -> tuple[np.ndarray, np.ndarray]:
 def _rows(b: StageBounds, cls: _Classes) -> list[_Row]:
     """The program's step and memory rows, rank by rank."""
     sched = b.schedule
-    rec = np.array([c == FULL for c in _options(b)], dtype=float)
-    held = np.where(rec > 0, cls.prod[:, None], cls.act[:, None])  # (classes, choices)
+    held = np.where(_recomputes(b) > 0, cls.prod[:, None], cls.act[:, None])  # (classes, choices)
     cmin = float(b.t.cut[1:-1].min()) if b.n > 1 else 0.0  # every stage boundary is inside the model
     rows: list[_Row] = []
     for r, states in enumerate(memory_states(sched)):
@@ -154,13 +152,14 @@ def _rows(b: StageBounds, cls: _Classes) -> list[_Row]:
         speed = b.speed[mine[0]]
         per_byte = b.ar[mine[0]][0] + b.opt_per_byte / speed  # all-reduce and optimizer
         overheads = 2 * b.m * len(mine) * b.ranks[r].overhead_s  # an F and a backward each
-        f = cls.f[:, None] * (1 + rec) / speed + cls.comm[:, None] * (2 + rec)
-        work = b.m * (f + (cls.bmin / speed)[:, None]) + (cls.params * per_byte)[:, None]
+        at = _durations(b, cls, speed)  # the backward priced as the cheaper of whole and split: any schedule's
+        backward = np.minimum(at[Kind.FULL_BACKWARD], at[Kind.BACKWARD_INPUT] + at[Kind.BACKWARD_WEIGHT])
+        work = b.m * (at[Kind.FORWARD] + backward) + (cls.params * per_byte)[:, None]
         first = sched.ranks[r][0]
         s0 = first.stage if first.kind == Kind.FORWARD else 0
         rows.append(_Row(mine, np.repeat(work[:, None, :], len(mine), axis=1),
                          overheads + b.hops[s0] * b.lat, head=s0))
-        tail = _tail_row(b, cls, sched, r, mine, speed, s0)
+        tail = _tail_row(b, sched, r, mine, at, s0)
         if tail is not None:
             rows.append(tail)
         room = float(b.cap[mine[0]] - b.t.workspace)
@@ -181,15 +180,15 @@ def _rows(b: StageBounds, cls: _Classes) -> list[_Row]:
     return rows
 
 
-def _tail_row(b: StageBounds, cls: _Classes, sched: Schedule, r: int, mine: list[int], speed: float,
+def _tail_row(b: StageBounds, sched: Schedule, r: int, mine: list[int], at: dict[Kind, np.ndarray],
               s0: int) -> _Row | None:
-    """Rank r's actions up to its last backward (or input gradient), one after another from its
-    first, then that micro-batch's backward through every earlier stage; None without one."""
+    """Rank r's actions (``at``: their durations there) up to its last backward (or input
+    gradient), one after another from its first, then that micro-batch's backward through every
+    earlier stage; None without one."""
     found = _up_to_last_backward(sched)[r]
     if found is None:
         return None
     counts, last, n_actions = found
-    at = _durations(b, cls, speed)
     coef = sum(counts[None, :, kind.slot, None] * at[kind][:, None, :] for kind in Kind)
     const = n_actions * b.ranks[r].overhead_s + (b.hops[s0] + b.hops[last]) * b.lat
     return _Row(mine, np.asarray(coef), const, head=s0, tail=last)

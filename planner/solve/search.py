@@ -30,7 +30,7 @@ from planner.schedules import SCHEDULES, build
 from planner.solve import baselines as bl
 from planner.solve import quick
 from planner.solve.bounds import Policy, StageBounds
-from planner.solve.exact import EPS, InnerResult, first_solution
+from planner.solve.exact import InnerResult, first_solution, meets
 from planner.solve.fluid import Program
 from planner.solve.pool import PARALLEL_ACTIONS
 from planner.solve.result import Candidate, SolveResult
@@ -103,10 +103,10 @@ class Search:
     def ranks_for(self, cfg: Config) -> list[RankDevice]:
         return self.ranks(cfg.pp, cfg.dp, cfg.tp)
 
-    def bounds(self, cfg: Config, share: float = 1.0) -> StageBounds:
+    def bounds(self, cfg: Config, share: float = 1.0, stage_work_cap: float = np.inf) -> StageBounds:
         schedule = build(cfg.schedule, cfg.pp, cfg.m, cfg.v, cfg.order)
         return StageBounds(self.table_for(cfg), self.cluster, cfg, schedule,
-                           self.ranks_for(cfg), self.policy, share)
+                           self.ranks_for(cfg), self.policy, share, stage_work_cap)
 
     def evaluator(self, cfg: Config) -> Evaluator:
         table = self.table_for(cfg)
@@ -229,14 +229,14 @@ class Search:
             if not inner.proven and inner.segments is not None:  # could the program prove it?
                 reach = min(inner.step_time_s / (1 + 1e-9), ub)  # to prove it, or to rule it out
                 inner.lower_bound_s = program.bound(inner.lower_bound_s, reach=reach)
-                inner.proven = inner.step_time_s <= inner.lower_bound_s * (1 + 1e-9) + EPS
+                inner.proven = meets(inner.step_time_s, inner.lower_bound_s)
             return inner
         # A large instance: the per-stage bound is weaker than the floor, so the DP only looks for
         # a good partition, each stage within its share of the rank's memory, over stages no
         # heavier than twice an even share.
-        finder = self.bounds(cfg, share=1 / cfg.v)
-        t = self.table_for(cfg)
-        finder.stage_work_cap = 2 * cfg.m * float(t.F[-1] + t.BMIN[-1]) / cfg.n_stages / min(finder.speed)
+        t, slowest = self.table_for(cfg), min(r.speed for r in self.ranks_for(cfg))
+        even = cfg.m * float(t.F[-1] + t.BMIN[-1]) / cfg.n_stages / slowest
+        finder = self.bounds(cfg, share=1 / cfg.v, stage_work_cap=2 * even)
         inner = first_solution(finder, self.evaluator(cfg), ub=min(ub, 2 * floor), fixed=self.fixed(cfg),
                                floor=floor, warm=warm, relaxed=False)
         inner.lower_bound_s = floor if inner.segments is not None or ub > 2 * floor else inner.lower_bound_s
